@@ -1,0 +1,49 @@
+"""The pipeline as Prefect flows: wiring only; the work lives in `tasks/`.
+
+download -> decode -> extract shards -> manifests -> (t-SNE, head) -> report.
+`extract_features` is a flow of its own, for jobs that only want the Parquet
+shards; `cifar_transfer` runs it as a subflow and adds the map and the head.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, tags
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.cifar import decode_archive_task, plan_shards
+from tasks.config import PipelineConfig
+from tasks.download import fetch_archive_task
+from tasks.extract import extract_shard_task
+from tasks.head import train_head_task
+from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
+from tasks.store import FeatureSetInfo, commit_feature_set_task
+from tasks.tsne import tsne_task
+
+# Two threads: while one shard runs the backbone, the other reads its rows or writes Parquet.
+SHARD_RUNNER = ThreadPoolTaskRunner(max_workers=2)
+
+
+@flow(name="extract-features", task_runner=SHARD_RUNNER, flow_run_name="extract-{config.backbone}")
+def extract_features(config: PipelineConfig = PipelineConfig()) -> tuple[FeatureSetInfo, ExtractionStats]:
+    archive = fetch_archive_task(config.source, config.expected_md5, config.storage)
+    dataset = decode_archive_task(config.storage, archive.path, archive.md5)
+    spec = config.feature_spec(archive.md5)
+    futures = []
+    for shard in plan_shards(dataset.sizes, config.shard_size):
+        with tags(spec.backbone, shard.split):
+            futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
+    records, stats = wait_for_shards(futures)
+    return commit_feature_set_task(config.storage, spec, records, dataset.classes), stats
+
+
+@flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
+def cifar_transfer(config: PipelineConfig = PipelineConfig()) -> dict:
+    features, extraction = extract_features(config)
+    tsne = None
+    if config.tsne_sample:
+        tsne = tsne_task(
+            config.storage, features.folder, config.tsne_key(features.fingerprint),
+            config.tsne_sample, config.tsne_perplexity, config.seed, features.classes,
+        )
+    head = train_head_task(config.storage, features.folder, config.head_key(features.fingerprint), config.head_settings(), features.classes)
+    return publish_report_task(config, features, extraction, tsne, head)

@@ -1,0 +1,1 @@
+"""Stages of the CIFAR-10 transfer-learning pipeline: plain functions plus thin Prefect task wrappers."""

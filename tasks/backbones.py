@@ -1,0 +1,139 @@
+"""Backbones by name: any `keras.applications` model with its own preprocessing.
+
+One registry lookup replaces per-architecture branching (the keras.applications
+idea): a name gives the constructor, its `preprocess_input`, the smallest input
+Keras accepts and the input size to use when the caller gives none.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from functools import cache
+
+from tasks.errors import ConfigError
+
+# Smallest input side Keras accepts with include_top=False (keras' obtain_input_shape).
+_MIN_INPUT_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
+# Input side each family was trained at; 224 for every model not listed.
+_NATIVE_INPUT_SIZE = {
+    "InceptionV3": 299,
+    "InceptionResNetV2": 299,
+    "Xception": 299,
+    "NASNetLarge": 331,
+    "EfficientNetB1": 240,
+    "EfficientNetB2": 260,
+    "EfficientNetB3": 300,
+    "EfficientNetB4": 380,
+    "EfficientNetB5": 456,
+    "EfficientNetB6": 528,
+    "EfficientNetB7": 600,
+    "EfficientNetV2B1": 240,
+    "EfficientNetV2B2": 260,
+    "EfficientNetV2B3": 300,
+    "EfficientNetV2S": 384,
+    "EfficientNetV2M": 480,
+    "EfficientNetV2L": 480,
+}
+# The 2017 post fed InceptionV3 139x139 images; it stays the default for that backbone.
+_POST_INPUT_SIZE = {"InceptionV3": 139}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    name: str
+    constructor: Callable
+    preprocess_input: Callable
+    min_input_size: int
+    default_input_size: int
+
+
+@cache
+def available_backbones() -> dict[str, Callable]:
+    """Every model constructor keras.applications exports, by its canonical name."""
+    import keras
+
+    return {
+        name: getattr(keras.applications, name)
+        for name in dir(keras.applications)
+        if name[:1].isupper() and callable(getattr(keras.applications, name))
+    }
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look a backbone up by name (case-insensitive) or say which names exist."""
+    by_lower = {known.lower(): known for known in available_backbones()}
+    canonical = by_lower.get(name.lower())
+    if canonical is None:
+        raise ConfigError(
+            f"unknown backbone {name!r}: use a keras.applications model name, "
+            f"one of {', '.join(sorted(available_backbones()))}"
+        )
+    constructor = available_backbones()[canonical]
+    module = importlib.import_module(constructor.__module__)
+    return Backbone(
+        name=canonical,
+        constructor=constructor,
+        preprocess_input=module.preprocess_input,
+        min_input_size=_MIN_INPUT_SIZE.get(canonical, 32),
+        default_input_size=_POST_INPUT_SIZE.get(canonical, _NATIVE_INPUT_SIZE.get(canonical, 224)),
+    )
+
+
+_PRECISION_POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def build_extractor(
+    backbone_name: str,
+    *,
+    weights: str,
+    input_size: int,
+    pooling: str,
+    precision: str,
+    seed: int,
+    image_shape: tuple[int, int, int] = (32, 32, 3),
+):
+    """The frozen feature extractor: uint8 images in, float32 features out.
+
+    Resizing and the backbone's own preprocessing live inside the model, so a
+    batch of raw 32x32 images is all it needs and memory stays flat whatever
+    the input size. `weights` is "imagenet", "none" (seeded random init) or a
+    weights-file path.
+    """
+    import keras
+
+    backbone = get_backbone(backbone_name)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(_PRECISION_POLICY[precision])
+    try:
+        if weights == "none":
+            keras.utils.set_random_seed(seed)
+        base = backbone.constructor(
+            include_top=False,
+            weights="imagenet" if weights == "imagenet" else None,
+            input_shape=(input_size, input_size, 3),
+            pooling="avg" if pooling == "avg" else None,
+        )
+        if weights not in ("imagenet", "none"):
+            try:
+                base.load_weights(weights)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(
+                    f"weights file {weights!r} does not fit {backbone.name}(include_top=False): "
+                    f"{str(exc).splitlines()[0]}; pass the no-top weights of this backbone"
+                ) from exc
+        base.trainable = False
+        images = keras.Input(image_shape, dtype="uint8", name="images")
+        pixels = keras.ops.cast(images, "float32")
+        if image_shape[:2] != (input_size, input_size):
+            pixels = keras.layers.Resizing(input_size, input_size, interpolation="bilinear")(pixels)
+        features = base(backbone.preprocess_input(pixels), training=False)
+        features = keras.ops.cast(features, "float32")
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    return keras.Model(images, features, name=f"{backbone.name}_features")

@@ -1,0 +1,210 @@
+"""The one typed configuration of a run, validated at the edge, and the fingerprints.
+
+`PipelineConfig` holds every option a user can set. `FeatureSpec` is the part
+that changes the features (plus the archive checksum and weights identity); its
+fingerprint names the feature folder and is written into every Parquet file, so
+runs with different settings never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+HeadKind = Literal["auto", "dense", "conv", "linear"]
+
+
+def stable_hash(payload: dict, length: int = 16) -> str:
+    """Short sha256 of a JSON-able dict, independent of key order."""
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:length]
+
+
+def file_md5(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PipelineConfig(BaseModel):
+    """Every option of a run. Defaults reproduce the 2017 post's extraction on CPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(CIFAR10_URL, description="CIFAR-10 python archive: URL, local path or any fsspec URL")
+    md5: str | None = Field(
+        None,
+        description="expected MD5 of the archive, or 'none' to skip the check "
+        "(default: the official MD5 for the official URL; required for any other source)",
+    )
+    storage: str = Field("storage", description="output root: local path or fsspec URL")
+    backbone: str = Field("InceptionV3", description="keras.applications model name")
+    weights: str = Field("imagenet", description="'imagenet' (Keras download), 'none' (seeded random init) or a weights file path")
+    input_size: int | None = Field(
+        None, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
+    )
+    pooling: Literal["avg", "none"] = Field("avg", description="'avg': pooled vector; 'none': the spatial map, flattened")
+    engine: Literal["tensorflow"] = Field("tensorflow", description="inference engine")
+    precision: Literal["float32", "bfloat16", "float16"] = Field("float32", description="backbone compute precision")
+    shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
+    batch_size: int = Field(64, ge=1, le=4096, description="images per backbone forward pass")
+    tsne_sample: int = Field(25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)")
+    tsne_perplexity: float = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
+    head: HeadKind = Field("auto", description="classifier head: 'auto' (conv on spatial maps, dense on vectors), 'dense', 'conv', 'linear'")
+    epochs: int = Field(50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept")
+    head_batch_size: int = Field(128, ge=1, le=65_536, description="head training batch size")
+    learning_rate: float = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
+    validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
+    patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")
+    seed: int = Field(0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        from tasks.backbones import get_backbone
+
+        if self.md5 is not None and self.md5 != "none" and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
+            raise ValueError(f"md5 {self.md5!r} is not 32 hex digits: pass the archive's MD5 or 'none'")
+        if self.source != CIFAR10_URL and self.md5 is None:
+            raise ValueError(f"source {self.source!r} is not the official URL: pass its MD5 (--md5 HEX) or --md5 none to skip the check")
+        backbone = get_backbone(self.backbone)
+        if self.input_size is not None and self.input_size < backbone.min_input_size:
+            raise ValueError(
+                f"input_size {self.input_size} is below {backbone.name}'s minimum of "
+                f"{backbone.min_input_size}: pass --input-size {backbone.min_input_size} or more"
+            )
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise ValueError(f"weights file {self.weights!r} does not exist: pass 'imagenet', 'none' or a readable .weights.h5 path")
+        if self.head == "conv" and self.pooling != "none":
+            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head dense/linear")
+        _check_storage_scheme(self.storage)
+        return self
+
+    @property
+    def expected_md5(self) -> str | None:
+        """The checksum to verify, or None when the caller chose to skip it."""
+        if self.md5 == "none":
+            return None
+        return (self.md5 or CIFAR10_MD5).lower()
+
+    @property
+    def backbone_name(self) -> str:
+        from tasks.backbones import get_backbone
+
+        return get_backbone(self.backbone).name
+
+    @property
+    def resolved_input_size(self) -> int:
+        from tasks.backbones import get_backbone
+
+        return self.input_size or get_backbone(self.backbone).default_input_size
+
+    @property
+    def resolved_head(self) -> str:
+        if self.head != "auto":
+            return self.head
+        return "conv" if self.pooling == "none" else "dense"
+
+    def feature_spec(self, dataset_md5: str) -> "FeatureSpec":
+        if self.weights in ("imagenet", "none"):
+            weights_id = "imagenet" if self.weights == "imagenet" else f"random-init-seed{self.seed}"
+        else:
+            weights_id = f"file-md5-{file_md5(self.weights)}"
+        return FeatureSpec(
+            dataset_md5=dataset_md5,
+            backbone=self.backbone_name,
+            weights_id=weights_id,
+            weights=self.weights,
+            seed=self.seed,
+            input_size=self.resolved_input_size,
+            pooling=self.pooling,
+            engine=self.engine,
+            precision=self.precision,
+        )
+
+    def tsne_key(self, fingerprint: str) -> str:
+        """Names the t-SNE output of these features and settings."""
+        return stable_hash({"features": fingerprint, "sample": self.tsne_sample, "perplexity": self.tsne_perplexity, "seed": self.seed}, 12)
+
+    def head_settings(self) -> dict:
+        return {
+            "head": self.resolved_head,
+            "epochs": self.epochs,
+            "batch_size": self.head_batch_size,
+            "learning_rate": self.learning_rate,
+            "validation_split": self.validation_split,
+            "patience": self.patience,
+            "seed": self.seed,
+        }
+
+    def head_key(self, fingerprint: str) -> str:
+        """Names the head output of these features and settings."""
+        return stable_hash({"features": fingerprint, **self.head_settings()}, 12)
+
+
+def _check_storage_scheme(storage: str) -> None:
+    import fsspec
+
+    protocol = storage.split("://", 1)[0] if "://" in storage else "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as exc:
+        raise ValueError(
+            f"storage {storage!r} uses scheme {protocol!r}, which fsspec cannot open here ({exc}): "
+            "use a local path or an installed fsspec scheme such as file://, s3://, gs://"
+        ) from None
+
+
+class FeatureSpec(BaseModel):
+    """Everything that changes the features; its fingerprint names their folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset_md5: str
+    backbone: str
+    weights_id: str
+    weights: str = Field(exclude=True)  # where the weights come from; their identity is weights_id
+    seed: int = Field(exclude=True)  # only matters through weights_id for random weights
+    input_size: int
+    pooling: Literal["avg", "none"]
+    resize: Literal["bilinear"] = "bilinear"
+    engine: str
+    precision: str
+
+    @property
+    def fingerprint(self) -> str:
+        return stable_hash(self.model_dump())
+
+    @property
+    def folder_name(self) -> str:
+        """Readable for people, unique by fingerprint: inceptionv3-139px-avg-<fingerprint>."""
+        return f"{self.backbone.lower()}-{self.input_size}px-{self.pooling}-{self.fingerprint}"
+
+
+def load_config(**options) -> PipelineConfig:
+    """Validate options into a config, turning pydantic's report into one actionable line."""
+    try:
+        return PipelineConfig(**options)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return "invalid configuration: " + "; ".join(parts)

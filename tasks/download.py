@@ -1,0 +1,118 @@
+"""Fetch the CIFAR-10 archive into storage, verified, exactly once.
+
+The archive streams from its source (the official URL, a local path or any
+fsspec URL) to a temporary name while its MD5 is computed, and is renamed into
+`raw/` only after the checksum passes. A later run that finds a verified copy
+does nothing. Network errors are transient (the task retries them with
+backoff); a checksum mismatch or a missing source is permanent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Iterator
+
+import fsspec
+import httpx
+from prefect import task
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+
+from tasks.errors import ArchiveError, ChecksumMismatch, retry_on_transient
+from tasks.logs import logger
+from tasks.storage import Storage
+
+CHUNK_SIZE = 4 << 20
+
+
+class ArchiveInfo(BaseModel):
+    path: str
+    md5: str
+    bytes: int
+
+
+def _md5_of(storage: Storage, path: str) -> str:
+    digest = hashlib.md5()
+    with storage.fs.open(path, "rb") as stream:
+        while chunk := stream.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def archive_name(source: str) -> str:
+    return posixpath.basename(source.rstrip("/").split("?", 1)[0]) or "cifar-10-python.tar.gz"
+
+
+def source_chunks(source: str) -> Iterator[bytes]:
+    """The bytes of `source` in chunks: HTTP(S) streamed with httpx, anything else through fsspec."""
+    if source.startswith(("http://", "https://")):
+        with httpx.stream("GET", source, follow_redirects=True, timeout=httpx.Timeout(60.0)) as response:
+            if response.status_code in (404, 410):
+                raise ArchiveError(f"source {source!r} does not exist (HTTP {response.status_code}): check --source")
+            response.raise_for_status()
+            yield from response.iter_bytes(CHUNK_SIZE)
+        return
+    try:
+        with fsspec.open(source, "rb") as stream:
+            while chunk := stream.read(CHUNK_SIZE):
+                yield chunk
+    except FileNotFoundError:
+        raise ArchiveError(f"source {source!r} does not exist: check --source") from None
+
+
+def fetch_archive(source: str, expected_md5: str | None, storage_url: str) -> ArchiveInfo:
+    """Return the verified archive in storage, fetching it only when it is not there yet."""
+    log = logger()
+    storage = Storage(storage_url)
+    destination = storage.path("raw", archive_name(source))
+    record_path = destination + ".source.json"
+    if expected_md5 is None:
+        log.warning("MD5 check DISABLED for %s (--md5 none): the archive is used as it is", source)
+
+    if storage.exists(destination):
+        found_md5 = _md5_of(storage, destination)
+        recorded = json.loads(storage.read_bytes(record_path)) if storage.exists(record_path) else {}
+        if found_md5 == expected_md5 or (expected_md5 is None and recorded.get("source") == source):
+            log.info("archive already in storage and verified: %s (md5 %s)", storage.uri(destination), found_md5)
+            return ArchiveInfo(path=destination, md5=found_md5, bytes=storage.fs.size(destination))
+        log.warning("archive in storage has md5 %s, not the one asked for: fetching %s again", found_md5, source)
+
+    storage.fs.makedirs(posixpath.dirname(destination), exist_ok=True)
+    temp = storage.temp_path(destination)
+    digest = hashlib.md5()
+    size = 0
+    started = time.perf_counter()
+    try:
+        with storage.fs.open(temp, "wb") as out:
+            for chunk in source_chunks(source):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        found_md5 = digest.hexdigest()
+        if expected_md5 is not None and found_md5 != expected_md5:
+            raise ChecksumMismatch(
+                f"archive from {source} has MD5 {found_md5}, expected {expected_md5}: "
+                f"check --source, or pass --md5 {found_md5} if you trust this file"
+            )
+        storage.commit(temp, destination)
+    finally:
+        if storage.exists(temp):
+            storage.fs.rm(temp)
+    storage.write_atomic(record_path, json.dumps({"source": source, "md5": found_md5, "bytes": size}).encode())
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    log.info("fetched %s: %.1f MB in %.1f s (%.1f MB/s), md5 %s", source, size / 1e6, elapsed, size / 1e6 / elapsed, found_md5)
+    return ArchiveInfo(path=destination, md5=found_md5, bytes=size)
+
+
+@task(
+    name="download",
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_transient,
+)
+def fetch_archive_task(source: str, expected_md5: str | None, storage_url: str) -> ArchiveInfo:
+    return fetch_archive(source, expected_md5, storage_url)

@@ -1,0 +1,96 @@
+"""One shard: raw images in, backbone features out, committed as one Parquet file.
+
+A shard that is already on storage, readable, with the right fingerprint and
+row range is never recomputed, and the backbone is built only when some shard
+really needs computing: once per process, then reused for every shard that
+process gets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from tasks.backbones import build_extractor
+from tasks.caching import committed_file_key, output_key_fn, remember_output
+from tasks.cifar import DatasetInfo, Shard, shard_images
+from tasks.config import FeatureSpec
+from tasks.errors import retry_on_transient
+from tasks.logs import logger
+from tasks.storage import Storage
+from tasks.store import ShardRecord, existing_shard_record, shard_path, shard_problem, shard_table, write_shard
+
+_extractors: dict[str, object] = {}
+_build_lock = threading.Lock()
+_inference_lock = threading.Lock()
+
+
+def built_extractors() -> list[str]:
+    """Fingerprints of the backbones built in this process (so tests can see builds)."""
+    return list(_extractors)
+
+
+def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]):
+    """The compiled extractor for `spec`, built on first use in this process."""
+    with _build_lock:
+        if spec.fingerprint not in _extractors:
+            started = time.perf_counter()
+            _extractors[spec.fingerprint] = build_extractor(
+                spec.backbone,
+                weights=spec.weights,
+                input_size=spec.input_size,
+                pooling=spec.pooling,
+                precision=spec.precision,
+                seed=spec.seed,
+                image_shape=image_shape,
+            )
+            logger().info("built %s at %dpx in %.1f s", spec.backbone, spec.input_size, time.perf_counter() - started)
+        return _extractors[spec.fingerprint]
+
+
+def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ShardRecord:
+    """Compute and commit one shard's features, unless a valid copy is already there."""
+    log = logger()
+    storage = Storage(storage_url)
+    path = shard_path(storage, spec, shard)
+    problem = shard_problem(storage, path, spec, shard)
+    if problem is None:
+        log.info("extract[%s]: already done, reusing %s", shard.name, storage.uri(path))
+        return existing_shard_record(storage, path, shard)
+    if problem != "missing":
+        log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
+    images, labels = shard_images(storage_url, dataset, shard)
+    model = get_extractor(spec, images.shape[1:])
+    started = time.perf_counter()
+    with _inference_lock:
+        features = model.predict(images, batch_size=batch_size, verbose=0)
+    seconds = time.perf_counter() - started
+    record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
+    log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, shard.rows, seconds, shard.rows / max(seconds, 1e-9))
+    return record
+
+
+def shard_output_key(storage_url: str, spec: FeatureSpec, shard: Shard, **_) -> str | None:
+    """Cache key of a committed shard that checks out, None for a missing or damaged one."""
+    storage = Storage(storage_url)
+    path = shard_path(storage, spec, shard)
+    if shard_problem(storage, path, spec, shard) is not None:
+        return None
+    return committed_file_key(storage, path)
+
+
+@task(
+    name="extract",
+    task_run_name="extract[{shard.split}/{shard.number:05d}]",
+    cache_key_fn=output_key_fn(shard_output_key),
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_transient,
+)
+def extract_shard_task(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ShardRecord:
+    record = extract_shard(storage_url, spec, dataset, shard, batch_size)
+    return remember_output(record, shard_output_key(storage_url, spec, shard))

@@ -1,0 +1,100 @@
+"""Where everything lives under the storage root, local or any fsspec URL.
+
+Every path goes through fsspec, so local disk and object stores share one code
+path (the img2dataset way). Writes are atomic: data goes to a hidden temporary
+name in the same folder and is renamed into place only when complete, so a
+reader never sees a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from functools import cached_property
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TEMP_SUFFIX = ".tmp"
+
+
+class Storage:
+    """The storage root and the layout of everything the pipeline writes under it."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    @cached_property
+    def _fs_and_root(self):
+        return fsspec.core.url_to_fs(self.url)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._fs_and_root[0]
+
+    @property
+    def root(self) -> str:
+        return self._fs_and_root[1]
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def uri(self, path: str) -> str:
+        """A path as a URL people and other tools can open."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def temp_path(self, path: str) -> str:
+        """A hidden sibling name: ignored by Parquet readers and globs, unique per writer."""
+        folder, name = posixpath.split(path)
+        return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write `data` to `path` so that `path` either does not exist or is complete."""
+        folder = posixpath.dirname(path)
+        self.fs.makedirs(folder, exist_ok=True)
+        temp = self.temp_path(path)
+        try:
+            if self.is_local:
+                with open(temp, "wb") as stream:
+                    stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(temp, path)
+            else:
+                self.fs.pipe_file(temp, data)
+                self.fs.mv(temp, path)
+        finally:
+            if self.fs.exists(temp):
+                self.fs.rm(temp)
+
+    def commit(self, temp: str, path: str) -> None:
+        """Rename a fully written temporary file into its final place."""
+        if self.is_local:
+            os.replace(temp, path)
+        else:
+            self.fs.mv(temp, path)
+
+    def stale_temp_files(self, path: str) -> list[str]:
+        """Temporary files left behind by writers of `path` that never committed."""
+        folder, name = posixpath.split(path)
+        if not self.fs.exists(folder):
+            return []
+        return [
+            entry
+            for entry in self.fs.ls(folder, detail=False)
+            if posixpath.basename(entry).startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX)
+        ]
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny CIFAR-10 archives in the official format, and a Prefect test API."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Isolate Prefect's home (cache records, local results, profiles) from the user's.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cifar-transfer-prefect-")
+
+import numpy as np
+import pytest
+
+from tasks.cifar import CLASS_NAMES
+
+BATCH_DIR = "cifar-10-batches-py"
+
+
+def cifar_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """Rows in CIFAR-10's channel-major layout whose colour depends on the label, so heads can learn."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=count)
+    base = np.array([[(label * 25) % 256, (label * 70) % 256, (255 - label * 25) % 256] for label in range(10)], np.float64)
+    pixels = base[labels][:, :, None] + rng.normal(0, 30, size=(count, 3, 1024))
+    return np.clip(pixels, 0, 255).astype(np.uint8).reshape(count, 3072), [int(label) for label in labels]
+
+
+def batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
+    """A batch pickled the way the official files are (protocol 2, bytes keys)."""
+    batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
+    return pickle.dumps(batch, protocol=2)
+
+
+def write_archive(path: Path, members: dict[str, bytes]) -> str:
+    """Write a tar.gz with the given members; return its MD5."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def cifar_members(train_per_batch: int = 40, test_count: int = 100, seed: int = 0) -> dict[str, bytes]:
+    members = {}
+    for number in range(1, 6):
+        data, labels = cifar_images(train_per_batch, seed + number)
+        members[f"{BATCH_DIR}/data_batch_{number}"] = batch_pickle(data, labels, f"training batch {number} of 5")
+    data, labels = cifar_images(test_count, seed + 100)
+    members[f"{BATCH_DIR}/test_batch"] = batch_pickle(data, labels, "testing batch 1 of 1")
+    members[f"{BATCH_DIR}/batches.meta"] = pickle.dumps({b"label_names": [name.encode() for name in CLASS_NAMES]}, protocol=2)
+    return members
+
+
+@pytest.fixture
+def tiny_archive(tmp_path) -> tuple[Path, str]:
+    """A 200 train + 100 test image archive in the official layout: (path, md5)."""
+    path = tmp_path / "cifar-10-python.tar.gz"
+    return path, write_archive(path, cifar_members())
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MOBILENET_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2_1.00_224_imagenet_no_top.weights.h5"
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real, temporary Prefect API (server + database) for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

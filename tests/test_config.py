@@ -1,0 +1,73 @@
+"""The typed configuration: defaults, one-line errors, and what the fingerprint covers."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MOBILENET_WEIGHTS
+
+from tasks.config import CIFAR10_MD5, CIFAR10_URL, load_config
+from tasks.errors import ConfigError
+
+LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none"}
+
+
+def test_defaults_follow_the_post():
+    config = load_config()
+    assert (config.source, config.expected_md5) == (CIFAR10_URL, CIFAR10_MD5)
+    assert (config.backbone_name, config.resolved_input_size, config.pooling) == ("InceptionV3", 139, "avg")
+    assert config.resolved_head == "dense"
+    assert load_config(pooling="none").resolved_head == "conv"
+    assert load_config(backbone="mobilenetv2", **LOCAL).resolved_input_size == 224
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"backbone": "InceptionV9"}, r"unknown backbone 'InceptionV9': use a keras.applications model name, one of .*InceptionV3"),
+        ({"input_size": 60}, "input_size 60 is below InceptionV3's minimum of 75: pass --input-size 75 or more"),
+        ({"shard_size": 0}, "shard_size: Input should be greater than or equal to 1"),
+        ({"source": "/elsewhere/c.tar.gz"}, r"pass its MD5 \(--md5 HEX\) or --md5 none"),
+        ({"md5": "xyz"}, "md5 'xyz' is not 32 hex digits"),
+        ({"weights": "/no/such/file.h5"}, "weights file '/no/such/file.h5' does not exist"),
+        ({"storage": "nosuchscheme://bucket/x"}, "scheme 'nosuchscheme'"),
+        ({"head": "conv"}, "head 'conv' needs spatial features: pass --pooling none"),
+        ({"pooling": "max"}, "pooling: Input should be 'avg' or 'none'"),
+        ({"validation_split": 0}, "validation_split: Input should be greater than 0"),
+    ],
+)
+def test_bad_options_fail_at_the_edge_with_one_line(options, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(**options)
+    assert "\n" not in str(error.value)
+
+
+def test_fingerprint_covers_what_changes_features_and_nothing_else():
+    base = load_config(weights="none", **LOCAL)
+    fingerprint = base.feature_spec("a" * 32).fingerprint
+
+    def changed(**options):
+        return load_config(**{"weights": "none", **LOCAL, **options}).feature_spec("a" * 32).fingerprint
+
+    assert base.feature_spec("b" * 32).fingerprint != fingerprint
+    for options in ({"backbone": "ResNet50"}, {"input_size": 299}, {"pooling": "none"}, {"seed": 1}, {"weights": "imagenet"},
+                    {"precision": "bfloat16"}):
+        assert changed(**options) != fingerprint, options
+    for options in ({"epochs": 3}, {"head": "linear"}, {"tsne_sample": 10}, {"shard_size": 10}, {"batch_size": 8}, {"storage": "/x"}):
+        assert changed(**options) == fingerprint, options
+    # With real weights the seed does not change the network, so it does not change the fingerprint.
+    assert load_config(weights="imagenet", seed=1, **LOCAL).feature_spec("a" * 32).fingerprint == changed(weights="imagenet")
+
+
+@pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
+def test_weights_file_identity_is_its_content():
+    spec = load_config(backbone="MobileNetV2", weights=str(MOBILENET_WEIGHTS), **LOCAL).feature_spec("a" * 32)
+    assert spec.weights_id == "file-md5-e6d0f334d090be243a48361e11223f9c"
+    assert spec.folder_name == f"mobilenetv2-224px-avg-{spec.fingerprint}"
+
+
+def test_head_and_tsne_keys_follow_their_settings():
+    config = load_config(**LOCAL)
+    assert config.head_key("f") != load_config(epochs=3, **LOCAL).head_key("f")
+    assert config.head_key("f") != config.head_key("g")
+    assert config.tsne_key("f") != load_config(tsne_perplexity=5, **LOCAL).tsne_key("f")
+    assert config.tsne_key("f") == load_config(epochs=3, **LOCAL).tsne_key("f")

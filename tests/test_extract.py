@@ -1,0 +1,132 @@
+"""Backbones by name and single-shard extraction to Parquet, with real Keras models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import MOBILENET_WEIGHTS
+
+from tasks.backbones import build_extractor, get_backbone
+from tasks.cifar import decode_archive, plan_shards
+from tasks.config import load_config
+from tasks.errors import ConfigError
+from tasks.extract import extract_shard, get_extractor
+from tasks.storage import Storage
+from tasks.store import METADATA_KEY, shard_path, shard_problem
+
+IMAGES = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+
+
+def features_of(backbone, **options):
+    options = {"weights": "none", "pooling": "avg", "precision": "float32", "seed": 0, **options}
+    return build_extractor(backbone, **options).predict(IMAGES, verbose=0)
+
+
+def differ(first, second) -> bool:
+    """Relative comparison: random-init activations can be tiny (1e-12) yet different."""
+    return not np.allclose(first, second, rtol=1e-3, atol=0)
+
+
+def test_registry_knows_every_keras_application_with_its_preprocessing():
+    inception = get_backbone("inceptionv3")
+    assert (inception.name, inception.min_input_size, inception.default_input_size) == ("InceptionV3", 75, 139)
+    assert get_backbone("ResNet50").preprocess_input.__module__.endswith("resnet")
+    assert get_backbone("EfficientNetB3").default_input_size == 300
+    with pytest.raises(ConfigError, match="unknown backbone 'AlexNet'"):
+        get_backbone("AlexNet")
+
+
+def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
+    assert features_of("InceptionV3", input_size=75).shape == (6, 2048)
+    assert features_of("InceptionV3", input_size=139, pooling="none").shape == (6, 3, 3, 2048)
+
+
+def test_random_weights_are_a_function_of_the_seed():
+    first = features_of("MobileNetV2", input_size=32)
+    np.testing.assert_array_equal(first, features_of("MobileNetV2", input_size=32))
+    assert differ(first, features_of("MobileNetV2", input_size=32, seed=1))
+
+
+def test_preprocessing_is_the_backbones_own():
+    """ResNet50 uses caffe-style BGR mean subtraction: swapping channels must change its features."""
+    swapped = IMAGES[..., ::-1]
+    model = build_extractor("ResNet50", weights="none", input_size=32, pooling="avg", precision="float32", seed=0)
+    assert differ(model.predict(IMAGES, verbose=0), model.predict(swapped, verbose=0))
+
+
+@pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
+def test_weights_file_loads_at_any_input_size_and_a_foreign_one_is_refused():
+    trained = features_of("MobileNetV2", input_size=64, weights=str(MOBILENET_WEIGHTS))
+    assert trained.shape == (6, 1280)
+    assert differ(trained, features_of("MobileNetV2", input_size=64))
+    with pytest.raises(ConfigError, match=r"does not fit InceptionV3\(include_top=False\)"):
+        features_of("InceptionV3", input_size=75, weights=str(MOBILENET_WEIGHTS))
+
+
+@pytest.fixture
+def one_shard(tiny_archive, tmp_path):
+    path, md5 = tiny_archive
+    storage_url = str(tmp_path / "storage")
+    dataset = decode_archive(storage_url, str(path), md5)
+    config = load_config(source=str(path), md5=md5, storage=storage_url, backbone="MobileNetV2", weights="none", input_size=32)
+    spec = config.feature_spec(md5)
+    shard = plan_shards(dataset.sizes, 64)[1]
+    return storage_url, spec, dataset, shard
+
+
+def test_shard_parquet_follows_the_contract(one_shard):
+    storage_url, spec, dataset, shard = one_shard
+    record = extract_shard(storage_url, spec, dataset, shard, batch_size=16)
+    path = shard_path(Storage(storage_url), spec, shard)
+    table = pq.read_table(path)
+    assert table.schema.field("index").type == pa.int64()
+    assert table.schema.field("features").type == pa.list_(pa.float32(), 1280)
+    assert table.column("index").to_pylist() == list(range(64, 128))
+    metadata = json.loads(table.schema.metadata[METADATA_KEY])
+    assert metadata["fingerprint"] == spec.fingerprint
+    assert metadata["feature_shape"] == [1280]
+    assert set(metadata["versions"]) >= {"tensorflow", "keras", "pyarrow", "numpy", "python"}
+    images = np.load(f"{dataset.folder}/train_images.npy")[64:128]
+    expected = get_extractor(spec, (32, 32, 3)).predict(images, verbose=0)
+    np.testing.assert_allclose(np.stack(table.column("features").to_numpy(zero_copy_only=False)), expected, rtol=1e-5, atol=1e-5)
+    assert (record.rows, record.start, record.file) == (64, 64, "part-00001.parquet")
+
+
+def test_damaged_or_foreign_shards_are_detected_and_recomputed(one_shard, tmp_path):
+    storage_url, spec, dataset, shard = one_shard
+    storage = Storage(storage_url)
+    path = shard_path(storage, spec, shard)
+    good = extract_shard(storage_url, spec, dataset, shard, batch_size=16)
+    original = open(path, "rb").read()
+
+    with open(path, "r+b") as stream:
+        stream.truncate(len(original) // 2)
+    assert shard_problem(storage, path, spec, shard).startswith("unreadable as Parquet")
+    assert extract_shard(storage_url, spec, dataset, shard, batch_size=16) == good
+
+    other = load_config(source="x", md5="none", backbone="MobileNetV2", weights="none", input_size=32, seed=7).feature_spec(spec.dataset_md5)
+    foreign_dir = tmp_path / "foreign"
+    extract_shard(str(foreign_dir), other, dataset, shard, batch_size=16)
+    os.replace(shard_path(Storage(str(foreign_dir)), other, shard), path)
+    assert shard_problem(storage, path, spec, shard).startswith("written by another configuration")
+    assert extract_shard(storage_url, spec, dataset, shard, batch_size=16) == good
+    assert open(path, "rb").read() == original
+
+
+def test_a_leftover_temporary_file_is_never_taken_as_a_shard(one_shard):
+    storage_url, spec, dataset, shard = one_shard
+    storage = Storage(storage_url)
+    path = shard_path(storage, spec, shard)
+    storage.fs.makedirs(os.path.dirname(path), exist_ok=True)
+    leftover = storage.temp_path(path)
+    with open(leftover, "wb") as stream:
+        stream.write(b"PAR1 half a shard")
+    assert shard_problem(storage, path, spec, shard) == "missing"
+    extract_shard(storage_url, spec, dataset, shard, batch_size=16)
+    assert shard_problem(storage, path, spec, shard) is None
+    assert not os.path.exists(leftover)
