@@ -64,10 +64,10 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, sha
         log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
     images, labels = shard_images(storage_url, dataset, shard)
     model = get_extractor(spec, images.shape[1:])
-    started = time.perf_counter()
     with _inference_lock:
+        started = time.perf_counter()
         features = model.predict(images, batch_size=batch_size, verbose=0)
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
     log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, shard.rows, seconds, shard.rows / max(seconds, 1e-9))
     return record

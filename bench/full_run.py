@@ -1,0 +1,68 @@
+"""Benchmark: the whole flow on one configuration, with wall time per stage and peak memory.
+
+    .venv/bin/python bench/full_run.py --source ../shared/data/cifar-10-python.tar.gz \
+        --md5 3fa5040838d1a02829aec1f95cc5c67f --backbone MobileNetV2 \
+        --weights ../shared/data/weights/mobilenet_v2_1.00_224_imagenet_no_top.weights.h5
+
+Any `cifar-transfer run` option is accepted. Results are appended as one JSON
+line to bench/results/full_run.jsonl (and printed).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows.cli import build_parser  # noqa: E402
+from tasks.config import load_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "full_run.jsonl"
+
+
+def main() -> None:
+    arguments = build_parser().parse_args(["run", *sys.argv[1:]])
+    config = load_config(**{k: v for k, v in vars(arguments).items() if k != "command" and v is not None})
+    from flows.cifar_transfer import cifar_transfer
+
+    started = time.perf_counter()
+    summary = cifar_transfer(config)
+    wall = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    extraction = summary["extraction"]
+    result = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "backbone": config.backbone_name,
+        "input_size": config.resolved_input_size,
+        "pooling": config.pooling,
+        "weights": config.weights,
+        "head": config.resolved_head,
+        "images": summary["images"],
+        "shards_computed": f"{extraction['shards_computed']}/{extraction['shards']}",
+        "seconds": {
+            "total": round(wall, 1),
+            "extraction": round(extraction["seconds"], 1),
+            "tsne": round(summary["tsne"]["seconds"], 1) if summary["tsne"] else None,
+            "head": round(summary["head"]["seconds"], 1),
+        },
+        "extraction_images_per_second": round(extraction["images_per_second"], 1),
+        "peak_rss_mib": round(peak_mib),
+        "test_accuracy": summary["test_accuracy"],
+        "validation_accuracy": summary["head"]["validation_accuracy"],
+        "features": summary["features"],
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("a") as stream:
+        stream.write(json.dumps(result) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

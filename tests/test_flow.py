@@ -1,0 +1,174 @@
+"""The whole flow end to end on a tiny archive, against a real Prefect API."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime
+
+from flows.cifar_transfer import cifar_transfer, extract_features
+from flows.cli import main
+from tasks import extract
+from tasks.config import load_config
+from tasks.report import METRICS_KEY, SUMMARY_KEY
+from tasks.store import list_feature_sets, load_features
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def tiny_config(archive, storage, **options):
+    path, md5 = archive
+    settings = {
+        "source": str(path), "md5": md5, "storage": str(storage), "backbone": "MobileNetV2", "weights": "none",
+        "input_size": 32, "shard_size": 50, "tsne_sample": 150, "epochs": 3, "head_batch_size": 32,
+    }
+    return load_config(**{**settings, **options})
+
+
+def task_states_since(started: datetime) -> dict[str, list[str]]:
+    """State names of every task run of the flow runs started after `started`, grouped by task name."""
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started)))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs])))
+    states: dict[str, list[str]] = {}
+    for run in task_runs:
+        name = run.name if run.name.startswith("extract[") else run.name.rsplit("-", 1)[0]
+        states.setdefault(name, []).append(run.state.name)
+    return states
+
+
+def shard_files(features_folder: str) -> dict[str, tuple[int, int]]:
+    """Each finished shard file with its inode and modification time, to see what was rewritten."""
+    found = {}
+    for split in ("train", "test"):
+        for name in sorted(os.listdir(os.path.join(features_folder, split))):
+            if name.endswith(".parquet") and not name.startswith("."):
+                stat = os.stat(os.path.join(features_folder, split, name))
+                found[f"{split}/{name}"] = (stat.st_ino, stat.st_mtime_ns)
+    return found
+
+
+def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    summary = cifar_transfer(config)
+    folder = summary["features"]
+    assert summary["images"] == {"train": 200, "test": 100}
+    assert summary["extraction"]["shards_computed"] == 6
+
+    manifest = json.load(open(os.path.join(folder, "train", "_manifest.json")))
+    assert [shard["file"] for shard in manifest["shards"]] == [f"part-{n:05d}.parquet" for n in range(4)]
+    assert manifest["rows"] == 200 and manifest["feature_shape"] == [1280]
+
+    table = ds.dataset(os.path.join(folder, "train"), format="parquet").to_table()
+    assert sorted(table.column("index").to_pylist()) == list(range(200))
+    frame = pd.read_parquet(os.path.join(folder, "test"))
+    assert len(frame) == 100 and len(frame["features"].iloc[0]) == 1280
+    counts = duckdb.sql(f"SELECT label, count(*) AS n FROM '{folder}/train/*.parquet' GROUP BY label").fetchall()
+    assert sum(n for _, n in counts) == 200
+
+    index, labels, features = load_features(config.storage, "train")
+    assert features.shape == (200, 1280) and list(index) == list(range(200))
+    assert list_feature_sets(config.storage)[0]["complete_splits"] == {"train": 200, "test": 100}
+
+    embedding = pd.read_parquet(summary["tsne"]["embedding"])
+    assert list(embedding.columns) == ["index", "label", "x", "y"] and len(embedding) == 150
+    metrics = json.load(open(summary["head"]["metrics"]))
+    assert metrics["sizes"] == {"train": 180, "validation": 20, "test": 100}
+    assert np.array(metrics["confusion_matrix"]).sum() == 100
+    assert set(metrics["per_class_accuracy"]) == set(metrics["classes"])
+    for picture in (summary["tsne"]["picture"], summary["head"]["confusion_picture"]):
+        assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(summary["head"]["model"])
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY])))}
+    assert keys == {METRICS_KEY, SUMMARY_KEY}
+
+
+def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tmp_path):
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    first = cifar_transfer(config)
+    before = shard_files(first["features"])
+    extract._extractors.clear()
+    started = datetime.now(timezone.utc)
+    second = cifar_transfer(config)
+    states = task_states_since(started)
+    assert extract.built_extractors() == []
+    assert second["extraction"]["shards_computed"] == 0
+    assert all(states[f"extract[{name}]"] == ["Cached"] for name in ("train/00000", "train/00003", "test/00001"))
+    assert states["tsne"] == ["Cached"] and states["head"] == ["Cached"] and states["decode-archive"] == ["Cached"]
+    assert shard_files(second["features"]) == before
+    assert second["test_accuracy"] == first["test_accuracy"]
+
+
+def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
+    first = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
+    started = datetime.now(timezone.utc)
+    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="linear"))
+    states = task_states_since(started)
+    assert second["features"] == first["features"]
+    assert second["extraction"]["shards_computed"] == 0
+    assert states["tsne"] == ["Cached"] and states["head"] == ["Completed"]
+    assert second["head"]["folder"] != first["head"]["folder"] and os.path.exists(first["head"]["metrics"])
+
+
+def test_changed_backbone_writes_a_new_folder_and_keeps_the_old(tiny_archive, tmp_path):
+    first, _ = extract_features(tiny_config(tiny_archive, tmp_path / "storage"))
+    before = shard_files(first.folder)
+    second, stats = extract_features(tiny_config(tiny_archive, tmp_path / "storage", input_size=48))
+    assert second.folder != first.folder and stats.shards_computed == 6
+    assert shard_files(first.folder) == before
+
+
+def test_damaged_shard_and_leftover_temp_file_are_recomputed_alone(tiny_archive, tmp_path):
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    features, _ = extract_features(config)
+    reference = load_features(config.storage, "train", features.fingerprint)[2]
+    damaged = os.path.join(features.folder, "train", "part-00002.parquet")
+    with open(damaged, "r+b") as stream:
+        stream.truncate(1000)
+    os.remove(os.path.join(features.folder, "test", "part-00001.parquet"))
+    leftover = os.path.join(features.folder, "test", ".part-00001.parquet.0123456789ab.tmp")
+    with open(leftover, "wb") as stream:
+        stream.write(b"PAR1 not finished")
+    before = shard_files(features.folder)
+
+    started = datetime.now(timezone.utc)
+    _, stats = extract_features(config)
+    states = task_states_since(started)
+    after = shard_files(features.folder)
+    assert stats.shards_computed == 2
+    assert states["extract[train/00002]"] == ["Completed"] and states["extract[test/00001]"] == ["Completed"]
+    assert states["extract[train/00000]"] == ["Cached"]
+    assert {name for name in after if after[name] != before.get(name)} == {"train/part-00002.parquet", "test/part-00001.parquet"}
+    np.testing.assert_array_equal(load_features(config.storage, "train", features.fingerprint)[2], reference)
+    assert not os.path.exists(leftover)
+
+
+def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
+    path, md5 = tiny_archive
+    common = ["--source", str(path), "--storage", str(tmp_path / "storage"), "--backbone", "MobileNetV2", "--weights", "none",
+              "--input-size", "32", "--shard-size", "100", "--tsne-sample", "0", "--epochs", "2"]
+    assert main(["run", *common, "--md5", md5]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy: " in out and "features: " in out
+
+    assert main(["run", *common, "--md5", "0" * 32]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("cifar-transfer: error: archive from") and f"has MD5 {md5}" in error
+
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(path.read_bytes()[:5000])
+    assert main(["run", *common, "--source", str(broken), "--md5", "none"]) == 2
+    assert "archive is truncated or not a tar.gz" in capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert main(["run", *common, "--md5", md5, "--input-size", "8"]) == 2
+    assert "input_size 8 is below MobileNetV2's minimum of 32" in capsys.readouterr().err
