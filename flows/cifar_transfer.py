@@ -1,8 +1,10 @@
 """The pipeline as Prefect flows: wiring only; the work lives in `tasks/`.
 
 download -> decode -> extract shards -> manifests -> (t-SNE, head) -> report.
-`extract_features` is a flow of its own, for jobs that only want the Parquet
-shards; `cifar_transfer` runs it as a subflow and adds the map and the head.
+- `extract-features`: the features only (steps up to the manifests); on completion it
+  emits the `cifar-transfer.features.completed` event downstream deployments trigger on.
+- `analyze-features`: t-SNE, head and report on an existing, complete feature set.
+- `cifar-transfer`: the whole job, the two above as subflows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from tasks.download import fetch_archive_task
 from tasks.extract import extract_shard_task
 from tasks.head import train_head_task
 from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
-from tasks.store import FeatureSetInfo, commit_feature_set_task
+from tasks.store import FeatureSetInfo, commit_feature_set_task, find_feature_set_task
 from tasks.tsne import tsne_task
 
 # Two threads: while one shard runs the backbone, the other reads its rows or writes Parquet.
@@ -36,9 +38,12 @@ def extract_features(config: PipelineConfig = PipelineConfig()) -> tuple[Feature
     return commit_feature_set_task(config.storage, spec, records, dataset.classes), stats
 
 
-@flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
-def cifar_transfer(config: PipelineConfig = PipelineConfig()) -> dict:
-    features, extraction = extract_features(config)
+@flow(name="analyze-features", flow_run_name="analyze-{fingerprint}")
+def analyze_features(
+    config: PipelineConfig = PipelineConfig(), fingerprint: str | None = None, extraction: ExtractionStats | None = None
+) -> dict:
+    """t-SNE, head and report on the feature set `fingerprint` (default: the newest complete one)."""
+    features = find_feature_set_task(config.storage, fingerprint)
     tsne = None
     if config.tsne_sample:
         tsne = tsne_task(
@@ -47,3 +52,9 @@ def cifar_transfer(config: PipelineConfig = PipelineConfig()) -> dict:
         )
     head = train_head_task(config.storage, features.folder, config.head_key(features.fingerprint), config.head_settings(), features.classes)
     return publish_report_task(config, features, extraction, tsne, head)
+
+
+@flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
+def cifar_transfer(config: PipelineConfig = PipelineConfig()) -> dict:
+    features, extraction = extract_features(config)
+    return analyze_features(config, features.fingerprint, extraction)

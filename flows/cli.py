@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "list":
             from tasks.store import list_feature_sets
 
-            print(json.dumps(list_feature_sets(options["storage"]), indent=2))
+            print(json.dumps([info.model_dump() for info in list_feature_sets(options["storage"])], indent=2))
             return 0
         config = load_config(**options)
         from flows.cifar_transfer import cifar_transfer, extract_features

@@ -12,6 +12,7 @@ import threading
 import time
 
 from prefect import task
+from pydantic import BaseModel
 from prefect.tasks import exponential_backoff
 
 from tasks.backbones import build_extractor
@@ -51,7 +52,14 @@ def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]):
         return _extractors[spec.fingerprint]
 
 
-def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ShardRecord:
+class ExtractedShard(BaseModel):
+    """A finished shard and how it got there: `inference_seconds` is None when it was reused."""
+
+    record: ShardRecord
+    inference_seconds: float | None
+
+
+def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ExtractedShard:
     """Compute and commit one shard's features, unless a valid copy is already there."""
     log = logger()
     storage = Storage(storage_url)
@@ -59,7 +67,7 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, sha
     problem = shard_problem(storage, path, spec, shard)
     if problem is None:
         log.info("extract[%s]: already done, reusing %s", shard.name, storage.uri(path))
-        return existing_shard_record(storage, path, shard)
+        return ExtractedShard(record=existing_shard_record(storage, path, shard), inference_seconds=None)
     if problem != "missing":
         log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
     images, labels = shard_images(storage_url, dataset, shard)
@@ -70,7 +78,7 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, sha
         seconds = time.perf_counter() - started
     record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
     log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, shard.rows, seconds, shard.rows / max(seconds, 1e-9))
-    return record
+    return ExtractedShard(record=record, inference_seconds=seconds)
 
 
 def shard_output_key(storage_url: str, spec: FeatureSpec, shard: Shard, **_) -> str | None:
@@ -91,6 +99,8 @@ def shard_output_key(storage_url: str, spec: FeatureSpec, shard: Shard, **_) -> 
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_on_transient,
 )
-def extract_shard_task(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ShardRecord:
-    record = extract_shard(storage_url, spec, dataset, shard, batch_size)
-    return remember_output(record, shard_output_key(storage_url, spec, shard))
+def extract_shard_task(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ExtractedShard:
+    extracted = extract_shard(storage_url, spec, dataset, shard, batch_size)
+    # What later runs find in the cache is a reused shard, not a computed one.
+    remember_output(ExtractedShard(record=extracted.record, inference_seconds=None), shard_output_key(storage_url, spec, shard))
+    return extracted

@@ -14,6 +14,7 @@ from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 
 from tasks.config import PipelineConfig
+from tasks.extract import ExtractedShard
 from tasks.head import HeadResult
 from tasks.logs import logger
 from tasks.storage import Storage
@@ -42,7 +43,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def wait_for_shards(futures: list[PrefectFuture]) -> tuple[list[ShardRecord], ExtractionStats]:
+def wait_for_shards(futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[ShardRecord], ExtractionStats]:
     """Collect shard results as they finish, logging progress with rate and ETA.
 
     Shards reused from an earlier run (Prefect shows them Cached) count
@@ -55,10 +56,11 @@ def wait_for_shards(futures: list[PrefectFuture]) -> tuple[list[ShardRecord], Ex
     total_images = 0
     computed_shards = computed_images = 0
     for future in as_completed(futures):
-        record: ShardRecord = future.result()
+        extracted: ExtractedShard = future.result()
+        record = extracted.record
         records.append(record)
         total_images += record.rows
-        if future.state.name != "Cached":
+        if extracted.inference_seconds is not None:
             computed_shards += 1
             computed_images += record.rows
         elapsed = time.perf_counter() - started

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
+from prefect.events import emit_event
 from pydantic import BaseModel
 
 from tasks.cifar import Shard
@@ -62,7 +63,10 @@ class Manifest(BaseModel):
 
 
 class FeatureSetInfo(BaseModel):
-    """A feature set on storage: enough for later stages and other jobs to read it."""
+    """A feature set on storage: enough for later stages and other jobs to read it.
+
+    `splits` holds only the complete splits (those with a manifest), with their row counts.
+    """
 
     storage_url: str
     folder: str
@@ -71,6 +75,7 @@ class FeatureSetInfo(BaseModel):
     feature_shape: list[int]
     splits: dict[str, int]
     classes: list[str]
+    created_at: str
 
 
 @cache
@@ -180,12 +185,10 @@ def read_manifest(storage: Storage, folder: str, split: str) -> Manifest | None:
     return Manifest.model_validate_json(storage.read_bytes(path))
 
 
-def write_manifest(storage_url: str, spec: FeatureSpec, split: str, records: list[ShardRecord]) -> Manifest:
-    """Declare a split complete; also (re)write the feature set's description."""
-    storage = Storage(storage_url)
-    folder = features_folder(storage, spec)
+def write_manifest(storage: Storage, folder: str, spec: FeatureSpec, feature_shape: list[int], records: list[ShardRecord]) -> Manifest:
+    """Declare a split complete (unless an identical manifest is already there)."""
     records = sorted(records, key=lambda record: record.number)
-    _, metadata = shard_metadata(storage, posixpath.join(folder, split, records[0].file))
+    split = records[0].split
     existing = read_manifest(storage, folder, split)
     if existing is not None and existing.shards == records:
         return existing
@@ -193,35 +196,55 @@ def write_manifest(storage_url: str, spec: FeatureSpec, split: str, records: lis
         fingerprint=spec.fingerprint,
         split=split,
         rows=sum(record.rows for record in records),
-        feature_shape=metadata["feature_shape"],
+        feature_shape=feature_shape,
         shards=records,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    description = {"fingerprint": spec.fingerprint, "spec": spec.model_dump(), "feature_shape": manifest.feature_shape, "versions": library_versions()}
-    storage.write_atomic(posixpath.join(folder, FEATURE_SET_NAME), json.dumps(description, indent=2).encode())
     storage.write_atomic(manifest_path(folder, split), manifest.model_dump_json(indent=2).encode())
     return manifest
 
 
 def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str]) -> FeatureSetInfo:
-    """Write each split's manifest once all its shards are done; describe the set."""
-    splits = sorted({record.split for record in records}, key=["train", "test"].index)
-    manifests = {split: write_manifest(storage_url, spec, split, [r for r in records if r.split == split]) for split in splits}
+    """Describe the set, then write each split's manifest now that all its shards are done."""
     storage = Storage(storage_url)
-    return FeatureSetInfo(
-        storage_url=storage_url,
-        folder=features_folder(storage, spec),
-        fingerprint=spec.fingerprint,
-        spec=spec.model_dump(),
-        feature_shape=manifests[splits[0]].feature_shape,
-        splits={split: manifest.rows for split, manifest in manifests.items()},
-        classes=classes,
+    folder = features_folder(storage, spec)
+    _, metadata = shard_metadata(storage, posixpath.join(folder, records[0].split, records[0].file))
+    description = {
+        "fingerprint": spec.fingerprint,
+        "spec": spec.model_dump(),
+        "feature_shape": metadata["feature_shape"],
+        "classes": classes,
+        "versions": library_versions(),
+    }
+    storage.write_atomic(posixpath.join(folder, FEATURE_SET_NAME), json.dumps(description, indent=2).encode())
+    for split in sorted({record.split for record in records}):
+        write_manifest(storage, folder, spec, metadata["feature_shape"], [record for record in records if record.split == split])
+    return describe_feature_set(storage, folder)
+
+
+FEATURES_COMPLETED_EVENT = "cifar-transfer.features.completed"
+
+
+def announce_feature_set(info: FeatureSetInfo) -> None:
+    """Emit the Prefect event that downstream deployments trigger on, with where the features are."""
+    storage = Storage(info.storage_url)
+    emit_event(
+        event=FEATURES_COMPLETED_EVENT,
+        resource={
+            "prefect.resource.id": f"cifar-transfer.features.{info.fingerprint}",
+            "prefect.resource.name": posixpath.basename(info.folder),
+            "cifar-transfer.storage": storage.uri(storage.root),
+            "cifar-transfer.fingerprint": info.fingerprint,
+        },
+        payload={"folder": storage.uri(info.folder), "splits": info.splits, "spec": info.spec},
     )
 
 
 @task(name="commit-feature-set")
 def commit_feature_set_task(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str]) -> FeatureSetInfo:
-    return commit_feature_set(storage_url, spec, records, classes)
+    info = commit_feature_set(storage_url, spec, records, classes)
+    announce_feature_set(info)
+    return info
 
 
 def read_split(storage: Storage, folder: str, split: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -254,34 +277,49 @@ def read_split(storage: Storage, folder: str, split: str, pooled: bool = False) 
     return index, labels, features
 
 
-def list_feature_sets(storage_url: str) -> list[dict]:
-    """Every feature set under the storage root with its spec and complete splits, newest first."""
+def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None:
+    """The feature set in `folder` with its complete splits, or None if there is none."""
+    description_path = posixpath.join(folder, FEATURE_SET_NAME)
+    if not storage.exists(description_path):
+        return None
+    description = json.loads(storage.read_bytes(description_path))
+    manifests = {split: manifest for split in ("train", "test") if (manifest := read_manifest(storage, folder, split)) is not None}
+    return FeatureSetInfo(
+        storage_url=storage.url,
+        folder=folder,
+        fingerprint=description["fingerprint"],
+        spec=description["spec"],
+        feature_shape=description["feature_shape"],
+        splits={split: manifest.rows for split, manifest in manifests.items()},
+        classes=description["classes"],
+        created_at=max((manifest.created_at for manifest in manifests.values()), default=""),
+    )
+
+
+def list_feature_sets(storage_url: str) -> list[FeatureSetInfo]:
+    """Every feature set under the storage root, newest first; `splits` says which are complete."""
     storage = Storage(storage_url)
     root = storage.path("features")
     if not storage.exists(root):
         return []
-    found = []
-    for folder in storage.fs.ls(root, detail=False):
-        description_path = posixpath.join(folder, FEATURE_SET_NAME)
-        if not storage.exists(description_path):
-            continue
-        description = json.loads(storage.read_bytes(description_path))
-        manifests = {
-            split: manifest
-            for split in ("train", "test")
-            if (manifest := read_manifest(storage, folder, split)) is not None
-        }
-        found.append(
-            {
-                "folder": storage.uri(folder),
-                "fingerprint": description["fingerprint"],
-                "spec": description["spec"],
-                "feature_shape": description["feature_shape"],
-                "complete_splits": {split: manifest.rows for split, manifest in manifests.items()},
-                "created_at": max((manifest.created_at for manifest in manifests.values()), default=""),
-            }
-        )
-    return sorted(found, key=lambda entry: entry["created_at"], reverse=True)
+    found = [describe_feature_set(storage, folder) for folder in storage.fs.ls(root, detail=False)]
+    return sorted((info for info in found if info is not None), key=lambda info: info.created_at, reverse=True)
+
+
+def find_feature_set(storage_url: str, fingerprint: str | None = None, splits: tuple[str, ...] = ("train", "test")) -> FeatureSetInfo:
+    """The set with this fingerprint, or the newest one, whose `splits` are all complete."""
+    for info in list_feature_sets(storage_url):
+        if (fingerprint is None or info.fingerprint == fingerprint) and all(split in info.splits for split in splits):
+            return info
+    wanted = f"fingerprint {fingerprint}" if fingerprint else "any configuration"
+    raise FeatureSetError(
+        f"no complete {'+'.join(splits)} features for {wanted} under {storage_url}: run `cifar-transfer extract` first"
+    )
+
+
+@task(name="find-feature-set")
+def find_feature_set_task(storage_url: str, fingerprint: str | None = None) -> FeatureSetInfo:
+    return find_feature_set(storage_url, fingerprint)
 
 
 def load_features(storage_url: str, split: str, fingerprint: str | None = None, as_frame: bool = False):
@@ -290,15 +328,8 @@ def load_features(storage_url: str, split: str, fingerprint: str | None = None, 
     Returns (index, labels, features) numpy arrays, or a pandas DataFrame with
     columns index, label, features when `as_frame` is true.
     """
-    storage = Storage(storage_url)
-    candidates = [entry for entry in list_feature_sets(storage_url) if split in entry["complete_splits"]]
-    if fingerprint is not None:
-        candidates = [entry for entry in candidates if entry["fingerprint"] == fingerprint]
-    if not candidates:
-        wanted = f"fingerprint {fingerprint}" if fingerprint else "any configuration"
-        raise FeatureSetError(f"no complete {split!r} features for {wanted} under {storage_url}: run `cifar-transfer extract` first")
-    folder = storage.path("features", posixpath.basename(candidates[0]["folder"]))
-    index, labels, features = read_split(storage, folder, split)
+    info = find_feature_set(storage_url, fingerprint, splits=(split,))
+    index, labels, features = read_split(Storage(storage_url), info.folder, split)
     if not as_frame:
         return index, labels, features
     return pd.DataFrame({"index": index, "label": labels, "features": list(features)})

@@ -46,6 +46,14 @@ def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
     assert features_of("InceptionV3", input_size=139, pooling="none").shape == (6, 3, 3, 2048)
 
 
+@pytest.mark.parametrize(
+    "backbone, input_size, width",
+    [("EfficientNetB0", 32, 1280), ("MobileNetV3Small", 32, 576), ("Xception", 71, 2048), ("DenseNet121", 32, 1024)],
+)
+def test_other_families_work_by_name_with_their_own_preprocessing(backbone, input_size, width):
+    assert features_of(backbone, input_size=input_size).shape == (6, width)
+
+
 def test_random_weights_are_a_function_of_the_seed():
     first = features_of("MobileNetV2", input_size=32)
     np.testing.assert_array_equal(first, features_of("MobileNetV2", input_size=32))
@@ -81,7 +89,7 @@ def one_shard(tiny_archive, tmp_path):
 
 def test_shard_parquet_follows_the_contract(one_shard):
     storage_url, spec, dataset, shard = one_shard
-    record = extract_shard(storage_url, spec, dataset, shard, batch_size=16)
+    record = extract_shard(storage_url, spec, dataset, shard, batch_size=16).record
     path = shard_path(Storage(storage_url), spec, shard)
     table = pq.read_table(path)
     assert table.schema.field("index").type == pa.int64()
@@ -95,26 +103,28 @@ def test_shard_parquet_follows_the_contract(one_shard):
     expected = get_extractor(spec, (32, 32, 3)).predict(images, verbose=0)
     np.testing.assert_allclose(np.stack(table.column("features").to_numpy(zero_copy_only=False)), expected, rtol=1e-5, atol=1e-5)
     assert (record.rows, record.start, record.file) == (64, 64, "part-00001.parquet")
+    again = extract_shard(storage_url, spec, dataset, shard, batch_size=16)
+    assert again.record == record and again.inference_seconds is None
 
 
 def test_damaged_or_foreign_shards_are_detected_and_recomputed(one_shard, tmp_path):
     storage_url, spec, dataset, shard = one_shard
     storage = Storage(storage_url)
     path = shard_path(storage, spec, shard)
-    good = extract_shard(storage_url, spec, dataset, shard, batch_size=16)
+    good = extract_shard(storage_url, spec, dataset, shard, batch_size=16).record
     original = open(path, "rb").read()
 
     with open(path, "r+b") as stream:
         stream.truncate(len(original) // 2)
     assert shard_problem(storage, path, spec, shard).startswith("unreadable as Parquet")
-    assert extract_shard(storage_url, spec, dataset, shard, batch_size=16) == good
+    assert extract_shard(storage_url, spec, dataset, shard, batch_size=16).record == good
 
     other = load_config(source="x", md5="none", backbone="MobileNetV2", weights="none", input_size=32, seed=7).feature_spec(spec.dataset_md5)
     foreign_dir = tmp_path / "foreign"
     extract_shard(str(foreign_dir), other, dataset, shard, batch_size=16)
     os.replace(shard_path(Storage(str(foreign_dir)), other, shard), path)
     assert shard_problem(storage, path, spec, shard).startswith("written by another configuration")
-    assert extract_shard(storage_url, spec, dataset, shard, batch_size=16) == good
+    assert extract_shard(storage_url, spec, dataset, shard, batch_size=16).record == good
     assert open(path, "rb").read() == original
 
 

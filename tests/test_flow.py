@@ -76,7 +76,7 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
 
     index, labels, features = load_features(config.storage, "train")
     assert features.shape == (200, 1280) and list(index) == list(range(200))
-    assert list_feature_sets(config.storage)[0]["complete_splits"] == {"train": 200, "test": 100}
+    assert list_feature_sets(config.storage)[0].splits == {"train": 200, "test": 100}
 
     embedding = pd.read_parquet(summary["tsne"]["embedding"])
     assert list(embedding.columns) == ["index", "label", "x", "y"] and len(embedding) == 150

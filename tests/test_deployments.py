@@ -1,0 +1,128 @@
+"""The pipeline as a service: a real `prefect server`, `prefect deploy --all`, a real worker,
+and the downstream deployment started by the features-completed event."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def poll(condition, what: str, timeout: float, processes=()):
+    """Wait on a condition read from the API (no fixed sleeps as synchronization)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        for process in processes:
+            if process.poll() is not None:
+                raise AssertionError(f"{process.args[:4]} exited with {process.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def start(command, environment, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real Prefect server (SQLite) on a free loopback port, with its own PREFECT_HOME."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PWD": str(ROOT),
+    }
+    process = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], environment, tmp_path / "server.log")
+
+    def healthy():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        poll(healthy, "the Prefect server to answer", 120, [process])
+        yield environment
+    finally:
+        stop(process)
+
+
+def prefect(environment, *arguments) -> str:
+    done = subprocess.run([PREFECT, *arguments], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def flow_runs(environment) -> list[dict]:
+    response = httpx.post(f"{environment['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
+    path, md5 = tiny_archive
+    prefect(server, "work-pool", "create", "cifar-transfer", "--type", "process")
+    prefect(server, "--no-prompt", "deploy", "--all")
+    listing = prefect(server, "deployment", "ls")
+    for name in ("nightly", "on-demand", "extract-only", "analyze-new-features"):
+        assert name in listing
+
+    worker = start([PREFECT, "worker", "start", "--pool", "cifar-transfer"], server, tmp_path / "worker.log")
+    try:
+        storage = tmp_path / "storage"
+        config = {"source": str(path), "md5": md5, "storage": str(storage), "backbone": "MobileNetV2", "weights": "none",
+                  "input_size": 32, "shard_size": 100}
+        prefect(server, "deployment", "run", "extract-features/extract-only", "--param", f"config={json.dumps(config)}")
+
+        def finished(flow_name):
+            def check():
+                runs = [run for run in flow_runs(server) if run["name"].startswith(flow_name)]
+                return runs if runs and all(run["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for run in runs) else None
+            return check
+
+        extracted = poll(finished("extract-"), "the extract-only run", 300, [worker])
+        assert [run["state_type"] for run in extracted] == ["COMPLETED"]
+        analyzed = poll(finished("analyze-"), "the triggered analyze-new-features run", 300, [worker])
+        assert [run["state_type"] for run in analyzed] == ["COMPLETED"]
+        assert analyzed[0]["parameters"]["config"]["storage"] == str(storage)
+        assert list(storage.glob("features/*/heads/*/metrics.json"))
+
+        scheduled = [run for run in flow_runs(server) if run["state_type"] == "SCHEDULED"]
+        assert scheduled and all(run["name"] for run in scheduled), "the scheduler created no nightly run"
+    finally:
+        stop(worker)
