@@ -21,12 +21,14 @@ from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
 from tasks.store import FeatureSetInfo, commit_feature_set_task, find_feature_set_task
 from tasks.tsne import tsne_task
 
+DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is safe
+
 # Two threads: while one shard runs the backbone, the other reads its rows or writes Parquet.
 SHARD_RUNNER = ThreadPoolTaskRunner(max_workers=2)
 
 
 @flow(name="extract-features", task_runner=SHARD_RUNNER, flow_run_name="extract-{config.backbone}")
-def extract_features(config: PipelineConfig = PipelineConfig()) -> tuple[FeatureSetInfo, ExtractionStats]:
+def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
     archive = fetch_archive_task(config.source, config.expected_md5, config.storage)
     dataset = decode_archive_task(config.storage, archive.path, archive.md5)
     spec = config.feature_spec(archive.md5)
@@ -40,7 +42,7 @@ def extract_features(config: PipelineConfig = PipelineConfig()) -> tuple[Feature
 
 @flow(name="analyze-features", flow_run_name="analyze-{fingerprint}")
 def analyze_features(
-    config: PipelineConfig = PipelineConfig(), fingerprint: str | None = None, extraction: ExtractionStats | None = None
+    config: PipelineConfig = DEFAULT_CONFIG, fingerprint: str | None = None, extraction: ExtractionStats | None = None
 ) -> dict:
     """t-SNE, head and report on the feature set `fingerprint` (default: the newest complete one)."""
     features = find_feature_set_task(config.storage, fingerprint)
@@ -55,6 +57,6 @@ def analyze_features(
 
 
 @flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
-def cifar_transfer(config: PipelineConfig = PipelineConfig()) -> dict:
+def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> dict:
     features, extraction = extract_features(config)
     return analyze_features(config, features.fingerprint, extraction)

@@ -48,9 +48,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(run, list(PipelineConfig.model_fields))
     extract = commands.add_parser("extract", help="download and extract features only (the Parquet shards)")
     _add_config_options(extract, EXTRACTION_OPTIONS)
+    storage_default = PipelineConfig.model_fields["storage"].default
     listing = commands.add_parser("list", help="list the feature sets under a storage root")
-    listing.add_argument("--storage", default=PipelineConfig.model_fields["storage"].default, help="output root")
+    listing.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
+    verify = commands.add_parser("verify", help="check feature sets by content (sizes, SHA-256, fingerprints); --repair recomputes what is wrong")
+    verify.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
+    verify.add_argument("--fingerprint", default=None, help="check only this feature set (default: all)")
+    verify.add_argument("--repair", action="store_true", help="delete damaged shards and recompute them")
     return parser
+
+
+def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> int:
+    """Print each feature set's problems; with `repair`, fix them and check again. 0 when all is well."""
+    from tasks.store import list_feature_sets
+    from tasks.verify import remove_damaged, repair_config, verify_feature_set
+
+    feature_sets = [info for info in list_feature_sets(storage_url) if fingerprint in (None, info.fingerprint)]
+    if not feature_sets:
+        print(f"no feature set{' ' + fingerprint if fingerprint else 's'} under {storage_url}")
+        return 1
+    healthy = True
+    for info in feature_sets:
+        problems = verify_feature_set(storage_url, info.folder)
+        if problems and repair:
+            from flows.cifar_transfer import extract_features
+
+            remove_damaged(storage_url, info.folder, problems)
+            extract_features(repair_config(storage_url, info.folder))
+            problems = verify_feature_set(storage_url, info.folder)
+        for relative, found in problems.items():
+            print(f"{info.folder}/{relative}: {'; '.join(found)}")
+        if not problems:
+            print(f"OK {info.folder}")
+        healthy = healthy and not problems
+    return 0 if healthy else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps([info.model_dump() for info in list_feature_sets(options["storage"])], indent=2))
             return 0
+        if arguments.command == "verify":
+            return verify_command(options["storage"], options.get("fingerprint"), options.get("repair", False))
         config = load_config(**options)
         from flows.cifar_transfer import cifar_transfer, extract_features
 

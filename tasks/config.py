@@ -14,8 +14,9 @@ import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -70,6 +71,26 @@ class PipelineConfig(BaseModel):
     validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
     patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")
     seed: int = Field(0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head")
+
+    @field_validator("source", "storage")
+    @classmethod
+    def _no_credentials_in_urls(cls, url: str, info) -> str:
+        """Secrets in a URL would end up in logs, artifacts and metadata; refuse them without echoing them."""
+        parts = urlsplit(url) if "://" in url else None
+        if parts is not None and (parts.username or parts.password):
+            raise ValueError(
+                f"the {info.field_name} URL embeds credentials: remove them and let fsspec read them from the "
+                "environment or your profile (AWS_PROFILE, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+            )
+        return url
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights_path(cls, weights: str) -> str:
+        """A weights file is remembered by absolute path, so workers in other folders find it."""
+        if weights in ("imagenet", "none") or not Path(weights).is_file():
+            return weights
+        return str(Path(weights).resolve())
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":

@@ -86,7 +86,7 @@ def fetch_archive(source: str, expected_md5: str | None, storage_url: str) -> Ar
     size = 0
     started = time.perf_counter()
     try:
-        with storage.fs.open(temp, "wb") as out:
+        with storage.space_for(destination), storage.fs.open(temp, "wb") as out:
             for chunk in source_chunks(source):
                 digest.update(chunk)
                 out.write(chunk)
@@ -98,6 +98,8 @@ def fetch_archive(source: str, expected_md5: str | None, storage_url: str) -> Ar
                 f"check --source, or pass --md5 {found_md5} if you trust this file"
             )
         storage.commit(temp, destination)
+        for leftover in storage.stale_temp_files(destination):
+            storage.fs.rm(leftover)
     finally:
         if storage.exists(temp):
             storage.fs.rm(temp)

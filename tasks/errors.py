@@ -22,6 +22,10 @@ class ArchiveError(PermanentError):
     """The archive is truncated, not a CIFAR-10 archive, or holds unexpected data."""
 
 
+class StorageFull(PermanentError):
+    """The storage has no space left; finished work stays, the rerun resumes."""
+
+
 class FeatureSetError(PermanentError):
     """A feature set on storage is incomplete or belongs to another configuration."""
 

@@ -12,17 +12,17 @@ import threading
 import time
 
 from prefect import task
-from pydantic import BaseModel
 from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
 
 from tasks.backbones import build_extractor
 from tasks.caching import committed_file_key, output_key_fn, remember_output
 from tasks.cifar import DatasetInfo, Shard, shard_images
 from tasks.config import FeatureSpec
-from tasks.errors import retry_on_transient
+from tasks.errors import FeatureSetError, retry_on_transient
 from tasks.logs import logger
 from tasks.storage import Storage
-from tasks.store import ShardRecord, existing_shard_record, shard_path, shard_problem, shard_table, write_shard
+from tasks.store import ShardRecord, existing_shard_record, shard_path, shard_problem, shard_size_conflict, shard_table, write_shard
 
 _extractors: dict[str, object] = {}
 _build_lock = threading.Lock()
@@ -68,6 +68,9 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, sha
     if problem is None:
         log.info("extract[%s]: already done, reusing %s", shard.name, storage.uri(path))
         return ExtractedShard(record=existing_shard_record(storage, path, shard), inference_seconds=None)
+    conflict = shard_size_conflict(storage, path, spec, shard) if problem != "missing" else None
+    if conflict:
+        raise FeatureSetError(conflict)
     if problem != "missing":
         log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
     images, labels = shard_images(storage_url, dataset, shard)

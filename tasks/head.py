@@ -144,7 +144,7 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
         "validation_accuracy": float(history["val_accuracy"][best_epoch]),
         "best_epoch": best_epoch + 1,
         "epochs_run": len(history["val_accuracy"]),
-        "per_class_accuracy": {name: float(value) for name, value in zip(classes, per_class)},
+        "per_class_accuracy": {name: float(value) for name, value in zip(classes, per_class, strict=True)},
         "confusion_matrix": matrix.tolist(),
         "classes": classes,
         "sizes": {"train": len(fit_rows), "validation": len(validation_rows), "test": len(test_labels)},

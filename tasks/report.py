@@ -9,7 +9,13 @@ import json
 import time
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 
@@ -24,6 +30,7 @@ from tasks.tsne import TsneResult
 PROGRESS_KEY = "cifar-transfer-extraction"
 METRICS_KEY = "cifar-transfer-metrics"
 SUMMARY_KEY = "cifar-transfer-summary"
+FEATURES_LINK_KEY = "cifar-transfer-features"
 
 
 class ExtractionStats(BaseModel):
@@ -142,6 +149,10 @@ def publish_report(summary: dict) -> None:
     """Log the outcome and publish it as Prefect artifacts: a metrics table and a markdown summary."""
     create_table_artifact(metrics_rows(summary), key=METRICS_KEY, description="CIFAR-10 transfer learning: accuracy and timings")
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="CIFAR-10 transfer learning: run summary")
+    storage = Storage(summary["config"]["storage"])
+    if not storage.is_local:
+        create_link_artifact(storage.uri(summary["features"]), link_text="Parquet features", key=FEATURES_LINK_KEY,
+                             description="where this run's feature shards are")
     logger().info("test accuracy %.2f%%; features in %s", 100 * summary["test_accuracy"], summary["features"])
 
 

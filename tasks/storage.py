@@ -8,13 +8,18 @@ reader never sees a partial file under a final name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from functools import cached_property
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from tasks.errors import StorageFull
 
 TEMP_SUFFIX = ".tmp"
 
@@ -59,24 +64,42 @@ class Storage:
         folder, name = posixpath.split(path)
         return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
 
+    @contextlib.contextmanager
+    def space_for(self, path: str, size: int | None = None) -> Iterator[None]:
+        """Turn "no space left on device" into one line naming the storage and the space needed."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            needed = f"{size / 1e6:.1f} MB" if size is not None else "more space"
+            raise StorageFull(
+                f"storage {self.url} is full: writing {posixpath.basename(path)} needs {needed}; "
+                "free some space (or use another --storage) and rerun: finished work is kept"
+            ) from None
+
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write `data` to `path` so that `path` either does not exist or is complete."""
         folder = posixpath.dirname(path)
-        self.fs.makedirs(folder, exist_ok=True)
         temp = self.temp_path(path)
         try:
-            if self.is_local:
-                with open(temp, "wb") as stream:
-                    stream.write(data)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-                os.replace(temp, path)
-            else:
-                self.fs.pipe_file(temp, data)
-                self.fs.mv(temp, path)
+            with self.space_for(path, len(data)):
+                self._write_then_rename(folder, temp, path, data)
         finally:
             if self.fs.exists(temp):
                 self.fs.rm(temp)
+
+    def _write_then_rename(self, folder: str, temp: str, path: str, data: bytes) -> None:
+        self.fs.makedirs(folder, exist_ok=True)
+        if self.is_local:
+            with open(temp, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temp, path)
+        else:
+            self.fs.pipe_file(temp, data)
+            self.fs.mv(temp, path)
 
     def commit(self, temp: str, path: str) -> None:
         """Rename a fully written temporary file into its final place."""

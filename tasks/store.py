@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from tasks.cifar import Shard
 from tasks.config import FeatureSpec
 from tasks.errors import FeatureSetError
+from tasks.logs import logger
 from tasks.storage import Storage
 
 METADATA_KEY = b"cifar_transfer"
@@ -174,6 +175,21 @@ def shard_problem(storage: Storage, path: str, spec: FeatureSpec, shard: Shard) 
     return None
 
 
+def shard_size_conflict(storage: Storage, path: str, spec: FeatureSpec, shard: Shard) -> str | None:
+    """A message when `path` is a finished shard of this feature set cut with another shard size."""
+    try:
+        _, metadata = shard_metadata(storage, path)
+    except (OSError, pa.ArrowException):
+        return None
+    if metadata.get("fingerprint") != spec.fingerprint or metadata.get("start") == shard.start and metadata.get("stop") == shard.stop:
+        return None
+    return (
+        f"{storage.uri(path)} holds rows {metadata.get('start')}..{metadata.get('stop')} of these features, "
+        f"cut with another shard size: pass --shard-size {metadata.get('stop') - metadata.get('start')} "
+        "(the size they were extracted with) or another --storage"
+    )
+
+
 def existing_shard_record(storage: Storage, path: str, shard: Shard) -> ShardRecord:
     return _record(shard, path, storage.read_bytes(path))
 
@@ -209,14 +225,15 @@ def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardR
     storage = Storage(storage_url)
     folder = features_folder(storage, spec)
     _, metadata = shard_metadata(storage, posixpath.join(folder, records[0].split, records[0].file))
-    description = {
-        "fingerprint": spec.fingerprint,
-        "spec": spec.model_dump(),
-        "feature_shape": metadata["feature_shape"],
-        "classes": classes,
-        "versions": library_versions(),
-    }
-    storage.write_atomic(posixpath.join(folder, FEATURE_SET_NAME), json.dumps(description, indent=2).encode())
+    description = FeatureSetDescription(
+        fingerprint=spec.fingerprint,
+        spec=spec.model_dump(),
+        feature_shape=metadata["feature_shape"],
+        classes=classes,
+        rebuild={"weights": spec.weights, "seed": spec.seed, "shard_size": max(record.rows for record in records)},
+        versions=library_versions(),
+    )
+    storage.write_atomic(posixpath.join(folder, FEATURE_SET_NAME), description.model_dump_json(indent=2).encode())
     for split in sorted({record.split for record in records}):
         write_manifest(storage, folder, spec, metadata["feature_shape"], [record for record in records if record.split == split])
     return describe_feature_set(storage, folder)
@@ -277,21 +294,43 @@ def read_split(storage: Storage, folder: str, split: str, pooled: bool = False) 
     return index, labels, features
 
 
+class FeatureSetDescription(BaseModel):
+    """The content of `feature_set.json`."""
+
+    fingerprint: str
+    spec: dict
+    feature_shape: list[int]
+    classes: list[str]
+    rebuild: dict
+    versions: dict
+
+
+def read_description(storage: Storage, folder: str) -> FeatureSetDescription | None:
+    """The folder's feature-set description; None (with a warning) if it is missing or unreadable."""
+    path = posixpath.join(folder, FEATURE_SET_NAME)
+    if not storage.exists(path):
+        return None
+    try:
+        return FeatureSetDescription.model_validate_json(storage.read_bytes(path))
+    except ValueError as exc:
+        logger().warning("skipping %s: unreadable %s (%s)", storage.uri(folder), FEATURE_SET_NAME, str(exc).splitlines()[0])
+        return None
+
+
 def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None:
     """The feature set in `folder` with its complete splits, or None if there is none."""
-    description_path = posixpath.join(folder, FEATURE_SET_NAME)
-    if not storage.exists(description_path):
+    description = read_description(storage, folder)
+    if description is None:
         return None
-    description = json.loads(storage.read_bytes(description_path))
     manifests = {split: manifest for split in ("train", "test") if (manifest := read_manifest(storage, folder, split)) is not None}
     return FeatureSetInfo(
         storage_url=storage.url,
         folder=folder,
-        fingerprint=description["fingerprint"],
-        spec=description["spec"],
-        feature_shape=description["feature_shape"],
+        fingerprint=description.fingerprint,
+        spec=description.spec,
+        feature_shape=description.feature_shape,
         splits={split: manifest.rows for split, manifest in manifests.items()},
-        classes=description["classes"],
+        classes=description.classes,
         created_at=max((manifest.created_at for manifest in manifests.values()), default=""),
     )
 

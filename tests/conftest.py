@@ -7,9 +7,8 @@ import io
 import os
 import pickle
 import tarfile
-from pathlib import Path
-
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Isolate Prefect's home (cache records, local results, profiles) from the user's.

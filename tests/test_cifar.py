@@ -126,3 +126,29 @@ def test_shard_plan_is_deterministic_and_covers_each_split_once():
     for split, size in {"train": 250, "test": 100}.items():
         rows = np.concatenate([np.arange(s.start, s.stop) for s in uneven if s.split == split])
         np.testing.assert_array_equal(rows, np.arange(size))
+
+
+def test_traversal_members_are_never_written_and_a_linked_batch_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    members = cifar_members()
+    path = tmp_path / "hostile.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, payload in [(f"../{outside.name}", b"x"), (str(outside), b"x"), *members.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    assert read(path)["train"][0].shape == (200, 32, 32, 3)
+    assert not outside.exists() and not (tmp_path.parent / outside.name).exists()
+
+    linked = tmp_path / "linked.tar.gz"
+    with tarfile.open(linked, "w:gz") as archive:
+        link = tarfile.TarInfo(f"{BATCH_DIR}/data_batch_1")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+        for name, payload in members.items():
+            if name != f"{BATCH_DIR}/data_batch_1":
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ArchiveError, match="data_batch_1 is not a regular file"):
+        read(linked)

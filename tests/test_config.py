@@ -41,6 +41,13 @@ def test_bad_options_fail_at_the_edge_with_one_line(options, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("field", ["storage", "source"])
+def test_credentials_in_urls_are_refused_without_echoing_them(field):
+    with pytest.raises(ConfigError, match=f"the {field} URL embeds credentials") as error:
+        load_config(**{**LOCAL, field: "s3://AKIAEXAMPLE:s3cr3t-value@bucket/prefix"})
+    assert "s3cr3t" not in str(error.value) and "AKIAEXAMPLE" not in str(error.value)
+
+
 def test_fingerprint_covers_what_changes_features_and_nothing_else():
     base = load_config(weights="none", **LOCAL)
     fingerprint = base.feature_spec("a" * 32).fingerprint

@@ -153,6 +153,12 @@ def test_damaged_shard_and_leftover_temp_file_are_recomputed_alone(tiny_archive,
     assert not os.path.exists(leftover)
 
 
+def test_a_failed_run_says_why_in_its_final_state_in_one_line(tiny_archive, tmp_path):
+    state = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", md5="0" * 32), return_state=True)
+    assert state.is_failed()
+    assert "ChecksumMismatch" in state.message and "expected 00000000" in state.message and "\n" not in state.message
+
+
 def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
     path, md5 = tiny_archive
     common = ["--source", str(path), "--storage", str(tmp_path / "storage"), "--backbone", "MobileNetV2", "--weights", "none",

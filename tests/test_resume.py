@@ -72,5 +72,93 @@ def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archiv
     for split in ("train", "test"):
         resumed = load_features(config.storage, split, features.fingerprint)
         uninterrupted = load_features(str(tmp_path / "reference"), split, features.fingerprint)
-        for resumed_part, reference_part in zip(resumed, uninterrupted):
+        for resumed_part, reference_part in zip(resumed, uninterrupted, strict=True):
             np.testing.assert_array_equal(resumed_part, reference_part)
+
+
+def running_task(prefix: str):
+    """A condition: some task run whose name starts with `prefix` is RUNNING (read from the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateType
+
+    def check() -> bool:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(
+                    name=TaskRunFilterName(like_=prefix), state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"]))
+                )
+            )
+        return any(run.name.startswith(prefix) for run in runs)
+
+    return check
+
+
+@pytest.mark.parametrize("stage", ["tsne", "head"])
+def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage, tiny_archive, tmp_path):
+    path, md5 = tiny_archive
+    storage = tmp_path / "storage"
+    options = ["--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100",
+               "--tsne-sample", "200", "--epochs", "150", "--patience", "150", "--head-batch-size", "8"]
+    command = [sys.executable, "-m", "flows.cli", "run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(running_task(stage), process)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    shards_before = finished_shards(storage)
+    assert len(shards_before) == 3 and not list(storage.glob("features/*/heads/*/metrics.json"))
+
+    from flows.cli import main
+
+    assert main(["run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]) == 0
+    assert finished_shards(storage) == shards_before
+    assert len(list(storage.glob("features/*/heads/*/metrics.json"))) == 1
+    assert len(list(storage.glob("features/*/tsne/*/embedding.parquet"))) == 1
+
+
+def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(tiny_archive, tmp_path):
+    import http.server
+    import threading
+
+    path, md5 = tiny_archive
+    payload = path.read_bytes()
+    release = threading.Event()
+
+    class HalfThenWait(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[: len(payload) // 2])
+            self.wfile.flush()
+            release.wait(timeout=120)  # the first client is killed mid-body; later ones get everything at once
+            self.wfile.write(payload[len(payload) // 2 :])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfThenWait)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+    storage = tmp_path / "storage"
+    command = [sys.executable, "-m", "flows.cli", "extract", "--source", url, "--md5", md5, "--storage", str(storage),
+               "--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100"]
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(storage.glob("raw/.*.tmp")), process)  # the stream is open and blocked mid-body
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+        release.set()
+    assert not (storage / "raw" / "cifar-10-python.tar.gz").exists(), "a partial download took the final name"
+    try:
+        features, _ = extract_features(load_config(source=url, md5=md5, storage=str(storage), backbone="MobileNetV2",
+                                                   weights="none", input_size=32, shard_size=100))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert features.splits == {"train": 200, "test": 100}
+    assert sorted(p.name for p in (storage / "raw").iterdir()) == ["cifar-10-python.tar.gz", "cifar-10-python.tar.gz.source.json"]
