@@ -11,9 +11,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from functools import cache
 
 from tasks.errors import ConfigError
@@ -85,6 +87,25 @@ def get_backbone(name: str) -> Backbone:
     )
 
 
+@contextlib.contextmanager
+def _private_python_random(seed: int) -> Iterator[None]:
+    """Make Keras' default initializer seeds a function of `seed` alone.
+
+    Keras draws the seed of every initializer built without one from the global
+    `random` module, which any other thread (Prefect's among them) may use at the
+    same moment; a private generator keeps a seeded random network identical in
+    every process, so resumed and distributed shards come from the same weights.
+    """
+    from keras.src.random import seed_generator
+
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
+
+
 _PRECISION_POLICY = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
@@ -111,14 +132,14 @@ def build_extractor(
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_PRECISION_POLICY[precision])
     try:
-        if weights == "none":
-            keras.utils.set_random_seed(seed)
-        base = backbone.constructor(
-            include_top=False,
-            weights="imagenet" if weights == "imagenet" else None,
-            input_shape=(input_size, input_size, 3),
-            pooling="avg" if pooling == "avg" else None,
-        )
+        keras.utils.set_random_seed(seed)
+        with _private_python_random(seed):
+            base = backbone.constructor(
+                include_top=False,
+                weights="imagenet" if weights == "imagenet" else None,
+                input_shape=(input_size, input_size, 3),
+                pooling="avg" if pooling == "avg" else None,
+            )
         if weights not in ("imagenet", "none"):
             try:
                 base.load_weights(weights)
