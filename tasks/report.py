@@ -95,6 +95,7 @@ def summarize(config: PipelineConfig, features: FeatureSetInfo, extraction: Extr
         "features": features.folder,
         "fingerprint": features.fingerprint,
         "feature_shape": features.feature_shape,
+        "feature_spec": features.spec,
         "images": features.splits,
         "extraction": extraction.model_dump() | {"images_per_second": extraction.images_per_second} if extraction else None,
         "tsne": tsne.model_dump() if tsne else None,
@@ -127,12 +128,12 @@ def metrics_rows(summary: dict) -> list[dict]:
 
 
 def summary_markdown(summary: dict) -> str:
-    head, config = summary["head"], summary["config"]
+    head, spec = summary["head"], summary["feature_spec"]
     lines = [
         "# CIFAR-10 transfer learning",
         "",
-        f"**Test accuracy: {head['test_accuracy']:.2%}** ({config['backbone']}, {config['pooling']} pooling, "
-        f"best epoch {head['best_epoch']} on validation)",
+        f"**Test accuracy: {head['test_accuracy']:.2%}** ({spec['backbone']} at {spec['input_size']}px, {spec['pooling']} pooling, "
+        f"weights {spec['weights_id']}; best epoch {head['best_epoch']} on validation)",
         "",
         f"- Parquet features: `{summary['features']}` (fingerprint `{summary['fingerprint']}`, feature shape {summary['feature_shape']})",
     ]

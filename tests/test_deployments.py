@@ -120,6 +120,9 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
         assert [run["state_type"] for run in analyzed] == ["COMPLETED"]
         assert analyzed[0]["parameters"]["config"]["storage"] == str(storage)
         assert list(storage.glob("features/*/heads/*/metrics.json"))
+        artifacts = httpx.post(f"{server['PREFECT_API_URL']}/artifacts/filter", timeout=10,
+                               json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}}).json()
+        assert artifacts and "MobileNetV2 at 32px" in artifacts[0]["data"]
 
         scheduled = [run for run in flow_runs(server) if run["state_type"] == "SCHEDULED"]
         assert scheduled and all(run["name"] for run in scheduled), "the scheduler created no nightly run"

@@ -91,6 +91,7 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY])))}
     assert keys == {METRICS_KEY, SUMMARY_KEY}
+    assert summary["feature_spec"]["backbone"] == "MobileNetV2"
 
 
 def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tmp_path):
