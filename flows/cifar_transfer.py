@@ -10,34 +10,37 @@ download -> decode -> extract shards -> manifests -> (t-SNE, head) -> report.
 from __future__ import annotations
 
 from prefect import flow, tags
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.cifar import decode_archive_task, plan_shards
-from tasks.config import PipelineConfig
+from tasks.cifar import DatasetInfo, decode_archive_task, plan_shards
+from tasks.config import FeatureSpec, PipelineConfig
 from tasks.download import fetch_archive_task
 from tasks.extract import extract_shard_task
 from tasks.head import train_head_task
 from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
-from tasks.store import FeatureSetInfo, commit_feature_set_task, find_feature_set_task
+from tasks.runners import shard_runner
+from tasks.store import FeatureSetInfo, ShardRecord, commit_feature_set_task, find_feature_set_task
 from tasks.tsne import tsne_task
 
 DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is safe
 
-# Two threads: while one shard runs the backbone, the other reads its rows or writes Parquet.
-SHARD_RUNNER = ThreadPoolTaskRunner(max_workers=2)
 
-
-@flow(name="extract-features", task_runner=SHARD_RUNNER, flow_run_name="extract-{config.backbone}")
+@flow(name="extract-features", flow_run_name="extract-{config.backbone}")
 def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
     archive = fetch_archive_task(config.source, config.expected_md5, config.storage)
     dataset = decode_archive_task(config.storage, archive.path, archive.md5)
     spec = config.feature_spec(archive.md5)
+    records, stats = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
+    return commit_feature_set_task(config.storage, spec, records, dataset.classes), stats
+
+
+@flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
+def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: DatasetInfo) -> tuple[list[ShardRecord], ExtractionStats]:
+    """Every shard as its own task, on the task runner the config chose."""
     futures = []
     for shard in plan_shards(dataset.sizes, config.shard_size):
         with tags(spec.backbone, shard.split):
             futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
-    records, stats = wait_for_shards(futures)
-    return commit_feature_set_task(config.storage, spec, records, dataset.classes), stats
+    return wait_for_shards(futures)
 
 
 @flow(name="analyze-features", flow_run_name="analyze-{fingerprint}")

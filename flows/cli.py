@@ -17,7 +17,7 @@ from tasks.errors import PermanentError
 # The options that decide which features get extracted (the `extract` subcommand takes only these).
 EXTRACTION_OPTIONS = [
     "source", "md5", "storage", "backbone", "weights", "input_size", "pooling",
-    "engine", "precision", "shard_size", "batch_size", "seed",
+    "engine", "precision", "shard_size", "batch_size", "seed", "task_runner", "workers", "dask_address",
 ]
 
 

@@ -62,6 +62,11 @@ class PipelineConfig(BaseModel):
     precision: Literal["float32", "bfloat16", "float16"] = Field("float32", description="backbone compute precision")
     shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
     batch_size: int = Field(64, ge=1, le=4096, description="images per backbone forward pass")
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="where shards run: 'thread' (this process) or 'dask' (a local Dask cluster, or --dask-address)"
+    )
+    workers: int = Field(2, ge=1, le=1024, description="worker processes of the local Dask cluster (task_runner dask)")
+    dask_address: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     tsne_sample: int = Field(25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)")
     tsne_perplexity: float = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
     head: HeadKind = Field("auto", description="classifier head: 'auto' (conv on spatial maps, dense on vectors), 'dense', 'conv', 'linear'")

@@ -8,12 +8,13 @@ process gets.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 from prefect import task
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.backbones import build_extractor
 from tasks.caching import committed_file_key, output_key_fn, remember_output
@@ -57,6 +58,7 @@ class ExtractedShard(BaseModel):
 
     record: ShardRecord
     inference_seconds: float | None
+    process_id: int = Field(default_factory=os.getpid)
 
 
 def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ExtractedShard:

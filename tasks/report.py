@@ -39,6 +39,7 @@ class ExtractionStats(BaseModel):
     images: int
     images_computed: int
     seconds: float
+    processes: list[int]  # the processes that computed shards (one per Dask worker that got work)
 
     @property
     def images_per_second(self) -> float:
@@ -62,12 +63,14 @@ def wait_for_shards(futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[
     records: list[ShardRecord] = []
     total_images = 0
     computed_shards = computed_images = 0
+    processes: set[int] = set()
     for future in as_completed(futures):
         extracted: ExtractedShard = future.result()
         record = extracted.record
         records.append(record)
         total_images += record.rows
         if extracted.inference_seconds is not None:
+            processes.add(extracted.process_id)
             computed_shards += 1
             computed_images += record.rows
         elapsed = time.perf_counter() - started
@@ -82,7 +85,7 @@ def wait_for_shards(futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[
         update_progress_artifact(progress_id, 100.0 * len(records) / len(futures))
     stats = ExtractionStats(
         shards=len(records), shards_computed=computed_shards, images=total_images,
-        images_computed=computed_images, seconds=time.perf_counter() - started,
+        images_computed=computed_images, seconds=time.perf_counter() - started, processes=sorted(processes),
     )
     return sorted(records, key=lambda record: (record.split, record.number)), stats
 

@@ -37,10 +37,13 @@ def batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
     return pickle.dumps(batch, protocol=2)
 
 
-def write_archive(path: Path, members: dict[str, bytes]) -> str:
-    """Write a tar.gz with the given members; return its MD5."""
+def write_archive(path: Path, members: dict[str, bytes] | list[tuple[str, bytes | tarfile.TarInfo]]) -> str:
+    """Write a tar.gz of (name, payload) members in order (a TarInfo payload is added as it is); return its MD5."""
     with tarfile.open(path, "w:gz") as archive:
-        for name, payload in members.items():
+        for name, payload in members.items() if isinstance(members, dict) else members:
+            if isinstance(payload, tarfile.TarInfo):
+                archive.addfile(payload)
+                continue
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             archive.addfile(info, io.BytesIO(payload))

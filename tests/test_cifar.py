@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import tarfile
@@ -94,11 +93,7 @@ def test_wrong_content_names_the_member_and_problem(tmp_path, change, message):
 def test_duplicate_member_is_refused(tmp_path):
     path = tmp_path / "dup.tar.gz"
     members = cifar_members()
-    with tarfile.open(path, "w:gz") as archive:
-        for name, payload in [*members.items(), (f"{BATCH_DIR}/data_batch_2", members[f"{BATCH_DIR}/data_batch_2"])]:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
+    write_archive(path, [*members.items(), (f"{BATCH_DIR}/data_batch_2", members[f"{BATCH_DIR}/data_batch_2"])])
     with pytest.raises(ArchiveError, match="data_batch_2 appears twice"):
         read(path)
 
@@ -132,23 +127,13 @@ def test_traversal_members_are_never_written_and_a_linked_batch_is_refused(tmp_p
     outside = tmp_path / "outside"
     members = cifar_members()
     path = tmp_path / "hostile.tar.gz"
-    with tarfile.open(path, "w:gz") as archive:
-        for name, payload in [(f"../{outside.name}", b"x"), (str(outside), b"x"), *members.items()]:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
+    write_archive(path, [(f"../{outside.name}", b"x"), (str(outside), b"x"), *members.items()])
     assert read(path)["train"][0].shape == (200, 32, 32, 3)
     assert not outside.exists() and not (tmp_path.parent / outside.name).exists()
 
     linked = tmp_path / "linked.tar.gz"
-    with tarfile.open(linked, "w:gz") as archive:
-        link = tarfile.TarInfo(f"{BATCH_DIR}/data_batch_1")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        archive.addfile(link)
-        for name, payload in members.items():
-            if name != f"{BATCH_DIR}/data_batch_1":
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                archive.addfile(info, io.BytesIO(payload))
+    link = tarfile.TarInfo(f"{BATCH_DIR}/data_batch_1")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    write_archive(linked, [(link.name, link), *((name, payload) for name, payload in members.items() if name != link.name)])
     with pytest.raises(ArchiveError, match="data_batch_1 is not a regular file"):
         read(linked)
