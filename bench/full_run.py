@@ -10,20 +10,16 @@ line to bench/results/full_run.jsonl (and printed).
 
 from __future__ import annotations
 
-import json
-import platform
 import resource
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results_log import record  # noqa: E402
 from flows.cli import build_parser  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "full_run.jsonl"
 
 
 def main() -> None:
@@ -37,8 +33,6 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     extraction = summary["extraction"]
     result = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
         "backbone": config.backbone_name,
         "input_size": config.resolved_input_size,
         "pooling": config.pooling,
@@ -58,10 +52,7 @@ def main() -> None:
         "validation_accuracy": summary["head"]["validation_accuracy"],
         "features": summary["features"],
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as stream:
-        stream.write(json.dumps(result) + "\n")
-    print(json.dumps(result, indent=2))
+    record("full_run", result)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,16 @@ bench/results/scaleout.jsonl (and printed). On a GPU machine, run it with as man
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results_log import record  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "scaleout.jsonl"
 
 
 def main() -> None:
@@ -53,18 +49,13 @@ def main() -> None:
                 "processes": len(stats.processes),
             })
     result = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "options": options,
         "runs": measured,
         "speedup_vs_first_dask": {
             run["runner"]: round(measured[1]["shard_phase_seconds"] / run["shard_phase_seconds"], 2) for run in measured[1:]
         },
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as stream:
-        stream.write(json.dumps(result) + "\n")
-    print(json.dumps(result, indent=2))
+    record("scaleout", result)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         self._answer(False)
 
     def log_message(self, *args):
-        pass
+        """Keep the test output quiet."""
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
             self.wfile.write(payload[len(payload) // 2 :])
 
         def log_message(self, *args):
-            pass
+            """Keep the test output quiet."""
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfThenWait)
     threading.Thread(target=server.serve_forever, daemon=True).start()
