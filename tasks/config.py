@@ -55,7 +55,7 @@ class PipelineConfig(BaseModel):
     backbone: str = Field("InceptionV3", description="keras.applications model name")
     weights: str = Field("imagenet", description="'imagenet' (Keras download), 'none' (seeded random init) or a weights file path")
     input_size: int | None = Field(
-        None, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
+        None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
     )
     pooling: Literal["avg", "none"] = Field("avg", description="'avg': pooled vector; 'none': the spatial map, flattened")
     engine: Literal["tensorflow"] = Field("tensorflow", description="inference engine")
