@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from tasks.errors import ArchiveError, ChecksumMismatch, retry_on_transient
 from tasks.logs import logger
-from tasks.storage import Storage
+from tasks.storage import Storage, file_md5
 
 CHUNK_SIZE = 4 << 20
 
@@ -32,14 +32,6 @@ class ArchiveInfo(BaseModel):
     path: str
     md5: str
     bytes: int
-
-
-def _md5_of(storage: Storage, path: str) -> str:
-    digest = hashlib.md5()
-    with storage.fs.open(path, "rb") as stream:
-        while chunk := stream.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def archive_name(source: str) -> str:
@@ -73,7 +65,7 @@ def fetch_archive(source: str, expected_md5: str | None, storage_url: str) -> Ar
         log.warning("MD5 check DISABLED for %s (--md5 none): the archive is used as it is", source)
 
     if storage.exists(destination):
-        found_md5 = _md5_of(storage, destination)
+        found_md5 = file_md5(destination, storage.fs)
         recorded = json.loads(storage.read_bytes(record_path)) if storage.exists(record_path) else {}
         if found_md5 == expected_md5 or (expected_md5 is None and recorded.get("source") == source):
             log.info("archive already in storage and verified: %s (md5 %s)", storage.uri(destination), found_md5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
 import uuid
@@ -22,6 +23,15 @@ from fsspec.implementations.local import LocalFileSystem
 from tasks.errors import StorageFull
 
 TEMP_SUFFIX = ".tmp"
+
+
+def file_md5(path: str, fs: fsspec.AbstractFileSystem | None = None, chunk_size: int = 4 << 20) -> str:
+    """MD5 of a file on any filesystem (local by default), read in chunks."""
+    digest = hashlib.md5()
+    with (fs or LocalFileSystem()).open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Storage:
