@@ -17,6 +17,7 @@ import pickle
 import posixpath
 import tarfile
 import zlib
+from functools import cache
 
 import numpy as np
 from prefect import task
@@ -45,6 +46,7 @@ def _latin1_encode(text, encoding="latin1"):
     return codecs.encode(text, "latin1")
 
 
+@cache
 def _allowed_globals() -> dict[tuple[str, str], object]:
     from numpy._core import multiarray
 

@@ -106,10 +106,9 @@ class Storage:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
-            os.replace(temp, path)
         else:
             self.fs.pipe_file(temp, data)
-            self.fs.mv(temp, path)
+        self.commit(temp, path)
 
     def commit(self, temp: str, path: str) -> None:
         """Rename a fully written temporary file into its final place."""
