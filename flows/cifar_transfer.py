@@ -1,6 +1,6 @@
 """The pipeline as Prefect flows: wiring only; the work lives in `tasks/`.
 
-download -> decode -> extract shards -> manifests -> (t-SNE, head) -> report.
+download -> decode -> choose engine -> extract shards -> manifests -> (t-SNE, head) -> report.
 - `extract-features`: the features only (steps up to the manifests); on completion it
   emits the `cifar-transfer.features.completed` event downstream deployments trigger on.
 - `analyze-features`: t-SNE, head and report on an existing, complete feature set.
@@ -14,6 +14,7 @@ from prefect import flow, tags
 from tasks.cifar import DatasetInfo, decode_archive_task, plan_shards
 from tasks.config import FeatureSpec, PipelineConfig
 from tasks.download import fetch_archive_task
+from tasks.engines import choose_engine_task
 from tasks.extract import extract_shard_task
 from tasks.head import train_head_task
 from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
@@ -28,7 +29,8 @@ DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is 
 def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
     archive = fetch_archive_task(config.source, config.expected_md5, config.storage)
     dataset = decode_archive_task(config.storage, archive.path, archive.md5)
-    spec = config.feature_spec(archive.md5)
+    engine = choose_engine_task(config, dataset)
+    spec = config.feature_spec(archive.md5, engine.engine, engine.precision)
     records, stats = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
     return commit_feature_set_task(config.storage, spec, records, dataset.classes), stats
 

@@ -50,8 +50,14 @@ class PipelineConfig(BaseModel):
         None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
     )
     pooling: Literal["avg", "none"] = Field("avg", description="'avg': pooled vector; 'none': the spatial map, flattened")
-    engine: Literal["tensorflow"] = Field("tensorflow", description="inference engine")
-    precision: Literal["float32", "bfloat16", "float16"] = Field("float32", description="backbone compute precision")
+    engine: Literal["auto", "tensorflow", "openvino"] = Field(
+        "auto", description="inference engine; 'auto': TensorFlow on a GPU, OpenVINO on a CPU when installed"
+    )
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="backbone compute precision; 'auto': mixed precision on a GPU, bfloat16 on a CPU with native bf16 "
+        "when its features stay at cosine >= 0.9999 to float32, else float32",
+    )
     shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
     batch_size: int = Field(64, ge=1, le=4096, description="images per backbone forward pass")
     task_runner: Literal["thread", "dask"] = Field(
@@ -135,7 +141,11 @@ class PipelineConfig(BaseModel):
             return self.head
         return "conv" if self.pooling == "none" else "dense"
 
-    def feature_spec(self, dataset_md5: str) -> "FeatureSpec":
+    def feature_spec(self, dataset_md5: str, engine: str | None = None, precision: str | None = None) -> "FeatureSpec":
+        """The spec of these features; `engine`/`precision` resolve 'auto' (see `tasks.engines.choose_engine`)."""
+        engine, precision = engine or self.engine, precision or self.precision
+        if "auto" in (engine, precision):
+            raise ValueError("engine and precision must be resolved before the features are named: use tasks.engines.choose_engine")
         if self.weights in ("imagenet", "none"):
             weights_id = "imagenet" if self.weights == "imagenet" else f"random-init-seed{self.seed}"
         else:
@@ -148,8 +158,8 @@ class PipelineConfig(BaseModel):
             seed=self.seed,
             input_size=self.resolved_input_size,
             pooling=self.pooling,
-            engine=self.engine,
-            precision=self.precision,
+            engine=engine,
+            precision=precision,
         )
 
     def tsne_key(self, fingerprint: str) -> str:

@@ -16,41 +16,16 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
-from tasks.backbones import build_extractor
 from tasks.caching import committed_file_key, output_key_fn, remember_output
 from tasks.cifar import DatasetInfo, Shard, shard_images
 from tasks.config import FeatureSpec
+from tasks.engines import get_extractor
 from tasks.errors import FeatureSetError, retry_on_transient
 from tasks.logs import logger
 from tasks.storage import Storage
 from tasks.store import ShardRecord, existing_shard_record, shard_path, shard_problem, shard_size_conflict, shard_table, write_shard
 
-_extractors: dict[str, object] = {}
-_build_lock = threading.Lock()
 _inference_lock = threading.Lock()
-
-
-def built_extractors() -> list[str]:
-    """Fingerprints of the backbones built in this process (so tests can see builds)."""
-    return list(_extractors)
-
-
-def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]):
-    """The compiled extractor for `spec`, built on first use in this process."""
-    with _build_lock:
-        if spec.fingerprint not in _extractors:
-            started = time.perf_counter()
-            _extractors[spec.fingerprint] = build_extractor(
-                spec.backbone,
-                weights=spec.weights,
-                input_size=spec.input_size,
-                pooling=spec.pooling,
-                precision=spec.precision,
-                seed=spec.seed,
-                image_shape=image_shape,
-            )
-            logger().info("built %s at %dpx in %.1f s", spec.backbone, spec.input_size, time.perf_counter() - started)
-        return _extractors[spec.fingerprint]
 
 
 class ExtractedShard(BaseModel):
@@ -76,10 +51,10 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, sha
     if problem != "missing":
         log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
     images, labels = shard_images(storage_url, dataset, shard)
-    model = get_extractor(spec, images.shape[1:])
-    with _inference_lock:
+    extractor = get_extractor(spec, images.shape[1:])
+    with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
         started = time.perf_counter()
-        features = model.predict(images, batch_size=batch_size, verbose=0)
+        features = extractor(images, batch_size)
         seconds = time.perf_counter() - started
     record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
     log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, shard.rows, seconds, shard.rows / max(seconds, 1e-9))

@@ -8,7 +8,7 @@ from conftest import MOBILENET_WEIGHTS
 from tasks.config import CIFAR10_MD5, CIFAR10_URL, load_config
 from tasks.errors import ConfigError
 
-LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none"}
+LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "tensorflow", "precision": "float32"}
 
 
 def test_defaults_follow_the_post():

@@ -14,8 +14,9 @@ from conftest import MOBILENET_WEIGHTS
 from tasks.backbones import build_extractor, get_backbone
 from tasks.cifar import decode_archive, plan_shards
 from tasks.config import load_config
+from tasks.engines import get_extractor
 from tasks.errors import ConfigError
-from tasks.extract import extract_shard, get_extractor
+from tasks.extract import extract_shard
 from tasks.storage import Storage
 from tasks.store import METADATA_KEY, shard_path, shard_problem
 
@@ -98,7 +99,7 @@ def one_shard(tiny_archive, tmp_path):
     storage_url = str(tmp_path / "storage")
     dataset = decode_archive(storage_url, str(path), md5)
     config = load_config(source=str(path), md5=md5, storage=storage_url, backbone="MobileNetV2", weights="none", input_size=32)
-    spec = config.feature_spec(md5)
+    spec = config.feature_spec(md5, "tensorflow", "float32")
     shard = plan_shards(dataset.sizes, 64)[1]
     return storage_url, spec, dataset, shard
 
@@ -116,7 +117,7 @@ def test_shard_parquet_follows_the_contract(one_shard):
     assert metadata["feature_shape"] == [1280]
     assert set(metadata["versions"]) >= {"tensorflow", "keras", "pyarrow", "numpy", "python"}
     images = np.load(f"{dataset.folder}/train_images.npy")[64:128]
-    expected = get_extractor(spec, (32, 32, 3)).predict(images, verbose=0)
+    expected = get_extractor(spec, (32, 32, 3))(images, 16)
     np.testing.assert_allclose(np.stack(table.column("features").to_numpy(zero_copy_only=False)), expected, rtol=1e-5, atol=1e-5)
     assert (record.rows, record.start, record.file) == (64, 64, "part-00001.parquet")
     again = extract_shard(storage_url, spec, dataset, shard, batch_size=16)
@@ -135,7 +136,9 @@ def test_damaged_or_foreign_shards_are_detected_and_recomputed(one_shard, tmp_pa
     assert shard_problem(storage, path, spec, shard).startswith("unreadable as Parquet")
     assert extract_shard(storage_url, spec, dataset, shard, batch_size=16).record == good
 
-    other = load_config(source="x", md5="none", backbone="MobileNetV2", weights="none", input_size=32, seed=7).feature_spec(spec.dataset_md5)
+    other = load_config(source="x", md5="none", backbone="MobileNetV2", weights="none", input_size=32, seed=7).feature_spec(
+        spec.dataset_md5, "tensorflow", "float32"
+    )
     foreign_dir = tmp_path / "foreign"
     extract_shard(str(foreign_dir), other, dataset, shard, batch_size=16)
     os.replace(shard_path(Storage(str(foreign_dir)), other, shard), path)

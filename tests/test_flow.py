@@ -16,7 +16,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 
 from flows.cifar_transfer import cifar_transfer, extract_features
 from flows.cli import main
-from tasks import extract
+from tasks import engines
 from tasks.config import load_config
 from tasks.report import METRICS_KEY, SUMMARY_KEY
 from tasks.store import list_feature_sets, load_features
@@ -29,6 +29,7 @@ def tiny_config(archive, storage, **options):
     settings = {
         "source": str(path), "md5": md5, "storage": str(storage), "backbone": "MobileNetV2", "weights": "none",
         "input_size": 32, "shard_size": 50, "tsne_sample": 150, "epochs": 3, "head_batch_size": 32,
+        "engine": "tensorflow", "precision": "float32",  # the default `auto` has its own tests in test_engines.py
     }
     return load_config(**{**settings, **options})
 
@@ -98,11 +99,11 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tm
     config = tiny_config(tiny_archive, tmp_path / "storage")
     first = cifar_transfer(config)
     before = shard_files(first["features"])
-    extract._extractors.clear()
+    engines._extractors.clear()
     started = datetime.now(timezone.utc)
     second = cifar_transfer(config)
     states = task_states_since(started)
-    assert extract.built_extractors() == []
+    assert engines.built_extractors() == []
     assert second["extraction"]["shards_computed"] == 0
     assert all(states[f"extract[{name}]"] == ["Cached"] for name in ("train/00000", "train/00003", "test/00001"))
     assert states["tsne"] == ["Cached"] and states["head"] == ["Cached"] and states["decode-archive"] == ["Cached"]

@@ -1,0 +1,86 @@
+"""Engines and precisions: OpenVINO computes TensorFlow's function, and `auto` only keeps a precision that earns it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flows.cifar_transfer import extract_features
+from tasks import engines
+from tasks.config import load_config
+from tasks.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, cpu_has_native_bf16, get_extractor, mean_cosine
+from tasks.store import load_features
+from tests.test_flow import tiny_config
+
+TINY = {"source": "x", "md5": "none", "backbone": "MobileNetV2", "weights": "none", "input_size": 32}
+
+
+def features(config, images, md5="a" * 32):
+    return get_extractor(config.feature_spec(md5), images.shape[1:])(images, 16)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+
+
+def test_openvino_float32_computes_the_tensorflow_model(images):
+    tensorflow = features(load_config(**TINY, engine="tensorflow", precision="float32"), images)
+    openvino = features(load_config(**TINY, engine="openvino", precision="float32"), images)
+    assert openvino.shape == tensorflow.shape == (40, 1280) and openvino.dtype == np.float32
+    assert mean_cosine(openvino, tensorflow) > 0.99999
+    np.testing.assert_allclose(openvino, tensorflow, rtol=1e-3, atol=1e-3)
+    # Batches of any size, the last one short, land in the right rows.
+    np.testing.assert_array_equal(get_extractor(load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32), (32, 32, 3))(
+        images[:7], 3), openvino[:7])
+
+
+def test_engine_and_precision_name_different_feature_sets():
+    fingerprints = {
+        load_config(**TINY, engine=engine, precision=precision).feature_spec("a" * 32).fingerprint
+        for engine in ("tensorflow", "openvino")
+        for precision in ("float32", "bfloat16")
+    }
+    assert len(fingerprints) == 4
+    with pytest.raises(ValueError, match="must be resolved"):
+        load_config(**TINY).feature_spec("a" * 32)
+
+
+def test_auto_on_this_cpu_picks_openvino_and_bf16_only_with_native_support():
+    choice = candidate_choice(load_config(**TINY))
+    assert choice.engine == "openvino"
+    assert choice.precision == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    explicit = candidate_choice(load_config(**TINY, engine="tensorflow", precision="float16"))
+    assert (explicit.engine, explicit.precision, explicit.reason) == ("tensorflow", "float16", "chosen in the configuration")
+
+
+def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
+    config = load_config(**TINY, storage=str(tmp_path))
+    first = choose_engine(config, "a" * 32, images)
+    stored = list(tmp_path.glob("engine-choices/*.json"))
+    if not cpu_has_native_bf16():
+        assert (first.precision, stored) == ("float32", [])
+        return
+    exact = features(config.model_copy(update={"engine": first.engine, "precision": "float32"}), images)
+    reduced = features(config.model_copy(update={"engine": first.engine, "precision": "bfloat16"}), images)
+    measured = mean_cosine(reduced, exact)
+    assert first.precision == ("bfloat16" if measured >= BF16_MIN_COSINE else "float32")
+    assert f"{measured:.6f}" in first.reason
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["precision"] == first.precision
+    engines._extractors.clear()
+    assert choose_engine(config, "a" * 32, images) == first
+    assert engines.built_extractors() == [], "a remembered choice must not rebuild the backbone"
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_default_engine_runs_the_flow_close_to_tensorflow_float32(tiny_archive, tmp_path):
+    automatic, _ = extract_features(tiny_config(tiny_archive, tmp_path / "auto", engine="auto", precision="auto"))
+    reference, _ = extract_features(tiny_config(tiny_archive, tmp_path / "reference"))
+    assert automatic.spec["engine"] == "openvino" and reference.spec["engine"] == "tensorflow"
+    assert automatic.fingerprint != reference.fingerprint
+    for split in ("train", "test"):
+        *_, ours = load_features(str(tmp_path / "auto"), split, automatic.fingerprint)
+        *_, theirs = load_features(str(tmp_path / "reference"), split, reference.fingerprint)
+        assert mean_cosine(ours, theirs) >= (BF16_MIN_COSINE if automatic.spec["precision"] == "bfloat16" else 0.99999)
