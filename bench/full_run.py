@@ -37,7 +37,9 @@ def main() -> None:
         "input_size": config.resolved_input_size,
         "pooling": config.pooling,
         "weights": config.weights,
-        "head": config.resolved_head,
+        "engine": f"{summary['feature_spec']['engine']} {summary['feature_spec']['precision']}",
+        "head": summary["head"]["kind"],
+        "head_selection": {candidate["head"]: candidate["validation_accuracy"] for candidate in summary["head_selection"]},
         "images": summary["images"],
         "shards_computed": f"{extraction['shards_computed']}/{extraction['shards']}",
         "seconds": {

@@ -39,7 +39,7 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
 def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: DatasetInfo) -> tuple[list[ShardRecord], ExtractionStats]:
     """Every shard as its own task, on the task runner the config chose."""
     futures = []
-    for shard in plan_shards(dataset.sizes, config.shard_size):
+    for shard in plan_shards(dataset.sizes, config.shard_size, config.flip):
         with tags(spec.backbone, shard.split):
             futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
     return wait_for_shards(futures)

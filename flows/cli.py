@@ -16,8 +16,8 @@ from tasks.errors import PermanentError
 
 # The options that decide which features get extracted (the `extract` subcommand takes only these).
 EXTRACTION_OPTIONS = [
-    "source", "md5", "storage", "backbone", "weights", "input_size", "pooling",
-    "engine", "precision", "shard_size", "batch_size", "seed", "task_runner", "workers", "dask_address",
+    "preset", "source", "md5", "storage", "backbone", "weights", "input_size", "pooling",
+    "engine", "precision", "flip", "shard_size", "batch_size", "seed", "task_runner", "workers", "dask_address",
 ]
 
 
@@ -26,16 +26,14 @@ def _add_config_options(parser: argparse.ArgumentParser, names: list[str]) -> No
         field = PipelineConfig.model_fields[name]
         annotation = field.annotation
         arguments = typing.get_args(annotation)
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (default: {field.default})"
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
         kind = next((candidate for candidate in (int, float) if candidate in (annotation, *arguments)), str)
         choices = list(arguments) if typing.get_origin(annotation) is typing.Literal else None
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=kind,
-            choices=choices,
-            default=None,
-            help=f"{field.description} (default: {field.default})",
-        )
+        parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,12 +151,17 @@ def finished_dataset(storage_url: str, archive_md5: str) -> DatasetInfo | None:
 
 
 def decode_archive(storage_url: str, archive_path: str, archive_md5: str) -> DatasetInfo:
-    """Decode the archive once into .npy arrays; the marker file is written last."""
+    """Decode the archive once into .npy arrays (one decoder at a time); the marker file is written last."""
     done = finished_dataset(storage_url, archive_md5)
     if done is not None:
         return done
     storage = Storage(storage_url)
     folder = dataset_folder(storage, archive_md5)
+    with storage.claim(posixpath.join(folder, _DONE_MARKER)):
+        return finished_dataset(storage_url, archive_md5) or _decode(storage, folder, archive_path, archive_md5)
+
+
+def _decode(storage: Storage, folder: str, archive_path: str, archive_md5: str) -> DatasetInfo:
     with storage.fs.open(archive_path, "rb") as stream:
         splits = read_archive(stream)
     for split, (images, labels) in splits.items():
@@ -182,8 +187,8 @@ def decode_archive_task(storage_url: str, archive_path: str, archive_md5: str) -
 
 
 def read_rows(storage: Storage, path: str, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a stored .npy array, reading only those bytes."""
-    with storage.fs.open(path, "rb") as stream:
+    """Rows [start, stop) of a stored .npy array, reading only those bytes (no read-ahead on object stores)."""
+    with storage.fs.open(path, "rb", cache_type="none") as stream:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read_header(stream)
@@ -196,13 +201,28 @@ def read_rows(storage: Storage, path: str, start: int, stop: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape((stop - start, *row_shape))
 
 
-class Shard(BaseModel):
-    """A fixed slice of one split: the unit of extraction, storage and resume."""
+FLIPPED = "-flipped"
+SPLITS = ("train", "test")
+# Every view of the data a feature set may hold: the splits, and their horizontal mirrors
+# (feature-level augmentation: extracted once, stored beside the originals as splits of their own).
+VIEWS = (*SPLITS, *(f"{split}{FLIPPED}" for split in SPLITS))
 
-    split: str
+
+class Shard(BaseModel):
+    """A fixed slice of one view of a split: the unit of extraction, storage and resume."""
+
+    split: str  # "train", "test", or a mirrored view such as "train-flipped"
     number: int
     start: int
     stop: int
+
+    @property
+    def source_split(self) -> str:
+        return self.split.removesuffix(FLIPPED)
+
+    @property
+    def flipped(self) -> bool:
+        return self.split.endswith(FLIPPED)
 
     @property
     def name(self) -> str:
@@ -217,18 +237,24 @@ class Shard(BaseModel):
         return self.stop - self.start
 
 
-def plan_shards(sizes: dict[str, int], shard_size: int) -> list[Shard]:
-    """Cut each split into consecutive shards of `shard_size` images (the last may be smaller)."""
+def plan_shards(sizes: dict[str, int], shard_size: int, flip: bool = False) -> list[Shard]:
+    """Cut each split into consecutive shards of `shard_size` images (the last may be smaller).
+
+    With `flip`, the mirrored views follow the originals, so the originals are complete first.
+    """
+    views = {**sizes, **({f"{split}{FLIPPED}": size for split, size in sizes.items()} if flip else {})}
     return [
-        Shard(split=split, number=number, start=start, stop=min(start + shard_size, size))
-        for split, size in sizes.items()
+        Shard(split=view, number=number, start=start, stop=min(start + shard_size, size))
+        for view, size in views.items()
         for number, start in enumerate(range(0, size, shard_size))
     ]
 
 
 def shard_images(storage_url: str, dataset: DatasetInfo, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
     storage = Storage(storage_url)
-    images = read_rows(storage, posixpath.join(dataset.folder, f"{shard.split}_images.npy"), shard.start, shard.stop)
-    labels = read_rows(storage, posixpath.join(dataset.folder, f"{shard.split}_labels.npy"), shard.start, shard.stop)
+    images = read_rows(storage, posixpath.join(dataset.folder, f"{shard.source_split}_images.npy"), shard.start, shard.stop)
+    labels = read_rows(storage, posixpath.join(dataset.folder, f"{shard.source_split}_labels.npy"), shard.start, shard.stop)
+    if shard.flipped:
+        images = np.ascontiguousarray(images[:, :, ::-1])  # (row, column, channel): mirror the columns
     return images, labels
 

@@ -23,7 +23,17 @@ from tasks.storage import file_md5
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 
-HeadKind = Literal["auto", "dense", "conv", "linear"]
+HeadKind = Literal["auto", "logistic", "mlp", "conv"]
+
+# Named bundles of settings; options given explicitly still win over a preset's.
+PRESETS = {
+    # The 2017 post: InceptionV3 at 139px, its 3x3x2048 maps, a shallow conv head,
+    # RMSprop, batch 50, 50 epochs, 20% of train for validation.
+    "blog-2017": {
+        "backbone": "InceptionV3", "input_size": 139, "pooling": "none", "head": "conv",
+        "head_batch_size": 50, "epochs": 50, "patience": 50, "validation_split": 0.2,
+    },
+}
 
 
 def stable_hash(payload: dict, length: int = 16) -> str:
@@ -37,6 +47,9 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    preset: Literal["blog-2017"] | None = Field(
+        None, description="a named bundle of settings: 'blog-2017' reproduces the post (InceptionV3 139px maps, conv head, 50 epochs)"
+    )
     source: str = Field(CIFAR10_URL, description="CIFAR-10 python archive: URL, local path or any fsspec URL")
     md5: str | None = Field(
         None,
@@ -58,22 +71,42 @@ class PipelineConfig(BaseModel):
         description="backbone compute precision; 'auto': mixed precision on a GPU, bfloat16 on a CPU with native bf16 "
         "when its features stay at cosine >= 0.9999 to float32, else float32",
     )
+    flip: bool = Field(
+        False,
+        description="also extract left-right mirrored images (stored as train-flipped/test-flipped beside the originals); "
+        "heads then train on both and average both at validation and test",
+    )
     shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
     batch_size: int = Field(64, ge=1, le=4096, description="images per backbone forward pass")
-    task_runner: Literal["thread", "dask"] = Field(
-        "thread", description="where shards run: 'thread' (this process) or 'dask' (a local Dask cluster, or --dask-address)"
+    task_runner: Literal["thread", "dask", "ray"] = Field(
+        "thread",
+        description="where shards run: 'thread' (this process), 'dask' (a local Dask cluster, or --dask-address) "
+        "or 'ray' (a local Ray, or --ray-address)",
     )
-    workers: int = Field(2, ge=1, le=1024, description="worker processes of the local Dask cluster (task_runner dask)")
+    workers: int = Field(2, ge=1, le=1024, description="worker processes of the local Dask cluster or CPUs of the local Ray")
     dask_address: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    ray_address: str | None = Field(None, description="address of an existing Ray cluster, e.g. ray://10.0.0.5:10001 (task_runner ray)")
     tsne_sample: int = Field(25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)")
     tsne_perplexity: float = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
-    head: HeadKind = Field("auto", description="classifier head: 'auto' (conv on spatial maps, dense on vectors), 'dense', 'conv', 'linear'")
+    head: HeadKind = Field(
+        "auto",
+        description="classifier head: 'logistic' (L2 strength chosen on validation), 'mlp', 'conv' (spatial maps), "
+        "or 'auto': every head that fits the features, the best on validation wins",
+    )
     epochs: int = Field(50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept")
     head_batch_size: int = Field(128, ge=1, le=65_536, description="head training batch size")
     learning_rate: float = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
     validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
     patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")
     seed: int = Field(0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, options):
+        if isinstance(options, dict) and options.get("preset") in PRESETS:
+            given = {name: value for name, value in options.items() if value is not None}
+            return {**PRESETS[options["preset"]], **given}
+        return options
 
     @field_validator("source", "storage")
     @classmethod
@@ -112,7 +145,7 @@ class PipelineConfig(BaseModel):
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ValueError(f"weights file {self.weights!r} does not exist: pass 'imagenet', 'none' or a readable .weights.h5 path")
         if self.head == "conv" and self.pooling != "none":
-            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head dense/linear")
+            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head logistic/mlp")
         _check_storage_scheme(self.storage)
         return self
 
@@ -134,12 +167,6 @@ class PipelineConfig(BaseModel):
         from tasks.backbones import get_backbone
 
         return self.input_size or get_backbone(self.backbone).default_input_size
-
-    @property
-    def resolved_head(self) -> str:
-        if self.head != "auto":
-            return self.head
-        return "conv" if self.pooling == "none" else "dense"
 
     def feature_spec(self, dataset_md5: str, engine: str | None = None, precision: str | None = None) -> "FeatureSpec":
         """The spec of these features; `engine`/`precision` resolve 'auto' (see `tasks.engines.choose_engine`)."""
@@ -168,13 +195,14 @@ class PipelineConfig(BaseModel):
 
     def head_settings(self) -> dict:
         return {
-            "head": self.resolved_head,
+            "head": self.head,
             "epochs": self.epochs,
             "batch_size": self.head_batch_size,
             "learning_rate": self.learning_rate,
             "validation_split": self.validation_split,
             "patience": self.patience,
             "seed": self.seed,
+            "flip": self.flip,
         }
 
     def head_key(self, fingerprint: str) -> str:

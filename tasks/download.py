@@ -1,8 +1,8 @@
 """Fetch the CIFAR-10 archive into storage, verified, exactly once.
 
 The archive streams from its source (the official URL, a local path or any
-fsspec URL) to a temporary name while its MD5 is computed, and is renamed into
-`raw/` only after the checksum passes. A later run that finds a verified copy
+fsspec URL) into storage while its MD5 is computed, and is committed into
+`raw/` only after the checksum passes (see `Storage.open_atomic`). A later run that finds a verified copy
 does nothing. Network errors are transient (the task retries them with
 backoff); a checksum mismatch or a missing source is permanent.
 """
@@ -56,48 +56,50 @@ def source_chunks(source: str) -> Iterator[bytes]:
 
 
 def fetch_archive(source: str, expected_md5: str | None, storage_url: str) -> ArchiveInfo:
-    """Return the verified archive in storage, fetching it only when it is not there yet."""
-    log = logger()
+    """Return the verified archive in storage, fetching it only when it is not there yet (one fetcher at a time)."""
     storage = Storage(storage_url)
     destination = storage.path("raw", archive_name(source))
-    record_path = destination + ".source.json"
     if expected_md5 is None:
-        log.warning("MD5 check DISABLED for %s (--md5 none): the archive is used as it is", source)
+        logger().warning("MD5 check DISABLED for %s (--md5 none): the archive is used as it is", source)
+    with storage.claim(destination):
+        return stored_archive(storage, destination, source, expected_md5) or _fetch(storage, destination, source, expected_md5)
 
-    if storage.exists(destination):
-        found_md5 = file_md5(destination, storage.fs)
-        recorded = json.loads(storage.read_bytes(record_path)) if storage.exists(record_path) else {}
-        if found_md5 == expected_md5 or (expected_md5 is None and recorded.get("source") == source):
-            log.info("archive already in storage and verified: %s (md5 %s)", storage.uri(destination), found_md5)
-            return ArchiveInfo(path=destination, md5=found_md5, bytes=storage.fs.size(destination))
-        log.warning("archive in storage has md5 %s, not the one asked for: fetching %s again", found_md5, source)
 
-    storage.fs.makedirs(posixpath.dirname(destination), exist_ok=True)
-    temp = storage.temp_path(destination)
+def stored_archive(storage: Storage, destination: str, source: str, expected_md5: str | None) -> ArchiveInfo | None:
+    """The archive already in storage if it is the one asked for, else None."""
+    if not storage.exists(destination):
+        return None
+    found_md5 = file_md5(destination, storage.fs)
+    record_path = destination + ".source.json"
+    recorded = json.loads(storage.read_bytes(record_path)) if storage.exists(record_path) else {}
+    if found_md5 == expected_md5 or (expected_md5 is None and recorded.get("source") == source):
+        logger().info("archive already in storage and verified: %s (md5 %s)", storage.uri(destination), found_md5)
+        return ArchiveInfo(path=destination, md5=found_md5, bytes=storage.fs.size(destination))
+    logger().warning("archive in storage has md5 %s, not the one asked for: fetching %s again", found_md5, source)
+    return None
+
+
+def _fetch(storage: Storage, destination: str, source: str, expected_md5: str | None) -> ArchiveInfo:
+    """Stream `source` into storage, committed under `destination` only when its MD5 checks out."""
     digest = hashlib.md5()
     size = 0
     started = time.perf_counter()
-    try:
-        with storage.space_for(destination), storage.fs.open(temp, "wb") as out:
-            for chunk in source_chunks(source):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+    with storage.open_atomic(destination) as out:
+        for chunk in source_chunks(source):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
         found_md5 = digest.hexdigest()
         if expected_md5 is not None and found_md5 != expected_md5:
             raise ChecksumMismatch(
                 f"archive from {source} has MD5 {found_md5}, expected {expected_md5}: "
                 f"check --source, or pass --md5 {found_md5} if you trust this file"
             )
-        storage.commit(temp, destination)
-        for leftover in storage.stale_temp_files(destination):
-            storage.fs.rm(leftover)
-    finally:
-        if storage.exists(temp):
-            storage.fs.rm(temp)
-    storage.write_atomic(record_path, json.dumps({"source": source, "md5": found_md5, "bytes": size}).encode())
+    for leftover in storage.stale_temp_files(destination):
+        storage.fs.rm(leftover)
+    storage.write_atomic(destination + ".source.json", json.dumps({"source": source, "md5": found_md5, "bytes": size}).encode())
     elapsed = max(time.perf_counter() - started, 1e-9)
-    log.info("fetched %s: %.1f MB in %.1f s (%.1f MB/s), md5 %s", source, size / 1e6, elapsed, size / 1e6 / elapsed, found_md5)
+    logger().info("fetched %s: %.1f MB in %.1f s (%.1f MB/s), md5 %s", source, size / 1e6, elapsed, size / 1e6 / elapsed, found_md5)
     return ArchiveInfo(path=destination, md5=found_md5, bytes=size)
 
 

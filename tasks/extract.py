@@ -37,28 +37,39 @@ class ExtractedShard(BaseModel):
 
 
 def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, shard: Shard, batch_size: int) -> ExtractedShard:
-    """Compute and commit one shard's features, unless a valid copy is already there."""
+    """Compute and commit one shard's features, unless a valid copy is already there.
+
+    Runs sharing the storage compute each shard once: the writer holds the shard's claim
+    (`Storage.claim`), and a run that waited for it finds the shard done and reuses it.
+    """
     log = logger()
     storage = Storage(storage_url)
     path = shard_path(storage, spec, shard)
-    problem = shard_problem(storage, path, spec, shard)
-    if problem is None:
-        log.info("extract[%s]: already done, reusing %s", shard.name, storage.uri(path))
-        return ExtractedShard(record=existing_shard_record(storage, path, shard), inference_seconds=None)
-    conflict = shard_size_conflict(storage, path, spec, shard) if problem != "missing" else None
-    if conflict:
-        raise FeatureSetError(conflict)
-    if problem != "missing":
-        log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
-    images, labels = shard_images(storage_url, dataset, shard)
-    extractor = get_extractor(spec, images.shape[1:])
-    with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
-        started = time.perf_counter()
-        features = extractor(images, batch_size)
-        seconds = time.perf_counter() - started
-    record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
+    if shard_problem(storage, path, spec, shard) is None:
+        return _reused(storage, path, shard, "already done")
+    with storage.claim(path):
+        problem = shard_problem(storage, path, spec, shard)
+        if problem is None:
+            return _reused(storage, path, shard, "done by another run meanwhile")
+        conflict = shard_size_conflict(storage, path, spec, shard) if problem != "missing" else None
+        if conflict:
+            raise FeatureSetError(conflict)
+        if problem != "missing":
+            log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
+        images, labels = shard_images(storage_url, dataset, shard)
+        extractor = get_extractor(spec, images.shape[1:])
+        with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
+            started = time.perf_counter()
+            features = extractor(images, batch_size)
+            seconds = time.perf_counter() - started
+        record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
     log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, shard.rows, seconds, shard.rows / max(seconds, 1e-9))
     return ExtractedShard(record=record, inference_seconds=seconds)
+
+
+def _reused(storage: Storage, path: str, shard: Shard, why: str) -> ExtractedShard:
+    logger().info("extract[%s]: %s, reusing %s", shard.name, why, storage.uri(path))
+    return ExtractedShard(record=existing_shard_record(storage, path, shard), inference_seconds=None)
 
 
 def shard_output_key(storage_url: str, spec: FeatureSpec, shard: Shard, **_) -> str | None:

@@ -1,13 +1,21 @@
-"""Train a small classifier head on stored features; pick the epoch on validation, test once.
+"""Train small classifier heads on stored features; choose on validation, test once.
 
 Heads:
-- "dense": standardize, dropout, Dense(1024, relu), dropout, softmax (pooled vectors);
-- "linear": standardize, L2-regularized softmax regression (pooled vectors);
+- "logistic": standardized features, L2-regularized softmax regression; its
+  strength C is chosen on validation from `LOGISTIC_STRENGTHS` (scikit-learn);
+- "mlp": standardize, dropout, Dense(1024, relu), dropout, softmax, early
+  stopping on validation (pooled vectors);
 - "conv": the 2017 post's head on spatial maps: Conv2D(100, 2), dropout 0.4,
-  global average pooling, dropout 0.3, softmax, trained with RMSprop.
-Standardization statistics come from the training part only. The validation
-part is a seeded random fraction of the train split; test is touched once,
-after training, by the restored best-on-validation weights.
+  global average pooling, dropout 0.3, softmax, trained with RMSprop;
+- "auto": every head that fits the features (logistic and mlp on vectors;
+  conv and logistic on pooled maps for spatial features), the best on
+  validation wins.
+Standardization statistics come from the training part only. With flips, heads
+train on both views of each image and average the two views' probabilities at
+validation and test. The validation
+part is a seeded random fraction of the train split; the test split is
+predicted once, by the chosen head. Every head is saved as one Keras model
+that takes the stored (flattened) features, so consumers need only Keras.
 """
 
 from __future__ import annotations
@@ -17,28 +25,36 @@ import os
 import posixpath
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel
 
 from tasks.caching import committed_file_key, output_key_fn, remember_output
+from tasks.cifar import FLIPPED
+from tasks.errors import FeatureSetError
 from tasks.logs import logger
 from tasks.plots import confusion_figure, save_png
 from tasks.storage import Storage
 from tasks.store import read_manifest, read_split
 
 METRICS_NAME = "metrics.json"
+LOGISTIC_STRENGTHS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
 class HeadResult(BaseModel):
     folder: str
     model: str
     metrics: str
+    predictions: str
     confusion_picture: str
+    kind: str
     test_accuracy: float
     validation_accuracy: float
-    best_epoch: int
+    best_epoch: int | None
     seconds: float
 
 
@@ -48,6 +64,7 @@ def head_paths(folder: str, key: str) -> dict[str, str]:
         "folder": out,
         "model": posixpath.join(out, "model.keras"),
         "metrics": posixpath.join(out, METRICS_NAME),
+        "predictions": posixpath.join(out, "predictions.parquet"),
         "confusion_picture": posixpath.join(out, "confusion.png"),
     }
 
@@ -60,15 +77,100 @@ def finished_head(storage: Storage, folder: str, key: str) -> HeadResult | None:
     metrics = json.loads(storage.read_bytes(paths["metrics"]))
     return HeadResult(
         **paths,
+        kind=metrics["chosen"]["head"],
         test_accuracy=metrics["test_accuracy"],
         validation_accuracy=metrics["validation_accuracy"],
-        best_epoch=metrics["best_epoch"],
+        best_epoch=metrics["chosen"].get("best_epoch"),
         seconds=metrics["seconds"],
     )
 
 
-def build_head(kind: str, feature_shape: list[int], classes: int, train_features: np.ndarray, learning_rate: float):
-    """A compiled head for features of `feature_shape` (stored flattened)."""
+def candidate_heads(kind: str, feature_shape: list[int]) -> list[str]:
+    if kind != "auto":
+        return [kind]
+    return ["conv", "logistic"] if len(feature_shape) > 1 else ["logistic", "mlp"]
+
+
+@dataclass
+class Split:
+    """Features (flattened as stored) and labels of one part of the data, with its mirrored view when asked for."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    mirrored: np.ndarray | None = None
+
+    def rows(self, positions: np.ndarray) -> Split:
+        return Split(self.features[positions], self.labels[positions], None if self.mirrored is None else self.mirrored[positions])
+
+    def training_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a head fits on: both views as separate examples (augmentation) when there are two."""
+        if self.mirrored is None:
+            return self.features, self.labels
+        return np.concatenate([self.features, self.mirrored]), np.concatenate([self.labels, self.labels])
+
+    def probabilities(self, predict) -> np.ndarray:
+        """`predict` on the features, averaged with the mirrored view's when there is one (test-time augmentation)."""
+        if self.mirrored is None:
+            return predict(self.features)
+        return (predict(self.features) + predict(self.mirrored)) / 2
+
+    def accuracy(self, predict) -> float:
+        return float(np.mean(self.probabilities(predict).argmax(axis=1) == self.labels))
+
+
+@dataclass
+class FittedHead:
+    model: object  # a keras.Model taking the stored, flattened features
+    validation_accuracy: float
+    details: dict  # what was chosen on validation (strength, epochs) and the curve behind it
+
+
+def spatial_mean(features: np.ndarray, feature_shape: list[int]) -> np.ndarray:
+    """Average a flattened spatial map over height and width (identity for vectors)."""
+    if len(feature_shape) == 1:
+        return features
+    return features.reshape(len(features), -1, feature_shape[-1]).mean(axis=1)
+
+
+def fit_logistic(fit: Split, validation: Split, feature_shape: list[int], classes: int, settings: dict) -> FittedHead:
+    """L2 softmax regression for each strength in `LOGISTIC_STRENGTHS`; keep the best on validation.
+
+    scikit-learn does the fitting (a convex problem: no epochs to tune); the
+    winner becomes a Keras model (mean-pooling, standardization, dense softmax)
+    so every head is stored and used the same way.
+    """
+    import keras
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = fit.training_data()
+    scaler = StandardScaler().fit(spatial_mean(features, feature_shape))
+    train_x = scaler.transform(spatial_mean(features, feature_shape))
+    del features
+    curve, best = [], None
+    for strength in LOGISTIC_STRENGTHS:
+        model = LogisticRegression(C=strength, max_iter=300, random_state=settings["seed"]).fit(train_x, labels)
+        accuracy = validation.accuracy(lambda rows, model=model: model.predict_proba(scaler.transform(spatial_mean(rows, feature_shape))))
+        curve.append({"C": strength, "validation_accuracy": accuracy})
+        if best is None or accuracy > best[1]:
+            best = (model, accuracy, strength)
+    model, accuracy, strength = best
+
+    inputs = keras.Input((int(np.prod(feature_shape)),), name="features")
+    x = inputs
+    if len(feature_shape) > 1:
+        x = keras.layers.Reshape((-1, feature_shape[-1]))(x)
+        x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Normalization(mean=scaler.mean_, variance=scaler.var_)(x)
+    dense = keras.layers.Dense(classes, activation="softmax")
+    outputs = dense(x)
+    dense.set_weights([model.coef_.T.astype(np.float32), model.intercept_.astype(np.float32)])
+    head = keras.Model(inputs, outputs, name="logistic_head")
+    return FittedHead(head, accuracy, {"head": "logistic", "C": strength, "strengths": curve})
+
+
+def build_network_head(kind: str, feature_shape: list[int], classes: int, train_features: np.ndarray, learning_rate: float):
+    """A compiled trainable head ("mlp" or "conv") for features of `feature_shape` (stored flattened)."""
     import keras
 
     inputs = keras.Input((int(np.prod(feature_shape)),), name="features")
@@ -84,16 +186,44 @@ def build_head(kind: str, feature_shape: list[int], classes: int, train_features
         normalize = keras.layers.Normalization()
         normalize.adapt(train_features)
         x = normalize(inputs)
-        if kind == "dense":
-            x = keras.layers.Dropout(0.2)(x)
-            x = keras.layers.Dense(1024, activation="relu")(x)
-            x = keras.layers.Dropout(0.5)(x)
+        x = keras.layers.Dropout(0.2)(x)
+        x = keras.layers.Dense(1024, activation="relu")(x)
+        x = keras.layers.Dropout(0.5)(x)
         optimizer = keras.optimizers.Adam(learning_rate)
-    regularizer = keras.regularizers.L2(1e-4) if kind == "linear" else None
-    outputs = keras.layers.Dense(classes, activation="softmax", kernel_regularizer=regularizer)(x)
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
     model = keras.Model(inputs, outputs, name=f"{kind}_head")
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
+
+
+def fit_network(kind: str, fit: Split, validation: Split, feature_shape: list[int], classes: int, settings: dict) -> FittedHead:
+    """Train with early stopping on validation accuracy; the best epoch's weights are kept."""
+    import keras
+
+    keras.utils.set_random_seed(settings["seed"])
+    features, labels = fit.training_data()
+    model = build_network_head(kind, feature_shape, classes, features, settings["learning_rate"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=settings["patience"], restore_best_weights=True)
+    history = model.fit(
+        features, labels, validation_data=(validation.features, validation.labels),
+        epochs=settings["epochs"], batch_size=settings["batch_size"], callbacks=[stop], verbose=0,
+    ).history
+    best_epoch = int(np.argmax(history["val_accuracy"]))
+    details = {
+        "head": kind,
+        "best_epoch": best_epoch + 1,
+        "epochs_run": len(history["val_accuracy"]),
+        "history": {name: [float(value) for value in values] for name, values in history.items()},
+    }
+    if validation.mirrored is None:
+        return FittedHead(model, float(history["val_accuracy"][best_epoch]), details)
+    return FittedHead(model, validation.accuracy(lambda rows: model.predict(rows, batch_size=1024, verbose=0)), details)
+
+
+def fit_head(kind: str, fit: Split, validation: Split, feature_shape: list[int], classes: int, settings: dict) -> FittedHead:
+    if kind == "logistic":
+        return fit_logistic(fit, validation, feature_shape, classes, settings)
+    return fit_network(kind, fit, validation, feature_shape, classes, settings)
 
 
 def split_validation(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,10 +237,34 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> 
     return np.bincount(truth * classes + predicted, minlength=classes * classes).reshape(classes, classes)
 
 
-def train_head(storage_url: str, folder: str, key: str, settings: dict, classes: list[str]) -> HeadResult:
-    """Fit, select on validation, evaluate on test once, save model + metrics + picture."""
-    import keras
+def read_view(storage: Storage, folder: str, split: str, settings: dict) -> tuple[np.ndarray, Split]:
+    """(index, Split) of a complete split, with its mirrored view when the settings ask for flips."""
+    index, labels, features = read_split(storage, folder, split)
+    if not settings.get("flip"):
+        return index, Split(features, labels)
+    mirrored_view = f"{split}{FLIPPED}"
+    if read_manifest(storage, folder, mirrored_view) is None:
+        raise FeatureSetError(
+            f"features {posixpath.basename(folder)} have no complete {mirrored_view} view: run extraction with --flip first"
+        )
+    mirrored_index, _, mirrored = read_split(storage, folder, mirrored_view)
+    if not np.array_equal(mirrored_index, index):
+        raise FeatureSetError(f"{mirrored_view} of {posixpath.basename(folder)} does not match {split} row for row: run verify --repair")
+    return index, Split(features, labels, mirrored)
 
+
+def predictions_table(split: str, index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pa.Table:
+    return pa.table({
+        "split": pa.array([split] * len(index)),
+        "index": index,
+        "label": labels,
+        "predicted": probabilities.argmax(axis=1),
+        "confidence": probabilities.max(axis=1).astype(np.float32),
+    })
+
+
+def train_head(storage_url: str, folder: str, key: str, settings: dict, classes: list[str]) -> HeadResult:
+    """Fit every candidate head, choose on validation, predict test once; save model, predictions, metrics, picture."""
     storage = Storage(storage_url)
     done = finished_head(storage, folder, key)
     if done is not None:
@@ -118,37 +272,40 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
     log = logger()
     started = time.perf_counter()
     feature_shape = read_manifest(storage, folder, "train").feature_shape
-    _, labels, features = read_split(storage, folder, "train")
-    fit_rows, validation_rows = split_validation(len(labels), settings["validation_split"], settings["seed"])
-    keras.utils.set_random_seed(settings["seed"])
-    model = build_head(settings["head"], feature_shape, len(classes), features[fit_rows], settings["learning_rate"])
-    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=settings["patience"], restore_best_weights=True)
-    history = model.fit(
-        features[fit_rows],
-        labels[fit_rows],
-        validation_data=(features[validation_rows], labels[validation_rows]),
-        epochs=settings["epochs"],
-        batch_size=settings["batch_size"],
-        callbacks=[stop],
-        verbose=0,
-    ).history
-    del features
-    best_epoch = int(np.argmax(history["val_accuracy"]))
-    _, test_labels, test_features = read_split(storage, folder, "test")
-    predicted = model.predict(test_features, batch_size=1024, verbose=0).argmax(axis=1)
+    train_index, train = read_view(storage, folder, "train", settings)
+    fit_rows, validation_rows = split_validation(len(train.labels), settings["validation_split"], settings["seed"])
+    fit, validation = train.rows(fit_rows), train.rows(validation_rows)
+    candidates = []
+    for kind in candidate_heads(settings["head"], feature_shape):
+        fitted = fit_head(kind, fit, validation, feature_shape, len(classes), settings)
+        log.info("%s head: validation %.2f%% (%s)", kind, 100 * fitted.validation_accuracy,
+                 ", ".join(f"{name} {value}" for name, value in fitted.details.items() if name in ("C", "best_epoch")))
+        candidates.append(fitted)
+    chosen = max(candidates, key=lambda fitted: fitted.validation_accuracy)
+    del fit, validation
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        return chosen.model.predict(rows, batch_size=1024, verbose=0)
+
+    train_probabilities = train.probabilities(predict)
+    labels = train.labels
+    del train
+    test_index, test = read_view(storage, folder, "test", settings)
+    test_probabilities = test.probabilities(predict)
+    test_labels = test.labels
+    predicted = test_probabilities.argmax(axis=1)
     matrix = confusion_matrix(test_labels, predicted, len(classes))
     per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
     seconds = time.perf_counter() - started
     metrics = {
         "test_accuracy": float((predicted == test_labels).mean()),
-        "validation_accuracy": float(history["val_accuracy"][best_epoch]),
-        "best_epoch": best_epoch + 1,
-        "epochs_run": len(history["val_accuracy"]),
+        "validation_accuracy": chosen.validation_accuracy,
+        "chosen": chosen.details,
+        "candidates": [{"validation_accuracy": fitted.validation_accuracy, **fitted.details} for fitted in candidates],
         "per_class_accuracy": {name: float(value) for name, value in zip(classes, per_class, strict=True)},
         "confusion_matrix": matrix.tolist(),
         "classes": classes,
         "sizes": {"train": len(fit_rows), "validation": len(validation_rows), "test": len(test_labels)},
-        "history": {name: [float(value) for value in values] for name, values in history.items()},
         "settings": settings,
         "features": folder,
         "seconds": seconds,
@@ -156,17 +313,21 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
     paths = head_paths(folder, key)
     with tempfile.TemporaryDirectory() as scratch:
         local_model = os.path.join(scratch, "model.keras")
-        model.save(local_model)
+        chosen.model.save(local_model)
         with open(local_model, "rb") as stream:
             storage.write_atomic(paths["model"], stream.read())
-    title = f"{settings['head']} head: test accuracy {metrics['test_accuracy']:.2%}"
+    table = pa.concat_tables([
+        predictions_table("train", train_index, labels, train_probabilities),
+        predictions_table("test", test_index, test_labels, test_probabilities),
+    ])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_atomic(paths["predictions"], sink.getvalue().to_pybytes())
+    title = f"{chosen.details['head']} head: test accuracy {metrics['test_accuracy']:.2%}"
     storage.write_atomic(paths["confusion_picture"], save_png(confusion_figure(matrix, classes, title)))
     storage.write_atomic(paths["metrics"], json.dumps(metrics, indent=2).encode())
-    log.info(
-        "%s head: best epoch %d of %d, validation %.2f%%, test %.2f%% (%.0f s)",
-        settings["head"], best_epoch + 1, len(history["val_accuracy"]), 100 * metrics["validation_accuracy"],
-        100 * metrics["test_accuracy"], seconds,
-    )
+    log.info("chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)", chosen.details["head"],
+             100 * chosen.validation_accuracy, 100 * metrics["test_accuracy"], seconds)
     return finished_head(storage, folder, key)
 
 

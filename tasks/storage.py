@@ -1,9 +1,13 @@
 """Where everything lives under the storage root, local or any fsspec URL.
 
 Every path goes through fsspec, so local disk and object stores share one code
-path (the img2dataset way). Writes are atomic: data goes to a hidden temporary
-name in the same folder and is renamed into place only when complete, so a
-reader never sees a partial file under a final name.
+path (the img2dataset way). Writes are atomic, so a reader never sees a partial
+file under a final name: on filesystems with a rename, data goes to a hidden
+temporary name in the same folder and is renamed into place when complete; object
+stores have no rename (a move is a copy then a delete), but an upload becomes
+visible only once complete, so data goes straight to its final key.
+Credentials and endpoints come from the environment, as fsspec reads them
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, ...).
 """
 
 from __future__ import annotations
@@ -11,18 +15,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import posixpath
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from functools import cached_property
+from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import StorageFull
+from tasks.logs import logger
 
 TEMP_SUFFIX = ".tmp"
+CLAIM_SUFFIX = ".claim"
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER_SECONDS = 60.0
 
 
 def file_md5(path: str, fs: fsspec.AbstractFileSystem | None = None, chunk_size: int = 4 << 20) -> str:
@@ -56,6 +70,12 @@ class Storage:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def is_object_store(self) -> bool:
+        """S3, GCS, Azure: no rename, but an upload is visible only once complete."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        return bool(protocols & OBJECT_STORES)
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
@@ -64,6 +84,8 @@ class Storage:
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def exists(self, path: str) -> bool:
+        """Whether `path` is there now: listings cached by fsspec may predate other runs' writes."""
+        self.fs.invalidate_cache(path)
         return self.fs.exists(path)
 
     def read_bytes(self, path: str) -> bytes:
@@ -90,35 +112,45 @@ class Storage:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write `data` to `path` so that `path` either does not exist or is complete."""
-        folder = posixpath.dirname(path)
+        if self.is_object_store:
+            self.fs.pipe_file(path, data)  # one PUT (or one completed multipart upload): all or nothing
+            return
+        with self.open_atomic(path, len(data)) as stream:
+            stream.write(data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, path: str, size: int | None = None) -> Iterator[BinaryIO]:
+        """A stream whose bytes appear at `path`, complete, when the block ends cleanly, and never otherwise."""
+        if self.is_object_store:
+            # An uncommitted upload to the final key (fsspec's autocommit=False): completed on success, aborted on error.
+            stream = self.fs.open(path, "wb", autocommit=False)
+            try:
+                with stream:
+                    yield stream
+            except BaseException:
+                stream.discard()
+                raise
+            stream.commit()
+            return
         temp = self.temp_path(path)
         try:
-            with self.space_for(path, len(data)):
-                self._write_then_rename(folder, temp, path, data)
+            with self.space_for(path, size):
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                with self.fs.open(temp, "wb") as stream:
+                    yield stream
+                    if self.is_local:
+                        stream.flush()
+                        os.fsync(stream.fileno())
+                if self.is_local:
+                    os.replace(temp, path)
+                else:
+                    self.fs.mv(temp, path)
         finally:
             if self.fs.exists(temp):
                 self.fs.rm(temp)
 
-    def _write_then_rename(self, folder: str, temp: str, path: str, data: bytes) -> None:
-        self.fs.makedirs(folder, exist_ok=True)
-        if self.is_local:
-            with open(temp, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-        else:
-            self.fs.pipe_file(temp, data)
-        self.commit(temp, path)
-
-    def commit(self, temp: str, path: str) -> None:
-        """Rename a fully written temporary file into its final place."""
-        if self.is_local:
-            os.replace(temp, path)
-        else:
-            self.fs.mv(temp, path)
-
     def stale_temp_files(self, path: str) -> list[str]:
-        """Temporary files left behind by writers of `path` that never committed."""
+        """Temporary files left behind by writers of `path` that never committed (only while holding its claim)."""
         folder, name = posixpath.split(path)
         if not self.fs.exists(folder):
             return []
@@ -128,5 +160,117 @@ class Storage:
             if posixpath.basename(entry).startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX)
         ]
 
+    @contextlib.contextmanager
+    def claim(self, path: str) -> Iterator[None]:
+        """Be the only writer of `path` across all runs and machines while the block runs (see `Claim`)."""
+        held = Claim(self, path)
+        held.acquire()
+        try:
+            yield
+        finally:
+            held.release()
+
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
+
+
+class Claim:
+    """The right to produce one file, held by one writer among all the runs that share the storage.
+
+    A claim is a hidden file next to the output (`.part-00012.parquet.claim`) made with an exclusive
+    create: O_EXCL on local disk, a conditional PUT (`If-None-Match: *`) on S3. Its holder rewrites it
+    every HEARTBEAT_SECONDS; a waiter takes it over when the holder is a dead process on this host,
+    or when the claim has not changed for STALE_AFTER_SECONDS (a holder on another machine that died).
+    Prefect's global concurrency limits were the first choice, but a slot held by a killed run is freed
+    only when its lease expires, by the server's repossessor service, which ephemeral and test servers
+    do not run (measured: still held 150 s after a kill -9), so the rerun after a crash would hang.
+    Correctness never rests on the claim: every commit is atomic and shards are deterministic, so a
+    claim wrongly taken over costs duplicate work, never a damaged file.
+    """
+
+    def __init__(self, storage: Storage, path: str):
+        folder, name = posixpath.split(path)
+        self.storage = storage
+        self.path = posixpath.join(folder, f".{name}{CLAIM_SUFFIX}")
+        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"claim {name}", daemon=True)
+
+    def _content(self, beat: int) -> bytes:
+        return json.dumps({**self.holder, "beat": beat}).encode()
+
+    def _create(self) -> bool:
+        fs = self.storage.fs
+        fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        try:
+            with fs.open(self.path, "xb") as stream:
+                stream.write(self._content(0))
+        except FileExistsError:
+            return False
+        return True
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.storage.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None
+
+    def acquire(self) -> None:
+        """Wait until this writer holds the claim, taking over a claim whose holder is gone."""
+        seen, unchanged_since, delay = None, time.monotonic(), 0.05
+        while not self._create():
+            content = self._read()
+            if content is None:  # released meanwhile
+                continue
+            holder = _parse(content)
+            if content != seen:
+                if seen is None:
+                    logger().info("waiting for %s: another writer holds it (%s)", self.storage.uri(self.path), holder or "being created")
+                seen, unchanged_since = content, time.monotonic()
+            if _dead_here(holder) or time.monotonic() - unchanged_since > STALE_AFTER_SECONDS:
+                logger().warning("taking over %s: its holder %s is gone", self.storage.uri(self.path), holder or "(unreadable)")
+                with contextlib.suppress(FileNotFoundError):
+                    self.storage.fs.rm(self.path)
+                continue
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        beat = 0
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            beat += 1
+            try:
+                if _parse(self._read() or b"").get("id") != self.holder["id"]:
+                    return  # taken over: never touch someone else's claim
+                self.storage.write_atomic(self.path, self._content(beat))
+            except OSError as exc:  # a missed beat only brings a takeover closer
+                logger().warning("could not renew %s (%s)", self.storage.uri(self.path), exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._heartbeat.join()
+        if _parse(self._read() or b"").get("id") == self.holder["id"]:
+            with contextlib.suppress(FileNotFoundError):
+                self.storage.fs.rm(self.path)
+
+
+def _parse(content: bytes) -> dict:
+    """A claim's holder; {} while a local claim is created but not yet written."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        return {}
+
+
+def _dead_here(holder: dict) -> bool:
+    """True when the holder is a process of this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -6,6 +6,8 @@ Contract of a feature set folder `features/<backbone>-<size>px-<pooling>-<finger
   flattened in (height, width, channels) order). Schema metadata key
   `cifar_transfer` holds JSON with the fingerprint, feature shape, shard range,
   feature spec and the library versions that wrote it.
+  `<split>` is `train`, `test`, or, with `--flip`, `train-flipped` / `test-flipped`:
+  the same images mirrored left-right, same `index` and `label` as the originals.
 - `<split>/_manifest.json`: written only when every shard of the split is done;
   lists each shard's rows, bytes and sha256. A split without it is incomplete.
 - `feature_set.json`: the feature spec, fingerprint and feature shape.
@@ -30,7 +32,7 @@ from prefect import task
 from prefect.events import emit_event
 from pydantic import BaseModel
 
-from tasks.cifar import Shard
+from tasks.cifar import VIEWS, Shard
 from tasks.config import FeatureSpec
 from tasks.errors import FeatureSetError
 from tasks.logs import logger
@@ -322,7 +324,7 @@ def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None
     description = read_description(storage, folder)
     if description is None:
         return None
-    manifests = {split: manifest for split in ("train", "test") if (manifest := read_manifest(storage, folder, split)) is not None}
+    manifests = {split: manifest for split in VIEWS if (manifest := read_manifest(storage, folder, split)) is not None}
     return FeatureSetInfo(
         storage_url=storage.url,
         folder=folder,

@@ -13,14 +13,13 @@ import hashlib
 import json
 import posixpath
 
-from tasks.cifar import Shard
+from tasks.cifar import SPLITS, VIEWS, Shard
 from tasks.config import FeatureSpec, PipelineConfig
 from tasks.errors import FeatureSetError
 from tasks.logs import logger
 from tasks.storage import TEMP_SUFFIX, Storage
 from tasks.store import FEATURE_SET_NAME, manifest_path, read_description, read_manifest, shard_problem
 
-SPLITS = ("train", "test")
 UNLISTED = "not listed in the manifest"
 
 
@@ -32,8 +31,10 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
         return {FEATURE_SET_NAME: ["missing or unreadable: this folder is not a finished feature set"]}
     spec = FeatureSpec(**description.spec, weights=description.rebuild["weights"], seed=description.rebuild["seed"])
     problems: dict[str, list[str]] = {}
-    for split in SPLITS:
+    for split in VIEWS:
         split_folder = posixpath.join(folder, split)
+        if split not in SPLITS and not storage.exists(split_folder):
+            continue  # mirrored views exist only when --flip asked for them
         on_disk = {posixpath.basename(path) for path in storage.fs.ls(split_folder, detail=False)} if storage.exists(split_folder) else set()
         for name in sorted(on_disk):
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
@@ -117,5 +118,5 @@ def remove_damaged(storage_url: str, folder: str, problems: dict[str, list[str]]
             storage.fs.rm(path)
             logger().warning("removed damaged %s", storage.uri(path))
         split = relative.split("/", 1)[0]
-        if split in SPLITS and storage.exists(manifest_path(folder, split)):
+        if split in VIEWS and storage.exists(manifest_path(folder, split)):
             storage.fs.rm(manifest_path(folder, split))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import BATCH_DIR, batch_pickle, cifar_images, cifar_members, write_archive
 
-from tasks.cifar import decode_archive, plan_shards, read_archive, read_rows
+from tasks.cifar import decode_archive, plan_shards, read_archive, read_rows, shard_images
 from tasks.errors import ArchiveError
 from tasks.storage import Storage
 
@@ -109,6 +109,20 @@ def test_decode_once_then_read_any_rows(tiny_archive, tmp_path):
     assert os.stat(images_path).st_mtime_ns == stamp
     everything = np.load(images_path)
     np.testing.assert_array_equal(read_rows(Storage(storage_url), images_path, 37, 91), everything[37:91])
+
+
+def test_mirrored_views_are_planned_after_the_originals_and_read_mirrored(tiny_archive, tmp_path):
+    path, md5 = tiny_archive
+    info = decode_archive(str(tmp_path / "storage"), str(path), md5)
+    plan = plan_shards(info.sizes, 60, flip=True)
+    assert [shard.split for shard in plan] == ["train"] * 4 + ["test"] * 2 + ["train-flipped"] * 4 + ["test-flipped"] * 2
+    original, mirrored = plan[1], plan[7]
+    assert (mirrored.source_split, mirrored.flipped, mirrored.start, mirrored.file_name) == ("train", True, 60, "part-00001.parquet")
+    images, labels = shard_images(str(tmp_path / "storage"), info, original)
+    flipped_images, flipped_labels = shard_images(str(tmp_path / "storage"), info, mirrored)
+    np.testing.assert_array_equal(flipped_labels, labels)
+    np.testing.assert_array_equal(flipped_images[:, :, 0], images[:, :, 31])  # column 0 of the mirror is the last column
+    np.testing.assert_array_equal(flipped_images[:, :, ::-1], images)
 
 
 def test_shard_plan_is_deterministic_and_covers_each_split_once():

@@ -15,8 +15,6 @@ def test_defaults_follow_the_post():
     config = load_config()
     assert (config.source, config.expected_md5) == (CIFAR10_URL, CIFAR10_MD5)
     assert (config.backbone_name, config.resolved_input_size, config.pooling) == ("InceptionV3", 139, "avg")
-    assert config.resolved_head == "dense"
-    assert load_config(pooling="none").resolved_head == "conv"
     assert load_config(backbone="mobilenetv2", **LOCAL).resolved_input_size == 224
 
 
@@ -59,7 +57,7 @@ def test_fingerprint_covers_what_changes_features_and_nothing_else():
     for options in ({"backbone": "ResNet50"}, {"input_size": 299}, {"pooling": "none"}, {"seed": 1}, {"weights": "imagenet"},
                     {"precision": "bfloat16"}):
         assert changed(**options) != fingerprint, options
-    for options in ({"epochs": 3}, {"head": "linear"}, {"tsne_sample": 10}, {"shard_size": 10}, {"batch_size": 8}, {"storage": "/x"}):
+    for options in ({"epochs": 3}, {"head": "logistic"}, {"tsne_sample": 10}, {"shard_size": 10}, {"batch_size": 8}, {"storage": "/x"}):
         assert changed(**options) == fingerprint, options
     # With real weights the seed does not change the network, so it does not change the fingerprint.
     assert load_config(weights="imagenet", seed=1, **LOCAL).feature_spec("a" * 32).fingerprint == changed(weights="imagenet")
@@ -78,3 +76,12 @@ def test_head_and_tsne_keys_follow_their_settings():
     assert config.head_key("f") != config.head_key("g")
     assert config.tsne_key("f") != load_config(tsne_perplexity=5, **LOCAL).tsne_key("f")
     assert config.tsne_key("f") == load_config(epochs=3, **LOCAL).tsne_key("f")
+
+
+def test_blog_2017_preset_reproduces_the_post_and_explicit_options_win():
+    config = load_config(preset="blog-2017", **LOCAL)
+    assert (config.backbone_name, config.resolved_input_size, config.pooling, config.head) == ("InceptionV3", 139, "none", "conv")
+    assert (config.head_batch_size, config.epochs, config.patience, config.validation_split) == (50, 50, 50, 0.2)
+    assert load_config(preset="blog-2017", epochs=5, **LOCAL).epochs == 5
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(preset="blog-2018", **LOCAL)

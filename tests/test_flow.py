@@ -14,12 +14,14 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime
 
-from flows.cifar_transfer import cifar_transfer, extract_features
+from flows.cifar_transfer import analyze_features, cifar_transfer, extract_features
 from flows.cli import main
 from tasks import engines
-from tasks.config import load_config
-from tasks.report import METRICS_KEY, SUMMARY_KEY
+from tasks.config import FeatureSpec, load_config
+from tasks.errors import FeatureSetError
+from tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from tasks.store import list_feature_sets, load_features
+from tasks.verify import verify_feature_set
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -88,10 +90,20 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     for picture in (summary["tsne"]["picture"], summary["head"]["confusion_picture"]):
         assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(summary["head"]["model"])
+    assert metrics["chosen"]["head"] == summary["head"]["kind"] and {c["head"] for c in metrics["candidates"]} == {"logistic", "mlp"}
+    assert metrics["validation_accuracy"] == max(c["validation_accuracy"] for c in metrics["candidates"])
+    predictions = pd.read_parquet(summary["head"]["predictions"])
+    assert len(predictions) == 300 and set(predictions["split"]) == {"train", "test"}
+    test_rows = predictions[predictions["split"] == "test"]
+    assert (test_rows["predicted"] == test_rows["label"]).mean() == pytest.approx(summary["test_accuracy"])
+    with open(summary["html_report"]) as page:
+        html = page.read()
+    assert summary["fingerprint"] in html and 'id="tsne-canvas"' in html and "<script src" not in html
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY])))}
-    assert keys == {METRICS_KEY, SUMMARY_KEY}
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY])))
+    assert {artifact.key for artifact in artifacts} == {METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY}
+    assert any(summary["html_report_url"] in str(artifact.data) for artifact in artifacts if artifact.key == SUMMARY_KEY)
     assert summary["feature_spec"]["backbone"] == "MobileNetV2"
 
 
@@ -114,12 +126,31 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tm
 def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
     first = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
     started = datetime.now(timezone.utc)
-    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="linear"))
+    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic"))
     states = task_states_since(started)
     assert second["features"] == first["features"]
     assert second["extraction"]["shards_computed"] == 0
     assert states["tsne"] == ["Cached"] and states["head"] == ["Completed"]
     assert second["head"]["folder"] != first["head"]["folder"] and os.path.exists(first["head"]["metrics"])
+
+
+def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_path):
+    plain = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", head="logistic"))
+    with pytest.raises(FeatureSetError, match="no complete train-flipped view: run extraction with --flip first"):
+        analyze_features(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True), plain["fingerprint"])
+    before = shard_files(plain["features"])
+    flipped = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True))
+    assert flipped["fingerprint"] == plain["fingerprint"], "mirrored views must not change the features' identity"
+    assert flipped["extraction"]["shards_computed"] == 6 and flipped["extraction"]["shards"] == 12
+    assert shard_files(plain["features"]) == before, "an original shard was rewritten"
+    assert flipped["images"] == {"train": 200, "test": 100, "train-flipped": 200, "test-flipped": 100}
+    index, _, mirrored = load_features(str(tmp_path / "storage"), "test-flipped")
+    images = np.load(os.path.join(tmp_path, "storage", "datasets", f"cifar10-{tiny_archive[1]}", "test_images.npy"))
+    extractor = engines.get_extractor(FeatureSpec(**flipped["feature_spec"], weights="none", seed=0), (32, 32, 3))
+    assert list(index) == list(range(100))
+    np.testing.assert_allclose(mirrored, extractor(images[:, :, ::-1], 16), rtol=1e-5, atol=1e-6)
+    assert flipped["head"]["folder"] != plain["head"]["folder"]
+    assert verify_feature_set(str(tmp_path / "storage"), flipped["features"]) == {}
 
 
 def test_changed_backbone_writes_a_new_folder_and_keeps_the_old(tiny_archive, tmp_path):

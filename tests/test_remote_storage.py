@@ -1,0 +1,113 @@
+"""The whole flow on S3: a real S3 API (moto's server in its own process) reached through s3fs.
+
+Credentials and the endpoint come only from the environment, as on a real deployment.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+import boto3
+import pytest
+from test_flow import task_states_since, tiny_config
+
+from flows.cifar_transfer import cifar_transfer, extract_features
+from tasks.store import load_features
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+BUCKET = "bucket"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An empty bucket on a moto S3 server process; the AWS environment points at it."""
+    from s3fs import S3FileSystem
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    port = endpoint.rsplit(":", 1)[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not answers(endpoint):
+            assert server.poll() is None, f"moto server exited with code {server.returncode}"
+            assert time.monotonic() < deadline, f"moto server did not answer on {endpoint} within 30 s"
+            time.sleep(0.05)
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        S3FileSystem.clear_instance_cache()  # an instance cached by an earlier test would keep its old endpoint
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+    finally:
+        server.terminate()
+        server.wait()
+        S3FileSystem.clear_instance_cache()
+
+
+def object_sizes(client) -> dict[str, int]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", [])}
+
+
+def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archive, s3):
+    config = tiny_config(tiny_archive, f"s3://{BUCKET}/prefix")
+    summary = cifar_transfer(config)
+    assert summary["extraction"]["shards_computed"] == 6
+
+    listing = object_sizes(s3)
+    print("\n".join(f"{size:>10}  s3://{BUCKET}/{key}" for key, size in sorted(listing.items())))
+    (folder,) = {key.split("/")[2] for key in listing if key.startswith("prefix/features/")}
+    features = f"prefix/features/{folder}"
+    expected = {
+        "prefix/raw/cifar-10-python.tar.gz", "prefix/raw/cifar-10-python.tar.gz.source.json",
+        f"{features}/feature_set.json", f"{features}/train/_manifest.json", f"{features}/test/_manifest.json",
+        *(f"{features}/train/part-{number:05d}.parquet" for number in range(4)),
+        *(f"{features}/test/part-{number:05d}.parquet" for number in range(2)),
+        *(f"prefix/datasets/cifar10-{tiny_archive[1]}/{name}" for name in
+          ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "_SUCCESS.json")),
+    }
+    assert expected <= listing.keys()
+    assert {key.rsplit("/", 1)[1] for key in listing if key.startswith(f"{features}/tsne/")} == {"embedding.parquet", "tsne.png"}
+    assert any(key.startswith(f"{features}/heads/") and key.endswith("/metrics.json") for key in listing)
+    assert [key for key in listing if key.rsplit("/", 1)[1].startswith(".")] == [], "temporary or claim objects were left behind"
+
+    index, labels, values = load_features(config.storage, "train")
+    assert values.shape == (200, 1280) and list(index) == list(range(200))
+
+    _, rerun = extract_features(config)
+    assert rerun.shards_computed == 0
+
+    victim = f"{features}/train/part-00002.parquet"
+    original = s3.get_object(Bucket=BUCKET, Key=victim)["Body"].read()
+    s3.delete_object(Bucket=BUCKET, Key=victim)
+    started = datetime.now(timezone.utc)
+    _, repaired = extract_features(config)
+    states = task_states_since(started)
+    assert repaired.shards_computed == 1
+    assert states["extract[train/00002]"] == ["Completed"]
+    assert all(states[name] == ["Cached"] for name in states if name.startswith("extract[") and name != "extract[train/00002]")
+    assert s3.get_object(Bucket=BUCKET, Key=victim)["Body"].read() == original
+    assert object_sizes(s3) == listing
