@@ -55,7 +55,7 @@ def analyze_features(
     if config.tsne_sample:
         tsne = tsne_task(
             config.storage, features.folder, config.tsne_key(features.fingerprint),
-            config.tsne_sample, config.tsne_perplexity, config.seed, features.classes,
+            config.tsne_sample, config.tsne_perplexity, config.seed, features.classes, config.tsne_test,
         )
     head = train_head_task(config.storage, features.folder, config.head_key(features.fingerprint), config.head_settings(), features.classes)
     return publish_report_task(config, features, extraction, tsne, head)

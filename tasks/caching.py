@@ -4,14 +4,18 @@ A task's cache key is the identity of the file that proves its work is done
 (path, size, modification time), or None while that file is missing or
 invalid, so damaged or deleted outputs always run again. After a task commits
 its output it stores its result under that output's key, so the very next
-run shows the work as Cached in the Prefect UI.
+run shows the work as Cached in the Prefect UI. The key also covers the
+result's schema, so a cache written by an older version of a task, whose
+result has another shape, is never handed to newer code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 from prefect.results import get_result_store
+from pydantic import BaseModel
 
 from tasks.config import stable_hash
 from tasks.storage import Storage
@@ -26,17 +30,27 @@ def committed_file_key(storage: Storage, path: str) -> str | None:
     return stable_hash({"url": storage.uri(path), "size": info.get("size"), "version": str(version)}, 32)
 
 
-def output_key_fn(key_of: Callable[..., str | None]):
-    """A Prefect `cache_key_fn` from a function of the task's own parameters."""
+@cache
+def _schema_hash(result_type: type[BaseModel]) -> str:
+    return stable_hash(result_type.model_json_schema(), 16)
+
+
+def _result_key(output_key: str | None, result_type: type[BaseModel]) -> str | None:
+    return None if output_key is None else f"{output_key}-{_schema_hash(result_type)}"
+
+
+def output_key_fn(key_of: Callable[..., str | None], result_type: type[BaseModel]):
+    """A Prefect `cache_key_fn` from a function of the task's own parameters and the type the task returns."""
 
     def cache_key(context, parameters) -> str | None:
-        return key_of(**parameters)
+        return _result_key(key_of(**parameters), result_type)
 
     return cache_key
 
 
-def remember_output(result, key: str | None):
+def remember_output(result: BaseModel, output_key: str | None):
     """Cache `result` under the key of the output it just committed; return it."""
+    key = _result_key(output_key, type(result))
     if key is not None:
         get_result_store().write(result, key=key)
     return result

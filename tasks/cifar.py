@@ -180,7 +180,7 @@ def dataset_output_key(storage_url: str, archive_md5: str, **_) -> str | None:
     return committed_file_key(storage, posixpath.join(dataset_folder(storage, archive_md5), _DONE_MARKER))
 
 
-@task(name="decode-archive", cache_key_fn=output_key_fn(dataset_output_key))
+@task(name="decode-archive", cache_key_fn=output_key_fn(dataset_output_key, DatasetInfo))
 def decode_archive_task(storage_url: str, archive_path: str, archive_md5: str) -> DatasetInfo:
     info = decode_archive(storage_url, archive_path, archive_md5)
     return remember_output(info, dataset_output_key(storage_url, archive_md5))

@@ -88,6 +88,7 @@ class PipelineConfig(BaseModel):
     ray_address: str | None = Field(None, description="address of an existing Ray cluster, e.g. ray://10.0.0.5:10001 (task_runner ray)")
     tsne_sample: int = Field(25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)")
     tsne_perplexity: float = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
+    tsne_test: bool = Field(False, description="also place the test images into the map (openTSNE transform)")
     head: HeadKind = Field(
         "auto",
         description="classifier head: 'logistic' (L2 strength chosen on validation), 'mlp', 'conv' (spatial maps), "
@@ -191,7 +192,8 @@ class PipelineConfig(BaseModel):
 
     def tsne_key(self, fingerprint: str) -> str:
         """Names the t-SNE output of these features and settings."""
-        return stable_hash({"features": fingerprint, "sample": self.tsne_sample, "perplexity": self.tsne_perplexity, "seed": self.seed}, 12)
+        settings = {"sample": self.tsne_sample, "perplexity": self.tsne_perplexity, "seed": self.seed, "test": self.tsne_test}
+        return stable_hash({"features": fingerprint, **settings}, 12)
 
     def head_settings(self) -> dict:
         return {

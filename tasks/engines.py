@@ -249,14 +249,15 @@ def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extra
     with _build_lock:
         if spec.fingerprint not in _extractors:
             started = time.perf_counter()
-            _extractors[spec.fingerprint] = _build(spec, image_shape)
+            _extractors[spec.fingerprint] = build_engine_extractor(spec, image_shape)
             logger().info(
                 "built %s at %dpx on %s %s in %.1f s", spec.backbone, spec.input_size, spec.engine, spec.precision, time.perf_counter() - started
             )
         return _extractors[spec.fingerprint]
 
 
-def _build(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
+def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
+    """A new extractor for `spec` on images of `image_shape` (uncached: benchmarks build their own)."""
     on_openvino = spec.engine == "openvino"
     model = build_extractor(
         spec.backbone,

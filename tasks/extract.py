@@ -84,7 +84,7 @@ def shard_output_key(storage_url: str, spec: FeatureSpec, shard: Shard, **_) -> 
 @task(
     name="extract",
     task_run_name="extract[{shard.split}/{shard.number:05d}]",
-    cache_key_fn=output_key_fn(shard_output_key),
+    cache_key_fn=output_key_fn(shard_output_key, ExtractedShard),
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,

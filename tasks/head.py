@@ -2,14 +2,14 @@
 
 Heads:
 - "logistic": standardized features, L2-regularized softmax regression; its
-  strength C is chosen on validation from `LOGISTIC_STRENGTHS` (scikit-learn);
+  strength C is chosen on validation along `LOGISTIC_STRENGTHS` (scikit-learn);
 - "mlp": standardize, dropout, Dense(1024, relu), dropout, softmax, early
   stopping on validation (pooled vectors);
 - "conv": the 2017 post's head on spatial maps: Conv2D(100, 2), dropout 0.4,
   global average pooling, dropout 0.3, softmax, trained with RMSprop;
 - "auto": every head that fits the features (logistic and mlp on vectors;
-  conv and logistic on pooled maps for spatial features), the best on
-  validation wins.
+  conv and logistic on pooled maps for spatial features) and their ensemble
+  (the average of their probabilities); the best on validation wins.
 Standardization statistics come from the training part only. With flips, heads
 train on both views of each image and average the two views' probabilities at
 validation and test. The validation
@@ -42,7 +42,9 @@ from tasks.storage import Storage
 from tasks.store import read_manifest, read_split
 
 METRICS_NAME = "metrics.json"
-LOGISTIC_STRENGTHS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+LOGISTIC_STRENGTHS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # strong to weak regularization
+STRENGTH_PATIENCE = 2
+LOGISTIC_MAX_ITERATIONS = 200
 
 
 class HeadResult(BaseModel):
@@ -133,11 +135,14 @@ def spatial_mean(features: np.ndarray, feature_shape: list[int]) -> np.ndarray:
 
 
 def fit_logistic(fit: Split, validation: Split, feature_shape: list[int], classes: int, settings: dict) -> FittedHead:
-    """L2 softmax regression for each strength in `LOGISTIC_STRENGTHS`; keep the best on validation.
+    """L2 softmax regression along `LOGISTIC_STRENGTHS`; keep the best strength on validation.
 
-    scikit-learn does the fitting (a convex problem: no epochs to tune); the
-    winner becomes a Keras model (mean-pooling, standardization, dense softmax)
-    so every head is stored and used the same way.
+    scikit-learn does the fitting (a convex problem: no epochs to tune). The
+    path runs from strong to weak regularization, each fit starting from the
+    previous solution, and stops once validation accuracy has fallen for
+    `STRENGTH_PATIENCE` strengths in a row (it rises, then falls, along C).
+    The winner becomes a Keras model (mean-pooling, standardization, dense
+    softmax) so every head is stored and used the same way.
     """
     import keras
     from sklearn.linear_model import LogisticRegression
@@ -145,16 +150,21 @@ def fit_logistic(fit: Split, validation: Split, feature_shape: list[int], classe
 
     features, labels = fit.training_data()
     scaler = StandardScaler().fit(spatial_mean(features, feature_shape))
-    train_x = scaler.transform(spatial_mean(features, feature_shape))
+    train_x = scaler.transform(spatial_mean(features, feature_shape)).astype(np.float32)
     del features
-    curve, best = [], None
+    model = LogisticRegression(max_iter=LOGISTIC_MAX_ITERATIONS, warm_start=True, random_state=settings["seed"])
+    curve, best, worse_in_a_row = [], None, 0
     for strength in LOGISTIC_STRENGTHS:
-        model = LogisticRegression(C=strength, max_iter=300, random_state=settings["seed"]).fit(train_x, labels)
-        accuracy = validation.accuracy(lambda rows, model=model: model.predict_proba(scaler.transform(spatial_mean(rows, feature_shape))))
+        model.set_params(C=strength).fit(train_x, labels)
+        accuracy = validation.accuracy(lambda rows: model.predict_proba(scaler.transform(spatial_mean(rows, feature_shape))))
         curve.append({"C": strength, "validation_accuracy": accuracy})
-        if best is None or accuracy > best[1]:
-            best = (model, accuracy, strength)
-    model, accuracy, strength = best
+        if best is None or accuracy > best[0]:
+            best, worse_in_a_row = (accuracy, strength, model.coef_.copy(), model.intercept_.copy()), 0
+        else:
+            worse_in_a_row += 1
+            if worse_in_a_row == STRENGTH_PATIENCE:
+                break
+    accuracy, strength, coefficients, intercepts = best
 
     inputs = keras.Input((int(np.prod(feature_shape)),), name="features")
     x = inputs
@@ -164,7 +174,7 @@ def fit_logistic(fit: Split, validation: Split, feature_shape: list[int], classe
     x = keras.layers.Normalization(mean=scaler.mean_, variance=scaler.var_)(x)
     dense = keras.layers.Dense(classes, activation="softmax")
     outputs = dense(x)
-    dense.set_weights([model.coef_.T.astype(np.float32), model.intercept_.astype(np.float32)])
+    dense.set_weights([coefficients.T.astype(np.float32), intercepts.astype(np.float32)])
     head = keras.Model(inputs, outputs, name="logistic_head")
     return FittedHead(head, accuracy, {"head": "logistic", "C": strength, "strengths": curve})
 
@@ -226,6 +236,17 @@ def fit_head(kind: str, fit: Split, validation: Split, feature_shape: list[int],
     return fit_network(kind, fit, validation, feature_shape, classes, settings)
 
 
+def ensemble_head(members: list[FittedHead], feature_shape: list[int], validation: Split) -> FittedHead:
+    """The average of the members' probabilities: one more candidate, chosen only if validation prefers it."""
+    import keras
+
+    inputs = keras.Input((int(np.prod(feature_shape)),), name="features")
+    outputs = keras.layers.Average()([member.model(inputs) for member in members])
+    model = keras.Model(inputs, outputs, name="ensemble_head")
+    accuracy = validation.accuracy(lambda rows: model.predict(rows, batch_size=1024, verbose=0))
+    return FittedHead(model, accuracy, {"head": "ensemble", "of": [member.details["head"] for member in members]})
+
+
 def split_validation(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train rows, validation rows) of the train split."""
     order = np.random.default_rng(seed).permutation(count)
@@ -281,6 +302,9 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
         log.info("%s head: validation %.2f%% (%s)", kind, 100 * fitted.validation_accuracy,
                  ", ".join(f"{name} {value}" for name, value in fitted.details.items() if name in ("C", "best_epoch")))
         candidates.append(fitted)
+    if len(candidates) > 1:
+        candidates.append(ensemble_head(candidates, feature_shape, validation))
+        log.info("ensemble head: validation %.2f%%", 100 * candidates[-1].validation_accuracy)
     chosen = max(candidates, key=lambda fitted: fitted.validation_accuracy)
     del fit, validation
 
@@ -335,7 +359,7 @@ def head_output_key(storage_url: str, folder: str, key: str, **_) -> str | None:
     return committed_file_key(Storage(storage_url), head_paths(folder, key)["metrics"])
 
 
-@task(name="head", cache_key_fn=output_key_fn(head_output_key))
+@task(name="head", cache_key_fn=output_key_fn(head_output_key, HeadResult))
 def train_head_task(storage_url: str, folder: str, key: str, settings: dict, classes: list[str]) -> HeadResult:
     result = train_head(storage_url, folder, key, settings, classes)
     return remember_output(result, head_output_key(storage_url, folder, key))

@@ -137,7 +137,11 @@ def metrics_rows(summary: dict) -> list[dict]:
             {"metric": "shards computed / total", "value": f"{extraction['shards_computed']}/{extraction['shards']}"},
         ]
     if summary["tsne"]:
-        rows.append({"metric": "t-SNE seconds", "value": f"{summary['tsne']['seconds']:.1f}"})
+        tsne = summary["tsne"]
+        rows += [
+            {"metric": "t-SNE seconds", "value": f"{tsne['seconds']:.1f}"},
+            {"metric": "t-SNE 10-NN class accuracy: map / PCA space", "value": f"{tsne['map_knn_accuracy']:.4f} / {tsne['feature_knn_accuracy']:.4f}"},
+        ]
     rows.append({"metric": "head seconds", "value": f"{head['seconds']:.1f}"})
     return rows
 
@@ -145,7 +149,12 @@ def metrics_rows(summary: dict) -> list[dict]:
 def _head_description(summary: dict) -> str:
     """"logistic (C=0.01)" or "mlp (best epoch 12)": the chosen head and what validation chose for it."""
     chosen = next(candidate for candidate in summary["head_selection"] if candidate["head"] == summary["head"]["kind"])
-    detail = f"C={chosen['C']:g}" if "C" in chosen else f"best epoch {chosen['best_epoch']}"
+    if "C" in chosen:
+        detail = f"C={chosen['C']:g}"
+    elif "of" in chosen:
+        detail = " + ".join(chosen["of"])
+    else:
+        detail = f"best epoch {chosen['best_epoch']}"
     return f"{chosen['head']} ({detail})"
 
 
@@ -219,7 +228,7 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
     train = predictions[predictions["split"] == "train"].set_index("index")
     map_points = map_truth = map_predicted = map_images = None
     if tsne is not None:
-        embedding = _stored_frame(storage, tsne.embedding)
+        embedding = _stored_frame(storage, tsne.embedding).query("split == 'train'")
         if len(embedding) > MAP_POINTS:
             embedding = embedding.sample(MAP_POINTS, random_state=config.seed).sort_values("index")
         map_points = embedding[["x", "y"]].to_numpy()
@@ -246,6 +255,8 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
             "validation accuracy (chosen head)": head.validation_accuracy,
             "chosen head": _head_description(summary),
             **{f"validation accuracy: {candidate['head']}": candidate["validation_accuracy"] for candidate in summary["head_selection"]},
+            "t-SNE 10-NN class accuracy (map)": tsne.map_knn_accuracy if tsne else None,
+            "t-SNE 10-NN class accuracy (PCA space)": tsne.feature_knn_accuracy if tsne else None,
             "extraction images/s": extraction["images_per_second"] if extraction else None,
         }),
         timings=_known({

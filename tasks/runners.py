@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import PipelineConfig
 from tasks.engines import gpus
+from tasks.errors import ConfigError
 
 
 def shard_runner(config: PipelineConfig):
@@ -64,9 +65,12 @@ def gpu_cluster_spec(devices: list[str], workers: int) -> dict:
 
 def ray_runner(config: PipelineConfig):
     """A Ray task runner: the cluster at --ray-address, or a local Ray with --workers CPUs."""
-    import ray
-    from prefect_ray import RayTaskRunner
-    from prefect_ray.context import remote_options
+    try:
+        import ray
+        from prefect_ray import RayTaskRunner
+        from prefect_ray.context import remote_options
+    except ImportError:
+        raise ConfigError("task runner 'ray' needs prefect-ray: pip install prefect-ray, or pass --task-runner dask") from None
 
     class ShardRayTaskRunner(RayTaskRunner):
         """Each shard task takes one GPU when the cluster has GPUs (Ray pins it), and keeps its worker.

@@ -200,13 +200,21 @@ class Claim:
         return json.dumps({**self.holder, "beat": beat}).encode()
 
     def _create(self) -> bool:
-        fs = self.storage.fs
-        fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        """Make the claim file unless it exists; a claim file this call made but could not write is removed."""
+        fs, content, created = self.storage.fs, self._content(0), False
         try:
-            with fs.open(self.path, "xb") as stream:
-                stream.write(self._content(0))
+            with self.storage.space_for(self.path, len(content)):
+                fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+                with fs.open(self.path, "xb") as stream:
+                    created = True
+                    stream.write(content)
         except FileExistsError:
             return False
+        except BaseException:
+            if created:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(self.path)
+            raise
         return True
 
     def _read(self) -> bytes | None:
@@ -244,7 +252,7 @@ class Claim:
                 if _parse(self._read() or b"").get("id") != self.holder["id"]:
                     return  # taken over: never touch someone else's claim
                 self.storage.write_atomic(self.path, self._content(beat))
-            except OSError as exc:  # a missed beat only brings a takeover closer
+            except (OSError, StorageFull) as exc:  # a missed beat only brings a takeover closer
                 logger().warning("could not renew %s (%s)", self.storage.uri(self.path), exc)
 
     def release(self) -> None:

@@ -159,3 +159,20 @@ def test_a_leftover_temporary_file_is_never_taken_as_a_shard(one_shard):
     extract_shard(storage_url, spec, dataset, shard, batch_size=16)
     assert shard_problem(storage, path, spec, shard) is None
     assert not os.path.exists(leftover)
+
+
+def test_cache_keys_change_with_the_shape_of_the_result():
+    """A cache written by an older version of a task (another result schema) is never handed to newer code."""
+    from pydantic import BaseModel
+
+    from tasks.caching import output_key_fn
+    from tasks.extract import ExtractedShard
+
+    class OlderResult(BaseModel):
+        path: str
+
+    def same_output(**_):
+        return "committed-file-identity"
+
+    assert output_key_fn(same_output, OlderResult)(None, {}) != output_key_fn(same_output, ExtractedShard)(None, {})
+    assert output_key_fn(same_output, ExtractedShard)(None, {}) == output_key_fn(same_output, ExtractedShard)(None, {})

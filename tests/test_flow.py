@@ -60,7 +60,7 @@ def shard_files(features_folder: str) -> dict[str, tuple[int, int]]:
 
 
 def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+    config = tiny_config(tiny_archive, tmp_path / "storage", tsne_test=True)
     summary = cifar_transfer(config)
     folder = summary["features"]
     assert summary["images"] == {"train": 200, "test": 100}
@@ -82,7 +82,11 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     assert list_feature_sets(config.storage)[0].splits == {"train": 200, "test": 100}
 
     embedding = pd.read_parquet(summary["tsne"]["embedding"])
-    assert list(embedding.columns) == ["index", "label", "x", "y"] and len(embedding) == 150
+    assert list(embedding.columns) == ["split", "index", "label", "x", "y"]
+    assert embedding["split"].value_counts().to_dict() == {"train": 150, "test": 100}
+    train_points, test_points = embedding[embedding["split"] == "train"], embedding[embedding["split"] == "test"]
+    assert test_points["x"].between(train_points["x"].min() - 1, train_points["x"].max() + 1).all()
+    assert 0 <= summary["tsne"]["map_knn_accuracy"] <= 1 and 0 <= summary["tsne"]["feature_knn_accuracy"] <= 1
     metrics = json.load(open(summary["head"]["metrics"]))
     assert metrics["sizes"] == {"train": 180, "validation": 20, "test": 100}
     assert np.array(metrics["confusion_matrix"]).sum() == 100
@@ -90,7 +94,7 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     for picture in (summary["tsne"]["picture"], summary["head"]["confusion_picture"]):
         assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(summary["head"]["model"])
-    assert metrics["chosen"]["head"] == summary["head"]["kind"] and {c["head"] for c in metrics["candidates"]} == {"logistic", "mlp"}
+    assert metrics["chosen"]["head"] == summary["head"]["kind"] and {c["head"] for c in metrics["candidates"]} == {"logistic", "mlp", "ensemble"}
     assert metrics["validation_accuracy"] == max(c["validation_accuracy"] for c in metrics["candidates"])
     predictions = pd.read_parquet(summary["head"]["predictions"])
     assert len(predictions) == 300 and set(predictions["split"]) == {"train", "test"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.head import LOGISTIC_STRENGTHS, Split, candidate_heads, fit_head, spatial_mean
+from tasks.head import LOGISTIC_STRENGTHS, STRENGTH_PATIENCE, Split, candidate_heads, fit_head, spatial_mean
 
 SETTINGS = {"seed": 0, "learning_rate": 1e-3, "epochs": 30, "batch_size": 64, "patience": 5}
 
@@ -29,7 +29,10 @@ def test_logistic_strength_is_chosen_on_validation_and_the_keras_model_reproduce
     fit, validation, test = blobs(600, (32,), 1.5, 0), blobs(300, (32,), 1.5, 1), blobs(300, (32,), 1.5, 2)
     head = fit_head("logistic", fit, validation, [32], 10, SETTINGS)
     curve = head.details["strengths"]
-    assert [point["C"] for point in curve] == list(LOGISTIC_STRENGTHS)
+    assert [point["C"] for point in curve] == list(LOGISTIC_STRENGTHS[: len(curve)])
+    accuracies = [point["validation_accuracy"] for point in curve]
+    best = accuracies.index(max(accuracies))
+    assert len(curve) == len(LOGISTIC_STRENGTHS) or (len(curve) - 1 - best == STRENGTH_PATIENCE and max(accuracies[best + 1 :]) <= accuracies[best])
     assert head.validation_accuracy == max(point["validation_accuracy"] for point in curve)
     assert head.details["C"] == next(point["C"] for point in curve if point["validation_accuracy"] == head.validation_accuracy)
     probabilities = head.model.predict(validation.features, verbose=0)
@@ -59,3 +62,29 @@ def test_network_heads_keep_the_best_epoch_and_repeat_with_the_seed():
     assert again.details["history"] == first.details["history"]
     conv = fit_head("conv", *[blobs(300, (2, 2, 8), 1.0, seed) for seed in (0, 1)], [2, 2, 8], 10, {**SETTINGS, "epochs": 3})
     assert conv.details["epochs_run"] <= 3 and conv.model.input_shape == (None, 32)
+
+
+def test_ensemble_averages_its_members_and_every_head_survives_a_save(tmp_path):
+    import keras
+
+    from tasks.head import ensemble_head
+
+    fit, validation = blobs(600, (32,), 2.5, 0), blobs(300, (32,), 2.5, 1)
+    members = [fit_head(kind, fit, validation, [32], 10, {**SETTINGS, "epochs": 5}) for kind in ("logistic", "mlp")]
+    ensemble = ensemble_head(members, [32], validation)
+    averaged = sum(member.model.predict(validation.features, verbose=0) for member in members) / 2
+    assert ensemble.validation_accuracy == pytest.approx(np.mean(averaged.argmax(axis=1) == validation.labels))
+    assert ensemble.details == {"head": "ensemble", "of": ["logistic", "mlp"]}
+    for head in (*members, ensemble):
+        path = tmp_path / f"{head.details['head']}.keras"
+        head.model.save(path)
+        np.testing.assert_allclose(keras.models.load_model(path).predict(validation.features, verbose=0),
+                                   head.model.predict(validation.features, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_flipped_views_double_the_training_rows_and_are_averaged_at_prediction():
+    split = Split(np.ones((4, 3), np.float32), np.arange(4), 3 * np.ones((4, 3), np.float32))
+    features, labels = split.training_data()
+    assert features.shape == (8, 3) and list(labels) == [0, 1, 2, 3, 0, 1, 2, 3]
+    np.testing.assert_allclose(split.probabilities(lambda rows: rows), 2 * np.ones((4, 3)))
+    assert split.rows(np.array([1, 3])).mirrored.shape == (2, 3)

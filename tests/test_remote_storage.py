@@ -14,9 +14,12 @@ from datetime import datetime, timezone
 
 import boto3
 import pytest
+from test_concurrency import assert_same_features, run_twice_at_once
 from test_flow import task_states_since, tiny_config
 
 from flows.cifar_transfer import cifar_transfer, extract_features
+from tasks.download import fetch_archive
+from tasks.errors import ChecksumMismatch
 from tasks.store import load_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -111,3 +114,22 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     assert all(states[name] == ["Cached"] for name in states if name.startswith("extract[") and name != "extract[train/00002]")
     assert s3.get_object(Bucket=BUCKET, Key=victim)["Body"].read() == original
     assert object_sizes(s3) == listing
+
+
+def test_two_runs_at_once_on_s3_compute_each_shard_once(tiny_archive, s3, tmp_path):
+    config = tiny_config(tiny_archive, f"s3://{BUCKET}/prefix")
+    run_twice_at_once(config)
+    assert [key for key in object_sizes(s3) if key.rsplit("/", 1)[1].startswith(".")] == [], "claim or temporary objects were left behind"
+    alone, _ = extract_features(config.model_copy(update={"storage": str(tmp_path / "alone")}))
+    assert_same_features(config.storage, alone.storage_url)
+
+
+def test_a_failed_download_to_s3_leaves_no_object_and_no_pending_upload(tiny_archive, s3):
+    path, md5 = tiny_archive
+    with pytest.raises(ChecksumMismatch):
+        fetch_archive(str(path), "0" * 32, f"s3://{BUCKET}/prefix")
+    assert object_sizes(s3) == {}
+    assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+    archive = fetch_archive(str(path), md5, f"s3://{BUCKET}/prefix")
+    assert s3.get_object(Bucket=BUCKET, Key="prefix/raw/cifar-10-python.tar.gz")["Body"].read() == path.read_bytes()
+    assert archive.md5 == md5 and set(object_sizes(s3)) == {"prefix/raw/cifar-10-python.tar.gz", "prefix/raw/cifar-10-python.tar.gz.source.json"}

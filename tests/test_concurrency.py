@@ -1,0 +1,126 @@
+"""Runs that share a storage: each shard is computed once, by one writer, and never damaged.
+
+Two real flow runs start together on the same storage and configuration; then the
+claims themselves: a live holder is waited for, a dead or silent one is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import numpy as np
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
+from test_flow import tiny_config
+
+from flows.cifar_transfer import extract_features
+from tasks import storage as storage_module
+from tasks.storage import Claim, Storage
+from tasks.store import FeatureSetInfo, load_features
+from tasks.verify import verify_feature_set
+
+
+def run_twice_at_once(config) -> FeatureSetInfo:
+    """Two extract-features runs of `config` started at the same instant; checks each shard was computed once."""
+    barrier = threading.Barrier(2)
+    started = datetime.now(timezone.utc)
+
+    def run(_):
+        barrier.wait()
+        return extract_features(config)
+
+    with ThreadPoolExecutor(2) as pool:
+        (first, first_stats), (second, second_stats) = pool.map(run, range(2))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["shards-MobileNetV2"]), start_time=FlowRunFilterStartTime(after_=started)))
+    spans = sorted((run.start_time, run.end_time) for run in runs)
+    assert len(spans) == 2 and spans[1][0] < spans[0][1], "the runs did not overlap, so nothing was tested"
+    assert first_stats.shards_computed + second_stats.shards_computed == first_stats.shards == 6
+    assert first.folder == second.folder and first.splits == second.splits == {"train": 200, "test": 100}
+    assert verify_feature_set(config.storage, first.folder) == {}
+    return first
+
+
+def assert_same_features(storage_url: str, reference_url: str) -> None:
+    for split in ("train", "test"):
+        for found, expected in zip(load_features(storage_url, split), load_features(reference_url, split), strict=True):
+            np.testing.assert_array_equal(found, expected)
+
+
+def test_two_runs_started_together_compute_each_shard_once(prefect_api, tiny_archive, tmp_path):
+    config = tiny_config(tiny_archive, tmp_path / "shared")
+    run_twice_at_once(config)
+    assert not list((tmp_path / "shared").rglob(".*")), "a claim or temporary file was left behind"
+    alone, _ = extract_features(config.model_copy(update={"storage": str(tmp_path / "alone")}))
+    assert_same_features(config.storage, alone.storage_url)
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def claim_file(storage: Storage, path: str, holder: dict) -> str:
+    claim = Claim(storage, path).path
+    storage.fs.makedirs(storage.fs._parent(claim), exist_ok=True)
+    storage.fs.pipe_file(claim, json.dumps({**holder, "beat": 0}).encode())
+    return claim
+
+
+def test_a_live_holder_is_waited_for_and_renews_its_claim(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage_module, "HEARTBEAT_SECONDS", 0.05)
+    storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
+    holder = Claim(storage, path)
+    holder.acquire()
+    wait_until(lambda: json.loads(storage.read_bytes(holder.path))["beat"] >= 2)
+
+    acquired = threading.Event()
+    waiting = Claim(storage, path)
+
+    def wait_for_claim():
+        waiting.acquire()
+        acquired.set()
+
+    waiter = threading.Thread(target=wait_for_claim)
+    waiter.start()
+    wait_until(lambda: json.loads(storage.read_bytes(holder.path))["beat"] >= 4)  # beats went on while the waiter polled
+    assert not acquired.is_set()
+    holder.release()
+    waiter.join(timeout=30)
+    assert acquired.is_set()
+    waiting.release()
+
+
+def test_the_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    claim_file(storage, path, {"id": "killed", "host": socket.gethostname(), "pid": int(ended.stdout)})
+    started = time.monotonic()
+    taker = Claim(storage, path)
+    taker.acquire()
+    assert time.monotonic() - started < storage_module.STALE_AFTER_SECONDS / 2
+    assert json.loads(storage.read_bytes(taker.path))["id"] == taker.holder["id"]
+    taker.release()
+    assert not storage.exists(taker.path)
+
+
+def test_a_claim_that_stopped_changing_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage_module, "STALE_AFTER_SECONDS", 0.5)
+    storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
+    claim_file(storage, path, {"id": "elsewhere", "host": "another-machine", "pid": 1})
+    started = time.monotonic()
+    taker = Claim(storage, path)
+    taker.acquire()
+    assert time.monotonic() - started >= 0.5
+    assert json.loads(storage.read_bytes(taker.path))["id"] == taker.holder["id"]
+    taker.release()

@@ -1,0 +1,47 @@
+"""Shards on a real local Ray, and Dask workers pinned one per GPU (checked on real worker processes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from distributed import Client, SpecCluster
+from test_flow import tiny_config
+from test_scaleout import manifest_checksums
+
+from flows.cifar_transfer import extract_features
+from tasks.engines import gpus
+from tasks.runners import gpu_cluster_spec, visible_gpu_ids
+
+
+def test_ray_workers_compute_the_same_shards_bit_for_bit(prefect_api, tiny_archive, tmp_path):
+    pytest.importorskip("prefect_ray", reason="Ray is optional: pip install prefect-ray")
+    threads, _ = extract_features(tiny_config(tiny_archive, tmp_path / "threads"))
+
+    ray, ray_stats = extract_features(tiny_config(tiny_archive, tmp_path / "ray", task_runner="ray", workers=2))
+    assert ray_stats.shards_computed == 6
+    assert ray_stats.processes and os.getpid() not in ray_stats.processes, "shards ran in the flow's own process"
+    assert ray.fingerprint == threads.fingerprint
+    assert manifest_checksums(ray.folder) == manifest_checksums(threads.folder)
+
+
+def test_on_a_ray_cluster_with_gpus_each_shard_takes_one_and_workers_keep_their_backbone(prefect_api, tiny_archive, tmp_path):
+    """Ray declares one GPU here (none is needed to schedule by it): shards then run one at a time,
+    all in one worker process, though there are CPUs for four; without `num_gpus=1` they would spread
+    over several workers, and without `max_calls=0` each shard would get a fresh process."""
+    ray = pytest.importorskip("ray", reason="Ray is optional: pip install prefect-ray")
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        features, stats = extract_features(tiny_config(tiny_archive, tmp_path / "ray", task_runner="ray"))
+    finally:
+        ray.shutdown()
+    assert stats.shards_computed == 6 and len(stats.processes) == 1 and os.getpid() not in stats.processes
+    assert features.splits == {"train": 200, "test": 100}
+
+
+def test_dask_workers_are_pinned_round_robin_to_the_gpus():
+    if not gpus():
+        assert visible_gpu_ids() == [], "without GPUs the Dask cluster must stay the plain CPU one"
+    with SpecCluster(**gpu_cluster_spec(["0", "1"], workers=3), asynchronous=False) as cluster, Client(cluster) as client:
+        pinned = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(pinned.values()) == ["0", "0", "1"]

@@ -1,0 +1,26 @@
+"""The t-SNE map's quality measure, on points whose answer is known (no Prefect)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.tsne import embed, knn_accuracy
+
+
+def test_knn_accuracy_is_one_for_separated_classes_and_chance_for_shuffled_labels():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 100)
+    points = np.eye(10)[labels] * 50 + rng.normal(size=(1000, 10))
+    assert knn_accuracy(points, labels) == 1.0
+    assert abs(knn_accuracy(points, rng.permutation(labels)) - 0.1) < 0.05
+
+
+def test_embedding_keeps_clusters_and_places_new_points_near_their_own():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 80)) * 10
+    labels, new_labels = np.repeat(np.arange(5), 60), np.repeat(np.arange(5), 4)
+    points, reduced, placed = embed(centres[labels] + rng.normal(size=(300, 80)), 30, 0, centres[new_labels] + rng.normal(size=(20, 80)))
+    assert points.shape == (300, 2) and reduced.shape == (300, 50) and placed.shape == (20, 2)
+    assert knn_accuracy(points, labels) > 0.95
+    nearest = np.linalg.norm(placed[:, None] - points[None], axis=2).argmin(axis=1)
+    assert np.mean(labels[nearest] == new_labels) > 0.9
