@@ -47,6 +47,13 @@ def in_fresh_process(function, *arguments):
         return pool.submit(function, *arguments).result()
 
 
+def start_prefect() -> None:
+    """Start this process's ephemeral Prefect API before anything is timed."""
+    from prefect import flow
+
+    flow(name="bench-warm-up")(lambda: None)()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -78,6 +85,7 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     from flows.cifar_transfer import extract_shards
     from tasks.engines import build_engine_extractor, get_extractor
 
+    start_prefect()
     config, dataset, images = prepared({**options, "engine": engine, "precision": precision}, storage)
     spec = config.feature_spec(dataset.md5, engine, precision)
     size = spec.input_size
@@ -109,6 +117,7 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
     from flows.cifar_transfer import extract_shards
     from tasks.engines import choose_engine
 
+    start_prefect()
     config, dataset, test_images = prepared(options, storage)
     choice = choose_engine(config, dataset.md5, test_images[:64])
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
@@ -246,6 +255,9 @@ def main() -> None:
     arguments = parser.parse_args()
     options = {"source": arguments.source, "md5": arguments.md5, "backbone": arguments.backbone, "weights": arguments.weights}
     quick = arguments.quick
+    # Each measurement's process starts its own ephemeral API; on a busy 2-core machine that takes a while.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if quick:
         options |= {"input_size": 75, "tsne_sample": 500, "epochs": 2}
     from tasks.engines import machine_description

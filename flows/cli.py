@@ -17,7 +17,7 @@ from tasks.errors import PermanentError
 # The options that decide which features get extracted (the `extract` subcommand takes only these).
 EXTRACTION_OPTIONS = [
     "preset", "source", "md5", "storage", "backbone", "weights", "input_size", "pooling",
-    "engine", "precision", "flip", "shard_size", "batch_size", "seed", "task_runner", "workers", "dask_address",
+    "engine", "precision", "flip", "shard_size", "batch_size", "seed", "task_runner", "workers", "dask_address", "ray_address",
 ]
 
 

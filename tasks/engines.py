@@ -167,9 +167,12 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
         remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    reduced = get_extractor(config.feature_spec(dataset_md5, choice.engine, choice.precision), calibration_images.shape[1:])
-    exact = get_extractor(config.feature_spec(dataset_md5, choice.engine, "float32"), calibration_images.shape[1:])
+    reduced_spec, exact_spec = (config.feature_spec(dataset_md5, choice.engine, precision) for precision in (choice.precision, "float32"))
+    reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
+    exact = get_extractor(exact_spec, calibration_images.shape[1:])
     cosine = float(mean_cosine(reduced(calibration_images, CALIBRATION_IMAGES), exact(calibration_images, CALIBRATION_IMAGES)))
+    with _build_lock:  # keep only the extractor the run will use: the other one's memory goes back
+        _extractors.pop((exact_spec if cosine >= BF16_MIN_COSINE else reduced_spec).fingerprint, None)
     if cosine >= BF16_MIN_COSINE:
         choice = choice.model_copy(update={"reason": f"{choice.reason}; cosine to float32 {cosine:.6f} on {len(calibration_images)} images"})
     else:

@@ -17,7 +17,7 @@ from tasks.cifar import SPLITS, VIEWS, Shard
 from tasks.config import FeatureSpec, PipelineConfig
 from tasks.errors import FeatureSetError
 from tasks.logs import logger
-from tasks.storage import TEMP_SUFFIX, Storage
+from tasks.storage import CLAIM_SUFFIX, TEMP_SUFFIX, Storage
 from tasks.store import FEATURE_SET_NAME, manifest_path, read_description, read_manifest, shard_problem
 
 UNLISTED = "not listed in the manifest"
@@ -39,6 +39,8 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
         for name in sorted(on_disk):
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 problems.setdefault(f"{split}/{name}", []).append("leftover temporary file of an interrupted write")
+            if name.startswith(".") and name.endswith(CLAIM_SUFFIX):
+                problems.setdefault(f"{split}/{name}", []).extend(["claim of a run in progress, or of a killed one", UNLISTED])
         try:
             manifest = read_manifest(storage, folder, split)
         except ValueError as exc:

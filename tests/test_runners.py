@@ -10,6 +10,7 @@ from test_flow import tiny_config
 from test_scaleout import manifest_checksums
 
 from flows.cifar_transfer import extract_features
+from tasks import runners
 from tasks.engines import gpus
 from tasks.runners import gpu_cluster_spec, visible_gpu_ids
 
@@ -45,3 +46,13 @@ def test_dask_workers_are_pinned_round_robin_to_the_gpus():
     with SpecCluster(**gpu_cluster_spec(["0", "1"], workers=3), asynchronous=False) as cluster, Client(cluster) as client:
         pinned = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
     assert sorted(pinned.values()) == ["0", "0", "1"]
+
+
+def test_dask_with_several_gpus_runs_shards_on_the_pinned_workers(prefect_api, tiny_archive, tmp_path, monkeypatch):
+    """The GPU cluster spec through Prefect's DaskTaskRunner, end to end; the GPUs themselves are
+    declared (TensorFlow finds none here and computes on the CPU, so the features must not change)."""
+    monkeypatch.setattr(runners, "visible_gpu_ids", lambda: ["0", "1"])
+    threads, _ = extract_features(tiny_config(tiny_archive, tmp_path / "threads"))
+    pinned, stats = extract_features(tiny_config(tiny_archive, tmp_path / "dask", task_runner="dask", workers=1))
+    assert stats.shards_computed == 6 and len(stats.processes) == 2 and os.getpid() not in stats.processes
+    assert manifest_checksums(pinned.folder) == manifest_checksums(threads.folder)

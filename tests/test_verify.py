@@ -40,6 +40,7 @@ def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(tiny_
     os.remove(os.path.join(test, "_manifest.json"))
     open(os.path.join(train, ".part-00003.parquet.feedfacecafe.tmp"), "wb").write(b"half")
     shutil.copy(os.path.join(other.folder, "train", "part-00003.parquet"), os.path.join(train, "part-00099.parquet"))
+    open(os.path.join(train, ".part-00003.parquet.claim"), "wb").write(b"{}")  # left by a run killed mid-shard
 
     problems = verify_feature_set(config.storage, folder)
     assert problems["train/part-00000.parquet"][0].startswith("500 bytes, the manifest says")
@@ -48,16 +49,18 @@ def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(tiny_
     assert problems["test/_manifest.json"] == ["missing: the split is incomplete"]
     assert problems["train/.part-00003.parquet.feedfacecafe.tmp"] == ["leftover temporary file of an interrupted write"]
     assert problems["train/part-00099.parquet"] == ["not listed in the manifest"]
-    assert set(problems) == {"train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet",
-                             "test/_manifest.json", "train/.part-00003.parquet.feedfacecafe.tmp", "train/part-00099.parquet"}
+    assert problems["train/.part-00003.parquet.claim"] == ["claim of a run in progress, or of a killed one", "not listed in the manifest"]
+    assert set(problems) == {"train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet", "test/_manifest.json",
+                             "train/.part-00003.parquet.feedfacecafe.tmp", "train/part-00099.parquet", "train/.part-00003.parquet.claim"}
     with pytest.raises(FeatureSetError, match="no complete test features"):
         load_features(config.storage, "test", features.fingerprint)
 
     assert main(["verify", "--storage", config.storage, "--fingerprint", features.fingerprint, "--repair"]) == 1
     output = capsys.readouterr().out
     assert "part-00099.parquet: not listed in the manifest" in output
-    assert verify_feature_set(config.storage, folder) == {"train/part-00099.parquet": ["not listed in the manifest"]}
+    assert set(verify_feature_set(config.storage, folder)) == {"train/part-00099.parquet", "train/.part-00003.parquet.claim"}
     os.remove(os.path.join(train, "part-00099.parquet"))
+    os.remove(os.path.join(train, ".part-00003.parquet.claim"))
     assert main(["verify", "--storage", config.storage, "--fingerprint", features.fingerprint]) == 0
     for split in ("train", "test"):
         np.testing.assert_array_equal(load_features(config.storage, split, features.fingerprint)[2], reference[split])
