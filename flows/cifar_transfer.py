@@ -14,7 +14,7 @@ from prefect import flow, tags
 from tasks.cifar import DatasetInfo, decode_archive_task, plan_shards
 from tasks.config import FeatureSpec, PipelineConfig
 from tasks.download import fetch_archive_task
-from tasks.engines import choose_engine_task
+from tasks.engines import choose_engine_task, release_extractors
 from tasks.extract import extract_shard_task
 from tasks.head import train_head_task
 from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
@@ -42,7 +42,9 @@ def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: DatasetIn
     for shard in plan_shards(dataset.sizes, config.shard_size, config.flip):
         with tags(spec.backbone, shard.split):
             futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
-    return wait_for_shards(futures)
+    outcome = wait_for_shards(futures)
+    release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
+    return outcome
 
 
 @flow(name="analyze-features", flow_run_name="analyze-{fingerprint}")

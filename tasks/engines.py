@@ -247,6 +247,12 @@ def built_extractors() -> list[str]:
     return list(_extractors)
 
 
+def release_extractors() -> None:
+    """Drop this process's extractors (once its shards are done, the memory goes to t-SNE and the heads)."""
+    with _build_lock:
+        _extractors.clear()
+
+
 def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
     """The compiled extractor for `spec`, built on first use in this process, then reused."""
     with _build_lock:

@@ -44,7 +44,7 @@ from tasks.store import read_manifest, read_split
 METRICS_NAME = "metrics.json"
 LOGISTIC_STRENGTHS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # strong to weak regularization
 STRENGTH_PATIENCE = 2
-LOGISTIC_MAX_ITERATIONS = 200
+LOGISTIC_MAX_ITERATIONS = 100  # each fit starts from the previous strength's solution
 
 
 class HeadResult(BaseModel):
@@ -296,6 +296,7 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
     train_index, train = read_view(storage, folder, "train", settings)
     fit_rows, validation_rows = split_validation(len(train.labels), settings["validation_split"], settings["seed"])
     fit, validation = train.rows(fit_rows), train.rows(validation_rows)
+    del train  # read again for the final predictions: fitting is the memory peak, so keep one copy then
     candidates = []
     for kind in candidate_heads(settings["head"], feature_shape):
         fitted = fit_head(kind, fit, validation, feature_shape, len(classes), settings)
@@ -311,6 +312,7 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
     def predict(rows: np.ndarray) -> np.ndarray:
         return chosen.model.predict(rows, batch_size=1024, verbose=0)
 
+    _, train = read_view(storage, folder, "train", settings)
     train_probabilities = train.probabilities(predict)
     labels = train.labels
     del train
