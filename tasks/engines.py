@@ -49,15 +49,20 @@ class EngineChoice(BaseModel):
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("" where there is none, e.g. off Linux)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())
 
 
 def cpu_has_native_bf16() -> bool:
@@ -100,14 +105,7 @@ def machine_description() -> dict:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def _affinity() -> set[int]:

@@ -205,9 +205,12 @@ def _url(storage: Storage, path: str) -> str:
     return "file://" + posixpath.abspath(path) if storage.is_local else storage.uri(path)
 
 
-def _stored_array(storage: Storage, path: str) -> np.ndarray:
+def _stored_rows(storage: Storage, path: str, rows: np.ndarray) -> np.ndarray:
+    """Rows of a stored .npy array: memory-mapped on local disk (only those rows are read), whole elsewhere."""
+    if storage.is_local:
+        return np.load(path, mmap_mode="r", allow_pickle=False)[rows]
     with storage.fs.open(path, "rb") as stream:
-        return np.load(stream, allow_pickle=False)
+        return np.load(stream, allow_pickle=False)[rows]
 
 
 def _stored_frame(storage: Storage, path: str):
@@ -234,7 +237,7 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         map_points = embedding[["x", "y"]].to_numpy()
         map_truth = embedding["label"].to_numpy()
         map_predicted = train.loc[embedding["index"], "predicted"].to_numpy()
-        map_images = _stored_array(storage, posixpath.join(images, "train_images.npy"))[embedding["index"].to_numpy()]
+        map_images = _stored_rows(storage, posixpath.join(images, "train_images.npy"), embedding["index"].to_numpy())
     spec = features.spec
     extraction = summary["extraction"]
     html = render_html_report(
@@ -245,7 +248,7 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         test_truth=test["label"].to_numpy(),
         test_predicted=test["predicted"].to_numpy(),
         test_confidence=test["confidence"].to_numpy(),
-        test_images=_stored_array(storage, posixpath.join(images, "test_images.npy"))[test["index"].to_numpy()],
+        test_images=_stored_rows(storage, posixpath.join(images, "test_images.npy"), test["index"].to_numpy()),
         map_points=map_points,
         map_truth=map_truth,
         map_predicted=map_predicted,
