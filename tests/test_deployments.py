@@ -65,6 +65,7 @@ def server(tmp_path):
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PWD": str(ROOT),
     }
     process = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], environment, tmp_path / "server.log")
@@ -124,7 +125,12 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
                                json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}}).json()
         assert artifacts and "MobileNetV2 at 32px" in artifacts[0]["data"]
 
-        scheduled = [run for run in flow_runs(server) if run["state_type"] == "SCHEDULED"]
-        assert scheduled and all(run["name"] for run in scheduled), "the scheduler created no nightly run"
+        nightly = httpx.get(f"{server['PREFECT_API_URL']}/deployments/name/cifar-transfer/nightly", timeout=10).json()
+
+        def nightly_runs_scheduled():
+            return [run for run in flow_runs(server) if run["deployment_id"] == nightly["id"] and run["state_type"] == "SCHEDULED"]
+
+        scheduled = poll(nightly_runs_scheduled, "the scheduler to create nightly runs", 120, [worker])
+        assert all(run["expected_start_time"].split("T")[1].startswith("02:00:00") for run in scheduled)
     finally:
         stop(worker)
