@@ -95,7 +95,7 @@ class PipelineConfig(BaseModel):
         "or 'auto': every head that fits the features, the best on validation wins",
     )
     epochs: int = Field(50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept")
-    head_batch_size: int = Field(128, ge=1, le=65_536, description="head training batch size")
+    head_batch_size: int = Field(512, ge=1, le=65_536, description="head training batch size")
     learning_rate: float = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
     validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
     patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")

