@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
+
+# The ephemeral API's first start on a fresh PREFECT_HOME migrates its database, which takes a 2-core
+# machine longer than Prefect's 20 s default; set before Prefect reads its settings on import.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from tasks.config import PipelineConfig, load_config
 from tasks.errors import PermanentError
