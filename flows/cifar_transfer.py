@@ -15,7 +15,7 @@ from tasks.cifar import DatasetInfo, decode_archive_task, plan_shards
 from tasks.config import FeatureSpec, PipelineConfig
 from tasks.download import fetch_archive_task
 from tasks.engines import choose_engine_task, release_extractors
-from tasks.extract import extract_shard_task
+from tasks.extract import extract_shard_task, plan_extraction_task
 from tasks.head import train_head_task
 from tasks.report import ExtractionStats, publish_report_task, wait_for_shards
 from tasks.runners import shard_runner
@@ -37,12 +37,13 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
 
 @flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
 def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: DatasetInfo) -> tuple[list[ShardRecord], ExtractionStats]:
-    """Every shard as its own task, on the task runner the config chose."""
+    """Every shard still to compute as its own task, on the task runner the config chose; finished ones are reused."""
+    plan = plan_extraction_task(config.storage, spec, plan_shards(dataset.sizes, config.shard_size, config.flip))
     futures = []
-    for shard in plan_shards(dataset.sizes, config.shard_size, config.flip):
+    for shard in plan.to_compute:
         with tags(spec.backbone, shard.split):
             futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
-    outcome = wait_for_shards(futures)
+    outcome = wait_for_shards(plan.reused, futures)
     release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
     return outcome
 

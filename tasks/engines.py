@@ -165,12 +165,14 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
         remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    reduced_spec, exact_spec = (config.feature_spec(dataset_md5, choice.engine, precision) for precision in (choice.precision, "float32"))
+    reduced_spec = config.feature_spec(dataset_md5, choice.engine, choice.precision)
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
-    exact = get_extractor(exact_spec, calibration_images.shape[1:])
+    exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
     cosine = float(mean_cosine(reduced(calibration_images, CALIBRATION_IMAGES), exact(calibration_images, CALIBRATION_IMAGES)))
-    with _build_lock:  # keep only the extractor the run will use: the other one's memory goes back
-        _extractors.pop((exact_spec if cosine >= BF16_MIN_COSINE else reduced_spec).fingerprint, None)
+    del exact
+    if cosine < BF16_MIN_COSINE:
+        with _build_lock:  # the run will build its float32 extractor: this one's memory goes back
+            _extractors.pop(reduced_spec.fingerprint, None)
     if cosine >= BF16_MIN_COSINE:
         choice = choice.model_copy(update={"reason": f"{choice.reason}; cosine to float32 {cosine:.6f} on {len(calibration_images)} images"})
     else:
@@ -182,6 +184,14 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
     storage.write_atomic(path, choice.model_dump_json().encode())
     log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
     return choice
+
+
+def float32_reference(spec: FeatureSpec, extractor: Extractor, image_shape: tuple[int, int, int]) -> Extractor:
+    """Features of `spec` in float32 to check a reduced precision against: OpenVINO's own source model run by
+    TensorFlow (no second conversion and compilation), else a float32 build."""
+    if isinstance(extractor, OpenVINOExtractor):
+        return KerasExtractor(extractor.source_model)
+    return build_engine_extractor(spec.model_copy(update={"precision": "float32"}), image_shape)
 
 
 def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:
@@ -221,6 +231,7 @@ class OpenVINOExtractor:
         )
         self.requests = ov.AsyncInferQueue(self.compiled)
         self.output_shape = tuple(model.output.shape[1:])
+        self.source_model = model  # the float32 Keras model it was converted from
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         features = np.empty((len(images), *self.output_shape), np.float32)

@@ -1,9 +1,11 @@
 """One shard: raw images in, backbone features out, committed as one Parquet file.
 
 A shard that is already on storage, readable, with the right fingerprint and
-row range is never recomputed, and the backbone is built only when some shard
-really needs computing: once per process, then reused for every shard that
-process gets.
+row range is never recomputed: the plan (`plan_extraction`) reuses it without
+a task run of its own (thousands of Cached task runs would cost the API more
+than the check), and a task that finds its shard done meanwhile reuses it too.
+The backbone is built only when some shard really needs computing: once per
+process, then reused for every shard that process gets.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from tasks.engines import get_extractor
 from tasks.errors import FeatureSetError, retry_on_transient
 from tasks.logs import logger
 from tasks.storage import Storage
-from tasks.store import ShardRecord, existing_shard_record, shard_path, shard_problem, shard_size_conflict, shard_table, write_shard
+from tasks.store import (
+    ShardRecord,
+    existing_shard_record,
+    features_folder,
+    read_manifest,
+    shard_path,
+    shard_problem,
+    shard_size_conflict,
+    shard_table,
+    write_shard,
+)
 
 _inference_lock = threading.Lock()
 
@@ -65,6 +77,34 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: DatasetInfo, sha
         record = write_shard(storage, path, shard, shard_table(spec, shard, labels, features))
     log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, shard.rows, seconds, shard.rows / max(seconds, 1e-9))
     return ExtractedShard(record=record, inference_seconds=seconds)
+
+
+class ExtractionPlan(BaseModel):
+    reused: list[ExtractedShard]  # finished and valid: taken as they are
+    to_compute: list[Shard]
+
+
+def plan_extraction(storage_url: str, spec: FeatureSpec, shards: list[Shard]) -> ExtractionPlan:
+    """Split `shards` into those already finished (checked as `extract_shard` checks them) and those to compute."""
+    storage = Storage(storage_url)
+    folder = features_folder(storage, spec)
+    manifests = {split: read_manifest(storage, folder, split) for split in {shard.split for shard in shards}}
+    reused, to_compute = [], []
+    for shard in shards:
+        path = shard_path(storage, spec, shard)
+        if shard_problem(storage, path, spec, shard) is None:
+            record = existing_shard_record(storage, path, shard, manifests[shard.split])
+            reused.append(ExtractedShard(record=record, inference_seconds=None))
+        else:
+            to_compute.append(shard)
+    logger().info("extraction plan: %d of %d shards already done (reused as they are), %d to compute",
+                  len(reused), len(shards), len(to_compute))
+    return ExtractionPlan(reused=reused, to_compute=to_compute)
+
+
+@task(name="plan-extraction")
+def plan_extraction_task(storage_url: str, spec: FeatureSpec, shards: list[Shard]) -> ExtractionPlan:
+    return plan_extraction(storage_url, spec, shards)
 
 
 def _reused(storage: Storage, path: str, shard: Shard, why: str) -> ExtractedShard:

@@ -58,17 +58,18 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def wait_for_shards(futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[ShardRecord], ExtractionStats]:
+def wait_for_shards(reused: list[ExtractedShard], futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[ShardRecord], ExtractionStats]:
     """Collect shard results as they finish, logging progress with rate and ETA.
 
-    Shards reused from an earlier run (Prefect shows them Cached) count
-    towards progress but not towards the rate.
+    Shards reused from an earlier run (the plan's, and any a task found done
+    meanwhile) count towards progress but not towards the rate.
     """
     log = logger()
     started = time.perf_counter()
-    progress_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description="feature extraction: shards finished")
-    records: list[ShardRecord] = []
-    total_images = 0
+    shards = len(reused) + len(futures)
+    progress_id = create_progress_artifact(100.0 * len(reused) / shards, key=PROGRESS_KEY, description="feature extraction: shards finished")
+    records = [extracted.record for extracted in reused]
+    total_images = sum(record.rows for record in records)
     computed_shards = computed_images = 0
     processes: set[int] = set()
     for future in as_completed(futures):
@@ -82,14 +83,14 @@ def wait_for_shards(futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[
             computed_images += record.rows
         elapsed = time.perf_counter() - started
         rate = computed_images / elapsed if computed_images else 0.0
-        remaining = len(futures) - len(records)
+        remaining = shards - len(records)
         remaining_images = remaining * (total_images / len(records))
         eta = _duration(remaining_images / rate) if rate and remaining else "-"
         log.info(
             "extraction: %d/%d shards, %d images (%d computed), %.0f images/s, ETA %s",
-            len(records), len(futures), total_images, computed_images, rate, eta,
+            len(records), shards, total_images, computed_images, rate, eta,
         )
-        update_progress_artifact(progress_id, 100.0 * len(records) / len(futures))
+        update_progress_artifact(progress_id, 100.0 * len(records) / shards)
     stats = ExtractionStats(
         shards=len(records), shards_computed=computed_shards, images=total_images,
         images_computed=computed_images, seconds=time.perf_counter() - started, processes=sorted(processes),

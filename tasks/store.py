@@ -192,7 +192,12 @@ def shard_size_conflict(storage: Storage, path: str, spec: FeatureSpec, shard: S
     )
 
 
-def existing_shard_record(storage: Storage, path: str, shard: Shard) -> ShardRecord:
+def existing_shard_record(storage: Storage, path: str, shard: Shard, manifest: Manifest | None = None) -> ShardRecord:
+    """The record of a finished shard: from `manifest` when it lists this file at its size, else by hashing the file."""
+    listed = {record.file: record for record in manifest.shards} if manifest else {}
+    record = listed.get(posixpath.basename(path))
+    if record is not None and (record.start, record.stop) == (shard.start, shard.stop) and record.bytes == storage.fs.size(path):
+        return record
     return _record(shard, path, storage.read_bytes(path))
 
 

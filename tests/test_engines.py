@@ -63,7 +63,7 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     if not cpu_has_native_bf16():
         assert (first.precision, stored) == ("float32", [])
         return
-    exact = features(config.model_copy(update={"engine": first.engine, "precision": "float32"}), images)
+    exact = features(config.model_copy(update={"engine": "tensorflow", "precision": "float32"}), images)  # the reference the choice uses
     reduced = features(config.model_copy(update={"engine": first.engine, "precision": "bfloat16"}), images)
     measured = mean_cosine(reduced, exact)
     assert first.precision == ("bfloat16" if measured >= BF16_MIN_COSINE else "float32")

@@ -111,7 +111,7 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     states = task_states_since(started)
     assert repaired.shards_computed == 1
     assert states["extract[train/00002]"] == ["Completed"]
-    assert all(states[name] == ["Cached"] for name in states if name.startswith("extract[") and name != "extract[train/00002]")
+    assert [name for name in states if name.startswith("extract[")] == ["extract[train/00002]"], "finished shards get no task run"
     assert s3.get_object(Bucket=BUCKET, Key=victim)["Body"].read() == original
     assert object_sizes(s3) == listing
 
