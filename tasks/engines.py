@@ -211,7 +211,9 @@ class KerasExtractor:
         import tensorflow as tf
 
         self.model = model
-        self.forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        # No autograph: a plain call needs no source conversion, and autograph's parsing raced with another
+        # thread's in CPython 3.11 once here ("SystemError: AST constructor recursion depth mismatch").
+        self.forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         outputs = [self.forward(images[start : start + batch_size]).numpy() for start in range(0, len(images), batch_size)]

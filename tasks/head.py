@@ -25,6 +25,7 @@ import os
 import posixpath
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +147,7 @@ def fit_logistic(fit: Split, validation: Split, feature_shape: list[int], classe
     softmax) so every head is stored and used the same way.
     """
     import keras
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -156,9 +158,11 @@ def fit_logistic(fit: Split, validation: Split, feature_shape: list[int], classe
     model = LogisticRegression(max_iter=LOGISTIC_MAX_ITERATIONS, warm_start=True, random_state=settings["seed"])
     curve, best, worse_in_a_row = [], None, 0
     for strength in LOGISTIC_STRENGTHS:
-        model.set_params(C=strength).fit(train_x, labels)
+        with warnings.catch_warnings():  # capped iterations are the design (warm starts, judged on validation), not a fault
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.set_params(C=strength).fit(train_x, labels)
         accuracy = validation.accuracy(lambda rows: model.predict_proba(scaler.transform(spatial_mean(rows, feature_shape))))
-        curve.append({"C": strength, "validation_accuracy": accuracy})
+        curve.append({"C": strength, "validation_accuracy": accuracy, "iterations": int(model.n_iter_[0])})
         if best is None or accuracy > best[0]:
             best, worse_in_a_row = (accuracy, strength, model.coef_.copy(), model.intercept_.copy()), 0
         else:
