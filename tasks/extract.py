@@ -102,7 +102,7 @@ def plan_extraction(storage_url: str, spec: FeatureSpec, shards: list[Shard]) ->
     return ExtractionPlan(reused=reused, to_compute=to_compute)
 
 
-@task(name="plan-extraction")
+@task(name="plan-extraction", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=retry_on_transient)
 def plan_extraction_task(storage_url: str, spec: FeatureSpec, shards: list[Shard]) -> ExtractionPlan:
     return plan_extraction(storage_url, spec, shards)
 
