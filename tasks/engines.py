@@ -169,7 +169,6 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
     exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
     cosine = float(mean_cosine(reduced(calibration_images, CALIBRATION_IMAGES), exact(calibration_images, CALIBRATION_IMAGES)))
-    del exact
     if cosine < BF16_MIN_COSINE:
         with _build_lock:  # the run will build its float32 extractor: this one's memory goes back
             _extractors.pop(reduced_spec.fingerprint, None)

@@ -26,6 +26,7 @@ from tasks.errors import FeatureSetError, retry_on_transient
 from tasks.logs import logger
 from tasks.storage import Storage
 from tasks.store import (
+    Manifest,
     ShardRecord,
     existing_shard_record,
     features_folder,
@@ -93,8 +94,7 @@ def plan_extraction(storage_url: str, spec: FeatureSpec, shards: list[Shard]) ->
     for shard in shards:
         path = shard_path(storage, spec, shard)
         if shard_problem(storage, path, spec, shard) is None:
-            record = existing_shard_record(storage, path, shard, manifests[shard.split])
-            reused.append(ExtractedShard(record=record, inference_seconds=None))
+            reused.append(reused_shard(storage, path, shard, manifests[shard.split]))
         else:
             to_compute.append(shard)
     logger().info("extraction plan: %d of %d shards already done (reused as they are), %d to compute",
@@ -107,9 +107,14 @@ def plan_extraction_task(storage_url: str, spec: FeatureSpec, shards: list[Shard
     return plan_extraction(storage_url, spec, shards)
 
 
+def reused_shard(storage: Storage, path: str, shard: Shard, manifest: Manifest | None = None) -> ExtractedShard:
+    """A finished shard taken as it is (its record from `manifest` when that lists it)."""
+    return ExtractedShard(record=existing_shard_record(storage, path, shard, manifest), inference_seconds=None)
+
+
 def _reused(storage: Storage, path: str, shard: Shard, why: str) -> ExtractedShard:
     logger().info("extract[%s]: %s, reusing %s", shard.name, why, storage.uri(path))
-    return ExtractedShard(record=existing_shard_record(storage, path, shard), inference_seconds=None)
+    return reused_shard(storage, path, shard)
 
 
 def shard_output_key(storage_url: str, spec: FeatureSpec, shard: Shard, **_) -> str | None:
