@@ -25,7 +25,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def poll(condition, what: str, timeout: float, processes=()):
+def last_error(log: Path) -> str:
+    """The last exception line a server or worker logged, to say why a wait timed out."""
+    errors = [line for line in log.read_text(errors="replace").splitlines() if "Error:" in line or "Exception:" in line]
+    return errors[-1] if errors else "no error logged"
+
+
+def poll(condition, what: str, timeout: float, processes=(), log: Path | None = None):
     """Wait on a condition read from the API (no fixed sleeps as synchronization)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -36,7 +42,7 @@ def poll(condition, what: str, timeout: float, processes=()):
             if process.poll() is not None:
                 raise AssertionError(f"{process.args[:4]} exited with {process.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {log.name}: {last_error(log)}" if log else ""))
         time.sleep(0.5)
 
 
@@ -130,7 +136,7 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
         def nightly_runs_scheduled():
             return [run for run in flow_runs(server) if run["deployment_id"] == nightly["id"] and run["state_type"] == "SCHEDULED"]
 
-        scheduled = poll(nightly_runs_scheduled, "the scheduler to create nightly runs", 120, [worker])
+        scheduled = poll(nightly_runs_scheduled, "the scheduler to create nightly runs", 120, [worker], tmp_path / "server.log")
         assert all(run["expected_start_time"].split("T")[1].startswith("02:00:00") for run in scheduled)
     finally:
         stop(worker)
