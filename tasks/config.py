@@ -99,6 +99,11 @@ class PipelineConfig(BaseModel):
     learning_rate: float = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
     validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
     patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")
+    refit: bool = Field(
+        False,
+        description="after choosing on validation, train the chosen head again on all train images (validation part included) "
+        "with the chosen strength / epochs; costs one more fit per head",
+    )
     seed: int = Field(0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head")
 
     @model_validator(mode="before")
@@ -205,6 +210,7 @@ class PipelineConfig(BaseModel):
             "patience": self.patience,
             "seed": self.seed,
             "flip": self.flip,
+            "refit": self.refit,
         }
 
     def head_key(self, fingerprint: str) -> str:

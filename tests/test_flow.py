@@ -131,12 +131,15 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tm
 def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
     first = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
     started = datetime.now(timezone.utc)
-    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic"))
+    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic", refit=True))
     states = task_states_since(started)
     assert second["features"] == first["features"]
     assert second["extraction"]["shards_computed"] == 0
     assert states["tsne"] == ["Cached"] and states["head"] == ["Completed"]
     assert second["head"]["folder"] != first["head"]["folder"] and os.path.exists(first["head"]["metrics"])
+    with open(second["head"]["metrics"]) as stream:
+        chosen = json.load(stream)["chosen"]
+    assert chosen["head"] == "logistic" and chosen["refit"] is True
 
 
 def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_path):

@@ -88,3 +88,26 @@ def test_flipped_views_double_the_training_rows_and_are_averaged_at_prediction()
     assert features.shape == (8, 3) and list(labels) == [0, 1, 2, 3, 0, 1, 2, 3]
     np.testing.assert_allclose(split.probabilities(lambda rows: rows), 2 * np.ones((4, 3)))
     assert split.rows(np.array([1, 3])).mirrored.shape == (2, 3)
+
+
+def test_refit_learns_from_the_validation_rows_with_what_validation_chose():
+    """Class 9 appears only in the validation rows: the chosen heads never predict it, their refits on all rows do."""
+    from tasks.head import ensemble_head, refit_head
+
+    train = blobs(900, (32,), 1.0, 0)
+    only_in_validation = train.labels == 9
+    fit, validation = train.rows(np.flatnonzero(~only_in_validation)), train.rows(np.flatnonzero(only_in_validation | (np.arange(900) % 5 == 0)))
+    test = blobs(300, (32,), 1.0, 2)
+    candidates = [fit_head(kind, fit, validation, [32], 10, {**SETTINGS, "epochs": 8}) for kind in ("logistic", "mlp")]
+    members = list(candidates)
+    candidates.append(ensemble_head(candidates, [32], validation))  # as train_head does: the ensemble joins its members' list
+    chosen = candidates[-1]
+    assert chosen.members == members
+    refit = refit_head(chosen, train, [32], 10, SETTINGS)
+    assert refit.validation_accuracy == chosen.validation_accuracy and refit.details["refit"]
+    assert [member.details["refit"] for member in refit.members] == [True, True]
+    assert refit.members[0].details["C"] == members[0].details["C"]
+    assert refit.members[1].model.history.params["epochs"] == members[1].details["best_epoch"]  # not SETTINGS' 30
+    nines = test.labels == 9
+    assert not np.any(chosen.model.predict(test.features, verbose=0).argmax(axis=1) == 9)
+    assert np.mean(refit.model.predict(test.features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
