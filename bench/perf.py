@@ -8,7 +8,8 @@ after another, so ratios come from one run on one machine. Writes bench/results/
 bench/results/perf.md (the tables) and bench/results/scaling.png. `--quick` shrinks every part for a smoke test.
 
 - ceiling: the engine's extractor on 2,048 preloaded images already resized to the input size (no pipeline at all),
-  the best of 3 passes;
+  2 passes just before the pipeline measurement and 2 just after (this machine's speed drifts by +-10% within
+  minutes); both the best pass and the median are reported, and efficiency against each;
 - pipeline: the `extract-shards` flow over the whole test split (read, resize, preprocess, inference, Parquet write,
   Prefect bookkeeping), with the process's extractor built beforehand as every worker keeps one;
 - cosine: mean cosine similarity of the test split's features to TensorFlow float32's;
@@ -27,6 +28,7 @@ import math
 import multiprocessing
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ from bench.results_log import RESULTS, record  # noqa: E402
 
 ENGINES = [("tensorflow", "float32"), ("tensorflow", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16")]
 CEILING_IMAGES = 2048
-CEILING_PASSES = 3
+CEILING_PASSES_EACH_SIDE = 2
 
 
 def in_fresh_process(function, *arguments):
@@ -74,15 +76,14 @@ def prepared(options: dict, storage: str):
     return config, dataset, images
 
 
-def images_per_second(extractor, images, batch_size: int) -> float:
-    """The best of `CEILING_PASSES` timed passes: a ceiling, so the machine's quietest moment counts."""
-    extractor(images[:batch_size], batch_size)  # warm-up: compilation and first allocations
+def ceiling_passes(extractor, images, batch_size: int) -> list[float]:
+    """Images/s of `CEILING_PASSES_EACH_SIDE` timed passes of the bare extractor over preloaded, resized images."""
     rates = []
-    for _ in range(CEILING_PASSES):
+    for _ in range(CEILING_PASSES_EACH_SIDE):
         started = time.perf_counter()
         extractor(images, batch_size)
         rates.append(len(images) / (time.perf_counter() - started))
-    return max(rates)
+    return rates
 
 
 def engine_point(options: dict, engine: str, precision: str, storage: str, test_images: int) -> dict:
@@ -97,16 +98,21 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     spec = config.feature_spec(dataset.md5, engine, precision)
     size = spec.input_size
     resized = tf.cast(tf.round(tf.image.resize(images[:CEILING_IMAGES], (size, size))), tf.uint8).numpy()
-    ceiling = images_per_second(build_engine_extractor(spec, (size, size, 3)), resized, config.batch_size)
+    bare = build_engine_extractor(spec, (size, size, 3))
+    bare(resized[: config.batch_size], config.batch_size)  # warm-up: compilation and first allocations
     get_extractor(spec, images.shape[1:])(images[: config.batch_size], config.batch_size)
     test_only = dataset.model_copy(update={"sizes": {"test": test_images}})
+    rates = ceiling_passes(bare, resized, config.batch_size)
     started = time.perf_counter()
     extract_shards(config, spec, test_only)
     pipeline = test_images / (time.perf_counter() - started)
+    rates += ceiling_passes(bare, resized, config.batch_size)
+    ceiling, typical = max(rates), statistics.median(rates)
     return {
         "engine": engine, "precision": precision, "ceiling_images_per_second": round(ceiling, 1),
+        "ceiling_median_images_per_second": round(typical, 1), "ceiling_passes": [round(rate, 1) for rate in rates],
         "pipeline_images_per_second": round(pipeline, 1), "efficiency": round(pipeline / ceiling, 3),
-        "fingerprint": spec.fingerprint, "peak_rss_mib": round(peak_rss_mib()),
+        "efficiency_to_median": round(pipeline / typical, 3), "fingerprint": spec.fingerprint, "peak_rss_mib": round(peak_rss_mib()),
     }
 
 
@@ -243,12 +249,14 @@ def scaling_picture(points: list[dict], path: Path) -> None:
 
 def markdown(result: dict) -> str:
     lines = ["# Performance benchmark", "", f"Machine: {json.dumps(result['machine'])}", "",
-             "| engine | precision | ceiling img/s | pipeline img/s | efficiency | x TF float32 ceiling | cosine to TF f32 |",
+             "| engine | precision | ceiling img/s: best / median of 4 passes around the pipeline | pipeline img/s | "
+             "efficiency: to best / to median | x TF float32 ceiling (best) | cosine to TF f32 |",
              "|---|---|---|---|---|---|---|"]
     base = result["engines"][0]["ceiling_images_per_second"]
     for point in result["engines"]:
-        lines.append(f"| {point['engine']} | {point['precision']} | {point['ceiling_images_per_second']} | "
-                     f"{point['pipeline_images_per_second']} | {point['efficiency']} | "
+        lines.append(f"| {point['engine']} | {point['precision']} | {point['ceiling_images_per_second']} / "
+                     f"{point['ceiling_median_images_per_second']} | {point['pipeline_images_per_second']} | "
+                     f"{point['efficiency']} / {point['efficiency_to_median']} | "
                      f"{point['pipeline_images_per_second'] / base:.2f} | {point.get('cosine_to_tensorflow_float32')} |")
     full, rerun, notebook, tsne = result["full_run"], result["rerun"], result["notebook"], result["tsne_all_train"]
     lines += ["", "| whole job | value |", "|---|---|",
