@@ -355,18 +355,15 @@ def train_head(storage_url: str, folder: str, key: str, settings: dict, classes:
         log.info("ensemble head: validation %.2f%%", 100 * candidates[-1].validation_accuracy)
     chosen = max(candidates, key=lambda fitted: fitted.validation_accuracy)
     del fit, validation
+    _, train = read_view(storage, folder, "train", settings)
     if settings.get("refit"):
-        _, train = read_view(storage, folder, "train", settings)
         refit_started = time.perf_counter()
         chosen = refit_head(chosen, train, feature_shape, len(classes), settings)
-        del train
-        log.info("refit the %s head on all %d train rows in %.0f s", chosen.details["head"], len(fit_rows) + len(validation_rows),
-                 time.perf_counter() - refit_started)
+        log.info("refit the %s head on all %d train rows in %.0f s", chosen.details["head"], len(train.labels), time.perf_counter() - refit_started)
 
     def predict(rows: np.ndarray) -> np.ndarray:
         return chosen.model.predict(rows, batch_size=1024, verbose=0)
 
-    _, train = read_view(storage, folder, "train", settings)
     train_probabilities = train.probabilities(predict)
     labels = train.labels
     del train
