@@ -22,26 +22,45 @@ from test_flow import tiny_config
 
 from flows.cifar_transfer import extract_features
 from tasks import storage as storage_module
+from tasks.cifar import plan_shards
 from tasks.storage import Claim, Storage
-from tasks.store import FeatureSetInfo, load_features
+from tasks.store import FeatureSetInfo, load_features, shard_path
 from tasks.verify import verify_feature_set
 
 
-def run_twice_at_once(config) -> FeatureSetInfo:
-    """Two extract-features runs of `config` started at the same instant; checks each shard was computed once."""
-    barrier = threading.Barrier(2)
-    started = datetime.now(timezone.utc)
-
-    def run(_):
-        barrier.wait()
-        return extract_features(config)
-
-    with ThreadPoolExecutor(2) as pool:
-        (first, first_stats), (second, second_stats) = pool.map(run, range(2))
+def shard_flow_runs(started: datetime):
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
             name=FlowRunFilterName(any_=["shards-MobileNetV2"]), start_time=FlowRunFilterStartTime(after_=started)))
-    spans = sorted((run.start_time, run.end_time) for run in runs)
+
+
+def run_twice_at_once(config) -> FeatureSetInfo:
+    """Two extract-features runs of `config` started together; checks each shard was computed once.
+
+    The test holds the last shard's claim itself until both runs are inside their shard subflows, so
+    the runs overlap whatever the timing (a stalled API call once started the second run after the
+    first had finished); then it lets go and one of the runs computes that shard.
+    """
+    storage = Storage(config.storage)
+    spec = config.feature_spec(config.expected_md5, config.engine, config.precision)
+    held_path = shard_path(storage, spec, plan_shards({"train": 200, "test": 100}, config.shard_size)[-1])
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_last_shard():
+        with storage.claim(held_path):
+            holding.set()
+            release.wait()
+
+    started = datetime.now(timezone.utc)
+    with ThreadPoolExecutor(3) as pool:
+        holder = pool.submit(hold_last_shard)
+        assert holding.wait(30), holder.exception(timeout=0)
+        runs = [pool.submit(extract_features, config) for _ in range(2)]
+        wait_until(lambda: len(shard_flow_runs(started)) == 2 or any(run.done() for run in runs), timeout=120)
+        release.set()
+        holder.result()
+        (first, first_stats), (second, second_stats) = (run.result() for run in runs)
+    spans = sorted((run.start_time, run.end_time) for run in shard_flow_runs(started))
     assert len(spans) == 2 and spans[1][0] < spans[0][1], "the runs did not overlap, so nothing was tested"
     assert first_stats.shards_computed + second_stats.shards_computed == first_stats.shards == 6
     assert first.folder == second.folder and first.splits == second.splits == {"train": 200, "test": 100}
