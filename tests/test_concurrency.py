@@ -56,8 +56,10 @@ def run_twice_at_once(config) -> FeatureSetInfo:
         holder = pool.submit(hold_last_shard)
         assert holding.wait(30), holder.exception(timeout=0)
         runs = [pool.submit(extract_features, config) for _ in range(2)]
-        wait_until(lambda: len(shard_flow_runs(started)) == 2 or any(run.done() for run in runs), timeout=120)
-        release.set()
+        try:
+            wait_until(lambda: len(shard_flow_runs(started)) == 2 or any(run.done() for run in runs), timeout=120)
+        finally:  # a failed wait must fail the test, not leave both runs waiting on the claim forever
+            release.set()
         holder.result()
         (first, first_stats), (second, second_stats) = (run.result() for run in runs)
     spans = sorted((run.start_time, run.end_time) for run in shard_flow_runs(started))
