@@ -18,41 +18,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_log import record  # noqa: E402
-from flows.cli import build_parser  # noqa: E402
-from tasks.config import load_config  # noqa: E402
+from cifar_transfer.config import load_config  # noqa: E402
+from cifar_transfer.flows.cli import build_parser  # noqa: E402
 
 
 def main() -> None:
     arguments = build_parser().parse_args(["run", *sys.argv[1:]])
     config = load_config(**{k: v for k, v in vars(arguments).items() if k != "command" and v is not None})
-    from flows.cifar_transfer import cifar_transfer
+    from cifar_transfer.flows.pipeline import cifar_transfer
 
     started = time.perf_counter()
     summary = cifar_transfer(config)
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    extraction = summary["extraction"]
+    extraction, spec = summary.extraction, summary.features.spec
     result = {
         "backbone": config.backbone_name,
         "input_size": config.resolved_input_size,
         "pooling": config.pooling,
         "weights": config.weights,
-        "engine": f"{summary['feature_spec']['engine']} {summary['feature_spec']['precision']}",
-        "head": summary["head"]["kind"],
-        "head_selection": {candidate["head"]: candidate["validation_accuracy"] for candidate in summary["head_selection"]},
-        "images": summary["images"],
-        "shards_computed": f"{extraction['shards_computed']}/{extraction['shards']}",
+        "engine": f"{spec.engine} {spec.precision}",
+        "head": summary.head.kind,
+        "head_selection": {candidate.head: candidate.validation_accuracy for candidate in summary.head.metrics.candidates},
+        "images": summary.features.splits,
+        "shards_computed": f"{extraction.shards_computed}/{extraction.shards}",
         "seconds": {
             "total": round(wall, 1),
-            "extraction": round(extraction["seconds"], 1),
-            "tsne": round(summary["tsne"]["seconds"], 1) if summary["tsne"] else None,
-            "head": round(summary["head"]["seconds"], 1),
+            "extraction": round(extraction.seconds, 1),
+            "tsne": round(summary.tsne.seconds, 1) if summary.tsne else None,
+            "head": round(summary.head.seconds, 1),
         },
-        "extraction_images_per_second": round(extraction["images_per_second"], 1),
+        "extraction_images_per_second": round(extraction.images_per_second, 1),
         "peak_rss_mib": round(peak_mib),
-        "test_accuracy": summary["test_accuracy"],
-        "validation_accuracy": summary["head"]["validation_accuracy"],
-        "features": summary["features"],
+        "test_accuracy": summary.test_accuracy,
+        "validation_accuracy": summary.head.validation_accuracy,
+        "features": summary.features.folder,
     }
     record("full_run", result)
 

@@ -5,7 +5,7 @@
 
 1. Kernels: one process per GPU (CUDA_VISIBLE_DEVICES pinned), all GPUs at once. For each shape (139px
    batch 256, 299px batch 32, 139px batch 64), precision (float32, float16, bfloat16) and XLA
-   (jit_compile off, on), the pipeline's own extractor (`tasks.backbones.build_extractor`: uint8 32x32
+   (jit_compile off, on), the pipeline's own extractor (`cifar_transfer.backbones.build_extractor`: uint8 32x32
    in, resize, preprocess, backbone, pooled float32 out) is compiled, warmed up, then timed on seeded
    random images fed from host memory as the pipeline feeds them; images/s per GPU and summed.
 2. Pipeline: `extract_features` with --task-runner dask, one worker per GPU (pinned, see
@@ -71,7 +71,7 @@ def run_kernels(plan: dict) -> None:
     import keras
     import numpy as np
 
-    from tasks.backbones import build_extractor
+    from cifar_transfer.backbones import build_extractor
 
     for size, batch in plan["shapes"]:
         images = np.random.default_rng(plan["seed"]).integers(0, 256, size=(batch, 32, 32, 3), dtype=np.uint8)
@@ -130,7 +130,7 @@ def synthetic_archive(folder: Path, images: int, seed: int) -> tuple[Path, str]:
     """A CIFAR-10 python archive of seeded random images in the official layout: (path, md5)."""
     import numpy as np
 
-    from tasks.cifar import CLASS_NAMES, META_MEMBER, SPLIT_MEMBERS
+    from cifar_transfer.cifar import CLASS_NAMES, META_MEMBER, SPLIT_MEMBERS
 
     rng = np.random.default_rng(seed)
     test = max(images // 6, 1)
@@ -151,8 +151,8 @@ def synthetic_archive(folder: Path, images: int, seed: int) -> tuple[Path, str]:
 
 def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path) -> dict:
     """The extraction flow on Dask, one worker per GPU, into a fresh storage folder."""
-    from flows.cifar_transfer import extract_features
-    from tasks.config import load_config
+    from cifar_transfer.config import load_config
+    from cifar_transfer.flows.pipeline import extract_features
 
     path, md5 = synthetic_archive(folder, arguments.images, arguments.seed)
     config = load_config(
@@ -164,7 +164,7 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path) -> d
     features, stats = extract_features(config)
     return {
         "task_runner": f"dask x{workers}", "images": stats.images, "shards": stats.shards, "input_size": config.resolved_input_size,
-        "batch_size": config.batch_size, "precision": features.spec["precision"], "worker_processes": len(stats.processes),
+        "batch_size": config.batch_size, "precision": features.spec.precision, "worker_processes": len(stats.processes),
         "total_seconds": round(time.perf_counter() - started, 1), "shard_phase_seconds": round(stats.seconds, 1),
         "images_per_second": round(stats.images_per_second, 1),  # includes each worker's start and backbone build
     }
@@ -209,8 +209,8 @@ def main() -> None:
         run_kernels(json.loads(arguments.child))
         return
     started = time.time()
-    from tasks.engines import gpus
-    from tasks.runners import visible_gpu_ids
+    from cifar_transfer.engines import gpus
+    from cifar_transfer.tasks.runners import visible_gpu_ids
 
     devices = gpus()
     if not devices and not arguments.smoke:

@@ -65,9 +65,10 @@ def peak_rss_mib() -> float:
 
 def prepared(options: dict, storage: str):
     """Config, decoded dataset and the test images of a run into `storage`."""
-    from tasks.cifar import Shard, decode_archive, shard_images
-    from tasks.config import load_config
-    from tasks.download import fetch_archive
+    from cifar_transfer.config import load_config
+    from cifar_transfer.dataset import decode_archive, shard_images
+    from cifar_transfer.download import fetch_archive
+    from cifar_transfer.shards import Shard
 
     config = load_config(**options, storage=storage)
     archive = fetch_archive(config.source, config.expected_md5, config.storage)
@@ -90,8 +91,8 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     """Ceiling and pipeline throughput of one engine and precision; the test features stay in `storage`."""
     import tensorflow as tf
 
-    from flows.cifar_transfer import extract_shards
-    from tasks.engines import build_engine_extractor, get_extractor
+    from cifar_transfer.engines import build_engine_extractor, get_extractor
+    from cifar_transfer.flows.pipeline import extract_shards
 
     start_prefect()
     config, dataset, images = prepared({**options, "engine": engine, "precision": precision}, storage)
@@ -127,12 +128,12 @@ def test_features(storage: str, fingerprint: str):
 
 def scaling_point(options: dict, storage: str, images: int) -> dict:
     """The extraction stage over the first `images` train images with the default engine, model build included."""
-    from flows.cifar_transfer import extract_shards
-    from tasks.engines import choose_engine
+    from cifar_transfer.engines import choose_engine
+    from cifar_transfer.flows.pipeline import extract_shards
 
     start_prefect()
     config, dataset, test_images = prepared(options, storage)
-    choice = choose_engine(config, dataset.md5, test_images[:64])
+    choice = choose_engine(config, dataset.md5, lambda: test_images[:64])
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
     started = time.perf_counter()
     extract_shards(config, spec, dataset.model_copy(update={"sizes": {"train": images}}))
@@ -143,12 +144,13 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
 
 def tsne_point(storage: str, points: int) -> dict:
     """The t-SNE stage (read, PCA, openTSNE, 10-NN quality, plot, write) on `points` train images of the full run."""
-    from tasks.store import find_feature_set
-    from tasks.tsne import tsne_map
+    from cifar_transfer.config import TsneSettings
+    from cifar_transfer.store import find_feature_set
+    from cifar_transfer.tsne import tsne_map
 
     features = find_feature_set(storage)
     started = time.perf_counter()
-    result = tsne_map(storage, features.folder, f"bench-{points}", points, 30.0, 0, features.classes)
+    result = tsne_map(storage, features.folder, f"bench-{points}", TsneSettings(sample=points, perplexity=30.0, seed=0, test=False), features.classes)
     return {"points": result.points, "seconds": round(time.perf_counter() - started, 1),
             "map_knn_accuracy": round(result.map_knn_accuracy, 4), "feature_knn_accuracy": round(result.feature_knn_accuracy, 4),
             "peak_rss_mib": round(peak_rss_mib())}
@@ -161,8 +163,8 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
     import tensorflow as tf
     from sklearn.manifold import TSNE
 
-    from tasks.backbones import get_backbone
-    from tasks.head import build_network_head
+    from cifar_transfer.backbones import get_backbone
+    from cifar_transfer.head import build_network_head
 
     config, dataset, images = prepared(options, storage)
     backbone = get_backbone(config.backbone)
@@ -223,7 +225,7 @@ def full_run(options: dict, storage: str) -> dict:
 
 
 def mean_cosine_to_reference(storage: str, points: list[dict]) -> None:
-    from tasks.engines import mean_cosine
+    from cifar_transfer.engines import mean_cosine
 
     reference = test_features(storage + "-tensorflow-float32", points[0]["fingerprint"])
     for point in points:
@@ -290,8 +292,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if quick:
         options |= {"input_size": 75, "tsne_sample": 500, "epochs": 2}
-    from tasks.engines import machine_description
-    from tasks.store import library_versions
+    from cifar_transfer.engines import machine_description
+    from cifar_transfer.store import library_versions
 
     result = {"options": options, "machine": machine_description() | {"versions": library_versions()}}
     with tempfile.TemporaryDirectory(prefix="perf-") as scratch:

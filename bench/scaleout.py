@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_log import record  # noqa: E402
-from tasks.config import load_config  # noqa: E402
+from cifar_transfer.config import load_config  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     arguments = parser.parse_args()
-    from flows.cifar_transfer import extract_features
+    from cifar_transfer.flows.pipeline import extract_features
 
     options = {k: v for k, v in vars(arguments).items() if k != "workers" and v is not None}
     runs = [("thread", {"task_runner": "thread"})] + [(f"dask x{n}", {"task_runner": "dask", "workers": n}) for n in arguments.workers]

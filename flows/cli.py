@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import typing
 
-# The ephemeral API's first start on a fresh PREFECT_HOME migrates its database, which takes a 2-core
-# machine longer than Prefect's 20 s default; set before Prefect reads its settings on import.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+from cifar_transfer.config import EXTRACTION_STAGES, PipelineConfig, load_config
+from cifar_transfer.errors import PermanentError
+from cifar_transfer.flows import console  # first: it sets Prefect's settings before Prefect is imported
+from cifar_transfer.redact import redact
 
-from tasks.config import PipelineConfig, load_config
-from tasks.errors import PermanentError
-
-# The options that decide which features get extracted (the `extract` subcommand takes only these).
+# The options that decide which features get extracted (the `extract` subcommand takes only these): the fields of the
+# extraction stages' settings, plus where the output goes and the preset that may set them.
 EXTRACTION_OPTIONS = [
-    "preset", "source", "md5", "storage", "backbone", "weights", "input_size", "pooling",
-    "engine", "precision", "flip", "shard_size", "batch_size", "seed", "task_runner", "workers", "dask_address", "ray_address",
+    name for name in PipelineConfig.model_fields
+    if name in ("preset", "storage") or any(name in stage.model_fields for stage in EXTRACTION_STAGES)
 ]
 
 
@@ -44,7 +42,8 @@ def _add_config_options(parser: argparse.ArgumentParser, names: list[str]) -> No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cifar-transfer",
-        description="Transfer learning on CIFAR-10: backbone features to Parquet, t-SNE map, classifier head (a Prefect flow).",
+        description="Transfer learning on labelled images (CIFAR-10/100, image folders, Parquet tables): backbone features to "
+        "Parquet, t-SNE map, classifier head, predictions (Prefect flows).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="the whole job: download, extract, t-SNE, head, report")
@@ -58,67 +57,116 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
     verify.add_argument("--fingerprint", default=None, help="check only this feature set (default: all)")
     verify.add_argument("--repair", action="store_true", help="delete damaged shards and recompute them")
+    from cifar_transfer.export import add_export_arguments
+    from cifar_transfer.predict import add_predict_arguments
+
+    predict = commands.add_parser("predict", help="classify images (files, a folder, a glob, a Parquet table) with a finished run's head")
+    add_predict_arguments(predict)
+    export = commands.add_parser("export", help="write one self-contained model (uint8 images in, class probabilities out): "
+                                                ".keras, TensorFlow SavedModel, OpenVINO IR")
+    add_export_arguments(export)
+    for command in (run, extract, verify, predict, export):
+        command.add_argument("--verbose", action="store_true", help="show tracebacks and debug lines on the console (always in the log file)")
     return parser
 
 
 def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> int:
-    """Print each feature set's problems; with `repair`, fix them and check again. 0 when all is well."""
-    from tasks.store import list_feature_sets
-    from tasks.verify import remove_damaged, repair_config, verify_feature_set
+    """Print each feature set's problems (and its decoded dataset's); with `repair`, fix them and check again.
+
+    0 when all is well."""
+    from cifar_transfer.store import list_feature_sets
+    from cifar_transfer.verify import (
+        rebuild_derived,
+        remove_damaged,
+        remove_damaged_dataset,
+        repair_config,
+        verify_dataset,
+        verify_feature_set,
+    )
 
     feature_sets = [info for info in list_feature_sets(storage_url) if fingerprint in (None, info.fingerprint)]
     if not feature_sets:
-        print(f"no feature set{' ' + fingerprint if fingerprint else 's'} under {storage_url}")
+        print(f"no feature set{' ' + fingerprint if fingerprint else 's'} under {redact(storage_url)}")
         return 1
     healthy = True
     for info in feature_sets:
         problems = verify_feature_set(storage_url, info.folder)
-        if problems and repair:
-            from flows.cifar_transfer import extract_features
+        dataset_problems = verify_dataset(storage_url, info.spec.dataset_md5) if info.collection is None else {}
+        not_rebuilt = []
+        if (problems or dataset_problems) and repair:
+            from cifar_transfer.flows.pipeline import extract_features
 
             remove_damaged(storage_url, info.folder, problems)
+            remove_damaged_dataset(storage_url, info.spec.dataset_md5, dataset_problems)
             extract_features(repair_config(storage_url, info.folder))
+            not_rebuilt = rebuild_derived(storage_url, info.folder)
             problems = verify_feature_set(storage_url, info.folder)
+            dataset_problems = verify_dataset(storage_url, info.spec.dataset_md5) if info.collection is None else {}
         for relative, found in problems.items():
             print(f"{info.folder}/{relative}: {'; '.join(found)}")
-        if not problems:
+        for relative, found in dataset_problems.items():
+            print(f"{relative}: {'; '.join(found)}")
+        for line in not_rebuilt:
+            print(f"{info.folder}/{line}")
+        if not problems and not dataset_problems:
             print(f"OK {info.folder}")
-        healthy = healthy and not problems
+        healthy = healthy and not problems and not dataset_problems
     return 0 if healthy else 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a failure ends with one line `cifar-transfer: error: ...`, nothing after it (exit 2: bad input)."""
     arguments = build_parser().parse_args(argv)
-    options = {name: value for name, value in vars(arguments).items() if name != "command" and value is not None}
+    verbose = getattr(arguments, "verbose", False)
+    options = {name: value for name, value in vars(arguments).items() if name not in ("command", "verbose") and value is not None}
+    log_file = console.start_console(verbose) if arguments.command != "list" else None
     try:
         if arguments.command == "list":
-            from tasks.store import list_feature_sets
+            from cifar_transfer.store import list_feature_sets
 
-            print(json.dumps([info.model_dump() for info in list_feature_sets(options["storage"])], indent=2))
+            print(json.dumps([info.model_dump(mode="json") for info in list_feature_sets(options["storage"])], indent=2))
             return 0
         if arguments.command == "verify":
             return verify_command(options["storage"], options.get("fingerprint"), options.get("repair", False))
+        if arguments.command == "predict":
+            from cifar_transfer.predict import predict_command
+
+            return predict_command(arguments)
+        if arguments.command == "export":
+            from cifar_transfer.export import export_command
+
+            return export_command(arguments)
         config = load_config(**options)
-        from flows.cifar_transfer import cifar_transfer, extract_features
+        from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 
         if arguments.command == "extract":
             features, _ = extract_features(config)
             print(f"features: {features.folder}")
             return 0
         summary = cifar_transfer(config)
-    except PermanentError as error:
-        print(f"cifar-transfer: error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # anything else still ends in one line a user can act on
-        print(f"cifar-transfer: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    print(f"features: {summary['features']}")
-    if summary["tsne"]:
-        print(f"t-SNE map: {summary['tsne']['picture']}")
-    print(f"head: {summary['head']['folder']}")
-    print(f"confusion matrix: {summary['head']['confusion_picture']}")
-    print(f"test accuracy: {summary['test_accuracy']:.4f}")
+    except Exception as error:  # every failure ends in one line a user can act on
+        return fail(error, log_file)
+    print(f"features: {summary.features.folder}")
+    if summary.tsne:
+        print(f"t-SNE map: {summary.tsne.picture}")
+    print(f"head: {summary.head.files.folder}")
+    print(f"confusion matrix: {summary.head.files.confusion_picture}")
+    print(f"HTML report: {summary.html_report_url}")
+    print(f"test accuracy: {summary.test_accuracy:.4f}")
     return 0
+
+
+def fail(error: Exception, log_file) -> int:
+    """Print the one-line reason last (the traceback is in the log file) and return the exit code."""
+    permanent = isinstance(error, PermanentError)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = reason if permanent else f"{type(error).__name__}: {reason}"
+    if log_file is not None:
+        console.record_failure(error)
+        console.stop_prefect_quietly()
+        reason += f" (details: {log_file})"
+    print(f"cifar-transfer: error: {redact(reason)}", file=sys.stderr, flush=True)
+    return 2 if permanent else 1
 
 
 if __name__ == "__main__":

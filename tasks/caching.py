@@ -1,8 +1,9 @@
 """Prefect caching keyed on committed outputs, never on run ids or arrays.
 
-A task's cache key is the identity of the file that proves its work is done
-(path, size, modification time), or None while that file is missing or
-invalid, so damaged or deleted outputs always run again. After a task commits
+A task's cache key is the identity of every file the stage commits (path,
+size, modification time), or None while any of them is missing or invalid,
+so a deleted or damaged output always runs the stage again (never Cached, then
+a missing file). After a task commits
 its output it stores its result under that output's key, so the very next
 run shows the work as Cached in the Prefect UI. The key also covers the
 result's schema, so a cache written by an older version of a task, whose
@@ -17,17 +18,20 @@ from functools import cache
 from prefect.results import get_result_store
 from pydantic import BaseModel
 
-from tasks.config import stable_hash
-from tasks.storage import Storage
+from cifar_transfer.config import stable_hash
+from cifar_transfer.storage import Storage
 
 
-def committed_file_key(storage: Storage, path: str) -> str | None:
-    """Identity of a committed file, or None if it is not there."""
-    if not storage.exists(path):
-        return None
-    info = storage.fs.info(path)
-    version = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-    return stable_hash({"url": storage.uri(path), "size": info.get("size"), "version": str(version)}, 32)
+def committed_files_key(storage: Storage, paths: list[str]) -> str | None:
+    """Identity of committed files, or None if any of them is not there."""
+    identities = []
+    for path in paths:
+        if not storage.exists(path):
+            return None
+        info = storage.fs.info(path)
+        version = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+        identities.append({"url": storage.uri(path), "size": info.get("size"), "version": str(version)})
+    return stable_hash({"files": identities}, 32)
 
 
 @cache

@@ -17,9 +17,9 @@ import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.config import PipelineConfig
-from tasks.engines import gpus
-from tasks.errors import ConfigError
+from cifar_transfer.config import PipelineConfig
+from cifar_transfer.engines import gpus
+from cifar_transfer.errors import ConfigError
 
 
 def shard_runner(config: PipelineConfig):

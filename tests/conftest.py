@@ -17,7 +17,7 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cifar-transfer-prefect-")
 import numpy as np
 import pytest
 
-from tasks.cifar import CLASS_NAMES
+from cifar_transfer.cifar import CLASS_NAMES
 
 BATCH_DIR = "cifar-10-batches-py"
 
@@ -79,3 +79,31 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def cifar100_class_names() -> tuple[list[str], list[str]]:
+    """100 fine and 20 coarse class names, as a CIFAR-100 meta member lists them (decoded)."""
+    return [f"fine_{i:02d}" for i in range(100)], [f"coarse-{i:02d}" for i in range(20)]
+
+
+def cifar100_batch_pickle(data: np.ndarray, fine: list[int], coarse: list[int], name: str) -> bytes:
+    """A CIFAR-100 member pickled the way the official files are (protocol 2, bytes keys, both label lists)."""
+    batch = {
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(fine))], b"batch_label": name.encode(),
+        b"fine_labels": fine, b"coarse_labels": coarse, b"data": data,
+    }
+    return pickle.dumps(batch, protocol=2)
+
+
+def cifar100_members(train_count: int = 60, test_count: int = 20, seed: int = 0) -> dict[str, bytes]:
+    """The official CIFAR-100 layout: train, test and meta under cifar-100-python/ (coarse label = fine // 5)."""
+    rng = np.random.default_rng(seed)
+    members = {}
+    for split, count in (("train", train_count), ("test", test_count)):
+        fine = [int(label) for label in rng.integers(0, 100, size=count)]
+        data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+        members[f"cifar-100-python/{split}"] = cifar100_batch_pickle(data, fine, [label // 5 for label in fine], f"{split} batch")
+    fine_names, coarse_names = cifar100_class_names()
+    meta = {b"fine_label_names": [name.encode() for name in fine_names], b"coarse_label_names": [name.encode() for name in coarse_names]}
+    members["cifar-100-python/meta"] = pickle.dumps(meta, protocol=2)
+    return members

@@ -1,15 +1,11 @@
 """Runs that share a storage: each shard is computed once, by one writer, and never damaged.
 
-Two real flow runs start together on the same storage and configuration; then the
-claims themselves: a live holder is waited for, a dead or silent one is taken over.
+Two real flow runs start together on the same storage and configuration; the claims
+themselves are tested in test_claims.py.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +16,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
 from test_flow import tiny_config
 
-from flows.cifar_transfer import extract_features
-from tasks import storage as storage_module
-from tasks.cifar import plan_shards
-from tasks.storage import Claim, Storage
-from tasks.store import FeatureSetInfo, load_features, shard_path
-from tasks.verify import verify_feature_set
+from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.shards import plan_shards
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import FeatureSetInfo, load_features, shard_path
+from cifar_transfer.verify import verify_feature_set
 
 
 def shard_flow_runs(started: datetime):
@@ -90,58 +85,3 @@ def wait_until(condition, timeout: float = 30.0) -> None:
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
 
-
-def claim_file(storage: Storage, path: str, holder: dict) -> str:
-    claim = Claim(storage, path).path
-    storage.fs.makedirs(storage.fs._parent(claim), exist_ok=True)
-    storage.fs.pipe_file(claim, json.dumps({**holder, "beat": 0}).encode())
-    return claim
-
-
-def test_a_live_holder_is_waited_for_and_renews_its_claim(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "HEARTBEAT_SECONDS", 0.05)
-    storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
-    holder = Claim(storage, path)
-    holder.acquire()
-    wait_until(lambda: json.loads(storage.read_bytes(holder.path))["beat"] >= 2)
-
-    acquired = threading.Event()
-    waiting = Claim(storage, path)
-
-    def wait_for_claim():
-        waiting.acquire()
-        acquired.set()
-
-    waiter = threading.Thread(target=wait_for_claim)
-    waiter.start()
-    wait_until(lambda: json.loads(storage.read_bytes(holder.path))["beat"] >= 4)  # beats went on while the waiter polled
-    assert not acquired.is_set()
-    holder.release()
-    waiter.join(timeout=30)
-    assert acquired.is_set()
-    waiting.release()
-
-
-def test_the_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
-    storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    claim_file(storage, path, {"id": "killed", "host": socket.gethostname(), "pid": int(ended.stdout)})
-    started = time.monotonic()
-    taker = Claim(storage, path)
-    taker.acquire()
-    assert time.monotonic() - started < storage_module.STALE_AFTER_SECONDS / 2
-    assert json.loads(storage.read_bytes(taker.path))["id"] == taker.holder["id"]
-    taker.release()
-    assert not storage.exists(taker.path)
-
-
-def test_a_claim_that_stopped_changing_is_taken_over(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "STALE_AFTER_SECONDS", 0.5)
-    storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
-    claim_file(storage, path, {"id": "elsewhere", "host": "another-machine", "pid": 1})
-    started = time.monotonic()
-    taker = Claim(storage, path)
-    taker.acquire()
-    assert time.monotonic() - started >= 0.5
-    assert json.loads(storage.read_bytes(taker.path))["id"] == taker.holder["id"]
-    taker.release()

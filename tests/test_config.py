@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MOBILENET_WEIGHTS
 
-from tasks.config import CIFAR10_MD5, CIFAR10_URL, load_config
-from tasks.errors import ConfigError
+from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, load_config
+from cifar_transfer.errors import ConfigError
+from conftest import MOBILENET_WEIGHTS
 
 LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "tensorflow", "precision": "float32"}
 
@@ -39,11 +39,34 @@ def test_bad_options_fail_at_the_edge_with_one_line(options, message):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("field", ["storage", "source"])
-def test_credentials_in_urls_are_refused_without_echoing_them(field):
+@pytest.mark.parametrize("field", ["storage", "source", "dask_address", "ray_address"])
+@pytest.mark.parametrize(
+    "url, kind",
+    [
+        ("s3://AKIAEXAMPLE:s3cr3t-value@bucket/prefix", "credentials in the URL"),
+        ("simplecache::https://AKIAEXAMPLE:s3cr3t-value@host/cifar.tar.gz", "credentials in the URL"),
+        ("filecache::s3://AKIAEXAMPLE:s3cr3t-value@bucket/prefix", "credentials in the URL"),
+        ("tcp://AKIAEXAMPLE:s3cr3t-value@10.0.0.5:8786", "credentials in the URL"),
+        ("https://b.s3.amazonaws.com/c.tar.gz?X-Amz-Credential=AKIAEXAMPLE%2F20240101&X-Amz-Expires=60&X-Amz-Signature=s3cr3t-value",
+         "query parameter X-Amz-Credential, query parameter X-Amz-Signature"),
+        ("simplecache::https://acct.blob.core.windows.net/c/cifar.tar.gz?sv=2022-11-02&sp=r&sig=s3cr3t-valueAKIAEXAMPLE",
+         "query parameter sig"),
+        ("https://storage.googleapis.com/b/c.tar.gz?X-Goog-Credential=AKIAEXAMPLE&X-Goog-Signature=s3cr3t-value",
+         "query parameter X-Goog-Credential, query parameter X-Goog-Signature"),
+    ],
+)
+def test_credentials_in_urls_are_refused_without_echoing_them(field, url, kind):
     with pytest.raises(ConfigError, match=f"the {field} URL embeds credentials") as error:
-        load_config(**{**LOCAL, field: "s3://AKIAEXAMPLE:s3cr3t-value@bucket/prefix"})
-    assert "s3cr3t" not in str(error.value) and "AKIAEXAMPLE" not in str(error.value)
+        load_config(**{**LOCAL, field: url})
+    message = str(error.value)
+    assert f"({kind})" in message and "AWS_PROFILE" in message and "download the file first" in message
+    assert "s3cr3t" not in message and "AKIAEXAMPLE" not in message and "\n" not in message
+
+
+def test_addresses_without_secrets_pass():
+    config = load_config(dask_address="tcp://10.0.0.5:8786", ray_address="ray://10.0.0.5:10001", **LOCAL)
+    assert (config.dask_address, config.ray_address) == ("tcp://10.0.0.5:8786", "ray://10.0.0.5:10001")
+    assert load_config(**LOCAL).dask_address is None
 
 
 def test_fingerprint_covers_what_changes_features_and_nothing_else():

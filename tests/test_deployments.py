@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_collections import write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -106,7 +107,8 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     prefect(server, "work-pool", "create", "cifar-transfer", "--type", "process")
     prefect(server, "--no-prompt", "deploy", "--all")
     response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
-    assert sorted(deployment["name"] for deployment in response.json()) == ["analyze-new-features", "extract-only", "nightly", "on-demand"]
+    assert sorted(deployment["name"] for deployment in response.json()) == [
+        "analyze-new-features", "extract-on-change", "extract-only", "nightly", "on-demand", "watch-photos"]
 
     worker = start([PREFECT, "worker", "start", "--pool", "cifar-transfer"], server, tmp_path / "worker.log")
     try:
@@ -138,5 +140,20 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
 
         scheduled = poll(nightly_runs_scheduled, "the scheduler to create nightly runs", 120, [worker], tmp_path / "server.log")
         assert all(run["expected_start_time"].split("T")[1].startswith("02:00:00") for run in scheduled)
+
+        photos = tmp_path / "photos"
+        write_tree(photos, {"train": 4, "test": 2})
+        watched = {**config, "source": str(photos), "md5": None, "shard_size": 10}
+        prefect(server, "deployment", "run", "watch-collection/watch-photos", "--param", f"config={json.dumps(watched)}")
+        poll(finished("watch-"), "the watch-photos run", 300, [worker])
+
+        def extracted_on_change():
+            runs = [run for run in finished("extract-")() or [] if run["parameters"]["config"].get("source") == str(photos)]
+            return runs if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+        changed = poll(extracted_on_change, "the extract-on-change run the watch's event starts", 300, [worker])
+        assert [run["state_type"] for run in changed] == ["COMPLETED"]
+        assert changed[0]["parameters"]["config"]["backbone"] == "MobileNetV2", "the extraction did not get the watched config"
+        assert len(list(storage.glob("features/*/train/part-*.parquet"))) == 2 + 2  # the archive's 2, the folder's 2 (12 images)
     finally:
         stop(worker)

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from flows.cifar_transfer import extract_features
-from tasks import engines
-from tasks.config import load_config
-from tasks.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, cpu_has_native_bf16, get_extractor, mean_cosine
-from tasks.store import load_features
+from cifar_transfer import engines
+from cifar_transfer.config import load_config
+from cifar_transfer.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, cpu_has_native_bf16, get_extractor, mean_cosine
+from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.store import load_features
 from tests.test_flow import tiny_config
 
 TINY = {"source": "x", "md5": "none", "backbone": "MobileNetV2", "weights": "none", "input_size": 32}
@@ -58,7 +58,7 @@ def test_auto_on_this_cpu_picks_openvino_and_bf16_only_with_native_support():
 
 def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     config = load_config(**TINY, storage=str(tmp_path))
-    first = choose_engine(config, "a" * 32, images)
+    first = choose_engine(config, "a" * 32, lambda: images)
     stored = list(tmp_path.glob("engine-choices/*.json"))
     if not cpu_has_native_bf16():
         assert (first.precision, stored) == ("float32", [])
@@ -70,7 +70,7 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     assert f"{measured:.6f}" in first.reason
     assert len(stored) == 1 and json.loads(stored[0].read_text())["precision"] == first.precision
     engines._extractors.clear()
-    assert choose_engine(config, "a" * 32, images) == first
+    assert choose_engine(config, "a" * 32, lambda: pytest.fail("a remembered choice read images")) == first
     assert engines.built_extractors() == [], "a remembered choice must not rebuild the backbone"
 
 
@@ -78,9 +78,9 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
 def test_default_engine_runs_the_flow_close_to_tensorflow_float32(tiny_archive, tmp_path):
     automatic, _ = extract_features(tiny_config(tiny_archive, tmp_path / "auto", engine="auto", precision="auto"))
     reference, _ = extract_features(tiny_config(tiny_archive, tmp_path / "reference"))
-    assert automatic.spec["engine"] == "openvino" and reference.spec["engine"] == "tensorflow"
+    assert automatic.spec.engine == "openvino" and reference.spec.engine == "tensorflow"
     assert automatic.fingerprint != reference.fingerprint
     for split in ("train", "test"):
         *_, ours = load_features(str(tmp_path / "auto"), split, automatic.fingerprint)
         *_, theirs = load_features(str(tmp_path / "reference"), split, reference.fingerprint)
-        assert mean_cosine(ours, theirs) >= (BF16_MIN_COSINE if automatic.spec["precision"] == "bfloat16" else 0.99999)
+        assert mean_cosine(ours, theirs) >= (BF16_MIN_COSINE if automatic.spec.precision == "bfloat16" else 0.99999)

@@ -9,16 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MOBILENET_WEIGHTS
 
-from tasks.backbones import build_extractor, get_backbone
-from tasks.cifar import decode_archive, plan_shards
-from tasks.config import load_config
-from tasks.engines import get_extractor
-from tasks.errors import ConfigError
-from tasks.extract import extract_shard
-from tasks.storage import Storage
-from tasks.store import METADATA_KEY, shard_path, shard_problem
+from cifar_transfer import layout
+from cifar_transfer.backbones import build_extractor, get_backbone
+from cifar_transfer.config import load_config
+from cifar_transfer.dataset import decode_archive
+from cifar_transfer.engines import get_extractor
+from cifar_transfer.errors import ConfigError
+from cifar_transfer.extract import extract_shard
+from cifar_transfer.shards import plan_shards
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import METADATA_KEY, shard_path, shard_problem
+from conftest import MOBILENET_WEIGHTS
 
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
 
@@ -152,7 +154,7 @@ def test_a_leftover_temporary_file_is_never_taken_as_a_shard(one_shard):
     storage = Storage(storage_url)
     path = shard_path(storage, spec, shard)
     storage.fs.makedirs(os.path.dirname(path), exist_ok=True)
-    leftover = storage.temp_path(path)
+    leftover = layout.temp_file(path)
     with open(leftover, "wb") as stream:
         stream.write(b"PAR1 half a shard")
     assert shard_problem(storage, path, spec, shard) == "missing"
@@ -165,8 +167,8 @@ def test_cache_keys_change_with_the_shape_of_the_result():
     """A cache written by an older version of a task (another result schema) is never handed to newer code."""
     from pydantic import BaseModel
 
-    from tasks.caching import output_key_fn
-    from tasks.extract import ExtractedShard
+    from cifar_transfer.progress import ExtractedShard
+    from cifar_transfer.tasks.caching import output_key_fn
 
     class OlderResult(BaseModel):
         path: str

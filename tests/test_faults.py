@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_flow import tiny_config
 
-from flows.cifar_transfer import extract_features
-from tasks.cifar import plan_shards
-from tasks.config import PipelineConfig, load_config
-from tasks.errors import ConfigError, StorageFull
-from tasks.storage import Storage
-from tasks.store import load_features, shard_path, shard_problem
+from cifar_transfer.config import PipelineConfig, load_config
+from cifar_transfer.errors import ConfigError, StorageFull
+from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.shards import plan_shards
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import load_features, shard_path, shard_problem
 
 
 @contextlib.contextmanager
@@ -99,7 +99,7 @@ def test_input_size_is_checked_against_each_backbones_minimum(input_size, backbo
 @settings(max_examples=40, deadline=None)
 @given(name=st.text(min_size=1, max_size=20))
 def test_any_backbone_name_is_either_a_keras_application_or_refused_in_one_line(name):
-    from tasks.backbones import available_backbones
+    from cifar_transfer.backbones import available_backbones
 
     known = {known.lower(): known for known in available_backbones()}
     if name.lower() in known:

@@ -14,14 +14,14 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime
 
-from flows.cifar_transfer import analyze_features, cifar_transfer, extract_features
-from flows.cli import main
-from tasks import engines
-from tasks.config import FeatureSpec, load_config
-from tasks.errors import FeatureSetError
-from tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
-from tasks.store import list_feature_sets, load_features
-from tasks.verify import verify_feature_set
+from cifar_transfer import engines
+from cifar_transfer.config import load_config
+from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.flows.cli import main
+from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extract_features
+from cifar_transfer.store import list_feature_sets, load_features
+from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
+from cifar_transfer.verify import verify_feature_set
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -62,9 +62,9 @@ def shard_files(features_folder: str) -> dict[str, tuple[int, int]]:
 def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     config = tiny_config(tiny_archive, tmp_path / "storage", tsne_test=True)
     summary = cifar_transfer(config)
-    folder = summary["features"]
-    assert summary["images"] == {"train": 200, "test": 100}
-    assert summary["extraction"]["shards_computed"] == 6
+    folder = summary.features.folder
+    assert summary.features.splits == {"train": 200, "test": 100}
+    assert summary.extraction.shards_computed == 6
 
     manifest = json.load(open(os.path.join(folder, "train", "_manifest.json")))
     assert [shard["file"] for shard in manifest["shards"]] == [f"part-{n:05d}.parquet" for n in range(4)]
@@ -81,51 +81,51 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     assert features.shape == (200, 1280) and list(index) == list(range(200))
     assert list_feature_sets(config.storage)[0].splits == {"train": 200, "test": 100}
 
-    embedding = pd.read_parquet(summary["tsne"]["embedding"])
+    embedding = pd.read_parquet(summary.tsne.embedding)
     assert list(embedding.columns) == ["split", "index", "label", "x", "y"]
     assert embedding["split"].value_counts().to_dict() == {"train": 150, "test": 100}
     train_points, test_points = embedding[embedding["split"] == "train"], embedding[embedding["split"] == "test"]
     assert test_points["x"].between(train_points["x"].min() - 1, train_points["x"].max() + 1).all()
-    assert 0 <= summary["tsne"]["map_knn_accuracy"] <= 1 and 0 <= summary["tsne"]["feature_knn_accuracy"] <= 1
-    metrics = json.load(open(summary["head"]["metrics"]))
+    assert 0 <= summary.tsne.map_knn_accuracy <= 1 and 0 <= summary.tsne.feature_knn_accuracy <= 1
+    metrics = json.load(open(summary.head.files.metrics))
     assert metrics["sizes"] == {"train": 180, "validation": 20, "test": 100}
     assert np.array(metrics["confusion_matrix"]).sum() == 100
     assert set(metrics["per_class_accuracy"]) == set(metrics["classes"])
-    for picture in (summary["tsne"]["picture"], summary["head"]["confusion_picture"]):
+    for picture in (summary.tsne.picture, summary.head.files.confusion_picture):
         assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.path.exists(summary["head"]["model"])
-    assert metrics["chosen"]["head"] == summary["head"]["kind"] and {c["head"] for c in metrics["candidates"]} == {"logistic", "mlp", "ensemble"}
+    assert os.path.exists(summary.head.files.model)
+    assert metrics["chosen"]["head"] == summary.head.kind and {c["head"] for c in metrics["candidates"]} == {"logistic", "mlp", "ensemble"}
     assert metrics["validation_accuracy"] == max(c["validation_accuracy"] for c in metrics["candidates"])
-    predictions = pd.read_parquet(summary["head"]["predictions"])
+    predictions = pd.read_parquet(summary.head.files.predictions)
     assert len(predictions) == 300 and set(predictions["split"]) == {"train", "test"}
     test_rows = predictions[predictions["split"] == "test"]
-    assert (test_rows["predicted"] == test_rows["label"]).mean() == pytest.approx(summary["test_accuracy"])
-    with open(summary["html_report"]) as page:
+    assert (test_rows["predicted"] == test_rows["label"]).mean() == pytest.approx(summary.test_accuracy)
+    with open(summary.html_report) as page:
         html = page.read()
-    assert summary["fingerprint"] in html and 'id="tsne-canvas"' in html and "<script src" not in html
+    assert summary.features.fingerprint in html and 'id="tsne-canvas"' in html and "<script src" not in html
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY])))
     assert {artifact.key for artifact in artifacts} == {METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY}
-    assert any(summary["html_report_url"] in str(artifact.data) for artifact in artifacts if artifact.key == SUMMARY_KEY)
-    assert summary["feature_spec"]["backbone"] == "MobileNetV2"
+    assert any(summary.html_report_url in str(artifact.data) for artifact in artifacts if artifact.key == SUMMARY_KEY)
+    assert summary.features.spec.backbone == "MobileNetV2"
 
 
 def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tmp_path):
     config = tiny_config(tiny_archive, tmp_path / "storage")
     first = cifar_transfer(config)
-    before = shard_files(first["features"])
+    before = shard_files(first.features.folder)
     engines._extractors.clear()
     started = datetime.now(timezone.utc)
     second = cifar_transfer(config)
     states = task_states_since(started)
     assert engines.built_extractors() == []
-    assert second["extraction"]["shards_computed"] == 0
+    assert second.extraction.shards_computed == 0
     assert states["plan-extraction"] == ["Completed"] and not [name for name in states if name.startswith("extract[")]
-    assert second["extraction"]["shards"] == first["extraction"]["shards"]
+    assert second.extraction.shards == first.extraction.shards
     assert states["tsne"] == ["Cached"] and states["head"] == ["Cached"] and states["decode-archive"] == ["Cached"]
-    assert shard_files(second["features"]) == before
-    assert second["test_accuracy"] == first["test_accuracy"]
+    assert shard_files(second.features.folder) == before
+    assert second.test_accuracy == first.test_accuracy
 
 
 def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
@@ -133,11 +133,11 @@ def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
     started = datetime.now(timezone.utc)
     second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic", refit=True))
     states = task_states_since(started)
-    assert second["features"] == first["features"]
-    assert second["extraction"]["shards_computed"] == 0
+    assert second.features.folder == first.features.folder
+    assert second.extraction.shards_computed == 0
     assert states["tsne"] == ["Cached"] and states["head"] == ["Completed"]
-    assert second["head"]["folder"] != first["head"]["folder"] and os.path.exists(first["head"]["metrics"])
-    with open(second["head"]["metrics"]) as stream:
+    assert second.head.files.folder != first.head.files.folder and os.path.exists(first.head.files.metrics)
+    with open(second.head.files.metrics) as stream:
         chosen = json.load(stream)["chosen"]
     assert chosen["head"] == "logistic" and chosen["refit"] is True
 
@@ -145,20 +145,20 @@ def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
 def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_path):
     plain = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", head="logistic"))
     with pytest.raises(FeatureSetError, match="no complete train-flipped view: run extraction with --flip first"):
-        analyze_features(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True), plain["fingerprint"])
-    before = shard_files(plain["features"])
+        analyze_features(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True), plain.features.fingerprint)
+    before = shard_files(plain.features.folder)
     flipped = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True))
-    assert flipped["fingerprint"] == plain["fingerprint"], "mirrored views must not change the features' identity"
-    assert flipped["extraction"]["shards_computed"] == 6 and flipped["extraction"]["shards"] == 12
-    assert shard_files(plain["features"]) == before, "an original shard was rewritten"
-    assert flipped["images"] == {"train": 200, "test": 100, "train-flipped": 200, "test-flipped": 100}
+    assert flipped.features.fingerprint == plain.features.fingerprint, "mirrored views must not change the features' identity"
+    assert flipped.extraction.shards_computed == 6 and flipped.extraction.shards == 12
+    assert shard_files(plain.features.folder) == before, "an original shard was rewritten"
+    assert flipped.features.splits == {"train": 200, "test": 100, "train-flipped": 200, "test-flipped": 100}
     index, _, mirrored = load_features(str(tmp_path / "storage"), "test-flipped")
     images = np.load(os.path.join(tmp_path, "storage", "datasets", f"cifar10-{tiny_archive[1]}", "test_images.npy"))
-    extractor = engines.get_extractor(FeatureSpec(**flipped["feature_spec"], weights="none", seed=0), (32, 32, 3))
+    extractor = engines.get_extractor(flipped.features.spec, (32, 32, 3))
     assert list(index) == list(range(100))
     np.testing.assert_allclose(mirrored, extractor(images[:, :, ::-1], 16), rtol=1e-5, atol=1e-6)
-    assert flipped["head"]["folder"] != plain["head"]["folder"]
-    assert verify_feature_set(str(tmp_path / "storage"), flipped["features"]) == {}
+    assert flipped.head.files.folder != plain.head.files.folder
+    assert verify_feature_set(str(tmp_path / "storage"), flipped.features.folder) == {}
 
 
 def test_changed_backbone_writes_a_new_folder_and_keeps_the_old(tiny_archive, tmp_path):
@@ -219,3 +219,54 @@ def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
 
     assert main(["run", *common, "--md5", md5, "--input-size", "8"]) == 2
     assert "input_size 8 is below MobileNetV2's minimum of 32" in capsys.readouterr().err
+
+
+def test_any_deleted_output_is_rebuilt_alone_and_never_shown_cached_then_missing(tiny_archive, tmp_path):
+    """Lost files of every stage at once: the next run rebuilds exactly those stages' outputs and nothing else."""
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    first = cifar_transfer(config)
+    dataset = os.path.join(config.storage, "datasets", f"cifar10-{tiny_archive[1]}")
+    lost = [os.path.join(dataset, "test_images.npy"), os.path.join(first.features.folder, "train", "part-00001.parquet"),
+            first.tsne.picture, first.head.files.predictions]
+    for path in lost:
+        os.remove(path)
+    before = shard_files(first.features.folder)
+    train_labels = os.stat(os.path.join(dataset, "train_labels.npy")).st_ino
+
+    started = datetime.now(timezone.utc)
+    second = cifar_transfer(config)
+    states = task_states_since(started)
+    assert all(os.path.exists(path) for path in lost)
+    assert states["decode-archive"] == ["Completed"] and states["tsne"] == ["Completed"] and states["head"] == ["Completed"]
+    assert sorted(name for name in states if name.startswith("extract[")) == ["extract[train/00001]"]
+    after = shard_files(first.features.folder)
+    assert {name for name in after if after[name] != before.get(name)} == {"train/part-00001.parquet"}
+    assert os.stat(os.path.join(dataset, "train_labels.npy")).st_ino != train_labels, "the dataset was not decoded again"
+    assert second.test_accuracy == first.test_accuracy and second.features.fingerprint == first.features.fingerprint
+    np.testing.assert_array_equal(pd.read_parquet(second.tsne.embedding)[["x", "y"]], pd.read_parquet(first.tsne.embedding)[["x", "y"]])
+
+    started = datetime.now(timezone.utc)
+    cifar_transfer(config)
+    states = task_states_since(started)
+    assert states["decode-archive"] == ["Cached"] and states["tsne"] == ["Cached"] and states["head"] == ["Cached"]
+
+
+def test_a_failed_command_ends_with_its_reason_and_keeps_the_traceback_in_a_log_file(tiny_archive, tmp_path):
+    """Run as a user would (own process, ephemeral API): the reason is the very last line, no traceback on the console."""
+    import subprocess
+    import sys
+
+    path, md5 = tiny_archive
+    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "run", "--source", str(path), "--md5", "0" * 32,
+               "--storage", str(tmp_path / "storage"), "--backbone", "MobileNetV2", "--weights", "none"]
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    console = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2
+    assert console[-1].startswith("cifar-transfer: error: archive from") and f"has MD5 {md5}" in console[-1]
+    assert "Starting temporary server" in result.stderr + result.stdout, "the command did not run its own Prefect API"
+    assert not any(line.startswith(("Traceback", "  File ")) for line in console)
+    assert not any("Failed to send telemetry" in line or line.startswith(("I0000", "W0000", "E0000")) for line in console)
+    log_file = console[-1].rsplit("(details: ", 1)[1].rstrip(")")
+    with open(log_file) as details:
+        assert "Traceback (most recent call last)" in details.read()

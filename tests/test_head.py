@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.head import LOGISTIC_STRENGTHS, STRENGTH_PATIENCE, Split, candidate_heads, fit_head, spatial_mean
+from cifar_transfer.config import HeadSettings
+from cifar_transfer.head import LOGISTIC_STRENGTHS, STRENGTH_PATIENCE, Split, candidate_heads, fit_head, spatial_mean
 
-SETTINGS = {"seed": 0, "learning_rate": 1e-3, "epochs": 30, "batch_size": 64, "patience": 5}
+SETTINGS = HeadSettings(head="auto", seed=0, learning_rate=1e-3, epochs=30, batch_size=64, patience=5, validation_split=0.1,
+                        flip=False, refit=False)
 
 
 def blobs(count: int, shape: tuple[int, ...], noise: float, seed: int) -> Split:
@@ -60,17 +62,17 @@ def test_network_heads_keep_the_best_epoch_and_repeat_with_the_seed():
         first.validation_accuracy, abs=1e-6)
     again = fit_head("mlp", fit, validation, [32], 10, SETTINGS)
     assert again.details["history"] == first.details["history"]
-    conv = fit_head("conv", *[blobs(300, (2, 2, 8), 1.0, seed) for seed in (0, 1)], [2, 2, 8], 10, {**SETTINGS, "epochs": 3})
+    conv = fit_head("conv", *[blobs(300, (2, 2, 8), 1.0, seed) for seed in (0, 1)], [2, 2, 8], 10, SETTINGS.model_copy(update={"epochs": 3}))
     assert conv.details["epochs_run"] <= 3 and conv.model.input_shape == (None, 32)
 
 
 def test_ensemble_averages_its_members_and_every_head_survives_a_save(tmp_path):
     import keras
 
-    from tasks.head import ensemble_head
+    from cifar_transfer.head import ensemble_head
 
     fit, validation = blobs(600, (32,), 2.5, 0), blobs(300, (32,), 2.5, 1)
-    members = [fit_head(kind, fit, validation, [32], 10, {**SETTINGS, "epochs": 5}) for kind in ("logistic", "mlp")]
+    members = [fit_head(kind, fit, validation, [32], 10, SETTINGS.model_copy(update={"epochs": 5})) for kind in ("logistic", "mlp")]
     ensemble = ensemble_head(members, [32], validation)
     averaged = sum(member.model.predict(validation.features, verbose=0) for member in members) / 2
     assert ensemble.validation_accuracy == pytest.approx(np.mean(averaged.argmax(axis=1) == validation.labels))
@@ -92,13 +94,13 @@ def test_flipped_views_double_the_training_rows_and_are_averaged_at_prediction()
 
 def test_refit_learns_from_the_validation_rows_with_what_validation_chose():
     """Class 9 appears only in the validation rows: the chosen heads never predict it, their refits on all rows do."""
-    from tasks.head import ensemble_head, refit_head
+    from cifar_transfer.head import ensemble_head, refit_head
 
     train = blobs(900, (32,), 1.0, 0)
     only_in_validation = train.labels == 9
     fit, validation = train.rows(np.flatnonzero(~only_in_validation)), train.rows(np.flatnonzero(only_in_validation | (np.arange(900) % 5 == 0)))
     test = blobs(300, (32,), 1.0, 2)
-    candidates = [fit_head(kind, fit, validation, [32], 10, {**SETTINGS, "epochs": 8}) for kind in ("logistic", "mlp")]
+    candidates = [fit_head(kind, fit, validation, [32], 10, SETTINGS.model_copy(update={"epochs": 8})) for kind in ("logistic", "mlp")]
     members = list(candidates)
     candidates.append(ensemble_head(candidates, [32], validation))  # as train_head does: the ensemble joins its members' list
     chosen = candidates[-1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.html_report import render_html_report
+from cifar_transfer.html_report import render_html_report
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MAP_BLOB = re.compile(r'<script type="application/json" id="tsne-data">(.*?)</script>', re.S)

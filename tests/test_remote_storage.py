@@ -17,10 +17,10 @@ import pytest
 from test_concurrency import assert_same_features, run_twice_at_once
 from test_flow import task_states_since, tiny_config
 
-from flows.cifar_transfer import cifar_transfer, extract_features
-from tasks.download import fetch_archive
-from tasks.errors import ChecksumMismatch
-from tasks.store import load_features
+from cifar_transfer.download import fetch_archive
+from cifar_transfer.errors import ChecksumMismatch
+from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
+from cifar_transfer.store import load_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -78,7 +78,7 @@ def object_sizes(client) -> dict[str, int]:
 def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archive, s3):
     config = tiny_config(tiny_archive, f"s3://{BUCKET}/prefix")
     summary = cifar_transfer(config)
-    assert summary["extraction"]["shards_computed"] == 6
+    assert summary.extraction.shards_computed == 6
 
     listing = object_sizes(s3)
     print("\n".join(f"{size:>10}  s3://{BUCKET}/{key}" for key, size in sorted(listing.items())))
@@ -93,7 +93,7 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
           ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "_SUCCESS.json")),
     }
     assert expected <= listing.keys()
-    assert {key.rsplit("/", 1)[1] for key in listing if key.startswith(f"{features}/tsne/")} == {"embedding.parquet", "tsne.png"}
+    assert {key.rsplit("/", 1)[1] for key in listing if key.startswith(f"{features}/tsne/")} == {"settings.json", "embedding.parquet", "tsne.png"}
     assert any(key.startswith(f"{features}/heads/") and key.endswith("/metrics.json") for key in listing)
     assert [key for key in listing if key.rsplit("/", 1)[1].startswith(".")] == [], "temporary or claim objects were left behind"
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from prefect.settings import PREFECT_API_URL
 
-from flows.cifar_transfer import extract_features
-from tasks.config import load_config
-from tasks.store import load_features
+from cifar_transfer.config import load_config
+from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.store import load_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -45,7 +45,7 @@ def wait_for(condition, process, timeout: float = 300.0):
 def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archive, tmp_path):
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
-    command = [sys.executable, "-m", "flows.cli", "extract", "--source", str(path), "--md5", md5, "--storage", str(storage)]
+    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract", "--source", str(path), "--md5", md5, "--storage", str(storage)]
     for name, value in OPTIONS.items():
         command += ["--" + name.replace("_", "-"), str(value)]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
@@ -99,7 +99,7 @@ def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage
     storage = tmp_path / "storage"
     options = ["--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100",
                "--tsne-sample", "200", "--head", "mlp", "--epochs", "60", "--patience", "60", "--head-batch-size", "8"]
-    command = [sys.executable, "-m", "flows.cli", "run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]
+    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -110,7 +110,7 @@ def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage
     shards_before = finished_shards(storage)
     assert len(shards_before) == 3 and not list(storage.glob("features/*/heads/*/metrics.json"))
 
-    from flows.cli import main
+    from cifar_transfer.flows.cli import main
 
     assert main(["run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]) == 0
     assert finished_shards(storage) == shards_before
@@ -143,7 +143,7 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
     storage = tmp_path / "storage"
-    command = [sys.executable, "-m", "flows.cli", "extract", "--source", url, "--md5", md5, "--storage", str(storage),
+    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract", "--source", url, "--md5", md5, "--storage", str(storage),
                "--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100"]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

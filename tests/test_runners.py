@@ -9,10 +9,10 @@ from distributed import Client, SpecCluster
 from test_flow import tiny_config
 from test_scaleout import manifest_checksums
 
-from flows.cifar_transfer import extract_features
-from tasks import runners
-from tasks.engines import gpus
-from tasks.runners import gpu_cluster_spec, visible_gpu_ids
+from cifar_transfer.engines import gpus
+from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.tasks import runners
+from cifar_transfer.tasks.runners import gpu_cluster_spec, visible_gpu_ids
 
 
 def test_ray_workers_compute_the_same_shards_bit_for_bit(prefect_api, tiny_archive, tmp_path):

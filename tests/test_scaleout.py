@@ -8,7 +8,7 @@ import os
 import pytest
 from test_flow import tiny_config
 
-from flows.cifar_transfer import extract_features
+from cifar_transfer.flows.pipeline import extract_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

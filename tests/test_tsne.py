@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.tsne import embed, knn_accuracy
+from cifar_transfer.tsne import embed, knn_accuracy
 
 
 def test_knn_accuracy_is_one_for_separated_classes_and_chance_for_shuffled_labels():

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from test_flow import shard_files, tiny_config
 
-from flows.cifar_transfer import extract_features
-from flows.cli import main
-from tasks.errors import FeatureSetError
-from tasks.store import load_features
-from tasks.verify import verify_feature_set
+from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.flows.cli import main
+from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
+from cifar_transfer.store import load_features
+from cifar_transfer.verify import verify_feature_set
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -40,7 +44,9 @@ def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(tiny_
     os.remove(os.path.join(test, "_manifest.json"))
     open(os.path.join(train, ".part-00003.parquet.feedfacecafe.tmp"), "wb").write(b"half")
     shutil.copy(os.path.join(other.folder, "train", "part-00003.parquet"), os.path.join(train, "part-00099.parquet"))
-    open(os.path.join(train, ".part-00003.parquet.claim"), "wb").write(b"{}")  # left by a run killed mid-shard
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    held = {"id": "killed-run", "host": socket.gethostname(), "pid": int(killed), "deadline": time.time() + 3600, "beat": 3}
+    open(os.path.join(train, ".part-00003.parquet.claim"), "w").write(json.dumps(held))  # left by a run killed mid-shard
 
     problems = verify_feature_set(config.storage, folder)
     assert problems["train/part-00000.parquet"][0].startswith("500 bytes, the manifest says")
@@ -74,3 +80,86 @@ def test_another_shard_size_on_the_same_features_is_refused_and_nothing_is_overw
     with pytest.raises(FeatureSetError, match="cut with another shard size: pass --shard-size 50"):
         extract_features(tiny_config(tiny_archive, tmp_path / "storage", shard_size=80))
     assert shard_files(features.folder) == before
+
+
+def test_repair_rebuilds_a_damaged_mirrored_shard_bit_for_bit(tiny_archive, tmp_path):
+    config = tiny_config(tiny_archive, tmp_path / "storage", flip=True)
+    features, _ = extract_features(config)
+    shard = os.path.join(features.folder, "train-flipped", "part-00001.parquet")
+    original = open(shard, "rb").read()
+    damaged = bytearray(original)
+    damaged[300] ^= 0x01
+    open(shard, "wb").write(bytes(damaged))
+    assert verify_feature_set(config.storage, features.folder) == {"train-flipped/part-00001.parquet": ["SHA-256 differs from the manifest"]}
+    assert main(["verify", "--storage", config.storage, "--repair"]) == 0
+    assert open(shard, "rb").read() == original
+    assert verify_feature_set(config.storage, features.folder) == {}
+
+
+def test_verify_covers_the_decoded_dataset_maps_and_heads_and_repair_rebuilds_them(tiny_archive, tmp_path, capsys):
+    config = tiny_config(tiny_archive, tmp_path / "storage", tsne_sample=100)
+    summary = cifar_transfer(config)
+    dataset = os.path.join(config.storage, "datasets", f"cifar10-{tiny_archive[1]}")
+    os.remove(summary.head.files.model)
+    os.remove(summary.tsne.embedding)
+    with open(os.path.join(dataset, "train_labels.npy"), "r+b") as stream:
+        stream.truncate(100)
+    folder = summary.features.folder
+    head, tsne = os.path.relpath(summary.head.files.folder, folder), os.path.relpath(summary.tsne.embedding, folder)
+    problems = verify_feature_set(config.storage, folder)
+    assert set(problems) == {f"{head}/model.keras", tsne}
+    assert main(["verify", "--storage", config.storage]) == 1
+    report = capsys.readouterr().out
+    assert f"datasets/cifar10-{tiny_archive[1]}/train_labels.npy: 100 bytes, decoded it had" in report and "model.keras: missing" in report
+
+    assert main(["verify", "--storage", config.storage, "--repair"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"OK {folder}"
+    assert os.path.getsize(os.path.join(dataset, "train_labels.npy")) > 100
+    rebuilt = cifar_transfer(config)
+    assert rebuilt.test_accuracy == summary.test_accuracy and rebuilt.head.files.folder == summary.head.files.folder
+
+
+def test_a_crafted_manifest_never_makes_repair_touch_anything_outside_the_set(tiny_archive, tmp_path):
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    features, _ = extract_features(config)
+    outside = tmp_path / "precious.parquet"
+    outside.write_bytes(b"not yours")
+    manifest_path = os.path.join(features.folder, "train", "_manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["shards"][0]["file"] = os.path.relpath(outside, os.path.join(features.folder, "train"))
+    json.dump(manifest, open(manifest_path, "w"))
+    assert verify_feature_set(config.storage, features.folder) == {"train/_manifest.json": ["unreadable or not a valid manifest"]}
+    assert main(["verify", "--storage", config.storage, "--repair"]) == 0
+    assert outside.read_bytes() == b"not yours"
+    assert json.load(open(manifest_path))["shards"][0]["file"] == "part-00000.parquet"
+
+
+def test_a_shard_whose_size_differs_from_its_manifest_is_not_reused(tiny_archive, tmp_path):
+    """Bytes slipped in before the footer leave it readable: only the manifest's size gives the shard away."""
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    features, _ = extract_features(config)
+    shard = os.path.join(features.folder, "test", "part-00000.parquet")
+    original = open(shard, "rb").read()
+    open(shard, "wb").write(b"PAR1" + b"\0" * 64 + original[4:])
+    from cifar_transfer.shards import Shard
+    from cifar_transfer.storage import Storage
+    from cifar_transfer.store import shard_problem
+
+    assert shard_problem(Storage(config.storage), shard, features.spec, Shard(split="test", number=0, start=0, stop=50)) is None
+    _, stats = extract_features(config)
+    assert stats.shards_computed == 1 and open(shard, "rb").read() == original
+
+
+def test_repair_leaves_the_files_of_a_live_writer_alone(tiny_archive, tmp_path):
+    """A temporary file whose shard a live run is writing (its claim is fresh) is not a leftover: repair must not delete it."""
+    config = tiny_config(tiny_archive, tmp_path / "storage")
+    features, _ = extract_features(config)
+    train = os.path.join(features.folder, "train")
+    writing = os.path.join(train, ".part-00001.parquet.0a1b2c3d4e5f.tmp")
+    open(writing, "wb").write(b"PAR1 being written")
+    held = {"id": "live-run", "host": socket.gethostname(), "pid": os.getpid(), "deadline": time.time() + 3600, "beat": 0}
+    open(os.path.join(train, ".part-00001.parquet.claim"), "w").write(json.dumps(held))
+    problems = verify_feature_set(config.storage, features.folder)
+    assert problems["train/.part-00001.parquet.0a1b2c3d4e5f.tmp"] == ["leftover temporary file of an interrupted write"]
+    assert main(["verify", "--storage", config.storage, "--repair"]) == 1
+    assert os.path.exists(writing), "repair deleted the file a live writer holds"

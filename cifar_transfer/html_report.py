@@ -17,6 +17,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from cifar_transfer.evaluation import confusion_matrix, sample_rows
+
 # matplotlib's tab10, the palette of the PNG scatter in tasks/plots.py, so both pictures agree.
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 SUBSAMPLE_SEED = 0
@@ -120,8 +122,7 @@ def _png_data_uri(image: np.ndarray) -> str:
 
 def _accuracy_section(classes: list[str], truth: np.ndarray, predicted: np.ndarray) -> str:
     size = len(classes)
-    matrix = np.zeros((size, size), np.int64)
-    np.add.at(matrix, (truth, predicted), 1)
+    matrix = confusion_matrix(truth, predicted, size)
     per_class_total = matrix.sum(axis=1)
     per_class_correct = np.diag(matrix)
     overall = per_class_correct.sum() / max(len(truth), 1)
@@ -169,7 +170,7 @@ def _map_section(classes, colours, points, truth, predicted, images, max_points:
     _same_length("map", points, truth, predicted, images)
     if len(points) > max_points:
         # A seeded random subsample keeps the classes' proportions and gives the same page for the same run.
-        keep = np.sort(np.random.default_rng(SUBSAMPLE_SEED).choice(len(points), max_points, replace=False))
+        keep = sample_rows(len(points), max_points, SUBSAMPLE_SEED)
         points, truth, predicted, images = points[keep], truth[keep], predicted[keep], images[keep]
     scaled = _unit_square(points)
     sprite, columns = _sprite_sheet(images)

@@ -13,15 +13,21 @@ import json
 import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigError
-from tasks.storage import file_md5
+from cifar_transfer.errors import ConfigError
+from cifar_transfer.redact import secrets_in
+from cifar_transfer.storage import file_md5
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+OFFICIAL_ARCHIVES = {CIFAR10_URL: ("cifar10", CIFAR10_MD5), CIFAR100_URL: ("cifar100", CIFAR100_MD5)}
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
 
 HeadKind = Literal["auto", "logistic", "mlp", "conv"]
 
@@ -42,6 +48,80 @@ def stable_hash(payload: dict, length: int = 16) -> str:
     return hashlib.sha256(encoded).hexdigest()[:length]
 
 
+class StageSettings(BaseModel):
+    """The part of the configuration one stage reads; built from `PipelineConfig`, never by hand."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSettings(StageSettings):
+    source: str
+    md5: str | None
+    source_format: str
+    label_mode: str
+
+
+class CollectionSettings(StageSettings):
+    """How to read a collection (an image folder or a Parquet table): everything its listing depends on."""
+
+    source: str
+    source_format: str
+    test_fraction: float
+    image_column: str
+    label_column: str
+    classes: str | None
+    seed: int
+
+
+class ExtractionSettings(StageSettings):
+    """What decides which features are extracted and how they are cut into shards."""
+
+    backbone: str
+    weights: str
+    input_size: int | None
+    pooling: str
+    engine: str
+    precision: str
+    flip: bool
+    shard_size: int
+    batch_size: int
+    seed: int
+
+
+class RunnerSettings(StageSettings):
+    task_runner: str
+    workers: int
+    dask_address: str | None
+    ray_address: str | None
+
+
+class TsneSettings(StageSettings):
+    """The map's settings; their hash (with the features' fingerprint) names the map's folder."""
+
+    sample: int
+    perplexity: float
+    seed: int
+    test: bool
+
+
+class HeadSettings(StageSettings):
+    """The head stage's settings; their hash (with the features' fingerprint) names the head's folder."""
+
+    head: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    validation_split: float
+    patience: int
+    seed: int
+    flip: bool
+    refit: bool
+
+
+# The options of `cifar-transfer extract`: everything that decides the features, and where they go.
+EXTRACTION_STAGES = (SourceSettings, CollectionSettings, ExtractionSettings, RunnerSettings)
+
+
 class PipelineConfig(BaseModel):
     """Every option of a run. Defaults reproduce the 2017 post's extraction on CPU."""
 
@@ -50,7 +130,21 @@ class PipelineConfig(BaseModel):
     preset: Literal["blog-2017"] | None = Field(
         None, description="a named bundle of settings: 'blog-2017' reproduces the post (InceptionV3 139px maps, conv head, 50 epochs)"
     )
-    source: str = Field(CIFAR10_URL, description="CIFAR-10 python archive: URL, local path or any fsspec URL")
+    source: str = Field(
+        CIFAR10_URL,
+        description="labelled images: a CIFAR-10/100 python archive, an image folder tree (ROOT/train/<class>/*, ROOT/test/<class>/* "
+        "or ROOT/<class>/*) or a Parquet table of encoded images (file, folder or glob); URL, local path or any fsspec URL",
+    )
+    source_format: SourceFormat = Field(
+        "auto", description="what --source is; 'auto': an archive by its name (.tar.gz), a table by .parquet files, else a folder tree"
+    )
+    label_mode: Literal["fine", "coarse"] = Field("fine", description="CIFAR-100 labels: 'fine' (100 classes) or 'coarse' (20)")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of a collection's images held out for test when it does not name its splits (seeded, stable)"
+    )
+    image_column: str = Field("image", description="Parquet sources: the column of encoded images (a struct with 'bytes', or binary)")
+    label_column: str = Field("label", description="Parquet sources: the integer label column")
+    classes: str | None = Field(None, description="Parquet sources: a file of class names (one per line) when the table names none")
     md5: str | None = Field(
         None,
         description="expected MD5 of the archive, or 'none' to skip the check "
@@ -114,15 +208,19 @@ class PipelineConfig(BaseModel):
             return {**PRESETS[options["preset"]], **given}
         return options
 
-    @field_validator("source", "storage")
+    @field_validator("source", "storage", "dask_address", "ray_address")
     @classmethod
-    def _no_credentials_in_urls(cls, url: str, info) -> str:
-        """Secrets in a URL would end up in logs, artifacts and metadata; refuse them without echoing them."""
-        parts = urlsplit(url) if "://" in url else None
-        if parts is not None and (parts.username or parts.password):
+    def _no_credentials_in_urls(cls, url: str | None, info) -> str | None:
+        """Secrets in a URL would end up in logs, artifacts and metadata; refuse them, naming their kind, never them.
+
+        A presigned URL is refused too: its signature is a credential, and the config is stored with every run.
+        """
+        found = secrets_in(url) if url is not None else []
+        if found:
             raise ValueError(
-                f"the {info.field_name} URL embeds credentials: remove them and let fsspec read them from the "
-                "environment or your profile (AWS_PROFILE, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+                f"the {info.field_name} URL embeds credentials ({', '.join(found)}): remove them and let fsspec/httpx read "
+                "them from the environment or your profile (AWS_PROFILE, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...); "
+                "for a signed URL, download the file first (curl -o cifar-10-python.tar.gz '<your URL>') and pass its local path"
             )
         return url
 
@@ -136,11 +234,11 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
-        from tasks.backbones import get_backbone
+        from cifar_transfer.backbones import get_backbone
 
         if self.md5 is not None and self.md5 != "none" and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
             raise ValueError(f"md5 {self.md5!r} is not 32 hex digits: pass the archive's MD5 or 'none'")
-        if self.source != CIFAR10_URL and self.md5 is None:
+        if self.is_archive and self.source not in OFFICIAL_ARCHIVES and self.md5 is None:
             raise ValueError(f"source {self.source!r} is not the official URL: pass its MD5 (--md5 HEX) or --md5 none to skip the check")
         backbone = get_backbone(self.backbone)
         if self.input_size is not None and self.input_size < backbone.min_input_size:
@@ -160,17 +258,38 @@ class PipelineConfig(BaseModel):
         """The checksum to verify, or None when the caller chose to skip it."""
         if self.md5 == "none":
             return None
-        return (self.md5 or CIFAR10_MD5).lower()
+        return (self.md5 or OFFICIAL_ARCHIVES.get(self.source, (None, CIFAR10_MD5))[1]).lower()
+
+    @property
+    def is_archive(self) -> bool:
+        """A CIFAR python archive (decoded once), as opposed to a collection read image by image."""
+        if self.source_format != "auto":
+            return self.source_format in ("cifar10", "cifar100")
+        path = self.source.split("?", 1)[0].rstrip("/").lower()
+        if self.source in OFFICIAL_ARCHIVES or path.endswith(ARCHIVE_SUFFIXES):
+            return True
+        if path.endswith(".parquet") or any(mark in path for mark in "*?["):
+            return False
+        return path.startswith(("http://", "https://")) or Path(self.source).is_file()  # one file: an archive
+
+    @property
+    def archive_format(self) -> str:
+        """"cifar10", "cifar100", or "auto" (read from the archive's members)."""
+        return self.source_format if self.source_format in ("cifar10", "cifar100") else OFFICIAL_ARCHIVES.get(self.source, ("auto",))[0]
+
+    @property
+    def collection_settings(self) -> CollectionSettings:
+        return self.stage(CollectionSettings)
 
     @property
     def backbone_name(self) -> str:
-        from tasks.backbones import get_backbone
+        from cifar_transfer.backbones import get_backbone
 
         return get_backbone(self.backbone).name
 
     @property
     def resolved_input_size(self) -> int:
-        from tasks.backbones import get_backbone
+        from cifar_transfer.backbones import get_backbone
 
         return self.input_size or get_backbone(self.backbone).default_input_size
 
@@ -195,27 +314,38 @@ class PipelineConfig(BaseModel):
             precision=precision,
         )
 
-    def tsne_key(self, fingerprint: str) -> str:
-        """Names the t-SNE output of these features and settings."""
-        settings = {"sample": self.tsne_sample, "perplexity": self.tsne_perplexity, "seed": self.seed, "test": self.tsne_test}
-        return stable_hash({"features": fingerprint, **settings}, 12)
+    def stage(self, settings: type[StageSettings]) -> StageSettings:
+        """This configuration's settings of one stage, as that stage's own typed model."""
+        return settings(**self.model_dump(include=set(settings.model_fields)))
 
-    def head_settings(self) -> dict:
-        return {
-            "head": self.head,
-            "epochs": self.epochs,
-            "batch_size": self.head_batch_size,
-            "learning_rate": self.learning_rate,
-            "validation_split": self.validation_split,
-            "patience": self.patience,
-            "seed": self.seed,
-            "flip": self.flip,
-            "refit": self.refit,
-        }
+    @property
+    def source_settings(self) -> SourceSettings:
+        return self.stage(SourceSettings)
 
-    def head_key(self, fingerprint: str) -> str:
-        """Names the head output of these features and settings."""
-        return stable_hash({"features": fingerprint, **self.head_settings()}, 12)
+    @property
+    def runner_settings(self) -> RunnerSettings:
+        return self.stage(RunnerSettings)
+
+    @property
+    def tsne_settings(self) -> TsneSettings:
+        return TsneSettings(sample=self.tsne_sample, perplexity=self.tsne_perplexity, seed=self.seed, test=self.tsne_test)
+
+    @property
+    def head_settings(self) -> HeadSettings:
+        return HeadSettings(**self.model_dump(include=set(HeadSettings.model_fields) - {"batch_size"}), batch_size=self.head_batch_size)
+
+    def tsne_key(self, fingerprint: str, content_version: str | None = None) -> str:
+        """Names the t-SNE output of these features (a collection's: of this version of them) and settings."""
+        return stable_hash({"features": fingerprint, **_content(content_version), **self.tsne_settings.model_dump()}, 12)
+
+    def head_key(self, fingerprint: str, content_version: str | None = None) -> str:
+        """Names the head output of these features (a collection's: of this version of them) and settings."""
+        return stable_hash({"features": fingerprint, **_content(content_version), **self.head_settings.model_dump()}, 12)
+
+
+def _content(content_version: str | None) -> dict:
+    """An archive's features never change under one fingerprint (no version: the keys stay what they were)."""
+    return {} if content_version is None else {"content": content_version}
 
 
 def _check_storage_scheme(storage: str) -> None:

@@ -7,18 +7,18 @@ Keras accepts and the input size to use when the caller gives none.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import ast
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import random
 from collections.abc import Callable, Iterator
 from functools import cache
+from pathlib import Path
 
-from tasks.errors import ConfigError
+from cifar_transfer.errors import ConfigError
+from cifar_transfer.native import load_keras
 
 # Smallest input side Keras accepts with include_top=False (keras' obtain_input_shape).
 _MIN_INPUT_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -48,20 +48,43 @@ _POST_INPUT_SIZE = {"InceptionV3": 139}
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
+    """A backbone by name: its sizes are known without Keras; the constructor and preprocessing load on use."""
+
     name: str
-    constructor: Callable
-    preprocess_input: Callable
+    module: str  # the keras module that defines the constructor and its `preprocess_input`
     min_input_size: int
     default_input_size: int
 
+    @property
+    def constructor(self) -> Callable:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    @property
+    def preprocess_input(self) -> Callable:
+        return importlib.import_module(self.module).preprocess_input
+
 
 @cache
-def available_backbones() -> dict[str, Callable]:
-    """Every model constructor keras.applications exports, by its canonical name."""
-    import keras
+def available_backbones() -> dict[str, str]:
+    """Every model keras.applications exports, by its canonical name, with the module that defines it.
+
+    Read from the source of `keras.applications` (Keras generates it as one `from <module> import <Name>` line
+    per model) so that checking a configuration does not import Keras and TensorFlow; if that file ever
+    looks different, Keras itself is asked.
+    """
+    spec = importlib.util.find_spec("keras")
+    listing = Path(spec.origin).parent / "applications" / "__init__.py" if spec and spec.origin else None
+    found = {}
+    if listing is not None and listing.is_file():
+        for node in ast.parse(listing.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found |= {alias.asname or alias.name: node.module for alias in node.names if alias.name[:1].isupper()}
+    if found:
+        return found
+    keras = load_keras()
 
     return {
-        name: getattr(keras.applications, name)
+        name: getattr(keras.applications, name).__module__
         for name in dir(keras.applications)
         if name[:1].isupper() and callable(getattr(keras.applications, name))
     }
@@ -76,12 +99,9 @@ def get_backbone(name: str) -> Backbone:
             f"unknown backbone {name!r}: use a keras.applications model name, "
             f"one of {', '.join(sorted(available_backbones()))}"
         )
-    constructor = available_backbones()[canonical]
-    module = importlib.import_module(constructor.__module__)
     return Backbone(
         name=canonical,
-        constructor=constructor,
-        preprocess_input=module.preprocess_input,
+        module=available_backbones()[canonical],
         min_input_size=_MIN_INPUT_SIZE.get(canonical, 32),
         default_input_size=_POST_INPUT_SIZE.get(canonical, _NATIVE_INPUT_SIZE.get(canonical, 224)),
     )
@@ -126,7 +146,7 @@ def build_extractor(
     the input size. `weights` is "imagenet", "none" (seeded random init) or a
     weights-file path.
     """
-    import keras
+    keras = load_keras()
 
     backbone = get_backbone(backbone_name)
     previous_policy = keras.config.dtype_policy()

@@ -22,6 +22,14 @@ class ArchiveError(PermanentError):
     """The archive is truncated, not a CIFAR-10 archive, or holds unexpected data."""
 
 
+class FetchDeadlineExceeded(PermanentError):
+    """Fetching the archive took longer than its deadline: the same path would likely be as slow again."""
+
+
+class SourceUnreachable(ConnectionError):
+    """The network did not answer (retried: it may come back); the message says how to work offline."""
+
+
 class StorageFull(PermanentError):
     """The storage has no space left; finished work stays, the rerun resumes."""
 
@@ -43,12 +51,3 @@ def is_transient(exc: BaseException) -> bool:
         return False
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return not (isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE_HTTP_STATUS)
-
-
-def retry_on_transient(task, task_run, state) -> bool:
-    """Prefect `retry_condition_fn`: retry transient errors only, never permanent ones."""
-    try:
-        state.result()
-    except Exception as exc:  # the state's own exception, re-raised by result()
-        return is_transient(exc)
-    return False

@@ -1,0 +1,131 @@
+"""Benchmark: an image folder of JPEG files against the archive path, and an incremental run after it grew by 1%.
+
+    .venv/bin/python bench/collections.py --source ../shared/data/cifar-10-python.tar.gz \
+        --md5 3fa5040838d1a02829aec1f95cc5c67f --images 200000 --input-size 64
+
+Writes a folder of `--images` JPEG files (CIFAR-10's images, repeated under new names past 60,000) in the
+`ROOT/train/<class>/`, `ROOT/test/<class>/` layout, then, each in a fresh process (`cifar-transfer extract`),
+one after another on this machine: the archive path on its 60,000 images, the folder's full extraction, and
+the folder's incremental run after 1% more images were added. Records listing time, images/s, wall time and
+peak memory to bench/results/collections.jsonl (and prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results_log import record  # noqa: E402
+
+# The command line in a process that prints its own peak memory last (the ephemeral Prefect API, a child, not counted).
+CLI = [sys.executable, "-c", "import resource, runpy, sys\nsys.argv[0] = 'cifar-transfer'\ntry:\n"
+       "    runpy.run_module('cifar_transfer.flows.cli', run_name='__main__')\nfinally:\n"
+       "    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"]
+
+
+def write_jpegs(job: tuple[str, list[tuple[str, int]], str]) -> int:
+    """Write one chunk of images (the archive's `index`-th image of `split`) as JPEG files under `root`."""
+    import numpy as np
+    from PIL import Image
+
+    root, names, arrays = job
+    images = {split: np.load(f"{arrays}/{split}_images.npy", mmap_mode="r") for split in ("train", "test")}
+    for name, index in names:
+        split = name.split("/", 1)[0]
+        path = Path(root) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(images[split][index])).save(path, "JPEG", quality=90)
+    return len(names)
+
+
+def image_names(total: int, start: int, sizes: dict[str, int], labels: dict[str, list[int]], classes: list[str]) -> list[tuple[str, int]]:
+    """Names for images [start, start + total): five in six train, one in six test, repeating the archive's images."""
+    names = []
+    for number in range(start, start + total):
+        split = "test" if number % 6 == 5 else "train"
+        index = number % sizes[split]
+        names.append((f"{split}/{classes[labels[split][index]]}/{number:07d}.jpg", index))
+    return names
+
+
+def write_folder(root: str, arrays: str, names: list[tuple[str, int]]) -> float:
+    started = time.perf_counter()
+    chunks = [names[start : start + 5000] for start in range(0, len(names), 5000)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        sum(pool.map(write_jpegs, [(root, chunk, arrays) for chunk in chunks]))
+    return time.perf_counter() - started
+
+
+def extract(options: list[str], storage: str) -> dict:
+    """One `cifar-transfer extract` in its own process: wall time, peak memory, and the extraction's own figures."""
+    started = time.perf_counter()
+    done = subprocess.run([*CLI, "extract", *options, "--storage", storage], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    log = done.stdout + done.stderr
+    rates = re.findall(r"extraction: \d+/\d+ shards, .*?, (\d+) images/s", log)
+    peak = int(re.findall(r"peak_rss_kib (\d+)", log)[-1])
+    return {"wall_seconds": round(wall, 1), "peak_rss_mib": round(peak / 1024),
+            "extraction_images_per_second": int(rates[-1]) if rates else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--md5", required=True)
+    parser.add_argument("--images", type=int, default=200_000)
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--backbone", default="MobileNetV2")
+    arguments = parser.parse_args()
+    from cifar_transfer.collection import list_collection
+    from cifar_transfer.config import load_config
+    from cifar_transfer.dataset import decode_archive
+    from cifar_transfer.download import fetch_archive
+
+    common = ["--backbone", arguments.backbone, "--weights", "none", "--input-size", str(arguments.input_size),
+              "--engine", "openvino", "--precision", "float32"]
+    with tempfile.TemporaryDirectory(prefix="collections-bench-") as scratch:
+        archive_storage = f"{scratch}/archive-storage"
+        archive = fetch_archive(arguments.source, arguments.md5, archive_storage)
+        dataset = decode_archive(archive_storage, archive.path, archive.md5)
+        import numpy as np
+
+        labels = {split: np.load(f"{dataset.folder}/{split}_labels.npy").tolist() for split in ("train", "test")}
+        root = f"{scratch}/photos"
+        names = image_names(arguments.images, 0, dataset.sizes, labels, dataset.classes)
+        write_seconds = write_folder(root, dataset.folder, names)
+        settings = load_config(source=root, storage=f"{scratch}/folder-storage").collection_settings
+        started = time.perf_counter()
+        listed, _ = list_collection(settings)
+        listing_seconds = time.perf_counter() - started
+
+        archive_run = extract(["--source", arguments.source, "--md5", arguments.md5, *common], archive_storage)
+        folder_run = extract(["--source", root, *common], f"{scratch}/folder-storage")
+        grown = image_names(arguments.images // 100, arguments.images, dataset.sizes, labels, dataset.classes)
+        write_folder(root, dataset.folder, grown)
+        incremental_run = extract(["--source", root, *common], f"{scratch}/folder-storage")
+        folder_rate, archive_rate = folder_run["extraction_images_per_second"], archive_run["extraction_images_per_second"]
+        record("collections", {
+            "images": arguments.images, "input_size": arguments.input_size, "backbone": f"{arguments.backbone} (seeded weights)",
+            "engine": "openvino float32", "jpeg_write_seconds": round(write_seconds, 1),
+            "listing_seconds": round(listing_seconds, 2), "listed": listed.sizes,
+            "archive_run": archive_run | {"images": sum(dataset.sizes.values())},
+            "folder_run": folder_run,
+            "folder_vs_archive_images_per_second": round(folder_rate / archive_rate, 3),
+            "incremental_run": incremental_run | {"images_added": len(grown)},
+            "incremental_vs_full_wall": round(incremental_run["wall_seconds"] / folder_run["wall_seconds"], 3),
+        })
+
+
+if __name__ == "__main__":
+    main()

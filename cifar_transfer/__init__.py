@@ -1,0 +1,24 @@
+"""cifar_transfer: transfer learning on labelled images as plain, Prefect-free functions.
+
+Stages (one module each; see docs/architecture.md): `download` -> `dataset` (decode) -> `engines` + `extract`
+(one shard) -> `store` (Parquet shards, manifests, the reading API) -> `tsne`, `head` -> `report`.
+`layout` owns every path under a storage root, `config` the one typed configuration and its fingerprints.
+The Prefect layer lives in `cifar_transfer.tasks` and `cifar_transfer.flows`; importing this package, or reading
+features, imports neither Prefect nor TensorFlow:
+
+    from cifar_transfer import load_features, list_feature_sets
+    index, labels, features = load_features("storage", "train")
+"""
+
+from __future__ import annotations
+
+__all__ = ["find_feature_set", "list_feature_sets", "load_features"]
+
+
+def __getattr__(name: str):
+    """The reading API, imported on first use (so `import cifar_transfer` stays cheap)."""
+    if name in __all__:
+        from cifar_transfer import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'cifar_transfer' has no attribute {name!r}")

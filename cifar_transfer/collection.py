@@ -1,0 +1,227 @@
+"""Collections (an image folder tree, a Parquet table of images): listed cheaply, planned incrementally, read per shard.
+
+A collection is never copied or held in memory: each shard reads and decodes just its images, straight from
+the source, resized once from their original size to the backbone's input. Its features' fingerprint names
+the collection (format, root, split rule, classes: `Listing.identity`), not its content, so when images are
+added, removed or changed the next run keeps every shard whose images are all unchanged, replaces each
+shard that held a removed or changed image, and puts new images in new shards; a new manifest version then
+lists old and new shards at once (see `store.write_manifest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import posixpath
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from cifar_transfer import layout
+from cifar_transfer.config import CollectionSettings, stable_hash
+from cifar_transfer.errors import ArchiveError
+from cifar_transfer.redact import redact
+from cifar_transfer.shards import FLIPPED, SPLITS, Shard
+from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import read_manifest
+
+log = logging.getLogger(__name__)
+
+TABLE_FOLDERS = ("data", "train", "test", "validation")  # where a Hub-style table keeps its files
+
+
+class CollectionDataset(BaseModel):
+    """A listed collection: what planning and reading its shards need (the items themselves go into the shards)."""
+
+    id: str  # names the collection in the features' fingerprint (`FeatureSpec.dataset_md5`)
+    settings: CollectionSettings
+    format: str  # "folder" or "parquet"
+    classes: list[str]
+    sizes: dict[str, int]
+    skipped: list[str]
+    listing_digest: str  # changes whenever an image is added, removed or changed
+
+
+def collection_format(settings: CollectionSettings) -> str:
+    """'folder' or 'parquet': as given, else a table when .parquet files sit at the top (or in its split folders)."""
+    if settings.source_format in ("folder", "parquet"):
+        return settings.source_format
+    path = settings.source.split("?", 1)[0].rstrip("/").lower()
+    if path.endswith(".parquet") or any(mark in path for mark in "*?["):
+        return "parquet"
+    fs, root = fsspec.core.url_to_fs(settings.source)
+    if not fs.isdir(root):
+        raise ArchiveError(f"source {redact(settings.source)!r} is neither a folder nor a .parquet table: check --source")
+    top = fs.ls(root, detail=True)
+    folders = [entry["name"] for entry in top if entry["type"] == "directory" and posixpath.basename(entry["name"]) in TABLE_FOLDERS]
+    names = [entry["name"] for entry in top] + [name for folder in folders for name in fs.ls(folder, detail=False)]
+    return "parquet" if any(name.endswith(".parquet") for name in names) else "folder"
+
+
+def open_collection(settings: CollectionSettings) -> CollectionSource:
+    from cifar_transfer.sources.folder import FolderSource
+    from cifar_transfer.sources.parquet import ParquetSource
+
+    if collection_format(settings) == "parquet":
+        return ParquetSource(settings.source, image_column=settings.image_column, label_column=settings.label_column,
+                             classes_file=settings.classes, test_fraction=settings.test_fraction, split_seed=settings.seed)
+    return FolderSource(settings.source, test_fraction=settings.test_fraction, split_seed=settings.seed)
+
+
+def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Listing]:
+    """What the collection holds now, and its identity; logs the counts and what was skipped."""
+    listing = open_collection(settings).list_items()
+    digest = stable_hash({split: [[item.key, item.version, item.label] for item in items] for split, items in listing.splits.items()}, 32)
+    dataset = CollectionDataset(
+        id=stable_hash(listing.identity, 32),
+        settings=settings,
+        format=listing.identity["format"],
+        classes=listing.classes,
+        sizes={split: len(listing.splits.get(split, [])) for split in SPLITS},
+        skipped=listing.skipped,
+        listing_digest=digest,
+    )
+    log.info("listed %s (%s): %s; %d classes; %d entries skipped", redact(settings.source), dataset.format,
+             ", ".join(f"{split} {size} images" for split, size in dataset.sizes.items()), len(dataset.classes), len(listing.skipped))
+    for entry in listing.skipped[:20]:
+        log.warning("skipped %s", entry)
+    if not dataset.sizes["train"] or not dataset.sizes["test"]:
+        raise ArchiveError(f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
+                           "both splits need images (check the layout, or --test-fraction)")
+    return dataset, listing
+
+
+class WatchResult(BaseModel):
+    """What a watch saw: the collection now, and whether it changed since the watch before."""
+
+    dataset: CollectionDataset
+    changed: bool
+    previous_digest: str | None
+
+
+def watch_collection(settings: CollectionSettings, storage_url: str) -> WatchResult:
+    """List the collection (no image is read) and remember its digest; `changed` when it differs from the last one seen."""
+    dataset, _ = list_collection(settings)
+    storage = Storage(storage_url)
+    record = layout.watch_record(storage, dataset.id)
+    previous = json.loads(storage.read_bytes(record)).get("listing_digest") if storage.exists(record) else None
+    if previous != dataset.listing_digest:
+        storage.write_atomic(record, json.dumps({"listing_digest": dataset.listing_digest, "sizes": dataset.sizes}).encode())
+    return WatchResult(dataset=dataset, changed=previous != dataset.listing_digest, previous_digest=previous)
+
+
+class CollectionPlan(BaseModel):
+    """The shards of the features' next version, and the files of the current version they replace."""
+
+    shards: list[Shard]
+    retired: dict[str, list[str]]  # view -> shard files no longer listed (deleted by the version after next)
+
+
+def plan_collection(storage: Storage, folder: str, listing: Listing, shard_size: int, flip: bool) -> CollectionPlan:
+    """Keep each shard of the current version whose images are all unchanged; replace the others; add the new images.
+
+    Deterministic given the current manifests and the listing, so a run that resumes after a crash plans the
+    same shards and finds the ones it had finished.
+    """
+    shards, retired = [], {}
+    for split in SPLITS:
+        planned, retiring = _plan_view(storage, folder, split, listing.splits.get(split, []), shard_size)
+        shards += planned
+        retired[split] = retiring
+        if flip:
+            view = f"{split}{FLIPPED}"
+            shards += [shard.model_copy(update={"split": view}) for shard in planned]
+            retired[view] = retiring
+    return CollectionPlan(shards=shards, retired=retired)
+
+
+def _plan_view(storage: Storage, folder: str, split: str, items: list[Item], shard_size: int) -> tuple[list[Shard], list[str]]:
+    current = {item.key: item for item in items}
+    manifest = read_manifest(storage, folder, split)
+    records = manifest.shards if manifest else []
+    planned, retired, placed = [], [], set()
+    next_number = max((record.number + 1 for record in records), default=0)
+    for record in records:
+        held = _shard_items(storage, layout.shard_file(folder, split, record.file))
+        if held is not None and all(current.get(item.key) == item for item in held):
+            planned.append(Shard(split=split, number=record.number, start=record.start, stop=record.stop, items=held))
+            placed.update(item.key for item in held)
+            continue
+        retired.append(record.file)
+        survivors = [current[item.key] for item in held or [] if item.key in current]
+        if survivors:  # one replacement per changed shard: a change touches only the shard that held it
+            planned.append(_new_shard(split, next_number, survivors, shard_size))
+            placed.update(item.key for item in survivors)
+            next_number += 1
+    new = [item for key, item in sorted(current.items()) if key not in placed]
+    for start in range(0, len(new), shard_size):
+        planned.append(_new_shard(split, next_number, new[start : start + shard_size], shard_size))
+        next_number += 1
+    return planned, retired
+
+
+def _new_shard(split: str, number: int, items: list[Item], shard_size: int) -> Shard:
+    start = number * shard_size
+    return Shard(split=split, number=number, start=start, stop=start + len(items), items=items)
+
+
+def _shard_items(storage: Storage, path: str) -> list[Item] | None:
+    """The items a finished collection shard was made from (its footer lists them), or None if it is unreadable."""
+    try:
+        with storage.fs.open(path, "rb") as stream:
+            metadata = pq.read_metadata(stream).metadata or {}
+    except (OSError, ValueError):
+        return None
+    from cifar_transfer.store import METADATA_KEY, shard_items_from_metadata
+
+    return shard_items_from_metadata(metadata.get(METADATA_KEY))
+
+
+class CollectionImages(BaseModel):
+    """A collection shard's decoded images (row for row with `items`) and the items that could not be used."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    images: np.ndarray  # uint8 (n, size, size, 3)
+    items: list[Item]
+    skipped: list[UnreadableItem]
+
+
+def collection_images(dataset: CollectionDataset, shard: Shard, size: int) -> CollectionImages:
+    """Read and decode the shard's images straight from the source, resized once to `size`; mirrored for a flipped view."""
+    from cifar_transfer.sources.images import UndecodableImage, decode_image
+
+    images, decoded, skipped = [], [], []
+    for item, data, reason in open_collection(dataset.settings).read_items(shard.items or []):
+        if data is None:
+            skipped.append(UnreadableItem(key=item.key, reason=reason or "unreadable"))
+            continue
+        try:
+            images.append(decode_image(data, size))
+        except UndecodableImage as exc:
+            skipped.append(UnreadableItem(key=item.key, reason=str(exc)))
+            continue
+        decoded.append(item)
+    for entry in skipped:
+        log.warning("extract[%s]: skipped %s: %s", shard.name, entry.key, entry.reason)
+    pixels = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    if shard.flipped:
+        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+    return CollectionImages(images=pixels, items=decoded, skipped=skipped)
+
+
+def thumbnails(settings: CollectionSettings, keys: list[str], size: int) -> np.ndarray:
+    """Small pictures of the named images for the report (a grey square where one can no longer be read)."""
+    from cifar_transfer.sources.images import UndecodableImage, decode_image
+
+    pictures = np.full((len(keys), size, size, 3), 128, np.uint8)
+    items = [Item(key=key, label=0, version="") for key in keys]
+    for number, (_, data, _) in enumerate(open_collection(settings).read_items(items)):
+        if data is not None:
+            with contextlib.suppress(UndecodableImage):
+                pictures[number] = decode_image(data, size)
+    return pictures

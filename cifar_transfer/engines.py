@@ -1,0 +1,311 @@
+"""Which engine and precision run the backbone, and the compiled extractors themselves.
+
+An extractor is a callable `(uint8 images, batch_size) -> float32 features`; the
+Keras model from `tasks.backbones` is the one source of truth, and OpenVINO
+converts that same model, so both engines compute the same function.
+
+`auto` picks the fastest combination this hardware runs well: TensorFlow with
+mixed precision on a GPU; on a CPU, OpenVINO, in bfloat16 when the CPU has
+native bf16 instructions (AVX512-BF16 / AMX) *and* the features stay within a
+cosine of `BF16_MIN_COSINE` of float32 on real images of this dataset
+(measured once, remembered in storage), else float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel
+
+from cifar_transfer import layout
+from cifar_transfer.backbones import build_extractor
+from cifar_transfer.collection import CollectionDataset, collection_images, list_collection
+from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
+from cifar_transfer.dataset import DatasetInfo, shard_images
+from cifar_transfer.errors import ConfigError
+from cifar_transfer.native import load_tensorflow
+from cifar_transfer.shards import Shard
+from cifar_transfer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+BF16_MIN_COSINE = 0.9999
+CALIBRATION_IMAGES = 64
+_OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+class Extractor(Protocol):
+    def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray: ...
+
+
+class EngineChoice(BaseModel):
+    """The engine and precision a run uses, and why (shown in logs and the report)."""
+
+    engine: str
+    precision: str
+    reason: str
+
+
+@functools.cache
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("" where there is none, e.g. off Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def gpus() -> list[dict]:
+    """Visible GPUs with their compute capability (empty on a CPU machine).
+
+    Memory growth is switched on first, so several workers can share a GPU.
+    """
+    tf = load_tensorflow()
+    found = []
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except RuntimeError:  # the GPU is already initialised in this process
+            pass
+        details = tf.config.experimental.get_device_details(device)
+        found.append({"name": details.get("device_name", device.name), "compute_capability": details.get("compute_capability")})
+    return found
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def machine_description() -> dict:
+    """What the engine choice depends on; also quoted by benchmarks."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": len(_affinity()),
+        "native_bf16": cpu_has_native_bf16(),
+        "gpus": gpus(),
+        "openvino": _openvino_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def _affinity() -> set[int]:
+    import os
+
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def _openvino_version() -> str | None:
+    if not openvino_available():
+        return None
+    import openvino
+
+    return openvino.get_version()
+
+
+def candidate_choice(config: PipelineConfig) -> EngineChoice:
+    """Resolve `auto` from the hardware alone; a bf16 candidate is then checked by `choose_engine`."""
+    engine, precision = config.engine, config.precision
+    on_gpu = bool(gpus())
+    if engine == "openvino" and not openvino_available():
+        raise ConfigError("engine 'openvino' is not installed: pip install openvino, or pass --engine tensorflow")
+    if engine == "auto":
+        engine = "tensorflow" if on_gpu or not openvino_available() else "openvino"
+    if precision != "auto":
+        return EngineChoice(engine=engine, precision=precision, reason="chosen in the configuration")
+    if on_gpu and engine == "tensorflow":
+        capabilities = [gpu["compute_capability"] or (0, 0) for gpu in gpus()]
+        precision = "bfloat16" if min(capabilities) >= (8, 0) else "float16"
+        return EngineChoice(engine=engine, precision=precision, reason=f"GPU compute capability {min(capabilities)}")
+    if cpu_has_native_bf16():
+        return EngineChoice(engine=engine, precision="bfloat16", reason="CPU has native bf16")
+    return EngineChoice(engine=engine, precision="float32", reason="CPU without native bf16")
+
+
+def _choice_path(storage: Storage, spec: FeatureSpec) -> str:
+    machine = {key: value for key, value in machine_description().items() if key != "cores"}
+    key = stable_hash({"spec": spec.model_dump(exclude={"engine", "precision"}), "engine": spec.engine, "machine": machine}, 16)
+    return layout.engine_choice(storage, key)
+
+
+def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
+    """The engine and precision of this run, logged; a reduced precision must earn its place.
+
+    When `auto` proposes bfloat16/float16, the features of `calibration_images`
+    in that precision are compared with float32's; below `BF16_MIN_COSINE` the
+    run falls back to float32. The verdict is stored, so reruns don't rebuild.
+    """
+    choice = candidate_choice(config)
+    if config.precision != "auto" or choice.precision == "float32":
+        log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
+        return choice
+    storage = Storage(config.storage)
+    path = _choice_path(storage, config.feature_spec(dataset_md5, choice.engine, choice.precision))
+    if storage.exists(path):
+        remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
+        log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
+        return remembered
+    reduced_spec = config.feature_spec(dataset_md5, choice.engine, choice.precision)
+    calibration_images = calibration_images()
+    reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
+    exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
+    cosine = float(mean_cosine(reduced(calibration_images, CALIBRATION_IMAGES), exact(calibration_images, CALIBRATION_IMAGES)))
+    if cosine < BF16_MIN_COSINE:
+        with _build_lock:  # the run will build its float32 extractor: this one's memory goes back
+            _extractors.pop((reduced_spec.fingerprint, tuple(calibration_images.shape[1:])), None)
+    if cosine >= BF16_MIN_COSINE:
+        choice = choice.model_copy(update={"reason": f"{choice.reason}; cosine to float32 {cosine:.6f} on {len(calibration_images)} images"})
+    else:
+        choice = EngineChoice(
+            engine=choice.engine,
+            precision="float32",
+            reason=f"{choice.precision} features were at cosine {cosine:.6f} < {BF16_MIN_COSINE} to float32 on this backbone",
+        )
+    storage.write_atomic(path, choice.model_dump_json().encode())
+    log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
+    return choice
+
+
+def float32_reference(spec: FeatureSpec, extractor: Extractor, image_shape: tuple[int, int, int]) -> Extractor:
+    """Features of `spec` in float32 to check a reduced precision against: OpenVINO's own source model run by
+    TensorFlow (no second conversion and compilation), else a float32 build."""
+    if isinstance(extractor, OpenVINOExtractor):
+        return KerasExtractor(extractor.source_model)
+    return build_engine_extractor(spec.model_copy(update={"precision": "float32"}), image_shape)
+
+
+def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over rows of the cosine similarity; rows are scaled first, so tiny activations don't underflow."""
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        rows = rows.reshape(len(rows), -1).astype(np.float64)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+
+    return float(np.mean(np.sum(unit(features) * unit(reference), axis=1)))
+
+
+class KerasExtractor:
+    """TensorFlow: one compiled graph per batch shape, no `predict` loop overhead."""
+
+    def __init__(self, model):
+        tf = load_tensorflow()
+
+        self.model = model
+        # No autograph: a plain call needs no source conversion, and autograph's parsing raced with another
+        # thread's in CPython 3.11 once here ("SystemError: AST constructor recursion depth mismatch").
+        self.forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
+
+    def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        outputs = [self.forward(images[start : start + batch_size]).numpy() for start in range(0, len(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output.shape[1:]), np.float32)
+
+
+class OpenVINOExtractor:
+    """OpenVINO on the CPU: the Keras model converted once, batches kept in flight on every core."""
+
+    def __init__(self, model, precision: str):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(
+            ov.convert_model(model),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "THROUGHPUT"},
+        )
+        self.requests = ov.AsyncInferQueue(self.compiled)
+        self.output_shape = tuple(model.output.shape[1:])
+        self.source_model = model  # the float32 Keras model it was converted from
+
+    def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        features = np.empty((len(images), *self.output_shape), np.float32)
+
+        def collect(request, start: int) -> None:
+            result = request.get_output_tensor(0).data
+            features[start : start + len(result)] = result
+
+        self.requests.set_callback(collect)
+        for start in range(0, len(images), batch_size):
+            self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=start)
+        self.requests.wait_all()
+        return features
+
+
+_extractors: dict[tuple[str, tuple[int, ...]], Extractor] = {}
+_build_lock = threading.Lock()
+
+
+def built_extractors() -> list[str]:
+    """Fingerprints of the extractors built in this process (so tests can see builds)."""
+    return [fingerprint for fingerprint, _ in _extractors]
+
+
+def release_extractors() -> None:
+    """Drop this process's extractors (once its shards are done, the memory goes to t-SNE and the heads)."""
+    with _build_lock:
+        _extractors.clear()
+
+
+def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
+    """The compiled extractor for `spec`, built on first use in this process, then reused."""
+    with _build_lock:
+        key = (spec.fingerprint, tuple(image_shape))  # one model per input shape: an archive's 32px, a collection's S
+        if key not in _extractors:
+            started = time.perf_counter()
+            _extractors[key] = build_engine_extractor(spec, image_shape)
+            log.info(
+                "built %s at %dpx on %s %s in %.1f s", spec.backbone, spec.input_size, spec.engine, spec.precision, time.perf_counter() - started
+            )
+        return _extractors[key]
+
+
+def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
+    """A new extractor for `spec` on images of `image_shape` (uncached: benchmarks build their own)."""
+    on_openvino = spec.engine == "openvino"
+    model = build_extractor(
+        spec.backbone,
+        weights=spec.weights,
+        input_size=spec.input_size,
+        pooling=spec.pooling,
+        precision="float32" if on_openvino else spec.precision,
+        seed=spec.seed,
+        image_shape=image_shape,
+    )
+    return OpenVINOExtractor(model, spec.precision) if on_openvino else KerasExtractor(model)
+
+
+def choose_engine_for_dataset(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:
+    """`choose_engine`, calibrated on the first train images of the source (only listed and read when a reduced
+    precision must be checked and no verdict is remembered)."""
+    return choose_engine(config, dataset.id, lambda: _first_train_images(config, dataset))
+
+
+def _first_train_images(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> np.ndarray:
+    if isinstance(dataset, DatasetInfo):
+        first = Shard(split="train", number=0, start=0, stop=min(CALIBRATION_IMAGES, dataset.sizes["train"]))
+        return shard_images(config.storage, dataset, first)[0]
+    _, listing = list_collection(dataset.settings)
+    first = Shard(split="train", number=0, start=0, stop=CALIBRATION_IMAGES, items=listing.splits["train"][:CALIBRATION_IMAGES])
+    return collection_images(dataset, first, config.resolved_input_size).images

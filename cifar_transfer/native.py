@@ -1,0 +1,63 @@
+"""TensorFlow, loaded once per process with its C++ start-up notices kept off the console.
+
+TensorFlow's native code writes notices (oneDNN on, no CUDA drivers, absl's "before InitializeLog") straight
+to file descriptor 2 while it loads and first lists devices; TF_CPP_MIN_LOG_LEVEL no longer silences them.
+They go to the `cifar_transfer.native` logger at DEBUG instead (the command line's log file keeps them);
+anything else written to the console meanwhile is written back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own Python-side INFO and WARNING lines
+
+_NATIVE_NOTICE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING: All log messages before absl::InitializeLog)")
+
+
+@contextlib.contextmanager
+def native_notices_to_log() -> Iterator[None]:
+    """Capture file descriptor 2 while the block runs; native notices go to the log, other lines back to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured = sink.read().decode(errors="replace")
+    for line in captured.splitlines():
+        if _NATIVE_NOTICE.match(line):
+            log.debug("%s", line)
+        else:
+            print(line, file=sys.stderr)
+
+
+@functools.cache
+def load_tensorflow():
+    """`tensorflow`, imported and its devices listed once, quietly."""
+    with native_notices_to_log():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return tf
+
+
+def load_keras():
+    """`keras` on its TensorFlow backend, loaded quietly the first time."""
+    load_tensorflow()
+    import keras
+
+    return keras

@@ -1,0 +1,126 @@
+"""An image folder tree as a collection: one folder per class, local or at any fsspec URL.
+
+Two layouts are read:
+- `ROOT/train/<class>/...` and `ROOT/test/<class>/...`: the folders give the splits;
+- `ROOT/<class>/...`: each image goes to test when a hash of the split seed and its key falls below
+  `test_fraction`, so its split never depends on which other files are there: a grown collection keeps
+  every image it had in the split it was in, and only the new images are extracted.
+Images may sit in subfolders of their class folder. Hidden files and folders (".DS_Store", ".git/") are
+ignored; other files that are not images of a class are listed in `Listing.skipped` with the reason.
+
+Listing is one recursive `find` (a few requests on an object store, no request per file), so it stays
+cheap enough to run before every extraction; reading fetches a shard's files in concurrent batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from cifar_transfer.errors import ArchiveError, ConfigError, is_transient
+from cifar_transfer.redact import redact
+from cifar_transfer.sources.base import SPLITS, Item, Listing
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+LAYOUTS = "expected ROOT/<class>/<image>, or ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
+# Where filesystems put what changes when a file is rewritten: local and SFTP (mtime), S3 and Azure (ETag,
+# LastModified), GCS (etag, updated), memory (created: a rewrite is a new file).
+STAMP_FIELDS = ("mtime", "ETag", "etag", "LastModified", "last_modified", "updated", "created")
+READ_BATCH = 64  # files an object store fetches at once: a shard's reads overlap their round trips
+
+
+class FolderSource:
+    """A folder tree of images, one folder per class; see the module docstring for the layouts."""
+
+    def __init__(self, root: str, test_fraction: float = 0.2, split_seed: int = 0):
+        if not 0.0 <= test_fraction <= 1.0:
+            raise ConfigError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+        self.root = root
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self._fs, path = fsspec.core.url_to_fs(root)
+        local = isinstance(self._fs, LocalFileSystem)
+        self._path = posixpath.normpath(path) if local else path.rstrip("/")  # fsspec made a local path absolute
+        self._prefix = self._path.rstrip("/") + "/"
+        # The root as the identity and messages show it: a local path as is, a URL without its secrets.
+        self._shown_root = self._path if local else redact(root.rstrip("/"))
+
+    def list_items(self) -> Listing:
+        """What the tree holds now: its classes, its images in each split, and the files that are not images."""
+        self._fs.invalidate_cache(self._path)  # an object store's cached listing may predate new files
+        start = len(self._prefix)
+        found = self._fs.find(self._path, detail=True)
+        files = {name[start:]: info for name, info in found.items() if "/." not in "/" + name[start:]}  # not hidden
+        layout = self._layout({key.split("/", 1)[0] for key in files if "/" in key})
+
+        placed, skipped = [], []  # placed: (key, split, class)
+        for key in sorted(files):
+            place = self._place(key, layout)
+            if place is None:
+                where = "ROOT/train/<class>/ or ROOT/test/<class>/" if layout == "train-test-folders" else "a class folder"
+                skipped.append(f"{key}: not in {where}")
+            elif key.rpartition(".")[2].lower() not in IMAGE_EXTENSIONS:  # no dot: the whole key, never an extension
+                skipped.append(f"{key}: not an image file (extension)")
+            else:
+                placed.append((key, *place))
+
+        classes = sorted({name for _, _, name in placed})
+        if not classes:
+            raise ArchiveError(f"{self._shown_root} holds no images in class folders ({len(skipped)} other files): {LAYOUTS}")
+        labels = {name: label for label, name in enumerate(classes)}
+        stamp = next((field for field in STAMP_FIELDS if field in files[placed[0][0]]), None)  # one filesystem, one field
+        splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
+        for key, split, name in placed:
+            info = files[key]
+            splits[split].append(Item(key=key, label=labels[name], version=f"{info.get('size')}-{info.get(stamp, '')}"))
+
+        identity = {"format": "folder", "root": self._shown_root, "layout": layout}
+        if layout == "class-folders":
+            identity |= {"test_fraction": self.test_fraction, "split_seed": self.split_seed}
+        return Listing(classes=classes, splits=splits, identity=identity | {"classes": classes}, skipped=skipped)
+
+    def read_items(self, items: list[Item]) -> Iterator[tuple[Item, bytes | None, str | None]]:
+        """Each item with its bytes, or None and why it could not be read (gone, forbidden), in the order given.
+
+        Errors a retry may fix (a network failure) are raised, so the shard is retried rather than thinned.
+        """
+        for start in range(0, len(items), READ_BATCH):
+            batch = items[start:start + READ_BATCH]
+            paths = [self._prefix + item.key for item in batch]
+            for item, data in zip(batch, self._fs.cat_ranges(paths, None, None, on_error="return"), strict=True):
+                if not isinstance(data, BaseException):
+                    yield item, data, None
+                elif is_transient(data):
+                    raise data
+                elif isinstance(data, FileNotFoundError):
+                    yield item, None, "file not found: deleted or moved since the collection was listed"
+                else:
+                    yield item, None, f"cannot read the file: {redact(' '.join(str(data).split())) or type(data).__name__}"
+
+    def _layout(self, top_folders: set[str]) -> str:
+        """The layout: train-test-folders when ROOT holds both train/ and test/, class-folders when it holds neither."""
+        present = sorted(top_folders & set(SPLITS))
+        if not present:
+            return "class-folders"
+        if len(present) == len(SPLITS):
+            return "train-test-folders"
+        (missing,) = set(SPLITS) - set(present)
+        raise ArchiveError(f"{self._shown_root} has a {present[0]}/ folder but no {missing}/ folder: {LAYOUTS}")
+
+    def _place(self, key: str, layout: str) -> tuple[str, str] | None:
+        """The split and class of `key`, or None when it is not in a class folder."""
+        if layout == "class-folders":
+            name, in_folder, _ = key.partition("/")
+            return (("test" if self._in_test(key) else "train"), name) if in_folder else None
+        split, _, below = key.partition("/")
+        name, in_folder, _ = below.partition("/")
+        return (split, name) if split in SPLITS and in_folder else None
+
+    def _in_test(self, key: str) -> bool:
+        """The seeded split rule: a uniform draw from the key's hash, so no other file changes the answer."""
+        digest = hashlib.sha256(f"{self.split_seed}:{key}".encode()).hexdigest()
+        return int(digest[:8], 16) / 2**32 < self.test_fraction

@@ -1,0 +1,87 @@
+"""The pipeline as Prefect flows: wiring only; the work lives in `cifar_transfer`, its tasks in `cifar_transfer.tasks`.
+
+download -> decode -> choose engine -> extract shards -> manifests -> (t-SNE, head) -> report.
+- `extract-features`: the features only (steps up to the manifests); on completion it
+  emits the `cifar-transfer.features.completed` event downstream deployments trigger on.
+- `analyze-features`: t-SNE, head and report on an existing, complete feature set.
+- `cifar-transfer`: the whole job, the two above as subflows.
+- `watch-collection`: lists an image folder or table (cheap, no image read) and emits
+  `cifar-transfer.collection.changed` when it changed, which starts the extraction deployment.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, tags
+
+from cifar_transfer.config import FeatureSpec, PipelineConfig
+from cifar_transfer.engines import release_extractors
+from cifar_transfer.extract import SourceDataset
+from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
+from cifar_transfer.report import RunSummary
+from cifar_transfer.store import FeatureSetInfo
+from cifar_transfer.tasks.collection import list_collection_task, watch_collection_task
+from cifar_transfer.tasks.decode import decode_archive_task
+from cifar_transfer.tasks.download import fetch_archive_task
+from cifar_transfer.tasks.engines import choose_engine_task
+from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task
+from cifar_transfer.tasks.features import commit_feature_set_task, find_feature_set_task
+from cifar_transfer.tasks.head import train_head_task
+from cifar_transfer.tasks.progress import wait_for_shards
+from cifar_transfer.tasks.report import publish_report_task
+from cifar_transfer.tasks.runners import shard_runner
+from cifar_transfer.tasks.tsne import tsne_task
+
+DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is safe (validating it imports no Keras)
+
+
+@flow(name="extract-features", flow_run_name="extract-{config.backbone}")
+def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
+    if config.is_archive:
+        archive = fetch_archive_task(config.source, config.expected_md5, config.storage)
+        dataset = decode_archive_task(config.storage, archive.path, archive.md5, config.archive_format, config.label_mode)
+    else:
+        dataset = list_collection_task(config.collection_settings)
+    engine = choose_engine_task(config, dataset)
+    spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
+    extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
+    collection = None if config.is_archive else config.collection_settings
+    features = commit_feature_set_task(config.storage, spec, extracted.records, dataset.classes, extracted.retired, collection)
+    return features, extracted.stats
+
+
+@flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
+def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: SourceDataset) -> ExtractedFeatures:
+    """Every shard still to compute as its own task, on the task runner the config chose; finished ones are reused."""
+    plan = plan_extraction_task(config.storage, spec, dataset, config.shard_size, config.flip)
+    futures = []
+    for shard in plan.to_compute:
+        with tags(spec.backbone, shard.split):
+            futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
+    records, stats = wait_for_shards(plan.reused, futures)
+    release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
+    return ExtractedFeatures(records=records, stats=stats, retired=plan.retired)
+
+
+@flow(name="analyze-features", flow_run_name="analyze-{fingerprint}")
+def analyze_features(
+    config: PipelineConfig = DEFAULT_CONFIG, fingerprint: str | None = None, extraction: ExtractionStats | None = None
+) -> RunSummary:
+    """t-SNE, head and report on the feature set `fingerprint` (default: the newest complete one)."""
+    features = find_feature_set_task(config.storage, fingerprint)
+    tsne = None
+    if config.tsne_sample:
+        tsne = tsne_task(config.storage, features.folder, config.tsne_key(features.fingerprint, features.content_version), config.tsne_settings, features.classes)
+    head = train_head_task(config.storage, features.folder, config.head_key(features.fingerprint, features.content_version), config.head_settings, features.classes)
+    return publish_report_task(config, features, extraction, tsne, head)
+
+
+@flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
+def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> RunSummary:
+    features, extraction = extract_features(config)
+    return analyze_features(config, features.fingerprint, extraction)
+
+
+@flow(name="watch-collection", flow_run_name="watch-{config.source_format}")
+def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
+    """Whether the collection changed since the last watch (then the change event is out)."""
+    return watch_collection_task(config).changed

@@ -1,0 +1,40 @@
+"""Tasks: list a collection (names, labels, versions; no image is read), and watch it for changes."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.events import emit_event
+
+from cifar_transfer.collection import CollectionDataset, WatchResult, list_collection, watch_collection
+from cifar_transfer.config import CollectionSettings, PipelineConfig
+from cifar_transfer.redact import redact
+from cifar_transfer.tasks.retries import transient_retries
+
+
+@task(name="list-collection", **transient_retries(2, backoff_factor=2))
+def list_collection_task(settings: CollectionSettings) -> CollectionDataset:
+    dataset, _ = list_collection(settings)
+    return dataset
+
+
+COLLECTION_CHANGED_EVENT = "cifar-transfer.collection.changed"
+
+
+@task(name="watch-collection", **transient_retries(2, backoff_factor=2))
+def watch_collection_task(config: PipelineConfig) -> WatchResult:
+    """List the collection; when it changed since the last watch, emit the event the extraction deployment triggers on,
+    with the watched configuration (so the extraction it starts is the one this watch stands for)."""
+    settings, storage_url = config.collection_settings, config.storage
+    result = watch_collection(settings, storage_url)
+    if result.changed:
+        emit_event(
+            event=COLLECTION_CHANGED_EVENT,
+            resource={
+                "prefect.resource.id": f"cifar-transfer.collection.{result.dataset.id}",
+                "cifar-transfer.source": redact(settings.source),
+                "cifar-transfer.storage": redact(storage_url),
+            },
+            payload={"sizes": result.dataset.sizes, "listing_digest": result.dataset.listing_digest,
+                     "config": config.model_dump(mode="json", exclude_defaults=True)},
+        )
+    return result

@@ -1,0 +1,143 @@
+"""`predict` with a real run's head: the same answers as the run gave its test split, from files, folders, globs
+and tables; undecodable images reported, not fatal; JSON and Parquet output; top-k."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from test_flow import tiny_config
+
+from cifar_transfer import engines
+from cifar_transfer.flows.pipeline import cifar_transfer
+from cifar_transfer.predict import ImageSource, Predictor, add_predict_arguments, predict, predict_command
+from cifar_transfer.trained import find_head
+from conftest import cifar_members, write_archive
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture(scope="module")
+def run(prefect_api, tmp_path_factory):
+    """One finished run on the tiny archive, its 100 test images as PNG files, and what the run predicted for them."""
+    folder = tmp_path_factory.mktemp("predict")
+    archive = folder / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, cifar_members())
+    config = tiny_config((archive, md5), folder / "storage", head="logistic", tsne_sample=0)
+    summary = cifar_transfer(config)
+    images = np.load(folder / "storage" / "datasets" / f"cifar10-{md5}" / "test_images.npy")
+    pictures = folder / "pictures"
+    pictures.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(pictures / f"img_{index:03d}.png")  # lossless, at the native 32 px
+    expected = pd.read_parquet(summary.head.files.predictions).query("split == 'test'").sort_values("index")
+    return {"storage": config.storage, "images": images, "pictures": pictures, "expected": expected, "summary": summary, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return Predictor(find_head(run["storage"]))
+
+
+def agreement(rows, expected: pd.DataFrame, classes: list[str]) -> tuple[float, float]:
+    """(share of rows with the run's class, max |confidence difference|), row i against test image i."""
+    assert [row.error for row in rows] == [None] * len(expected)
+    predicted = np.array([classes.index(row.class_name) for row in rows])
+    confidence = np.array([row.confidence for row in rows])
+    return float(np.mean(predicted == expected["predicted"].to_numpy())), float(np.max(np.abs(confidence - expected["confidence"].to_numpy())))
+
+
+def test_a_folder_of_the_test_images_gets_the_runs_answers(run, caplog):
+    engines.release_extractors()  # the extractor is rebuilt from the stored spec, not the run's own
+    with caplog.at_level(logging.INFO, logger="cifar_transfer"):
+        rows = list(predict(str(run["pictures"]), run["storage"], chunk=30))
+    assert [row.path.rsplit("/", 1)[1] for row in rows] == [f"img_{index:03d}.png" for index in range(100)]
+    same, difference = agreement(rows, run["expected"], run["summary"].features.classes)
+    print(f"folder of PNGs: same class {same:.2%}, max |confidence difference| {difference:.2e}")
+    assert same == 1.0 and difference < 1e-4
+    assert engines.built_extractors() == [run["summary"].features.fingerprint]
+    progress = [record.getMessage() for record in caplog.records if "images/s" in record.getMessage()]
+    assert progress[-1].startswith("predict: 100/100 images (0 undecodable)") and "ETA" in progress[-1]
+
+
+def test_a_parquet_table_of_the_images_gets_the_same_answers(run, predictor):
+    cells = []
+    for index in range(100):
+        encoded = io.BytesIO()
+        Image.fromarray(run["images"][index]).save(encoded, format="PNG")
+        cells.append({"bytes": encoded.getvalue(), "path": f"img_{index:03d}.png"})
+    table = run["folder"] / "table.parquet"
+    pd.DataFrame({"image": cells}).to_parquet(table, row_group_size=40)
+    rows = list(predictor.predict(ImageSource(str(table)), chunk=64))
+    assert [row.path for row in rows] == [f"{table}#{index}" for index in range(100)]
+    same, difference = agreement(rows, run["expected"], predictor.classes)
+    print(f"Parquet table: same class {same:.2%}, max |confidence difference| {difference:.2e}")
+    assert same == 1.0 and difference < 1e-4
+
+
+def test_a_glob_and_a_single_file(run, predictor):
+    expected = run["expected"]
+    rows = list(predictor.predict(ImageSource(str(run["pictures"] / "img_01*.png"))))
+    assert [row.path.rsplit("/", 1)[1] for row in rows] == [f"img_{index:03d}.png" for index in range(10, 20)]
+    assert [predictor.classes.index(row.class_name) for row in rows] == expected["predicted"].iloc[10:20].tolist()
+    (single,) = predictor.predict(ImageSource(str(run["pictures"] / "img_042.png")))
+    assert predictor.classes.index(single.class_name) == expected["predicted"].iloc[42]
+    assert single.confidence == pytest.approx(expected["confidence"].iloc[42], abs=1e-4)
+
+
+def test_a_foreign_photo_is_answered_and_a_corrupt_file_is_reported(run, predictor, tmp_path, caplog):
+    x, y = np.meshgrid(np.linspace(0, 255, 300), np.linspace(0, 255, 200))
+    Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)).save(tmp_path / "gradient.jpg", quality=90)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (tmp_path / "notes.txt").write_text("not an image: ignored in a folder")
+    Image.fromarray(run["images"][7]).save(tmp_path / "seven.png")
+    with caplog.at_level(logging.WARNING, logger="cifar_transfer"):
+        rows = {row.path.rsplit("/", 1)[1]: row for row in predictor.predict(ImageSource(str(tmp_path)))}
+    assert set(rows) == {"broken.jpg", "gradient.jpg", "seven.png"}
+    assert rows["gradient.jpg"].class_name in predictor.classes and 0 < rows["gradient.jpg"].confidence <= 1
+    assert rows["seven.png"].class_index == run["expected"]["predicted"].iloc[7]
+    broken = rows["broken.jpg"]
+    assert broken.class_name is None and broken.confidence is None and broken.error.startswith("cannot decode the image")
+    assert any("broken.jpg" in record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
+
+
+def command(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_predict_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_json_and_parquet_output_read_back_and_the_printed_table(run, tmp_path, capsys):
+    pictures, storage = str(run["pictures"] / "img_00*.png"), run["storage"]
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    assert predict_command(command(pictures, "--storage", storage, "--output", str(tmp_path / "out.json"))) == 0
+    assert predict_command(command(pictures, "--storage", storage, "--output", str(tmp_path / "out.parquet"), "--top-k", "2")) == 0
+    written = json.loads((tmp_path / "out.json").read_text())
+    table = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(written) == len(table) == 10
+    assert list(table.columns) == ["path", "class", "class_index", "confidence", "top_classes", "top_probabilities", "error"]
+    assert [row["class"] for row in written] == table["class"].tolist()
+    assert table["class_index"].tolist() == run["expected"]["predicted"].iloc[:10].tolist()
+    assert np.allclose([row["confidence"] for row in written], table["confidence"], atol=1e-6)
+    assert all(len(classes) == 2 for classes in table["top_classes"]) and table["error"].isna().all()
+    capsys.readouterr()
+
+    assert predict_command(command(str(tmp_path / "broken.png"), "--storage", storage)) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split() == ["path", "class", "confidence"] and line[header.index("class")] == "-"
+    assert "undecodable: not an image" in line
+
+
+def test_top_k_gives_classes_in_decreasing_probability(run, predictor):
+    rows = list(predictor.predict(ImageSource(str(run["pictures"] / "img_00*.png")), top_k=3))
+    for row in rows:
+        probabilities = [probability for _, probability in row.top]
+        assert len(row.top) == 3 and len({name for name, _ in row.top}) == 3
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
+        assert row.top[0] == (row.class_name, row.confidence)
