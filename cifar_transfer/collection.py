@@ -92,7 +92,20 @@ def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Li
     if not dataset.sizes["train"] or not dataset.sizes["test"]:
         raise ArchiveError(f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
                            "both splits need images (check the layout, or --test-fraction)")
+    _recent_listings[digest] = listing
+    while len(_recent_listings) > 2:
+        _recent_listings.pop(next(iter(_recent_listings)))
     return dataset, listing
+
+
+_recent_listings: dict[str, Listing] = {}  # this process's last listings, by digest
+
+
+def listing_of(dataset: CollectionDataset) -> Listing:
+    """The listing `dataset` was made from: kept in this process since it was listed (a listing of 200,000 files
+    takes seconds), else listed again (another process; the collection may have changed since, which is fine:
+    the plan follows what is there now)."""
+    return _recent_listings.get(dataset.listing_digest) or list_collection(dataset.settings)[1]
 
 
 class WatchResult(BaseModel):

@@ -14,9 +14,11 @@ cosine of `BF16_MIN_COSINE` of float32 on real images of this dataset
 from __future__ import annotations
 
 import functools
+import glob
 import importlib.util
 import logging
 import platform
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from pydantic import BaseModel
 
 from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor
-from cifar_transfer.collection import CollectionDataset, collection_images, list_collection
+from cifar_transfer.collection import CollectionDataset, collection_images, listing_of
 from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
 from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.errors import ConfigError
@@ -79,8 +81,12 @@ def cpu_has_native_bf16() -> bool:
 def gpus() -> list[dict]:
     """Visible GPUs with their compute capability (empty on a CPU machine).
 
-    Memory growth is switched on first, so several workers can share a GPU.
+    Memory growth is switched on first, so several workers can share a GPU. A Linux machine without NVIDIA
+    device files has nothing TensorFlow could use, so it is not loaded just to find that out (a rerun with
+    nothing to compute then never imports it).
     """
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*"):
+        return []
     tf = load_tensorflow()
     found = []
     for device in tf.config.list_physical_devices("GPU"):
@@ -306,6 +312,6 @@ def _first_train_images(config: PipelineConfig, dataset: DatasetInfo | Collectio
     if isinstance(dataset, DatasetInfo):
         first = Shard(split="train", number=0, start=0, stop=min(CALIBRATION_IMAGES, dataset.sizes["train"]))
         return shard_images(config.storage, dataset, first)[0]
-    _, listing = list_collection(dataset.settings)
+    listing = listing_of(dataset)
     first = Shard(split="train", number=0, start=0, stop=CALIBRATION_IMAGES, items=listing.splits["train"][:CALIBRATION_IMAGES])
     return collection_images(dataset, first, config.resolved_input_size).images

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from pydantic import BaseModel
 
-from cifar_transfer.collection import CollectionDataset, collection_images, list_collection, plan_collection
+from cifar_transfer.collection import CollectionDataset, collection_images, listing_of, plan_collection
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.engines import get_extractor
@@ -119,7 +119,7 @@ def plan_extraction(storage_url: str, spec: FeatureSpec, dataset: SourceDataset,
     folder = features_folder(storage, spec)
     retired = {}
     if isinstance(dataset, CollectionDataset):
-        _, listing = list_collection(dataset.settings)
+        listing = listing_of(dataset)
         plan = plan_collection(storage, folder, listing, shard_size, flip)
         shards, retired = plan.shards, plan.retired
     else:

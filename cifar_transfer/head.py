@@ -44,7 +44,7 @@ from cifar_transfer.native import load_keras
 from cifar_transfer.plots import confusion_figure, save_png
 from cifar_transfer.shards import FLIPPED
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import parquet_bytes, read_manifest, read_split
+from cifar_transfer.store import Lineage, parquet_bytes, read_manifest, read_split
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class HeadMetrics(BaseModel):
     settings: HeadSettings
     features: str
     seconds: float
+    made_by: Lineage | None = None  # the flow run that trained it (absent in heads trained before it was recorded)
 
     @property
     def chosen_candidate(self) -> CandidateScore:
@@ -369,7 +370,8 @@ def predictions_table(split: str, index: np.ndarray, labels: np.ndarray, probabi
     })
 
 
-def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, classes: list[str]) -> HeadResult:
+def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, classes: list[str],
+               lineage: Lineage | None = None) -> HeadResult:
     """Fit every candidate head, choose on validation, predict test once; save model, predictions, metrics, picture."""
     storage = Storage(storage_url)
     done = finished_head(storage, folder, key)
@@ -423,6 +425,7 @@ def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, 
         settings=settings,
         features=folder,
         seconds=time.perf_counter() - started,
+        made_by=lineage,
     )
     with tempfile.TemporaryDirectory() as scratch:
         local_model = os.path.join(scratch, "model.keras")

@@ -6,6 +6,7 @@
 <root>/datasets/cifar10-<md5>/                 decoded images and labels (.npy), `_SUCCESS.json` last
 <root>/engine-choices/<key>.json               a measured engine/precision verdict
 <root>/watch/<collection id>.json               the listing digest a collection watch saw last
+<root>/predictions/<head key>/<source>.parquet  a batch prediction run's table (the `predict-images` flow)
 <root>/features/<backbone>-<size>px-<pooling>-<fingerprint>/
     feature_set.json                           spec, fingerprint, shape, classes, rebuild record
     <view>/part-NNNNN.parquet                  one shard (views: train, test, train-flipped, test-flipped)
@@ -124,6 +125,11 @@ def dataset_files_in(folder: str) -> DatasetFiles:
 def watch_record(storage: Storage, collection_id: str) -> str:
     """The last listing a watch saw of a collection (its digest), to tell when the collection changed."""
     return storage.path(WATCH, f"{collection_id}.json")
+
+
+def batch_predictions(storage: Storage, head_key: str, source_name: str) -> str:
+    """Where a batch prediction run writes its table: by head, then by a name for the source."""
+    return storage.path("predictions", head_key, f"{source_name}.parquet")
 
 
 def engine_choice(storage: Storage, key: str) -> str:

@@ -69,13 +69,14 @@ def metrics_rows(summary: RunSummary) -> list[dict]:
         for candidate in metrics.candidates
     ]
     rows += [{"metric": f"test accuracy: {name}", "value": f"{value:.4f}"} for name, value in metrics.per_class_accuracy.items()]
-    if summary.extraction:
-        extraction = summary.extraction
+    made = summary.features.extraction  # how the feature set was made, not what this run reused
+    if made:
         rows += [
-            {"metric": "extraction seconds", "value": f"{extraction.seconds:.1f}"},
-            {"metric": "extraction images/s", "value": f"{extraction.images_per_second:.1f}"},
-            {"metric": "shards computed / total", "value": f"{extraction.shards_computed}/{extraction.shards}"},
+            {"metric": "extraction seconds (feature set)", "value": f"{made.seconds:.1f}"},
+            {"metric": "extraction images/s (feature set)", "value": f"{made.images_per_second:.1f}"},
         ]
+    if summary.extraction:
+        rows.append({"metric": "shards computed / total (this run)", "value": f"{summary.extraction.shards_computed}/{summary.extraction.shards}"})
     if summary.tsne:
         tsne = summary.tsne
         rows += [
@@ -133,8 +134,7 @@ def _known(values: dict) -> dict:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def write_html_report(config: PipelineConfig, features: FeatureSetInfo, extraction: ExtractionStats | None,
-                      tsne: TsneResult | None, head: HeadResult) -> str:
+def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: TsneResult | None, head: HeadResult) -> str:
     """Render the run's self-contained HTML report next to the head's outputs; returns its path."""
     storage = Storage(config.storage)
     predictions = _stored_frame(storage, head.files.predictions)
@@ -170,10 +170,11 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, extracti
             **{f"validation accuracy: {candidate.head}": candidate.validation_accuracy for candidate in head.metrics.candidates},
             "t-SNE 10-NN class accuracy (map)": tsne.map_knn_accuracy if tsne else None,
             "t-SNE 10-NN class accuracy (PCA space)": tsne.feature_knn_accuracy if tsne else None,
-            "extraction images/s": extraction.images_per_second if extraction else None,
+            "extraction images/s (feature set)": features.extraction.images_per_second if features.extraction else None,
+            "made by flow run": features.made_by.flow_run_url if features.made_by else None,
         }),
         timings=_known({
-            "extraction": extraction.seconds if extraction else None,
+            "extraction (feature set)": features.extraction.seconds if features.extraction else None,
             "t-SNE": tsne.seconds if tsne else None,
             "head": head.seconds,
         }),
@@ -188,6 +189,6 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, extracti
 def summarize(config: PipelineConfig, features: FeatureSetInfo, extraction: ExtractionStats | None,
               tsne: TsneResult | None, head: HeadResult) -> RunSummary:
     """Write the HTML report and gather the run's outcome."""
-    path = write_html_report(config, features, extraction, tsne, head)
+    path = write_html_report(config, features, tsne, head)
     return RunSummary(config=config, features=features, extraction=extraction, tsne=tsne, head=head,
                       html_report=path, html_report_url=report_url(Storage(config.storage), path))

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from cifar_transfer import layout
+from cifar_transfer import card, layout
 from cifar_transfer.config import CollectionSettings, FeatureSpec, stable_hash
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.shards import FLIPPED, VIEWS, Shard
@@ -86,6 +86,23 @@ class Manifest(BaseModel):
         return files
 
 
+class Lineage(BaseModel):
+    """Who made an output: the Prefect flow run (id and UI link) when one did, and the library versions."""
+
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+    versions: dict = Field(default_factory=lambda: library_versions())
+    made_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+class ExtractionRecord(BaseModel):
+    """How the set's features were computed: by the last run that computed any (a rerun that reused them all keeps it)."""
+
+    seconds: float
+    images: int
+    images_per_second: float
+
+
 class FeatureSetInfo(BaseModel):
     """A feature set on storage: enough for later stages and other jobs to read it.
 
@@ -102,6 +119,9 @@ class FeatureSetInfo(BaseModel):
     created_at: str
     content_version: str | None = None  # a collection's: changes with every new manifest version (None: an archive's)
     collection: CollectionSettings | None = None  # how to read the collection the set was made from
+    bytes: int | None = None  # the complete views' shards on storage, as their manifests list them (None: no complete view)
+    extraction: ExtractionRecord | None = None  # how its features were computed
+    made_by: Lineage | None = None  # the flow run that computed them
 
 
 @cache
@@ -305,8 +325,12 @@ def write_manifest(storage: Storage, folder: str, spec: FeatureSpec, feature_sha
 
 
 def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str],
-                       retired: dict[str, list[str]] | None = None, collection: CollectionSettings | None = None) -> FeatureSetInfo:
+                       retired: dict[str, list[str]] | None = None, collection: CollectionSettings | None = None,
+                       extraction: ExtractionRecord | None = None, lineage: Lineage | None = None) -> FeatureSetInfo:
     """Describe the set, then write each view's manifest now that all its shards are done.
+
+    `extraction` and `lineage` say how and by whom the shards were computed; a run that computed none passes None
+    and the set keeps the record of the run that did.
 
     For a collection, `retired` names each view's files the new version no longer lists, and the images its shards
     could not use are gathered into `<view>/_skipped.json` beside the manifest."""
@@ -325,8 +349,11 @@ def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardR
             collection=collection,
         ),
         versions=library_versions(),
+        extraction=extraction or (earlier.extraction if earlier else None),
+        made_by=lineage if extraction else (earlier.made_by if earlier else lineage),
     )
     storage.write_atomic(layout.feature_set_description(folder), description.model_dump_json(indent=2).encode())
+    card.write_card(storage, folder, description, records)
     for split in sorted({record.split for record in records}):
         view_records = [record for record in records if record.split == split]
         if collection is not None:
@@ -409,6 +436,8 @@ class FeatureSetDescription(BaseModel):
     classes: list[str]
     rebuild: RebuildRecord
     versions: dict
+    extraction: ExtractionRecord | None = None
+    made_by: Lineage | None = None
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.spec, weights=self.rebuild.weights, seed=self.rebuild.seed)
@@ -444,6 +473,9 @@ def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None
         content_version=None if description.rebuild.collection is None else stable_hash(
             {view: [record.sha256 for record in manifest.shards] for view, manifest in manifests.items()}, 16),
         collection=description.rebuild.collection,
+        bytes=sum(record.bytes for manifest in manifests.values() for record in manifest.shards) if manifests else None,
+        extraction=description.extraction,
+        made_by=description.made_by,
     )
 
 

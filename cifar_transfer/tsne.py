@@ -32,7 +32,7 @@ from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.plots import save_png, scatter_figure
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import parquet_bytes, read_split
+from cifar_transfer.store import Lineage, parquet_bytes, read_split
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class TsneResult(BaseModel):
     seconds: float
     map_knn_accuracy: float  # 10-NN class accuracy of the train points in 2-D
     feature_knn_accuracy: float  # the same in the PCA space the map was made from
+    made_by: Lineage | None = None  # the flow run that made it (absent in maps made before it was recorded)
 
 
 def finished_tsne(storage: Storage, folder: str, key: str) -> TsneResult | None:
@@ -135,7 +136,8 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
     return Embedding(np.asarray(embedding, dtype=np.float32), features, vote_accuracy(neighbours, labels), placed)
 
 
-def tsne_map(storage_url: str, folder: str, key: str, settings: TsneSettings, classes: list[str]) -> TsneResult:
+def tsne_map(storage_url: str, folder: str, key: str, settings: TsneSettings, classes: list[str],
+             lineage: Lineage | None = None) -> TsneResult:
     """Embed a seeded sample of the train features (and place the test images), unless this map already exists."""
     storage = Storage(storage_url)
     done = finished_tsne(storage, folder, key)
@@ -167,6 +169,7 @@ def tsne_map(storage_url: str, folder: str, key: str, settings: TsneSettings, cl
         seconds=time.perf_counter() - started,
         map_knn_accuracy=knn_accuracy(coordinates, labels),
         feature_knn_accuracy=feature_knn_accuracy,
+        made_by=lineage,
     )
     table = table.replace_schema_metadata({b"tsne": result.model_dump_json().encode(), b"perplexity": str(settings.perplexity).encode()})
     storage.write_atomic(embedding_path, parquet_bytes(table))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import sys
 import typing
 
@@ -53,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     storage_default = PipelineConfig.model_fields["storage"].default
     listing = commands.add_parser("list", help="list the feature sets under a storage root")
     listing.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
+    listing.add_argument("--json", action="store_true", help="every set's full description as JSON, for scripts (default: a table)")
+    from cifar_transfer.evict import GRACE_SECONDS
+
+    remove = commands.add_parser("rm", help="delete feature sets with their maps and heads (a dry run unless --yes)")
+    remove.add_argument("fingerprints", nargs="+", metavar="FINGERPRINT", help="a set's fingerprint (or folder name)")
+    collect = commands.add_parser("gc", help="delete all but the N newest feature sets (a dry run unless --yes)")
+    collect.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest sets to keep")
+    for command in (remove, collect):
+        command.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
+        command.add_argument("--yes", action="store_true", help="delete (default: print what would be deleted, and the space freed)")
+        command.add_argument("--grace-minutes", type=float, default=GRACE_SECONDS / 60,
+                             help="keep a set any file of which is younger than this: a flow run may be using it "
+                                  "(default: %(default)g)")
+        command.add_argument("--force", action="store_true",
+                             help="delete sets within the grace period too; a set a live writer holds a claim in is always kept")
     verify = commands.add_parser("verify", help="check feature sets by content (sizes, SHA-256, fingerprints); --repair recomputes what is wrong")
     verify.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
     verify.add_argument("--fingerprint", default=None, help="check only this feature set (default: all)")
@@ -114,18 +130,73 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
     return 0 if healthy else 1
 
 
+def list_command(storage_url: str, as_json: bool) -> int:
+    """Print the feature sets, newest first: a table for people, or their full descriptions as JSON."""
+    from cifar_transfer.store import list_feature_sets
+
+    found = list_feature_sets(storage_url)
+    if as_json:
+        print(json.dumps([info.model_dump(mode="json") for info in found], indent=2))
+        return 0
+    if not found:
+        print(f"no feature sets under {redact(storage_url)}")
+        return 0
+    rows = [("FOLDER", "BACKBONE", "ROWS TRAIN/TEST", "SIZE MB", "CREATED (UTC)", "FLOW RUN")]
+    for info in found:
+        flip = " +flip" if any(split.endswith("-flipped") for split in info.splits) else ""
+        rows.append((
+            posixpath.basename(info.folder),
+            f"{info.spec.backbone}/{info.spec.input_size}px/{info.spec.pooling}",
+            "/".join(str(info.splits.get(split, "-")) for split in ("train", "test")) + flip,
+            "-" if info.bytes is None else f"{info.bytes / 1e6:.1f}",
+            info.created_at[:19].replace("T", " "),
+            info.made_by.flow_run_id if info.made_by and info.made_by.flow_run_id else "-",
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) if column == 3 else cell.ljust(width)
+                        for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
+    return 0
+
+
+def evict_command(arguments: argparse.Namespace) -> int:
+    """`rm` and `gc`: print what goes (and the space freed) and what stays and why; delete only with --yes.
+
+    1 when `rm` keeps or finds no set it was asked to delete."""
+    from cifar_transfer.evict import evict, plan_gc, plan_removal
+
+    grace = arguments.grace_minutes * 60
+    if arguments.command == "rm":
+        plan = plan_removal(arguments.storage, arguments.fingerprints, grace, arguments.force)
+    else:
+        plan = plan_gc(arguments.storage, arguments.keep, grace, arguments.force)
+    if arguments.yes:
+        plan = evict(plan)
+    for name in plan.unknown:
+        print(f"no feature set {name} under {redact(arguments.storage)}")
+    for entry in plan.keep:
+        print(f"keep {posixpath.basename(entry.folder)}: {entry.kept_because}")
+    for entry in plan.evict:
+        print(f"{'deleted' if arguments.yes else 'would delete'} {posixpath.basename(entry.folder)} "
+              f"({entry.bytes / 1e6:.1f} MB, created {entry.created_at})")
+    if arguments.yes:
+        print(f"freed {plan.bytes_freed / 1e6:.1f} MB")
+    else:
+        print(f"would free {plan.bytes_freed / 1e6:.1f} MB" + ("; pass --yes to delete" if plan.evict else ""))
+    return 1 if arguments.command == "rm" and (plan.keep or plan.unknown) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a failure ends with one line `cifar-transfer: error: ...`, nothing after it (exit 2: bad input)."""
     arguments = build_parser().parse_args(argv)
     verbose = getattr(arguments, "verbose", False)
     options = {name: value for name, value in vars(arguments).items() if name not in ("command", "verbose") and value is not None}
-    log_file = console.start_console(verbose) if arguments.command != "list" else None
+    log_file = console.start_console(verbose) if arguments.command not in ("list", "rm", "gc") else None
     try:
         if arguments.command == "list":
-            from cifar_transfer.store import list_feature_sets
-
-            print(json.dumps([info.model_dump(mode="json") for info in list_feature_sets(options["storage"])], indent=2))
-            return 0
+            return list_command(options["storage"], options["json"])
+        if arguments.command in ("rm", "gc"):
+            return evict_command(arguments)
         if arguments.command == "verify":
             return verify_command(options["storage"], options.get("fingerprint"), options.get("repair", False))
         if arguments.command == "predict":

@@ -5,6 +5,7 @@ download -> decode -> choose engine -> extract shards -> manifests -> (t-SNE, he
   emits the `cifar-transfer.features.completed` event downstream deployments trigger on.
 - `analyze-features`: t-SNE, head and report on an existing, complete feature set.
 - `cifar-transfer`: the whole job, the two above as subflows.
+- `predict-images`: batch inference over a source with a finished head, into a predictions table.
 - `watch-collection`: lists an image folder or table (cheap, no image read) and emits
   `cifar-transfer.collection.changed` when it changed, which starts the extraction deployment.
 """
@@ -26,6 +27,7 @@ from cifar_transfer.tasks.engines import choose_engine_task
 from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task
 from cifar_transfer.tasks.features import commit_feature_set_task, find_feature_set_task
 from cifar_transfer.tasks.head import train_head_task
+from cifar_transfer.tasks.predict import predict_task
 from cifar_transfer.tasks.progress import wait_for_shards
 from cifar_transfer.tasks.report import publish_report_task
 from cifar_transfer.tasks.runners import shard_runner
@@ -45,7 +47,7 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
     extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
     collection = None if config.is_archive else config.collection_settings
-    features = commit_feature_set_task(config.storage, spec, extracted.records, dataset.classes, extracted.retired, collection)
+    features = commit_feature_set_task(config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, collection)
     return features, extracted.stats
 
 
@@ -85,3 +87,10 @@ def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> RunSummary:
 def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
     """Whether the collection changed since the last watch (then the change event is out)."""
     return watch_collection_task(config).changed
+
+
+@flow(name="predict-images", flow_run_name="predict-{head_key}")
+def predict_images(storage: str = "storage", source: str = "incoming", output: str | None = None,
+                   fingerprint: str | None = None, head_key: str | None = None) -> str:
+    """Classify every image of `source` with a finished head (default the newest); returns the predictions table's path."""
+    return predict_task(storage, source, output, fingerprint, head_key)

@@ -8,9 +8,11 @@ from prefect import task
 from prefect.events import emit_event
 
 from cifar_transfer.config import CollectionSettings, FeatureSpec
+from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import FeatureSetInfo, ShardRecord, commit_feature_set, find_feature_set
+from cifar_transfer.store import ExtractionRecord, FeatureSetInfo, ShardRecord, commit_feature_set, find_feature_set
+from cifar_transfer.tasks.lineage import current_lineage
 
 FEATURES_COMPLETED_EVENT = "cifar-transfer.features.completed"
 
@@ -32,8 +34,12 @@ def announce_feature_set(info: FeatureSetInfo) -> None:
 
 @task(name="commit-feature-set")
 def commit_feature_set_task(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str],
-                            retired: dict[str, list[str]] | None = None, collection: CollectionSettings | None = None) -> FeatureSetInfo:
-    info = commit_feature_set(storage_url, spec, records, classes, retired, collection)
+                            stats: ExtractionStats, retired: dict[str, list[str]] | None = None,
+                            collection: CollectionSettings | None = None) -> FeatureSetInfo:
+    extraction = None
+    if stats.images_computed:
+        extraction = ExtractionRecord(seconds=stats.seconds, images=stats.images_computed, images_per_second=stats.images_per_second)
+    info = commit_feature_set(storage_url, spec, records, classes, retired, collection, extraction, current_lineage())
     announce_feature_set(info)
     return info
 

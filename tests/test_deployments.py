@@ -108,7 +108,7 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     prefect(server, "--no-prompt", "deploy", "--all")
     response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
     assert sorted(deployment["name"] for deployment in response.json()) == [
-        "analyze-new-features", "extract-on-change", "extract-only", "nightly", "on-demand", "watch-photos"]
+        "analyze-new-features", "extract-on-change", "extract-only", "nightly", "on-demand", "predict-new-head", "watch-photos"]
 
     worker = start([PREFECT, "worker", "start", "--pool", "cifar-transfer"], server, tmp_path / "worker.log")
     try:

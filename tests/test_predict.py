@@ -141,3 +141,17 @@ def test_top_k_gives_classes_in_decreasing_probability(run, predictor):
         assert len(row.top) == 3 and len({name for name, _ in row.top}) == 3
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
         assert row.top[0] == (row.class_name, row.confidence)
+
+
+def test_the_predict_images_flow_writes_a_table_under_the_head(run):
+    """The flow the `predict-new-head` deployment runs: a real Prefect run, its table in storage by head key."""
+    from cifar_transfer.flows.pipeline import predict_images
+
+    folder = run["folder"] / "incoming"
+    folder.mkdir()
+    for index in range(5):
+        Image.fromarray(run["images"][index]).save(folder / f"new_{index}.png")
+    written = predict_images(storage=run["storage"], source=str(folder), head_key=run["summary"].head.files.folder.rsplit("/", 1)[1])
+    table = pd.read_parquet(written)
+    assert written.startswith(f"{run['storage']}/predictions/") and len(table) == 5 and table["error"].isna().all()
+    assert list(table["class"]) == [run["summary"].features.classes[i] for i in run["expected"]["predicted"][:5]]
