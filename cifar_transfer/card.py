@@ -19,7 +19,7 @@ import posixpath
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from cifar_transfer import store
+from cifar_transfer import layout, store
 from cifar_transfer.redact import redact
 from cifar_transfer.shards import FLIPPED, SPLITS, VIEWS
 
@@ -27,19 +27,13 @@ if TYPE_CHECKING:
     from cifar_transfer.storage import Storage
     from cifar_transfer.store import FeatureSetDescription, ShardRecord
 
-CARD_NAME = "README.md"
 DEFAULT_CONFIG = "default"
 MIRRORED_CONFIG = "mirrored"
 
 
-def card_file(folder: str) -> str:
-    """Where a feature set's card lives: `README.md` at the top of its folder, where `datasets` looks for it."""
-    return posixpath.join(folder, CARD_NAME)
-
-
 def write_card(storage: Storage, folder: str, description: FeatureSetDescription, records: list[ShardRecord]) -> str:
     """Write the card of the set being committed, before its manifests: whoever sees a view complete finds its card."""
-    path = card_file(folder)
+    path = layout.card(folder)
     storage.write_atomic(path, card_text(redact(storage.uri(folder)), description, view_shards(storage, folder, records)).encode())
     return path
 

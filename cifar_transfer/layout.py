@@ -8,7 +8,8 @@
 <root>/watch/<collection id>.json               the listing digest a collection watch saw last
 <root>/predictions/<head key>/<source>.parquet  a batch prediction run's table (the `predict-images` flow)
 <root>/features/<backbone>-<size>px-<pooling>-<fingerprint>/
-    feature_set.json                           spec, fingerprint, shape, classes, rebuild record
+    feature_set.json                           spec, fingerprint, shape, classes, rebuild record, lineage
+    README.md                                  the dataset card: `datasets.load_dataset(folder)` gives train/test
     <view>/part-NNNNN.parquet                  one shard (views: train, test, train-flipped, test-flipped)
     <view>/_manifest.json                      the view is complete: every shard with size and SHA-256 (versioned)
     <view>/_skipped.json                       a collection's images that could not be decoded, with the reason
@@ -40,6 +41,7 @@ WATCH = "watch"
 SOURCE_RECORD_SUFFIX = ".source.json"
 DATASET_MARKER = "_SUCCESS.json"
 FEATURE_SET_NAME = "feature_set.json"
+CARD_NAME = "README.md"
 MANIFEST_NAME = "_manifest.json"
 SETTINGS_NAME = "settings.json"
 SKIPPED_NAME = "_skipped.json"
@@ -146,6 +148,11 @@ def feature_set_folder(storage: Storage, folder_name: str) -> str:
 
 def feature_set_description(folder: str) -> str:
     return posixpath.join(folder, FEATURE_SET_NAME)
+
+
+def card(folder: str) -> str:
+    """A feature set's dataset card: `README.md` at the top of its folder, where Hugging Face `datasets` looks for it."""
+    return posixpath.join(folder, CARD_NAME)
 
 
 def view_folder(folder: str, view: str) -> str:

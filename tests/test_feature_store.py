@@ -17,7 +17,7 @@ import pytest
 from test_collections import folder_config, write_tree
 from test_flow import tiny_config
 
-from cifar_transfer.card import card_file
+from cifar_transfer import layout
 from cifar_transfer.cifar import CLASS_NAMES
 from cifar_transfer.flows.cli import main
 from cifar_transfer.flows.pipeline import extract_features
@@ -114,7 +114,7 @@ def test_a_set_without_mirrored_views_has_no_mirrored_config(made, tmp_path):
 
     datasets.disable_progress_bars()
     _, older, _ = made
-    with open(card_file(older.folder)) as stream:
+    with open(layout.card(older.folder)) as stream:
         card = stream.read()
     assert "config_name: mirrored" not in card and older.fingerprint in card
     loaded = datasets.load_dataset(older.folder, cache_dir=str(tmp_path / "hf"))

@@ -113,7 +113,10 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     assert states["extract[train/00002]"] == ["Completed"]
     assert [name for name in states if name.startswith("extract[")] == ["extract[train/00002]"], "finished shards get no task run"
     assert s3.get_object(Bucket=BUCKET, Key=victim)["Body"].read() == original
-    assert object_sizes(s3) == listing
+    after = object_sizes(s3)  # feature_set.json now names the run that recomputed the shard (its lineage)
+    assert after.keys() == listing.keys()
+    assert {key: size for key, size in after.items() if not key.endswith("feature_set.json")} == \
+        {key: size for key, size in listing.items() if not key.endswith("feature_set.json")}
 
 
 def test_two_runs_at_once_on_s3_compute_each_shard_once(tiny_archive, s3, tmp_path):
