@@ -399,8 +399,7 @@ def _pax(name: str, records: dict[str, str]) -> bytes:
 
 def _global_pax_header() -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}):
-        pass
+    tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}).close()  # the header alone
     return buffer.getvalue()
 
 
