@@ -4,12 +4,12 @@ A head only understands the features it was trained on, so the images go through
 made them: the feature set's `FeatureSpec` (backbone, weights, input size, engine, precision) builds it with
 `engines.get_extractor`, and its output is flattened as stored, (height, width, channels).
 
-Pixels are made by `sources.images.decode_image`, the decoding every collection source uses, straight to the
-backbone's input size (resized once, Pillow bilinear), and the extractor is built for that size, so it
-resizes nothing. For a collection's features that is exactly how they were made. An archive's were made from
-32x32 images resized inside the extractor (Keras bilinear); a 32x32 image file decoded here is resized once
-too, by Pillow's bilinear filter instead, which agrees with Keras' to within rounding when enlarging (and
-is the identical pixels at input size 32, where nothing is resized). A head trained with flips averages the
+Pixels are made by `sources.images.decode_image`, the decoding every collection source uses, at the size the
+features' own images had: a collection's were decoded straight to the backbone's input size, so that is what
+happens here; an archive's (CIFAR) were 32x32 images resized inside the extractor, so images are decoded to
+32x32 and the same extractor resizes them. Either way a run's own images get exactly the run's features
+(measured on all 10,000 CIFAR-10 test images as PNG files: the run's class for every one), and a large photo
+reaches the head as the kind of image it was trained on. A head trained with flips averages the
 probabilities of each image and its mirror image, as it did on the test split.
 
 SOURCE is an image file, a folder (searched recursively, hidden files skipped), a glob, or any of these at
@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cifar_transfer.cifar import IMAGE_SHAPE
 from cifar_transfer.config import PipelineConfig
 from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ArchiveError, ConfigError
@@ -202,7 +203,7 @@ class Predictor:
         self.spec = head.features.spec
         self.classes = head.metrics.classes
         self.flip = head.metrics.settings.flip
-        self.size = self.spec.input_size
+        self.size = self.spec.input_size if head.features.collection is not None else IMAGE_SHAPE[0]
         self.extractor = get_extractor(self.spec, (self.size, self.size, 3))
         self.model = KerasExtractor(_load_head_model(head))
 
