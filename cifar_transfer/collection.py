@@ -27,7 +27,7 @@ from cifar_transfer.redact import redact
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_manifest
+from cifar_transfer.store import METADATA_KEY, read_manifest, shard_items_from_metadata
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,6 @@ def _shard_items(storage: Storage, path: str) -> list[Item] | None:
             metadata = pq.read_metadata(stream).metadata or {}
     except (OSError, ValueError):
         return None
-    from cifar_transfer.store import METADATA_KEY, shard_items_from_metadata
-
     return shard_items_from_metadata(metadata.get(METADATA_KEY))
 
 

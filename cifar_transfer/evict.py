@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import posixpath
 import time
-from datetime import datetime
 
 from pydantic import BaseModel
 
 from cifar_transfer import layout
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.shards import VIEWS
-from cifar_transfer.storage import Storage, held_by_live_writer
+from cifar_transfer.storage import Storage, held_by_live_writer, modified_time
 from cifar_transfer.store import FeatureSetInfo, list_feature_sets, read_manifest
 
 GRACE_SECONDS = 600.0
@@ -122,23 +121,13 @@ def _live_writer(storage: Storage, folder: str, files: list[str]) -> str | None:
 
 def _fresh(files: dict[str, dict], grace_seconds: float) -> str | None:
     """Why the set counts as in use by its age (its newest file is within the grace period), or None."""
-    times = [_modified(entry) for entry in files.values()]
+    times = [modified_time(entry) for entry in files.values()]
     if None in times:
         return "in use? its storage gives no modification times (pass --force to delete anyway)"
     age = time.time() - max(times, default=0.0)
     if age < grace_seconds:
         return f"written to {age / 60:.0f} min ago, within the {grace_seconds / 60:g} min grace period (a flow run may be using it)"
     return None
-
-
-def _modified(entry: dict) -> float | None:
-    """A listing entry's modification time in seconds since the epoch: local disks give `mtime`, object stores a date."""
-    value = entry.get("mtime") or entry.get("LastModified") or entry.get("updated") or entry.get("last_modified")
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, str):
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _delete(storage: Storage, folder: str) -> None:

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from functools import cached_property
 from typing import BinaryIO
 
@@ -359,6 +360,17 @@ def _parse(content: bytes) -> dict:
     return parsed if isinstance(parsed, dict) else {}
 
 
+def modified_time(entry: dict) -> float | None:
+    """An fsspec info/listing entry's modification time in seconds since the epoch (local disks give `mtime`,
+    object stores a date), or None where the filesystem gives none."""
+    value = entry.get("mtime") or entry.get("LastModified") or entry.get("updated") or entry.get("last_modified")
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def held_by_live_writer(storage: Storage, path: str) -> bool:
     """Whether a writer that may still be working holds the claim on `path` (so its files must not be touched)."""
     claim = layout.claim_file(path)
@@ -366,9 +378,8 @@ def held_by_live_writer(storage: Storage, path: str) -> bool:
         content, info = storage.fs.cat_file(claim), storage.fs.info(claim)
     except FileNotFoundError:
         return False
-    modified = info.get("mtime") or info.get("LastModified")
-    age = time.time() - (modified.timestamp() if hasattr(modified, "timestamp") else float(modified or time.time()))
-    return _abandoned(_parse(content), age) is None
+    modified = modified_time(info)
+    return _abandoned(_parse(content), 0.0 if modified is None else time.time() - modified) is None
 
 
 def _abandoned(holder: dict, unchanged_for: float) -> str | None:

@@ -11,7 +11,7 @@ from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.head import HeadMetrics, finished_head
 from cifar_transfer.layout import HeadFiles
 from cifar_transfer.redact import redact
-from cifar_transfer.storage import Storage
+from cifar_transfer.storage import Storage, modified_time
 from cifar_transfer.store import FeatureSetInfo, list_feature_sets
 
 
@@ -39,8 +39,7 @@ def find_head(storage_url: str, fingerprint: str | None = None, key: str | None 
             head_key = posixpath.basename(folder)
             if key not in (None, head_key) or (head := finished_head(storage, features.folder, head_key)) is None:
                 continue
-            modified = storage.fs.info(head.files.metrics).get("mtime") or storage.fs.info(head.files.metrics).get("LastModified")
-            found.append((modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0), features, head))
+            found.append((modified_time(storage.fs.info(head.files.metrics)) or 0.0, features, head))
     if not found:
         wanted = " ".join(part for part in (f"fingerprint {fingerprint}" if fingerprint else "", f"head {key}" if key else "") if part)
         raise FeatureSetError(f"no finished head{' for ' + wanted if wanted else ''} under {redact(storage_url)}: "
