@@ -24,7 +24,7 @@ from cifar_transfer.flows.cli import build_parser  # noqa: E402
 
 def main() -> None:
     arguments = build_parser().parse_args(["run", *sys.argv[1:]])
-    config = load_config(**{k: v for k, v in vars(arguments).items() if k != "command" and v is not None})
+    config = load_config(**{k: v for k, v in vars(arguments).items() if k not in ("command", "verbose") and v is not None})
     from cifar_transfer.flows.pipeline import cifar_transfer
 
     started = time.perf_counter()

@@ -112,7 +112,11 @@ def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, 
     source = f"the collection `{redact(rebuild.collection.source)}`" if rebuild.collection else f"the archive `{spec['dataset_md5']}`"
     weights = {"imagenet": "ImageNet weights", "none": f"random weights, seed {rebuild.seed}"}.get(
         rebuild.weights, f"the weights `{redact(rebuild.weights)}`")
-    pooled = "average-pooled to one vector per image" if spec["pooling"] == "avg" else "spatial maps, flattened"
+    pooled = {
+        "avg": "average-pooled to one vector per image",
+        "stages": "the average-pooled end of the stage before the last, widest point of the last stage and final features, "
+                  "concatenated into one vector per image",
+    }.get(spec["pooling"], "spatial maps, flattened")
     rows = ", ".join(f"{view} {sum(record.rows for record in records)}" for view, records in views.items())
     shape = description.feature_shape
     lines = [

@@ -29,7 +29,7 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
 
-HeadKind = Literal["auto", "logistic", "mlp", "conv"]
+HeadKind = Literal["auto", "ridge", "logistic", "mlp", "conv"]
 
 # Named bundles of settings; options given explicitly still win over a preset's.
 PRESETS = {
@@ -156,7 +156,13 @@ class PipelineConfig(BaseModel):
     input_size: int | None = Field(
         None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
     )
-    pooling: Literal["avg", "none"] = Field("avg", description="'avg': pooled vector; 'none': the spatial map, flattened")
+    pooling: Literal["stages", "avg", "none"] = Field(
+        "stages",
+        description="'stages': the average-pooled end of the stage before the last, widest point of the last stage and final "
+        "features, concatenated (MobileNetV2: block_13_expand_relu, block_16_expand_relu, out_relu): +5.6 points of head "
+        "accuracy at the same extraction cost; 'avg': the pooled final features only (the default of feature sets made "
+        "before); 'none': the spatial map, flattened",
+    )
     engine: Literal["auto", "tensorflow", "openvino"] = Field(
         "auto", description="inference engine; 'auto': TensorFlow on a GPU, OpenVINO on a CPU when installed"
     )
@@ -185,8 +191,9 @@ class PipelineConfig(BaseModel):
     tsne_test: bool = Field(False, description="also place the test images into the map (openTSNE transform)")
     head: HeadKind = Field(
         "auto",
-        description="classifier head: 'logistic' (L2 strength chosen on validation), 'mlp', 'conv' (spatial maps), "
-        "or 'auto': every head that fits the features, the best on validation wins",
+        description="classifier head: 'ridge' (closed form from streamed moments, strength chosen on validation), "
+        "'logistic', 'mlp' (trained from the shards, best epoch on validation), 'conv' (spatial maps), "
+        "or 'auto': ridge, plus conv and their ensemble on spatial maps; the best on validation wins",
     )
     epochs: int = Field(50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept")
     head_batch_size: int = Field(512, ge=1, le=65_536, description="head training batch size")
@@ -194,9 +201,9 @@ class PipelineConfig(BaseModel):
     validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
     patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")
     refit: bool = Field(
-        False,
+        True,
         description="after choosing on validation, train the chosen head again on all train images (validation part included) "
-        "with the chosen strength / epochs; costs one more fit per head",
+        "with the chosen strength / epochs (free for ridge: one more solve; one more training for network heads)",
     )
     seed: int = Field(0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head")
 
@@ -249,7 +256,7 @@ class PipelineConfig(BaseModel):
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ValueError(f"weights file {self.weights!r} does not exist: pass 'imagenet', 'none' or a readable .weights.h5 path")
         if self.head == "conv" and self.pooling != "none":
-            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head logistic/mlp")
+            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head ridge/logistic/mlp")
         _check_storage_scheme(self.storage)
         return self
 
@@ -372,7 +379,7 @@ class FeatureSpec(BaseModel):
     weights: str = Field(exclude=True)  # where the weights come from; their identity is weights_id
     seed: int = Field(exclude=True)  # only matters through weights_id for random weights
     input_size: int
-    pooling: Literal["avg", "none"]
+    pooling: Literal["stages", "avg", "none"]
     resize: Literal["bilinear"] = "bilinear"
     engine: str
     precision: str

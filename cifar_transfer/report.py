@@ -48,7 +48,7 @@ class RunSummary(BaseModel):
 
     @property
     def head_description(self) -> str:
-        """"logistic (C=0.01)", "mlp (best epoch 12)": the chosen head and what validation chose for it."""
+        """"ridge (alpha=0.1)", "mlp (best epoch 12)": the chosen head and what validation chose for it."""
         return self.head.metrics.chosen_candidate.description()
 
 

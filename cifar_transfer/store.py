@@ -22,6 +22,7 @@ import json
 import logging
 import platform
 import posixpath
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import cache
 from typing import Literal, NamedTuple
@@ -374,33 +375,60 @@ def write_skipped(storage: Storage, folder: str, split: str, records: list[Shard
     return skipped
 
 
-def read_split(storage: Storage, folder: str, split: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(index, label, features) of a complete split, in index order.
+class SplitBatch(NamedTuple):
+    """The rows of one shard of a split: their ids, labels and features (flattened, or pooled when asked)."""
 
-    Files are read one at a time into one preallocated array, so memory is
-    the size of the result. `pooled=True` averages spatial maps over height
-    and width, giving one channel vector per image.
-    """
+    index: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+
+
+def split_manifest(storage: Storage, folder: str, split: str) -> Manifest:
+    """The manifest of a complete split, or a FeatureSetError saying how to complete it."""
     manifest = read_manifest(storage, folder, split)
     if manifest is None:
         raise FeatureSetError(f"split {split!r} of {folder} has no manifest, so it is incomplete: run extraction to finish it")
+    return manifest
+
+
+def read_shard(storage: Storage, folder: str, split: str, record: ShardRecord, shape: list[int], pooled: bool = False) -> SplitBatch:
+    """One shard's rows; `pooled=True` averages spatial maps (of `shape`) over height and width."""
+    with storage.fs.open(layout.shard_file(folder, split, record.file), "rb") as stream:
+        table = pq.read_table(stream, columns=["index", "label", "features"])
+    rows = table.num_rows
+    values = table.column("features").combine_chunks().flatten().to_numpy().reshape(rows, -1)
+    if pooled and len(shape) > 1:
+        values = values.reshape(rows, -1, shape[-1]).mean(axis=1)
+    return SplitBatch(table.column("index").to_numpy(), table.column("label").to_numpy(), values)
+
+
+def iter_split(storage: Storage, folder: str, split: str, pooled: bool = False) -> Iterator[SplitBatch]:
+    """A complete split shard by shard, in index order: one shard in memory at a time."""
+    manifest = split_manifest(storage, folder, split)
+    for record in manifest.shards:
+        yield read_shard(storage, folder, split, record, manifest.feature_shape, pooled)
+
+
+def read_split(storage: Storage, folder: str, split: str, pooled: bool = False, rows: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index, label, features) of a complete split in index order, or of its rows at the sorted positions `rows`,
+    into one preallocated array per column: memory is the size of the result plus one shard.
+    `pooled=True` averages spatial maps over height and width."""
+    manifest = split_manifest(storage, folder, split)
     shape = manifest.feature_shape
     width = shape[-1] if pooled else int(np.prod(shape))
-    index = np.empty(manifest.rows, np.int64)
-    labels = np.empty(manifest.rows, np.int64)
-    features = np.empty((manifest.rows, width), np.float32)
-    row = 0
-    for record in manifest.shards:
-        with storage.fs.open(layout.shard_file(folder, split, record.file), "rb") as stream:
-            table = pq.read_table(stream)
-        rows = table.num_rows
-        values = table.column("features").combine_chunks().flatten().to_numpy().reshape(rows, -1)
-        if pooled and len(shape) > 1:
-            values = values.reshape(rows, -1, shape[-1]).mean(axis=1)
-        index[row : row + rows] = table.column("index").to_numpy()
-        labels[row : row + rows] = table.column("label").to_numpy()
-        features[row : row + rows] = values
-        row += rows
+    wanted = np.arange(manifest.rows) if rows is None else rows
+    index = np.empty(len(wanted), np.int64)
+    labels = np.empty(len(wanted), np.int64)
+    features = np.empty((len(wanted), width), np.float32)
+    start = filled = 0
+    for batch in iter_split(storage, folder, split, pooled):
+        stop = start + len(batch.index)
+        taken = wanted[(wanted >= start) & (wanted < stop)] - start
+        index[filled : filled + len(taken)] = batch.index[taken]
+        labels[filled : filled + len(taken)] = batch.labels[taken]
+        features[filled : filled + len(taken)] = batch.features[taken]
+        start, filled = stop, filled + len(taken)
     return index, labels, features
 
 
@@ -416,9 +444,7 @@ class RebuildRecord(BaseModel):
 
 def read_keys(storage: Storage, folder: str, split: str) -> dict[int, str]:
     """A collection view's image names by row id (its `index`), reading only those two columns."""
-    manifest = read_manifest(storage, folder, split)
-    if manifest is None:
-        raise FeatureSetError(f"split {split!r} of {folder} has no manifest, so it is incomplete: run extraction to finish it")
+    manifest = split_manifest(storage, folder, split)
     keys = {}
     for record in manifest.shards:
         with storage.fs.open(layout.shard_file(folder, split, record.file), "rb") as stream:

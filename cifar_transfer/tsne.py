@@ -32,7 +32,7 @@ from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.plots import save_png, scatter_figure
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import Lineage, parquet_bytes, read_split
+from cifar_transfer.store import Lineage, parquet_bytes, read_split, split_manifest
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,8 @@ def tsne_map(storage_url: str, folder: str, key: str, settings: TsneSettings, cl
     started = time.perf_counter()
     files = layout.tsne_files(folder, key)
     storage.write_atomic(files.settings, settings.model_dump_json(indent=2).encode())
-    index, labels, features = read_split(storage, folder, "train", pooled=True)
-    rows = sample_rows(len(index), settings.sample, settings.seed)
-    index, labels, features = index[rows], labels[rows], features[rows]
+    rows = sample_rows(split_manifest(storage, folder, "train").rows, settings.sample, settings.seed)
+    index, labels, features = read_split(storage, folder, "train", pooled=True, rows=rows)  # the sample only, a shard at a time
     test_index = test_labels = test_features = None
     if settings.test:
         test_index, test_labels, test_features = read_split(storage, folder, "test", pooled=True)

@@ -14,7 +14,7 @@ LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "ten
 def test_defaults_follow_the_post():
     config = load_config()
     assert (config.source, config.expected_md5) == (CIFAR10_URL, CIFAR10_MD5)
-    assert (config.backbone_name, config.resolved_input_size, config.pooling) == ("InceptionV3", 139, "avg")
+    assert (config.backbone_name, config.resolved_input_size, config.pooling) == ("InceptionV3", 139, "stages")
     assert load_config(backbone="mobilenetv2", **LOCAL).resolved_input_size == 224
 
 
@@ -29,7 +29,7 @@ def test_defaults_follow_the_post():
         ({"weights": "/no/such/file.h5"}, "weights file '/no/such/file.h5' does not exist"),
         ({"storage": "nosuchscheme://bucket/x"}, "scheme 'nosuchscheme'"),
         ({"head": "conv"}, "head 'conv' needs spatial features: pass --pooling none"),
-        ({"pooling": "max"}, "pooling: Input should be 'avg' or 'none'"),
+        ({"pooling": "max"}, "pooling: Input should be 'stages', 'avg' or 'none'"),
         ({"validation_split": 0}, "validation_split: Input should be greater than 0"),
     ],
 )
@@ -90,7 +90,7 @@ def test_fingerprint_covers_what_changes_features_and_nothing_else():
 def test_weights_file_identity_is_its_content():
     spec = load_config(backbone="MobileNetV2", weights=str(MOBILENET_WEIGHTS), **LOCAL).feature_spec("a" * 32)
     assert spec.weights_id == "file-md5-e6d0f334d090be243a48361e11223f9c"
-    assert spec.folder_name == f"mobilenetv2-224px-avg-{spec.fingerprint}"
+    assert spec.folder_name == f"mobilenetv2-224px-stages-{spec.fingerprint}"
 
 
 def test_head_and_tsne_keys_follow_their_settings():

@@ -29,7 +29,7 @@ def images():
 def test_openvino_float32_computes_the_tensorflow_model(images):
     tensorflow = features(load_config(**TINY, engine="tensorflow", precision="float32"), images)
     openvino = features(load_config(**TINY, engine="openvino", precision="float32"), images)
-    assert openvino.shape == tensorflow.shape == (40, 1280) and openvino.dtype == np.float32
+    assert openvino.shape == tensorflow.shape == (40, 576 + 960 + 1280) and openvino.dtype == np.float32
     assert mean_cosine(openvino, tensorflow) > 0.99999
     np.testing.assert_allclose(openvino, tensorflow, rtol=1e-3, atol=1e-3)
     # Batches of any size, the last one short, land in the right rows.

@@ -50,6 +50,41 @@ def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
 
 
 @pytest.mark.parametrize(
+    "backbone, input_size, taps",
+    [("MobileNetV2", 224, ["block_13_expand_relu", "block_16_expand_relu", "out_relu"]),
+     ("InceptionV3", 139, ["mixed7", "mixed8", "mixed10"]),
+     ("ResNet50", 64, ["conv4_block6_out", "conv5_block1_out", "conv5_block3_out"]),
+     ("EfficientNetB0", 64, ["block6a_expand_activation", "block7a_expand_activation", "top_activation"])],
+)
+def test_stage_taps_are_the_stage_end_before_the_last_the_last_stages_widest_point_and_the_output(backbone, input_size, taps):
+    import keras
+
+    from cifar_transfer.backbones import stage_taps
+
+    model = getattr(keras.applications, backbone)(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
+    found = stage_taps(model)
+    assert [tap._keras_history.operation.name for tap in found] == taps and found[-1] is model.output
+    assert found[0].shape[1] in (2 * found[1].shape[1], 2 * found[1].shape[1] + 1) and found[1].shape[1:3] == found[2].shape[1:3]
+
+
+@pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
+def test_stages_pooling_is_the_pooled_stage_end_then_the_pooled_final_features():
+    import keras
+
+    options = {"weights": str(MOBILENET_WEIGHTS), "input_size": 96}
+    stages, final = features_of("MobileNetV2", pooling="stages", **options), features_of("MobileNetV2", pooling="avg", **options)
+    assert stages.shape == (6, 576 + 960 + 1280)
+    np.testing.assert_allclose(stages[:, 576 + 960 :], final, rtol=1e-5, atol=1e-5)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(96, 96, 3))
+    base.load_weights(str(MOBILENET_WEIGHTS))
+    pixels = keras.applications.mobilenet_v2.preprocess_input(keras.layers.Resizing(96, 96)(IMAGES.astype("float32")))
+    for name, columns in (("block_13_expand_relu", slice(0, 576)), ("block_16_expand_relu", slice(576, 576 + 960))):
+        inner = keras.Model(base.input, base.get_layer(name).output)
+        np.testing.assert_allclose(stages[:, columns], np.asarray(inner(pixels, training=False)).mean(axis=(1, 2)), rtol=1e-4, atol=1e-4)
+        assert stages[:, columns].std() > 0.01  # real activations, not batch-statistics noise
+
+
+@pytest.mark.parametrize(
     "backbone, input_size, width",
     [("EfficientNetB0", 32, 1280), ("MobileNetV3Small", 32, 576), ("Xception", 71, 2048), ("DenseNet121", 32, 1024)],
 )
@@ -112,11 +147,11 @@ def test_shard_parquet_follows_the_contract(one_shard):
     path = shard_path(Storage(storage_url), spec, shard)
     table = pq.read_table(path)
     assert table.schema.field("index").type == pa.int64()
-    assert table.schema.field("features").type == pa.list_(pa.float32(), 1280)
+    assert table.schema.field("features").type == pa.list_(pa.float32(), 576 + 960 + 1280)
     assert table.column("index").to_pylist() == list(range(64, 128))
     metadata = json.loads(table.schema.metadata[METADATA_KEY])
     assert metadata["fingerprint"] == spec.fingerprint
-    assert metadata["feature_shape"] == [1280]
+    assert metadata["feature_shape"] == [576 + 960 + 1280]
     assert set(metadata["versions"]) >= {"tensorflow", "keras", "pyarrow", "numpy", "python"}
     images = np.load(f"{dataset.folder}/train_images.npy")[64:128]
     expected = get_extractor(spec, (32, 32, 3))(images, 16)

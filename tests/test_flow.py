@@ -68,17 +68,17 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
 
     manifest = json.load(open(os.path.join(folder, "train", "_manifest.json")))
     assert [shard["file"] for shard in manifest["shards"]] == [f"part-{n:05d}.parquet" for n in range(4)]
-    assert manifest["rows"] == 200 and manifest["feature_shape"] == [1280]
+    assert manifest["rows"] == 200 and manifest["feature_shape"] == [576 + 960 + 1280]
 
     table = ds.dataset(os.path.join(folder, "train"), format="parquet").to_table()
     assert sorted(table.column("index").to_pylist()) == list(range(200))
     frame = pd.read_parquet(os.path.join(folder, "test"))
-    assert len(frame) == 100 and len(frame["features"].iloc[0]) == 1280
+    assert len(frame) == 100 and len(frame["features"].iloc[0]) == 576 + 960 + 1280
     counts = duckdb.sql(f"SELECT label, count(*) AS n FROM '{folder}/train/*.parquet' GROUP BY label").fetchall()
     assert sum(n for _, n in counts) == 200
 
     index, labels, features = load_features(config.storage, "train")
-    assert features.shape == (200, 1280) and list(index) == list(range(200))
+    assert features.shape == (200, 576 + 960 + 1280) and list(index) == list(range(200))
     assert list_feature_sets(config.storage)[0].splits == {"train": 200, "test": 100}
 
     embedding = pd.read_parquet(summary.tsne.embedding)
@@ -94,7 +94,7 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     for picture in (summary.tsne.picture, summary.head.files.confusion_picture):
         assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(summary.head.files.model)
-    assert metrics["chosen"]["head"] == summary.head.kind and {c["head"] for c in metrics["candidates"]} == {"logistic", "mlp", "ensemble"}
+    assert metrics["chosen"]["head"] == summary.head.kind and [c["head"] for c in metrics["candidates"]] == ["ridge"] and metrics["chosen"]["refit"]
     assert metrics["validation_accuracy"] == max(c["validation_accuracy"] for c in metrics["candidates"])
     predictions = pd.read_parquet(summary.head.files.predictions)
     assert len(predictions) == 300 and set(predictions["split"]) == {"train", "test"}
@@ -131,7 +131,7 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tm
 def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
     first = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
     started = datetime.now(timezone.utc)
-    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic", refit=True))
+    second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic", refit=False))
     states = task_states_since(started)
     assert second.features.folder == first.features.folder
     assert second.extraction.shards_computed == 0
@@ -139,15 +139,15 @@ def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
     assert second.head.files.folder != first.head.files.folder and os.path.exists(first.head.files.metrics)
     with open(second.head.files.metrics) as stream:
         chosen = json.load(stream)["chosen"]
-    assert chosen["head"] == "logistic" and chosen["refit"] is True
+    assert chosen["head"] == "logistic" and "refit" not in chosen
 
 
 def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_path):
-    plain = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", head="logistic"))
+    plain = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
     with pytest.raises(FeatureSetError, match="no complete train-flipped view: run extraction with --flip first"):
-        analyze_features(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True), plain.features.fingerprint)
+        analyze_features(tiny_config(tiny_archive, tmp_path / "storage", flip=True), plain.features.fingerprint)
     before = shard_files(plain.features.folder)
-    flipped = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", head="logistic", flip=True))
+    flipped = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", flip=True))
     assert flipped.features.fingerprint == plain.features.fingerprint, "mirrored views must not change the features' identity"
     assert flipped.extraction.shards_computed == 6 and flipped.extraction.shards == 12
     assert shard_files(plain.features.folder) == before, "an original shard was rewritten"

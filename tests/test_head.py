@@ -1,115 +1,213 @@
-"""Heads chosen on validation: logistic strength, network epochs, and the winner among kinds (no Prefect)."""
+"""Heads read real Parquet feature sets shard by shard and choose on validation (no Prefect)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cifar_transfer.config import HeadSettings
-from cifar_transfer.head import LOGISTIC_STRENGTHS, STRENGTH_PATIENCE, Split, candidate_heads, fit_head, spatial_mean
+from cifar_transfer import ridge
+from cifar_transfer.config import FeatureSpec, HeadSettings
+from cifar_transfer.head import HeadData, candidate_heads, ensemble_head, fit_head, refit_head, stream_accuracy, train_head
+from cifar_transfer.shards import FLIPPED, Shard
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import ShardRows, commit_feature_set, features_folder, read_split, shard_path, shard_table, write_shard
+from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
-SETTINGS = HeadSettings(head="auto", seed=0, learning_rate=1e-3, epochs=30, batch_size=64, patience=5, validation_split=0.1,
+SETTINGS = HeadSettings(head="auto", seed=0, learning_rate=1e-3, epochs=30, batch_size=64, patience=5, validation_split=0.2,
                         flip=False, refit=False)
+CLASSES = [f"class{number}" for number in range(10)]
 
 
-def blobs(count: int, shape: tuple[int, ...], noise: float, seed: int) -> Split:
-    """Ten noisy class centres in a space of `shape`; harder with more noise."""
+def blobs(count: int, shape: tuple[int, ...], noise: float, seed: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ten noisy class centres in a space of `shape` (flattened rows), with an offset and scale per feature
+    (as real activations have); harder with more noise. Classes drawn at random unless `labels` are given."""
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(42).normal(size=(10, *shape)).astype(np.float32)
-    labels = rng.integers(0, 10, count)
+    labels = rng.integers(0, 10, count) if labels is None else labels
     features = centres[labels] + noise * rng.normal(size=(count, *shape)).astype(np.float32)
-    return Split(features.reshape(count, -1), labels)
+    scale = np.random.default_rng(7).uniform(0.1, 10, size=shape).astype(np.float32)
+    return (features * scale + 5).reshape(count, -1), labels
+
+
+def write_feature_set(root, splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_shape: tuple[int, ...], shard_size: int = 100) -> str:
+    """A real feature set (Parquet shards, manifests) holding `splits` (view name -> flattened features, labels)."""
+    spec = FeatureSpec(dataset_md5="0" * 32, backbone="MobileNetV2", weights_id="test", weights="none", seed=0, input_size=32,
+                       pooling="avg" if len(feature_shape) == 1 else "none", engine="tensorflow", precision="float32")
+    storage, records = Storage(str(root)), []
+    for view, (features, labels) in splits.items():
+        for number, start in enumerate(range(0, len(labels), shard_size)):
+            stop = min(start + shard_size, len(labels))
+            shard = Shard(split=view, number=number, start=start, stop=stop)
+            rows = ShardRows(labels=labels[start:stop], ids=np.arange(start, stop))
+            table = shard_table(spec, shard, rows, features[start:stop].reshape(stop - start, *feature_shape))
+            records.append(write_shard(storage, shard_path(storage, spec, shard), shard, table))
+    commit_feature_set(str(root), spec, records, CLASSES)
+    return features_folder(storage, spec)
+
+
+@pytest.fixture
+def vector_set(tmp_path):
+    folder = write_feature_set(tmp_path, {"train": blobs(1000, (32,), 1.5, 0), "test": blobs(400, (32,), 1.5, 1)}, (32,))
+    return Storage(str(tmp_path)), folder
 
 
 def test_candidates_follow_the_feature_shape():
-    assert candidate_heads("auto", [1280]) == ["logistic", "mlp"]
-    assert candidate_heads("auto", [3, 3, 2048]) == ["conv", "logistic"]
+    assert candidate_heads("auto", [1280]) == ["ridge"]
+    assert candidate_heads("auto", [3, 3, 2048]) == ["conv", "ridge"]
     assert candidate_heads("mlp", [1280]) == ["mlp"]
 
 
-def test_logistic_strength_is_chosen_on_validation_and_the_keras_model_reproduces_it():
-    fit, validation, test = blobs(600, (32,), 1.5, 0), blobs(300, (32,), 1.5, 1), blobs(300, (32,), 1.5, 2)
-    head = fit_head("logistic", fit, validation, [32], 10, SETTINGS)
+def test_streams_read_every_selected_row_once_and_shuffle_reproducibly(vector_set):
+    storage, folder = vector_set
+    stream = FeatureStream.open(storage, folder, "train", mirrored=False)
+    held_out = validation_mask(stream.rows, 0.2, 0)
+    index, labels, features = read_split(storage, folder, "train")
+    fit = stream.select(~held_out)
+    in_order = list(fit.batches())
+    assert np.array_equal(np.concatenate([batch.index for batch in in_order]), index[~held_out])
+    np.testing.assert_array_equal(np.concatenate([batch.features for batch in in_order]), features[~held_out])
+    shuffled = np.concatenate([batch.index for batch in fit.batches(seed=3)])
+    assert sorted(shuffled) == sorted(index[~held_out]) and not np.array_equal(shuffled, index[~held_out])
+    assert np.array_equal(shuffled, np.concatenate([batch.index for batch in fit.batches(seed=3)]))
+    assert max(len(batch.index) for batch in fit.batches(seed=3)) <= 4 * 100  # a window of shards, never the split
+
+
+def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):
+    storage, folder = vector_set
+    _, labels, features = read_split(storage, folder, "train")
+    halves = [Moments(10), Moments(10)]
+    for start in range(0, 1000, 100):
+        halves[start >= 500].add(features[start : start + 100], labels[start : start + 100])
+    whole = halves[0] + halves[1]
+    np.testing.assert_allclose(whole.mean, features.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(whole.variance, features.var(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(whole.covariance(), np.cov(features.T, bias=True), rtol=1e-4, atol=1e-4)
+    one_hot = np.eye(10)[labels]
+    expected = (features - features.mean(axis=0)).T @ one_hot / len(labels)
+    np.testing.assert_allclose(whole.target_covariance(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_solution_equals_least_squares_on_standardized_features(vector_set):
+    storage, folder = vector_set
+    _, labels, features = read_split(storage, folder, "train")
+    moments = Moments(10)
+    moments.add(features, labels)
+    scores = ridge.solve(moments, (0.1, 1.0))
+    standardized = (features - features.mean(axis=0)) / ridge.standard_deviation(features.var(axis=0))
+    targets = np.eye(10)[labels] - np.eye(10)[labels].mean(axis=0)
+    for position, strength in enumerate((0.1, 1.0)):
+        rows = len(labels)
+        weights = np.linalg.solve(standardized.T @ standardized / rows + strength * np.eye(32), standardized.T @ targets / rows)
+        expected = standardized @ weights + np.eye(10)[labels].mean(axis=0)
+        np.testing.assert_allclose(scores(features)[:, position], expected, atol=2e-4)
+
+
+def test_ridge_chooses_strength_and_temperature_on_validation_and_its_keras_model_reproduces_them(vector_set):
+    storage, folder = vector_set
+    data = HeadData.open(storage, folder, SETTINGS, 10)
+    head = fit_head("ridge", data, SETTINGS)
     curve = head.details["strengths"]
-    assert [point["C"] for point in curve] == list(LOGISTIC_STRENGTHS[: len(curve)])
-    accuracies = [point["validation_accuracy"] for point in curve]
-    best = accuracies.index(max(accuracies))
-    assert len(curve) == len(LOGISTIC_STRENGTHS) or (len(curve) - 1 - best == STRENGTH_PATIENCE and max(accuracies[best + 1 :]) <= accuracies[best])
+    assert [point["strength"] for point in curve] == list(ridge.RIDGE_STRENGTHS)
     assert head.validation_accuracy == max(point["validation_accuracy"] for point in curve)
-    assert head.details["C"] == next(point["C"] for point in curve if point["validation_accuracy"] == head.validation_accuracy)
-    probabilities = head.model.predict(validation.features, verbose=0)
+    assert head.details["strength"] == next(point["strength"] for point in curve if point["validation_accuracy"] == head.validation_accuracy)
+    assert head.details["temperature"] > 1  # raw ridge scores are far less confident than the truth
+    assert stream_accuracy(data.validation, head.model) == pytest.approx(head.validation_accuracy)
+    probabilities = head.model.predict(read_split(storage, folder, "test")[2], verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert np.mean(probabilities.argmax(axis=1) == validation.labels) == pytest.approx(head.validation_accuracy, abs=1e-9)
-    assert np.mean(head.model.predict(test.features, verbose=0).argmax(axis=1) == test.labels) > 0.8
+    assert stream_accuracy(data.test, head.model) > 0.85
 
 
-def test_logistic_on_spatial_maps_uses_their_spatial_mean():
-    fit, validation = blobs(400, (2, 2, 16), 1.0, 0), blobs(200, (2, 2, 16), 1.0, 1)
-    head = fit_head("logistic", fit, validation, [2, 2, 16], 10, SETTINGS)
-    assert head.model.input_shape == (None, 64)
-    pooled = spatial_mean(validation.features, [2, 2, 16])
-    assert pooled.shape == (200, 16)
-    np.testing.assert_allclose(pooled[0], validation.features[0].reshape(4, 16).mean(axis=0), rtol=1e-6)
-    assert head.validation_accuracy > 0.9
+def test_ridge_on_spatial_maps_uses_their_spatial_mean(tmp_path):
+    folder = write_feature_set(tmp_path, {"train": blobs(600, (2, 2, 16), 1.0, 0), "test": blobs(200, (2, 2, 16), 1.0, 1)}, (2, 2, 16))
+    data = HeadData.open(Storage(str(tmp_path)), folder, SETTINGS, 10)
+    head = fit_head("ridge", data, SETTINGS)
+    assert head.model.input_shape == (None, 64) and head.validation_accuracy > 0.9
 
 
-def test_network_heads_keep_the_best_epoch_and_repeat_with_the_seed():
-    fit, validation = blobs(600, (32,), 2.5, 0), blobs(300, (32,), 2.5, 1)
-    first = fit_head("mlp", fit, validation, [32], 10, SETTINGS)
+def test_network_heads_keep_the_best_epoch_and_repeat_with_the_seed(vector_set, tmp_path):
+    storage, folder = vector_set
+    data = HeadData.open(storage, folder, SETTINGS, 10)
+    first = fit_head("mlp", data, SETTINGS)
     history = first.details["history"]["val_accuracy"]
     assert first.validation_accuracy == max(history) and history[first.details["best_epoch"] - 1] == max(history)
-    assert np.mean(first.model.predict(validation.features, verbose=0).argmax(axis=1) == validation.labels) == pytest.approx(
-        first.validation_accuracy, abs=1e-6)
-    again = fit_head("mlp", fit, validation, [32], 10, SETTINGS)
+    assert stream_accuracy(data.validation, first.model) == pytest.approx(first.validation_accuracy, abs=1e-6)
+    again = fit_head("mlp", data, SETTINGS)
     assert again.details["history"] == first.details["history"]
-    conv = fit_head("conv", *[blobs(300, (2, 2, 8), 1.0, seed) for seed in (0, 1)], [2, 2, 8], 10, SETTINGS.model_copy(update={"epochs": 3}))
+    logistic = fit_head("logistic", data, SETTINGS)
+    assert logistic.details["epochs_run"] <= 30 and logistic.validation_accuracy > 0.8
+    maps = write_feature_set(tmp_path / "maps", {"train": blobs(300, (2, 2, 8), 1.0, 0), "test": blobs(100, (2, 2, 8), 1.0, 1)}, (2, 2, 8))
+    conv = fit_head("conv", HeadData.open(Storage(str(tmp_path / "maps")), maps, SETTINGS, 10), SETTINGS.model_copy(update={"epochs": 3}))
     assert conv.details["epochs_run"] <= 3 and conv.model.input_shape == (None, 32)
 
 
-def test_ensemble_averages_its_members_and_every_head_survives_a_save(tmp_path):
+def test_ensemble_averages_its_members_and_every_head_survives_a_save(vector_set, tmp_path):
     import keras
 
-    from cifar_transfer.head import ensemble_head
-
-    fit, validation = blobs(600, (32,), 2.5, 0), blobs(300, (32,), 2.5, 1)
-    members = [fit_head(kind, fit, validation, [32], 10, SETTINGS.model_copy(update={"epochs": 5})) for kind in ("logistic", "mlp")]
-    ensemble = ensemble_head(members, [32], validation)
-    averaged = sum(member.model.predict(validation.features, verbose=0) for member in members) / 2
-    assert ensemble.validation_accuracy == pytest.approx(np.mean(averaged.argmax(axis=1) == validation.labels))
-    assert ensemble.details == {"head": "ensemble", "of": ["logistic", "mlp"]}
+    storage, folder = vector_set
+    data = HeadData.open(storage, folder, SETTINGS, 10)
+    members = [fit_head(kind, data, SETTINGS.model_copy(update={"epochs": 5})) for kind in ("ridge", "mlp")]
+    ensemble = ensemble_head(members, data)
+    _, labels, features = read_split(storage, folder, "train")
+    validation = validation_mask(len(labels), SETTINGS.validation_split, SETTINGS.seed)
+    averaged = sum(member.model.predict(features[validation], verbose=0) for member in members) / 2
+    assert ensemble.validation_accuracy == pytest.approx(np.mean(averaged.argmax(axis=1) == labels[validation]))
+    assert ensemble.details == {"head": "ensemble", "of": ["ridge", "mlp"]}
     for head in (*members, ensemble):
         path = tmp_path / f"{head.details['head']}.keras"
         head.model.save(path)
-        np.testing.assert_allclose(keras.models.load_model(path).predict(validation.features, verbose=0),
-                                   head.model.predict(validation.features, verbose=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(keras.models.load_model(path).predict(features, verbose=0),
+                                   head.model.predict(features, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-def test_flipped_views_double_the_training_rows_and_are_averaged_at_prediction():
-    split = Split(np.ones((4, 3), np.float32), np.arange(4), 3 * np.ones((4, 3), np.float32))
-    features, labels = split.training_data()
-    assert features.shape == (8, 3) and list(labels) == [0, 1, 2, 3, 0, 1, 2, 3]
-    np.testing.assert_allclose(split.probabilities(lambda rows: rows), 2 * np.ones((4, 3)))
-    assert split.rows(np.array([1, 3])).mirrored.shape == (2, 3)
+def test_flipped_views_train_as_more_rows_and_are_averaged_at_prediction(tmp_path):
+    features, labels = blobs(400, (16,), 1.0, 0)
+    mirrored = features + 1.0
+    folder = write_feature_set(tmp_path, {"train": (features, labels), f"train{FLIPPED}": (mirrored, labels),
+                                          "test": blobs(100, (16,), 1.0, 1), f"test{FLIPPED}": blobs(100, (16,), 1.0, 1)}, (16,))
+    storage = Storage(str(tmp_path))
+    stream = FeatureStream.open(storage, folder, "train", mirrored=True)
+    batch = next(stream.batches())
+    np.testing.assert_array_equal(batch.mirrored, batch.features + 1.0)
+    rows, doubled = batch.training_rows()
+    assert len(rows) == 2 * len(batch.index) and list(doubled) == [*batch.labels, *batch.labels]
+    np.testing.assert_allclose(batch.probabilities(lambda view: view), batch.features + 0.5)
+    settings = SETTINGS.model_copy(update={"flip": True})
+    data = HeadData.open(storage, folder, settings, 10)
+    head = fit_head("ridge", data, settings)
+    assert head.moments[0].count == 2 * data.fit.count  # both views of every fit row
+    assert stream_accuracy(data.validation, head.model) == pytest.approx(head.validation_accuracy)
+    with pytest.raises(Exception, match="no complete test-flipped view|run extraction with --flip"):
+        FeatureStream.open(storage, write_feature_set(tmp_path / "plain", {"train": (features, labels)}, (16,)), "train", mirrored=True)
 
 
-def test_refit_learns_from_the_validation_rows_with_what_validation_chose():
+def test_refit_learns_from_the_validation_rows_with_what_validation_chose(tmp_path):
     """Class 9 appears only in the validation rows: the chosen heads never predict it, their refits on all rows do."""
-    from cifar_transfer.head import ensemble_head, refit_head
-
-    train = blobs(900, (32,), 1.0, 0)
-    only_in_validation = train.labels == 9
-    fit, validation = train.rows(np.flatnonzero(~only_in_validation)), train.rows(np.flatnonzero(only_in_validation | (np.arange(900) % 5 == 0)))
-    test = blobs(300, (32,), 1.0, 2)
-    candidates = [fit_head(kind, fit, validation, [32], 10, SETTINGS.model_copy(update={"epochs": 8})) for kind in ("logistic", "mlp")]
+    held_out = validation_mask(1000, SETTINGS.validation_split, SETTINGS.seed)
+    labels = np.where(held_out, 9, np.random.default_rng(0).integers(0, 9, 1000))  # class 9: the validation rows only
+    labels[np.flatnonzero(held_out)[::2]] = 0
+    features, labels = blobs(1000, (32,), 1.0, 0, labels)
+    test_features, test_labels = blobs(300, (32,), 1.0, 2)
+    folder = write_feature_set(tmp_path, {"train": (features, labels), "test": (test_features, test_labels)}, (32,))
+    data = HeadData.open(Storage(str(tmp_path)), folder, SETTINGS, 10)
+    candidates = [fit_head(kind, data, SETTINGS.model_copy(update={"epochs": 8})) for kind in ("ridge", "mlp")]
     members = list(candidates)
-    candidates.append(ensemble_head(candidates, [32], validation))  # as train_head does: the ensemble joins its members' list
-    chosen = candidates[-1]
-    assert chosen.members == members
-    refit = refit_head(chosen, train, [32], 10, SETTINGS)
+    chosen = ensemble_head(candidates, data)
+    refit = refit_head(chosen, data, SETTINGS)
     assert refit.validation_accuracy == chosen.validation_accuracy and refit.details["refit"]
     assert [member.details["refit"] for member in refit.members] == [True, True]
-    assert refit.members[0].details["C"] == members[0].details["C"]
+    assert refit.members[0].details["strength"] == members[0].details["strength"]
     assert refit.members[1].model.history.params["epochs"] == members[1].details["best_epoch"]  # not SETTINGS' 30
-    nines = test.labels == 9
-    assert not np.any(chosen.model.predict(test.features, verbose=0).argmax(axis=1) == 9)
-    assert np.mean(refit.model.predict(test.features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
+    nines = test_labels == 9
+    assert not np.any(chosen.model.predict(test_features, verbose=0).argmax(axis=1) == 9)
+    assert np.mean(refit.model.predict(test_features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
+    alone = refit_head(members[0], data, SETTINGS)
+    assert np.mean(alone.model.predict(test_features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
+
+
+def test_train_head_refits_the_chosen_ridge_and_writes_every_output(vector_set):
+    storage, folder = vector_set
+    result = train_head(storage.url, folder, "k", SETTINGS.model_copy(update={"refit": True}), CLASSES)
+    assert not result.files.missing(storage)
+    assert result.metrics.chosen["head"] == "ridge" and result.metrics.chosen["refit"]
+    assert result.metrics.sizes == {"train": 800, "validation": 200, "test": 400}
+    assert result.test_accuracy > 0.85

@@ -29,7 +29,7 @@ def run(prefect_api, tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict")
     archive = folder / "cifar-10-python.tar.gz"
     md5 = write_archive(archive, cifar_members())
-    config = tiny_config((archive, md5), folder / "storage", head="logistic", tsne_sample=0)
+    config = tiny_config((archive, md5), folder / "storage", head="ridge", tsne_sample=0)
     summary = cifar_transfer(config)
     images = np.load(folder / "storage" / "datasets" / f"cifar10-{md5}" / "test_images.npy")
     pictures = folder / "pictures"

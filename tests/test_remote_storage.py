@@ -98,7 +98,7 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     assert [key for key in listing if key.rsplit("/", 1)[1].startswith(".")] == [], "temporary or claim objects were left behind"
 
     index, labels, values = load_features(config.storage, "train")
-    assert values.shape == (200, 1280) and list(index) == list(range(200))
+    assert values.shape == (200, 576 + 960 + 1280) and list(index) == list(range(200))
 
     _, rerun = extract_features(config)
     assert rerun.shards_computed == 0

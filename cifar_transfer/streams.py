@@ -1,0 +1,219 @@
+"""Features of a split as heads read them: shard by shard, never a whole split in memory.
+
+A `FeatureStream` is one split of a feature set (with its mirrored view when
+heads use flips) and a selection of its rows (the fit or the validation part);
+it yields `ViewBatch`es of at most one shard, in index order or shuffled (a
+seeded shard order, rows mixed within a window of shards). `Moments` are the
+streamed statistics the heads need (mean, variance, centred Gram, per-class
+target sums); they add up, so the moments of all train rows are the fit part's
+plus the validation part's, which makes a refit on all rows free.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.shards import FLIPPED
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import ShardRecord, read_manifest, read_shard, split_manifest
+
+SHUFFLE_WINDOW = 4  # shards mixed together when training rows are shuffled
+
+
+@dataclass(frozen=True)
+class ViewBatch:
+    """Rows of a split: their positions in it, ids, labels, features (flattened) and the mirrored view's (or None)."""
+
+    positions: np.ndarray
+    index: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+    mirrored: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray) -> ViewBatch:
+        return ViewBatch(self.positions[rows], self.index[rows], self.labels[rows], self.features[rows],
+                         None if self.mirrored is None else self.mirrored[rows])
+
+    def training_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a head fits on: both views as separate examples (augmentation) when there are two."""
+        if self.mirrored is None:
+            return self.features, self.labels
+        return np.concatenate([self.features, self.mirrored]), np.concatenate([self.labels, self.labels])
+
+    def probabilities(self, predict) -> np.ndarray:
+        """`predict` on the features, averaged with the mirrored view's when there is one (test-time augmentation)."""
+        if self.mirrored is None:
+            return predict(self.features)
+        return (predict(self.features) + predict(self.mirrored)) / 2
+
+
+@dataclass(frozen=True)
+class FeatureStream:
+    """A split of a feature set (and its mirrored view when `mirrored`), restricted to the rows `selected` marks."""
+
+    storage: Storage
+    folder: str
+    split: str
+    rows: int
+    feature_shape: tuple[int, ...]
+    mirrored: bool
+    shards: tuple[ShardRecord, ...]  # the split's, in index order
+    mirrored_shards: tuple[ShardRecord, ...] | None  # the mirrored view's, shard for shard
+    selected: np.ndarray | None = None  # a mask over the split's rows; None: all of them
+
+    @classmethod
+    def open(cls, storage: Storage, folder: str, split: str, mirrored: bool) -> FeatureStream:
+        manifest, flipped = split_manifest(storage, folder, split), None
+        if mirrored:
+            view = f"{split}{FLIPPED}"
+            flipped = read_manifest(storage, folder, view)
+            if flipped is None:
+                raise FeatureSetError(
+                    f"features {posixpath.basename(folder)} have no complete {view} view: run extraction with --flip first")
+            if [record.rows for record in flipped.shards] != [record.rows for record in manifest.shards]:
+                raise FeatureSetError(f"{view} of {posixpath.basename(folder)} does not match {split} row for row: run verify --repair")
+        return cls(storage, folder, split, manifest.rows, tuple(manifest.feature_shape), mirrored, tuple(manifest.shards),
+                   None if flipped is None else tuple(flipped.shards))
+
+    @property
+    def width(self) -> int:
+        return int(np.prod(self.feature_shape))
+
+    @property
+    def count(self) -> int:
+        return self.rows if self.selected is None else int(self.selected.sum())
+
+    def select(self, mask: np.ndarray) -> FeatureStream:
+        return replace(self, selected=mask)
+
+    def batches(self, seed: int | None = None) -> Iterator[ViewBatch]:
+        """The selected rows, a shard at a time: in index order, or with `seed` shuffled within a window of shards."""
+        count = len(self.shards)
+        order = np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
+        window = 1 if seed is None else SHUFFLE_WINDOW
+        rng = np.random.default_rng(seed)
+        for start in range(0, count, window):
+            batch = _concatenate([self._read(shard) for shard in order[start : start + window]])
+            if batch is None:
+                continue
+            if seed is not None:
+                batch = batch.take(rng.permutation(len(batch.index)))
+            yield batch
+
+    def _read(self, shard: int) -> ViewBatch:
+        shape = list(self.feature_shape)
+        original = read_shard(self.storage, self.folder, self.split, self.shards[shard], shape)
+        flipped = None
+        if self.mirrored:
+            flipped = read_shard(self.storage, self.folder, f"{self.split}{FLIPPED}", self.mirrored_shards[shard], shape)
+            if not np.array_equal(flipped.index, original.index):
+                raise FeatureSetError(
+                    f"{self.split}{FLIPPED} of {posixpath.basename(self.folder)} does not match {self.split} row for row: run verify --repair")
+        positions = self._offsets[shard] + np.arange(len(original.index))
+        batch = ViewBatch(positions, original.index, original.labels, original.features, None if flipped is None else flipped.features)
+        return batch if self.selected is None else batch.take(np.flatnonzero(self.selected[positions]))
+
+    @functools.cached_property
+    def _offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([record.rows for record in self.shards])[:-1]]).astype(np.int64)
+
+
+def _concatenate(batches: list[ViewBatch]) -> ViewBatch | None:
+    batches = [batch for batch in batches if len(batch.index)]
+    if not batches:
+        return None
+    if len(batches) == 1:
+        return batches[0]
+    mirrored = None if batches[0].mirrored is None else np.concatenate([batch.mirrored for batch in batches])
+    return ViewBatch(*(np.concatenate([getattr(batch, name) for batch in batches]) for name in ("positions", "index", "labels", "features")),
+                     mirrored)
+
+
+def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
+    """The seeded validation part of a train split of `rows` rows, as a mask (the same rows the heads always held out)."""
+    order = np.random.default_rng(seed).permutation(rows)
+    mask = np.zeros(rows, bool)
+    mask[order[: max(1, int(round(rows * fraction)))]] = True
+    return mask
+
+
+@dataclass
+class Moments:
+    """Streamed sums of features (pooled or not, as added), their outer products and per-class sums.
+
+    Sums run on features shifted by the first batch's mean, in float64 across batches, so the centred
+    Gram matrix keeps its precision however many rows are added.
+    """
+
+    classes: int
+    with_gram: bool = True
+    count: int = 0
+    shift: np.ndarray | None = None
+    total: np.ndarray | None = None  # sum of (x - shift)
+    squares: np.ndarray | None = None  # sum of (x - shift)^2
+    gram: np.ndarray | None = None  # sum of (x - shift)(x - shift)^T
+    class_totals: np.ndarray | None = None  # (classes, width): sum of (x - shift) per class
+    class_counts: np.ndarray | None = None
+
+    def add(self, features: np.ndarray, labels: np.ndarray) -> None:
+        if not len(features):
+            return
+        if self.shift is None:
+            width = features.shape[1]
+            self.shift = features.mean(axis=0, dtype=np.float64).astype(np.float32)
+            self.total, self.squares = np.zeros(width), np.zeros(width)
+            self.gram = np.zeros((width, width)) if self.with_gram else None
+            self.class_totals = np.zeros((self.classes, width))
+            self.class_counts = np.zeros(self.classes)
+        shifted = features - self.shift
+        self.count += len(features)
+        self.total += shifted.sum(axis=0, dtype=np.float64)
+        self.squares += np.square(shifted).sum(axis=0, dtype=np.float64)
+        if self.with_gram:
+            self.gram += shifted.T @ shifted
+        one_hot = np.eye(self.classes, dtype=np.float32)[labels]
+        self.class_totals += one_hot.T @ shifted
+        self.class_counts += one_hot.sum(axis=0)
+
+    def __add__(self, other: Moments) -> Moments:
+        if self.shift is None:
+            return other
+        if other.shift is None:
+            return self
+        delta = (other.shift - self.shift).astype(np.float64)  # re-express `other`'s sums around this shift
+        total = other.total + other.count * delta
+        squares = other.squares + 2 * delta * other.total + other.count * delta**2
+        gram = None
+        if self.with_gram and other.with_gram:
+            gram = self.gram + other.gram + np.outer(other.total, delta) + np.outer(delta, other.total) + other.count * np.outer(delta, delta)
+        class_totals = self.class_totals + other.class_totals + np.outer(other.class_counts, delta)
+        return Moments(self.classes, gram is not None, self.count + other.count, self.shift, self.total + total, self.squares + squares,
+                       gram, class_totals, self.class_counts + other.class_counts)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.shift + self.total / self.count
+
+    @property
+    def variance(self) -> np.ndarray:
+        centred = self.total / self.count
+        return np.maximum(self.squares / self.count - centred**2, 0.0)
+
+    def covariance(self) -> np.ndarray:
+        centred = self.total / self.count
+        return self.gram / self.count - np.outer(centred, centred)
+
+    def target_covariance(self) -> np.ndarray:
+        """(width, classes): the covariance of each feature with each class's one-hot indicator."""
+        centred = self.total / self.count
+        return (self.class_totals - np.outer(self.class_counts, centred)).T / self.count
+
+    @property
+    def class_frequencies(self) -> np.ndarray:
+        return self.class_counts / self.count
