@@ -11,7 +11,8 @@ grow with the number of images:
   global average pooling, dropout 0.3, softmax, trained with RMSprop;
 - "auto": ridge on vectors; conv and ridge on pooled maps for spatial
   features, and their ensemble (the average of their probabilities); the best on
-  validation wins.
+  validation wins;
+- "all": every head that fits the features and their ensemble (minutes, not seconds).
 Standardization statistics come from the fit part only. With flips, heads
 train on both views of each image and average the two views' probabilities at
 validation and test. The validation part is a seeded random fraction of the
@@ -136,9 +137,13 @@ def finished_head(storage: Storage, folder: str, key: str) -> HeadResult | None:
 
 
 def candidate_heads(kind: str, feature_shape: list[int]) -> list[str]:
-    if kind != "auto":
-        return [kind]
-    return ["conv", "ridge"] if len(feature_shape) > 1 else ["ridge"]
+    """The heads a kind fits: itself; "auto" the fast ones; "all" every head that fits the features."""
+    spatial = len(feature_shape) > 1
+    if kind == "auto":
+        return ["conv", "ridge"] if spatial else ["ridge"]
+    if kind == "all":
+        return ["conv", "ridge", "logistic", "mlp"] if spatial else ["ridge", "logistic", "mlp"]
+    return [kind]
 
 
 def spatial_mean(features: np.ndarray, feature_shape: list[int]) -> np.ndarray:

@@ -55,6 +55,8 @@ def test_candidates_follow_the_feature_shape():
     assert candidate_heads("auto", [1280]) == ["ridge"]
     assert candidate_heads("auto", [3, 3, 2048]) == ["conv", "ridge"]
     assert candidate_heads("mlp", [1280]) == ["mlp"]
+    assert candidate_heads("all", [1280]) == ["ridge", "logistic", "mlp"]
+    assert candidate_heads("all", [3, 3, 2048]) == ["conv", "ridge", "logistic", "mlp"]
 
 
 def test_streams_read_every_selected_row_once_and_shuffle_reproducibly(vector_set):
