@@ -62,9 +62,8 @@ class FeatureStream:
     split: str
     rows: int
     feature_shape: tuple[int, ...]
-    mirrored: bool
     shards: tuple[ShardRecord, ...]  # the split's, in index order
-    mirrored_shards: tuple[ShardRecord, ...] | None  # the mirrored view's, shard for shard
+    mirrored_shards: tuple[ShardRecord, ...] | None  # the mirrored view's, shard for shard (None: no mirrored view read)
     selected: np.ndarray | None = None  # a mask over the split's rows; None: all of them
 
     @classmethod
@@ -77,9 +76,13 @@ class FeatureStream:
                 raise FeatureSetError(
                     f"features {posixpath.basename(folder)} have no complete {view} view: run extraction with --flip first")
             if [record.rows for record in flipped.shards] != [record.rows for record in manifest.shards]:
-                raise FeatureSetError(f"{view} of {posixpath.basename(folder)} does not match {split} row for row: run verify --repair")
-        return cls(storage, folder, split, manifest.rows, tuple(manifest.feature_shape), mirrored, tuple(manifest.shards),
+                raise _mismatched_views(folder, split)
+        return cls(storage, folder, split, manifest.rows, tuple(manifest.feature_shape), tuple(manifest.shards),
                    None if flipped is None else tuple(flipped.shards))
+
+    @property
+    def mirrored(self) -> bool:
+        return self.mirrored_shards is not None
 
     @property
     def width(self) -> int:
@@ -113,8 +116,7 @@ class FeatureStream:
         if self.mirrored:
             flipped = read_shard(self.storage, self.folder, f"{self.split}{FLIPPED}", self.mirrored_shards[shard], shape)
             if not np.array_equal(flipped.index, original.index):
-                raise FeatureSetError(
-                    f"{self.split}{FLIPPED} of {posixpath.basename(self.folder)} does not match {self.split} row for row: run verify --repair")
+                raise _mismatched_views(self.folder, self.split)
         positions = self._offsets[shard] + np.arange(len(original.index))
         batch = ViewBatch(positions, original.index, original.labels, original.features, None if flipped is None else flipped.features)
         return batch if self.selected is None else batch.take(np.flatnonzero(self.selected[positions]))
@@ -122,6 +124,10 @@ class FeatureStream:
     @functools.cached_property
     def _offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum([record.rows for record in self.shards])[:-1]]).astype(np.int64)
+
+
+def _mismatched_views(folder: str, split: str) -> FeatureSetError:
+    return FeatureSetError(f"{split}{FLIPPED} of {posixpath.basename(folder)} does not match {split} row for row: run verify --repair")
 
 
 def _concatenate(batches: list[ViewBatch]) -> ViewBatch | None:
