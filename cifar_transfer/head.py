@@ -220,14 +220,13 @@ def fit_ridge(data: HeadData, settings: HeadSettings) -> FittedHead:
     scores = ridge.solve(fit_moments, ridge.RIDGE_STRENGTHS)
     tally = ridge.ValidationTally.empty(len(ridge.RIDGE_STRENGTHS))
     for batch in data.validation.batches():
-        views = [batch.features] if batch.mirrored is None else [batch.features, batch.mirrored]
-        tally.add([scores(spatial_mean(view, shape)) for view in views], batch.labels)
+        tally.add([scores(spatial_mean(view, shape)) for view in batch.views], batch.labels)
         features, labels = batch.training_rows()
         validation_moments.add(spatial_mean(features, shape), labels)
     strength, temperature = tally.best()
-    curve = [{"strength": value, "validation_accuracy": tally.accuracy(position, tally.log_loss[position].argmin())}
-             for position, value in enumerate(ridge.RIDGE_STRENGTHS)]
-    chosen = ridge.solve(fit_moments, (ridge.RIDGE_STRENGTHS[strength],))
+    accuracies, _ = tally.curve()
+    curve = [{"strength": value, "validation_accuracy": float(accuracy)} for value, accuracy in zip(ridge.RIDGE_STRENGTHS, accuracies, strict=True)]
+    chosen = scores.strength(strength)
     details = {"head": "ridge", "strength": ridge.RIDGE_STRENGTHS[strength], "temperature": float(ridge.TEMPERATURES[temperature]),
                "strengths": curve}
     model = ridge.ridge_model(chosen, ridge.TEMPERATURES[temperature], shape)

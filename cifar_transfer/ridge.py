@@ -40,6 +40,11 @@ class LinearScores:
         """(rows, strengths, classes)."""
         return (features @ self.weights + self.bias).reshape(len(features), -1, self.classes)
 
+    def strength(self, position: int) -> LinearScores:
+        """The solution of the strength at `position` alone."""
+        columns = slice(position * self.classes, (position + 1) * self.classes)
+        return LinearScores(self.weights[:, columns], self.bias[columns], self.classes)
+
 
 def standard_deviation(variance: np.ndarray) -> np.ndarray:
     """What features are divided by to standardize them, floored relative to the largest (features of randomly
@@ -91,10 +96,14 @@ class ValidationTally:
             self.log_loss[:, position] -= np.log(np.maximum(truth, 1e-12)).sum(axis=0)
         self.rows += len(labels)
 
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(accuracy, temperature position) of each strength, at its lowest log-loss temperature."""
+        temperatures = self.log_loss.argmin(axis=1)
+        return self.correct[np.arange(len(temperatures)), temperatures] / self.rows, temperatures
+
     def best(self) -> tuple[int, int]:
         """(strength position, temperature position): the most accurate strength, at its lowest log-loss temperature."""
-        temperatures = self.log_loss.argmin(axis=1)
-        accuracy = self.correct[np.arange(len(temperatures)), temperatures]
+        accuracy, temperatures = self.curve()
         strength = int(np.argmax(accuracy))  # the first (weakest) of equals
         return strength, int(temperatures[strength])
 

@@ -40,6 +40,11 @@ class ViewBatch:
         return ViewBatch(self.positions[rows], self.index[rows], self.labels[rows], self.features[rows],
                          None if self.mirrored is None else self.mirrored[rows])
 
+    @property
+    def views(self) -> list[np.ndarray]:
+        """The features of each view these rows have: the original, and the mirrored one when read."""
+        return [self.features] if self.mirrored is None else [self.features, self.mirrored]
+
     def training_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """What a head fits on: both views as separate examples (augmentation) when there are two."""
         if self.mirrored is None:
@@ -48,9 +53,7 @@ class ViewBatch:
 
     def probabilities(self, predict) -> np.ndarray:
         """`predict` on the features, averaged with the mirrored view's when there is one (test-time augmentation)."""
-        if self.mirrored is None:
-            return predict(self.features)
-        return (predict(self.features) + predict(self.mirrored)) / 2
+        return sum(predict(view) for view in self.views) / len(self.views)
 
 
 @dataclass(frozen=True)
