@@ -8,17 +8,25 @@ Writes a folder of `--images` JPEG files (CIFAR-10's images, repeated under new 
 one after another on this machine: the archive path on its 60,000 images, the folder's full extraction, and
 the folder's incremental run after 1% more images were added. Records listing time, images/s, wall time and
 peak memory to bench/results/collections.jsonl (and prints them).
+
+The runs report to a real `prefect server` started for the benchmark, as a deployment's runs do (a worker
+never starts Prefect's temporary server); `--ephemeral-api` gives each run its own temporary server instead,
+as a bare `cifar-transfer extract` on a machine without PREFECT_API_URL does (a few seconds more per run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -65,10 +73,37 @@ def write_folder(root: str, arrays: str, names: list[tuple[str, int]]) -> float:
     return time.perf_counter() - started
 
 
-def extract(options: list[str], storage: str) -> dict:
+@contextlib.contextmanager
+def prefect_server(home: str) -> Iterator[dict[str, str]]:
+    """A real `prefect server` (SQLite under `home`) for the runs to report to; yields the environment that points
+    a process at it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = os.environ | {"PREFECT_HOME": home}
+    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # polled: the server says when it is ready, nothing else does
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("prefect server did not start") from None
+                time.sleep(0.5)
+        yield environment | {"PREFECT_API_URL": api}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def extract(options: list[str], storage: str, environment: dict[str, str] | None) -> dict:
     """One `cifar-transfer extract` in its own process: wall time, peak memory, and the extraction's own figures."""
     started = time.perf_counter()
-    done = subprocess.run([*CLI, "extract", *options, "--storage", storage], capture_output=True, text=True)
+    done = subprocess.run([*CLI, "extract", *options, "--storage", storage], capture_output=True, text=True, env=environment)
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
@@ -86,6 +121,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200_000)
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--backbone", default="MobileNetV2")
+    parser.add_argument("--ephemeral-api", action="store_true", help="each run starts its own temporary Prefect server")
     arguments = parser.parse_args()
     from cifar_transfer.collection import list_collection
     from cifar_transfer.config import load_config
@@ -94,7 +130,8 @@ def main() -> None:
 
     common = ["--backbone", arguments.backbone, "--weights", "none", "--input-size", str(arguments.input_size),
               "--engine", "openvino", "--precision", "float32"]
-    with tempfile.TemporaryDirectory(prefix="collections-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="collections-bench-") as scratch, contextlib.ExitStack() as stack:
+        environment = None if arguments.ephemeral_api else stack.enter_context(prefect_server(f"{scratch}/prefect"))
         archive_storage = f"{scratch}/archive-storage"
         archive = fetch_archive(arguments.source, arguments.md5, archive_storage)
         dataset = decode_archive(archive_storage, archive.path, archive.md5)
@@ -109,15 +146,16 @@ def main() -> None:
         listed, _ = list_collection(settings)
         listing_seconds = time.perf_counter() - started
 
-        archive_run = extract(["--source", arguments.source, "--md5", arguments.md5, *common], archive_storage)
-        folder_run = extract(["--source", root, *common], f"{scratch}/folder-storage")
+        archive_run = extract(["--source", arguments.source, "--md5", arguments.md5, *common], archive_storage, environment)
+        folder_run = extract(["--source", root, *common], f"{scratch}/folder-storage", environment)
         grown = image_names(arguments.images // 100, arguments.images, dataset.sizes, labels, dataset.classes)
         write_folder(root, dataset.folder, grown)
-        incremental_run = extract(["--source", root, *common], f"{scratch}/folder-storage")
+        incremental_run = extract(["--source", root, *common], f"{scratch}/folder-storage", environment)
         folder_rate, archive_rate = folder_run["extraction_images_per_second"], archive_run["extraction_images_per_second"]
         record("collections", {
             "images": arguments.images, "input_size": arguments.input_size, "backbone": f"{arguments.backbone} (seeded weights)",
-            "engine": "openvino float32", "jpeg_write_seconds": round(write_seconds, 1),
+            "engine": "openvino float32", "prefect_api": "ephemeral" if arguments.ephemeral_api else "prefect server",
+            "jpeg_write_seconds": round(write_seconds, 1),
             "listing_seconds": round(listing_seconds, 2), "listed": listed.sizes,
             "archive_run": archive_run | {"images": sum(dataset.sizes.values())},
             "folder_run": folder_run,

@@ -100,14 +100,14 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     size = spec.input_size
     resized = tf.cast(tf.round(tf.image.resize(images[:CEILING_IMAGES], (size, size))), tf.uint8).numpy()
     bare = build_engine_extractor(spec, (size, size, 3))
-    bare(resized[: config.batch_size], config.batch_size)  # warm-up: compilation and first allocations
-    get_extractor(spec, images.shape[1:])(images[: config.batch_size], config.batch_size)
+    bare(resized[: config.resolved_batch_size], config.resolved_batch_size)  # warm-up: compilation and first allocations
+    get_extractor(spec, images.shape[1:])(images[: config.resolved_batch_size], config.resolved_batch_size)
     test_only = dataset.model_copy(update={"sizes": {"test": test_images}})
-    rates = ceiling_passes(bare, resized, config.batch_size)
+    rates = ceiling_passes(bare, resized, config.resolved_batch_size)
     started = time.perf_counter()
     extract_shards(config, spec, test_only)
     pipeline = test_images / (time.perf_counter() - started)
-    rates += ceiling_passes(bare, resized, config.batch_size)
+    rates += ceiling_passes(bare, resized, config.resolved_batch_size)
     ceiling, typical = max(rates), statistics.median(rates)
     return {
         "engine": engine, "precision": precision, "ceiling_images_per_second": round(ceiling, 1),
@@ -176,7 +176,7 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
     resize_seconds = time.perf_counter() - started
     model.predict(resized[:32], verbose=0)
     started = time.perf_counter()
-    maps = model.predict(resized, batch_size=config.batch_size, verbose=0)
+    maps = model.predict(resized, batch_size=config.resolved_batch_size, verbose=0)
     predict_seconds = time.perf_counter() - started
     total_images = sum(dataset.sizes.values())
     train_images = dataset.sizes["train"]

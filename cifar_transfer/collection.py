@@ -154,23 +154,25 @@ def plan_collection(storage: Storage, folder: str, listing: Listing, shard_size:
 
 def _plan_view(storage: Storage, folder: str, split: str, items: list[Item], shard_size: int) -> tuple[list[Shard], list[str]]:
     current = {item.key: item for item in items}
+    unchanged = {(item.key, item.version, item.label): item for item in items}  # what a kept shard's footer must list
     manifest = read_manifest(storage, folder, split)
     records = manifest.shards if manifest else []
     planned, retired, placed = [], [], set()
     next_number = max((record.number + 1 for record in records), default=0)
     for record in records:
-        held = _shard_items(storage, layout.shard_file(folder, split, record.file))
-        if held is not None and all(current.get(item.key) == item for item in held):
-            planned.append(Shard(split=split, number=record.number, start=record.start, stop=record.stop, items=held))
-            placed.update(item.key for item in held)
+        held = _held_items(storage, layout.shard_file(folder, split, record.file))
+        kept = [unchanged.get(entry) for entry in held or []]
+        if held is not None and None not in kept:
+            planned.append(Shard(split=split, number=record.number, start=record.start, stop=record.stop, items=kept))
+            placed.update(item.key for item in kept)
             continue
         retired.append(record.file)
-        survivors = [current[item.key] for item in held or [] if item.key in current]
+        survivors = [current[key] for key, _, _ in held or [] if key in current]
         if survivors:  # one replacement per changed shard: a change touches only the shard that held it
             planned.append(_new_shard(split, next_number, survivors, shard_size))
             placed.update(item.key for item in survivors)
             next_number += 1
-    new = [item for key, item in sorted(current.items()) if key not in placed]
+    new = [item for item in items if item.key not in placed]  # the listing is sorted by key
     for start in range(0, len(new), shard_size):
         planned.append(_new_shard(split, next_number, new[start : start + shard_size], shard_size))
         next_number += 1
@@ -182,8 +184,9 @@ def _new_shard(split: str, number: int, items: list[Item], shard_size: int) -> S
     return Shard(split=split, number=number, start=start, stop=start + len(items), items=items)
 
 
-def _shard_items(storage: Storage, path: str) -> list[Item] | None:
-    """The items a finished collection shard was made from (its footer lists them), or None if it is unreadable."""
+def _held_items(storage: Storage, path: str) -> list[tuple[str, str, int]] | None:
+    """The (key, version, label) of each item a finished collection shard was made from (its footer lists them),
+    or None if it is unreadable."""
     try:
         with storage.fs.open(path, "rb") as stream:
             metadata = pq.read_metadata(stream).metadata or {}
@@ -203,26 +206,30 @@ class CollectionImages(BaseModel):
 
 
 def collection_images(dataset: CollectionDataset, shard: Shard, size: int) -> CollectionImages:
-    """Read and decode the shard's images straight from the source, resized once to `size`; mirrored for a flipped view."""
+    """Read and decode the shard's images straight from the source, resized once to `size`; mirrored for a flipped view.
+
+    Each image is decoded into its row of one array (no list of images stacked afterwards: at 224 px a shard's
+    pixels are 150 MB, and two shards are in flight).
+    """
     from cifar_transfer.sources.images import UndecodableImage, decode_image
 
-    images, decoded, skipped = [], [], []
-    for item, data, reason in open_collection(dataset.settings).read_items(shard.items or []):
+    items = shard.items or []
+    pixels = np.empty((len(items), size, size, 3), np.uint8)
+    decoded, skipped = [], []
+    for item, data, reason in open_collection(dataset.settings).read_items(items):
         if data is None:
             skipped.append(UnreadableItem(key=item.key, reason=reason or "unreadable"))
             continue
         try:
-            images.append(decode_image(data, size))
+            image = decode_image(data, size)
         except UndecodableImage as exc:
             skipped.append(UnreadableItem(key=item.key, reason=str(exc)))
             continue
+        pixels[len(decoded)] = image[:, ::-1] if shard.flipped else image
         decoded.append(item)
     for entry in skipped:
         log.warning("extract[%s]: skipped %s: %s", shard.name, entry.key, entry.reason)
-    pixels = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    if shard.flipped:
-        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
-    return CollectionImages(images=pixels, items=decoded, skipped=skipped)
+    return CollectionImages(images=pixels[: len(decoded)], items=decoded, skipped=skipped)
 
 
 def thumbnails(settings: CollectionSettings, keys: list[str], size: int) -> np.ndarray:

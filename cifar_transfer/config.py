@@ -48,6 +48,15 @@ def stable_hash(payload: dict, length: int = 16) -> str:
     return hashlib.sha256(encoded).hexdigest()[:length]
 
 
+BATCH_PIXELS = 64 * 160 * 160  # the default batch: 64 images up to 160 px, then as many as hold this many pixels
+
+
+def batch_size_for(input_size: int) -> int:
+    """The default images per forward pass at `input_size`: the activations in flight grow with the pixels of a batch
+    (MobileNetV2 at 224 px: 2.0 GiB at 64 images, 1.2 GiB at 16), the speed barely with its length."""
+    return max(8, min(64, BATCH_PIXELS // input_size**2))
+
+
 class StageSettings(BaseModel):
     """The part of the configuration one stage reads; built from `PipelineConfig`, never by hand."""
 
@@ -84,7 +93,7 @@ class ExtractionSettings(StageSettings):
     precision: str
     flip: bool
     shard_size: int
-    batch_size: int
+    batch_size: int | None
     seed: int
 
 
@@ -177,7 +186,11 @@ class PipelineConfig(BaseModel):
         "heads then train on both and average both at validation and test",
     )
     shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
-    batch_size: int = Field(64, ge=1, le=4096, description="images per backbone forward pass")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096,
+        description="images per backbone forward pass (default: 64 up to 160 px inputs, fewer above so a batch keeps the "
+        "same number of pixels: 32 at 224 px; the features do not depend on it)",
+    )
     task_runner: Literal["thread", "dask", "ray"] = Field(
         "thread",
         description="where shards run: 'thread' (this process), 'dask' (a local Dask cluster, or --dask-address) "
@@ -300,6 +313,10 @@ class PipelineConfig(BaseModel):
         from cifar_transfer.backbones import get_backbone
 
         return self.input_size or get_backbone(self.backbone).default_input_size
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or batch_size_for(self.resolved_input_size)
 
     def feature_spec(self, dataset_md5: str, engine: str | None = None, precision: str | None = None) -> "FeatureSpec":
         """The spec of these features; `engine`/`precision` resolve 'auto' (see `tasks.engines.choose_engine`)."""

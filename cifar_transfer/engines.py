@@ -16,11 +16,14 @@ from __future__ import annotations
 import functools
 import glob
 import importlib.util
+import io
 import logging
 import platform
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from typing import Protocol
 
@@ -36,6 +39,7 @@ from cifar_transfer.errors import ConfigError
 from cifar_transfer.native import load_tensorflow
 from cifar_transfer.shards import Shard
 from cifar_transfer.storage import Storage
+from cifar_transfer.store import features_folder, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +183,8 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
     calibration_images = calibration_images()
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
     exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
-    cosine = float(mean_cosine(reduced(calibration_images, CALIBRATION_IMAGES), exact(calibration_images, CALIBRATION_IMAGES)))
+    batch = config.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
+    cosine = float(mean_cosine(reduced(calibration_images, batch), exact(calibration_images, batch)))
     if cosine < BF16_MIN_COSINE:
         with _build_lock:  # the run will build its float32 extractor: this one's memory goes back
             _extractors.pop((reduced_spec.fingerprint, tuple(calibration_images.shape[1:])), None)
@@ -199,7 +204,7 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
 def float32_reference(spec: FeatureSpec, extractor: Extractor, image_shape: tuple[int, int, int]) -> Extractor:
     """Features of `spec` in float32 to check a reduced precision against: OpenVINO's own source model run by
     TensorFlow (no second conversion and compilation), else a float32 build."""
-    if isinstance(extractor, OpenVINOExtractor):
+    if isinstance(extractor, OpenVINOExtractor) and extractor.source_model is not None:
         return KerasExtractor(extractor.source_model)
     return build_engine_extractor(spec.model_copy(update={"precision": "float32"}), image_shape)
 
@@ -231,19 +236,17 @@ class KerasExtractor:
 
 
 class OpenVINOExtractor:
-    """OpenVINO on the CPU: the Keras model converted once, batches kept in flight on every core."""
+    """OpenVINO on the CPU: the converted backbone compiled once, batches kept in flight on every core."""
 
-    def __init__(self, model, precision: str):
+    def __init__(self, model, precision: str, source_model=None):
         import openvino as ov
 
         self.compiled = ov.Core().compile_model(
-            ov.convert_model(model),
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "THROUGHPUT"},
+            model, "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "THROUGHPUT"}
         )
         self.requests = ov.AsyncInferQueue(self.compiled)
-        self.output_shape = tuple(model.output.shape[1:])
-        self.source_model = model  # the float32 Keras model it was converted from
+        self.output_shape = tuple(dimension.get_length() for dimension in self.compiled.output(0).get_partial_shape()[1:])
+        self.source_model = source_model  # the float32 Keras model it was converted from, when built in this process
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         features = np.empty((len(images), *self.output_shape), np.float32)
@@ -257,6 +260,61 @@ class OpenVINOExtractor:
             self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=start)
         self.requests.wait_all()
         return features
+
+
+def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage: Storage | None):
+    """The backbone of `spec` converted to OpenVINO: read from `storage` when a run before converted it (no
+    TensorFlow then: a rerun's start drops from seconds to a tenth of one), else converted from Keras and kept there.
+
+    Kept in the feature set's folder as a zip of the IR (`model.xml`, `model.bin`) named by the input shape and the
+    library versions; a damaged copy (the zip's checksums) is converted again and replaced. Returns the OpenVINO
+    model and the Keras model it was converted from (None when read).
+    """
+    import openvino as ov
+
+    path = layout.converted_extractor(features_folder(storage, spec), _conversion_key(image_shape)) if storage else None
+    if path is not None and storage.exists(path):
+        try:
+            return _read_converted(storage.read_bytes(path)), None
+        except (zipfile.BadZipFile, KeyError, OSError, RuntimeError) as exc:
+            log.warning("converted backbone %s is damaged (%s); converting it again", storage.uri(path), exc)
+    source = build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
+                             precision="float32", seed=spec.seed, image_shape=image_shape)
+    model = ov.convert_model(source)
+    if path is not None:
+        try:
+            storage.write_atomic(path, _packed_converted(model))
+        except OSError as exc:  # a read-only storage (a predict job's): the next run converts again, nothing else lost
+            log.warning("could not keep the converted backbone at %s (%s)", storage.uri(path), exc)
+    return model, source
+
+
+def _packed_converted(model) -> bytes:
+    """The OpenVINO model's IR, weights exactly as converted (no float16 compression), as the bytes of one zip."""
+    import openvino as ov
+
+    packed = io.BytesIO()
+    with tempfile.TemporaryDirectory() as scratch, zipfile.ZipFile(packed, "w") as archive:
+        ov.save_model(model, f"{scratch}/{_IR_GRAPH}", compress_to_fp16=False)
+        for name in (_IR_GRAPH, _IR_WEIGHTS):
+            archive.write(f"{scratch}/{name}", name)
+    return packed.getvalue()
+
+
+def _read_converted(packed: bytes):
+    """The OpenVINO model from `_packed_converted`'s bytes; a damaged zip raises (its CRCs are checked on read)."""
+    import openvino as ov
+
+    with zipfile.ZipFile(io.BytesIO(packed)) as archive:
+        graph, weights = archive.read(_IR_GRAPH).decode(), archive.read(_IR_WEIGHTS)
+    return ov.Core().read_model(graph, ov.Tensor(np.frombuffer(weights, np.uint8)))
+
+
+_IR_GRAPH, _IR_WEIGHTS = "model.xml", "model.bin"
+
+
+def _conversion_key(image_shape: tuple[int, int, int]) -> str:
+    return stable_hash({"image_shape": list(image_shape), "versions": library_versions()}, 16)
 
 
 _extractors: dict[tuple[str, tuple[int, ...]], Extractor] = {}
@@ -274,32 +332,28 @@ def release_extractors() -> None:
         _extractors.clear()
 
 
-def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
-    """The compiled extractor for `spec`, built on first use in this process, then reused."""
+def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], storage_url: str | None = None) -> Extractor:
+    """The compiled extractor for `spec`, built on first use in this process, then reused; with `storage_url`, an
+    OpenVINO backbone converted by an earlier run is read from there (see `openvino_model`)."""
     with _build_lock:
         key = (spec.fingerprint, tuple(image_shape))  # one model per input shape: an archive's 32px, a collection's S
         if key not in _extractors:
             started = time.perf_counter()
-            _extractors[key] = build_engine_extractor(spec, image_shape)
+            _extractors[key] = build_engine_extractor(spec, image_shape, Storage(storage_url) if storage_url else None)
             log.info(
                 "built %s at %dpx on %s %s in %.1f s", spec.backbone, spec.input_size, spec.engine, spec.precision, time.perf_counter() - started
             )
         return _extractors[key]
 
 
-def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> Extractor:
+def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], storage: Storage | None = None) -> Extractor:
     """A new extractor for `spec` on images of `image_shape` (uncached: benchmarks build their own)."""
-    on_openvino = spec.engine == "openvino"
-    model = build_extractor(
-        spec.backbone,
-        weights=spec.weights,
-        input_size=spec.input_size,
-        pooling=spec.pooling,
-        precision="float32" if on_openvino else spec.precision,
-        seed=spec.seed,
-        image_shape=image_shape,
-    )
-    return OpenVINOExtractor(model, spec.precision) if on_openvino else KerasExtractor(model)
+    if spec.engine == "openvino":
+        model, source = openvino_model(spec, image_shape, storage)
+        return OpenVINOExtractor(model, spec.precision, source)
+    model = build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
+                            precision=spec.precision, seed=spec.seed, image_shape=image_shape)
+    return KerasExtractor(model)
 
 
 def choose_engine_for_dataset(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:

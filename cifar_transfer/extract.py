@@ -95,7 +95,7 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, s
         if problem != "missing":
             log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
         images, rows = shard_rows(storage_url, spec, dataset, shard)
-        extractor = get_extractor(spec, images.shape[1:])
+        extractor = get_extractor(spec, images.shape[1:], storage_url)
         with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
             started = time.perf_counter()
             features = extractor(images, batch_size)

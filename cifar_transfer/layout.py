@@ -13,6 +13,7 @@
     <view>/part-NNNNN.parquet                  one shard (views: train, test, train-flipped, test-flipped)
     <view>/_manifest.json                      the view is complete: every shard with size and SHA-256 (versioned)
     <view>/_skipped.json                       a collection's images that could not be decoded, with the reason
+    extractor/<key>.openvino.zip               the backbone converted to OpenVINO (a zip of its IR): reruns skip TensorFlow
     tsne/<key>/settings.json (first), tsne.png, embedding.parquet (last): a t-SNE map of these features
     heads/<key>/settings.json (first), model.keras, predictions.parquet, confusion.png, metrics.json (last),
         report-<map>.html (rendered by every run that shows this head)
@@ -172,6 +173,11 @@ def shard_file(folder: str, view: str, file_name: str) -> str:
 
 def manifest(folder: str, view: str) -> str:
     return posixpath.join(folder, view, MANIFEST_NAME)
+
+
+def converted_extractor(folder: str, key: str) -> str:
+    """The set's backbone converted to OpenVINO, as a zip of its IR (`engines.openvino_model`); deleted with the set."""
+    return posixpath.join(folder, "extractor", f"{key}.openvino.zip")
 
 
 def skipped_record(folder: str, view: str) -> str:

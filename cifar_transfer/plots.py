@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+@functools.cache
+def _pyplot():
+    """matplotlib, off screen; loaded on the first picture (a run that draws none, such as `extract`, never pays for it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def save_png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    _pyplot().close(figure)
     return buffer.getvalue()
 
 
 def scatter_figure(points: np.ndarray, labels: np.ndarray, classes: list[str], title: str):
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(9, 8))
     colours = plt.get_cmap("tab10")
     for number, name in enumerate(classes):
@@ -32,7 +41,7 @@ def scatter_figure(points: np.ndarray, labels: np.ndarray, classes: list[str], t
 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
-    figure, axes = plt.subplots(figsize=(8, 7))
+    figure, axes = _pyplot().subplots(figsize=(8, 7))
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")

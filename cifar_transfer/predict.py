@@ -198,13 +198,13 @@ class _Decoded:
 class Predictor:
     """A trained head with the extractor of its features, built once, applied to any number of images."""
 
-    def __init__(self, head: TrainedHead):
+    def __init__(self, head: TrainedHead, storage_url: str | None = None):
         self.head = head
         self.spec = head.features.spec
         self.classes = head.metrics.classes
         self.flip = head.metrics.settings.flip
         self.size = self.spec.input_size if head.features.collection is not None else IMAGE_SHAPE[0]
-        self.extractor = get_extractor(self.spec, (self.size, self.size, 3))
+        self.extractor = get_extractor(self.spec, (self.size, self.size, 3), storage_url)
         self.model = KerasExtractor(_load_head_model(head))
 
     def describe(self) -> str:
@@ -299,7 +299,7 @@ def predict(source: str, storage_url: str, fingerprint: str | None = None, head_
             batch_size: int = 64, chunk: int = CHUNK, image_column: str | None = None) -> Iterator[Prediction]:
     """Predictions for every image of `source` with the newest finished head under `storage_url` (or the one named)."""
     images = ImageSource(source, image_column)
-    return Predictor(find_head(storage_url, fingerprint, head_key)).predict(images, top_k, batch_size, chunk)
+    return Predictor(find_head(storage_url, fingerprint, head_key), storage_url).predict(images, top_k, batch_size, chunk)
 
 
 def write_predictions(rows: Iterable[Prediction], destination: str, metadata: dict | None = None) -> int:
@@ -355,7 +355,7 @@ def predict_command(arguments: argparse.Namespace) -> int:
     if arguments.output:
         _output_kind(arguments.output)  # before the backbone is built
     images = ImageSource(arguments.source, arguments.image_column)
-    predictor = Predictor(find_head(arguments.storage, arguments.fingerprint, arguments.head_key))
+    predictor = Predictor(find_head(arguments.storage, arguments.fingerprint, arguments.head_key), arguments.storage)
     rows = predictor.predict(images, arguments.top_k, arguments.batch_size, arguments.chunk)
     if arguments.output:
         metadata = {"head": predictor.head.key, "fingerprint": predictor.head.features.fingerprint, "source": redact(arguments.source)}

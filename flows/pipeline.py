@@ -58,7 +58,7 @@ def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: SourceDat
     futures = []
     for shard in plan.to_compute:
         with tags(spec.backbone, shard.split):
-            futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.batch_size))
+            futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.resolved_batch_size))
     records, stats = wait_for_shards(plan.reused, futures)
     release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
     return ExtractedFeatures(records=records, stats=stats, retired=plan.retired)

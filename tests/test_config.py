@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, load_config
+from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, batch_size_for, load_config
 from cifar_transfer.errors import ConfigError
 from conftest import MOBILENET_WEIGHTS
 
@@ -84,6 +84,13 @@ def test_fingerprint_covers_what_changes_features_and_nothing_else():
         assert changed(**options) == fingerprint, options
     # With real weights the seed does not change the network, so it does not change the fingerprint.
     assert load_config(weights="imagenet", seed=1, **LOCAL).feature_spec("a" * 32).fingerprint == changed(weights="imagenet")
+
+
+def test_the_default_batch_keeps_its_pixels_as_inputs_grow_and_an_explicit_one_wins():
+    assert [batch_size_for(size) for size in (32, 139, 160, 224, 299, 512, 1024)] == [64, 64, 64, 32, 18, 8, 8]
+    assert load_config(weights="none", backbone="MobileNetV2", **LOCAL).resolved_batch_size == 32  # its native 224 px
+    assert load_config(weights="none", **LOCAL).resolved_batch_size == 64  # InceptionV3 at the post's 139 px
+    assert load_config(weights="none", backbone="MobileNetV2", batch_size=100, **LOCAL).resolved_batch_size == 100
 
 
 @pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from cifar_transfer import engines
 from cifar_transfer.config import load_config
 from cifar_transfer.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, cpu_has_native_bf16, get_extractor, mean_cosine
 from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
 from tests.test_flow import tiny_config
 
@@ -35,6 +41,41 @@ def test_openvino_float32_computes_the_tensorflow_model(images):
     # Batches of any size, the last one short, land in the right rows.
     np.testing.assert_array_equal(get_extractor(load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32), (32, 32, 3))(
         images[:7], 3), openvino[:7])
+
+
+CONVERTED_RERUN = """
+import sys
+import numpy as np
+from cifar_transfer.config import load_config
+from cifar_transfer.engines import get_extractor
+from tests.test_engines import TINY
+images = np.load(sys.argv[1])
+spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
+np.save(sys.argv[1], get_extractor(spec, images.shape[1:], sys.argv[2])(images, 16))
+print("tensorflow loaded:", "tensorflow" in sys.modules)
+"""
+
+
+def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorflow(images, tmp_path, caplog):
+    storage = tmp_path / "storage"
+    spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
+    converted = engines.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
+    [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")  # in the feature set's folder: deleted with it
+
+    np.save(tmp_path / "images.npy", images)
+    rerun = subprocess.run([sys.executable, "-c", CONVERTED_RERUN, str(tmp_path / "images.npy"), str(storage)],
+                           capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True)
+    assert "tensorflow loaded: False" in rerun.stdout, rerun.stdout + rerun.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), converted)  # the same function, bit for bit
+
+    damaged = bytearray(kept.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside the weights: only the zip's checksum can tell
+    kept.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="cifar_transfer.engines"):
+        again = engines.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
+    assert "is damaged" in caplog.text and "converting it again" in caplog.text
+    np.testing.assert_array_equal(again, converted)
+    assert zipfile.ZipFile(kept).testzip() is None  # replaced by a whole copy
 
 
 def test_engine_and_precision_name_different_feature_sets():

@@ -15,6 +15,7 @@ cheap enough to run before every extraction; reading fetches a shard's files in 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from collections.abc import Iterator
 
@@ -43,18 +44,15 @@ class FolderSource:
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self._fs, path = fsspec.core.url_to_fs(root)
-        local = isinstance(self._fs, LocalFileSystem)
-        self._path = posixpath.normpath(path) if local else path.rstrip("/")  # fsspec made a local path absolute
+        self._local = isinstance(self._fs, LocalFileSystem)
+        self._path = posixpath.normpath(path) if self._local else path.rstrip("/")  # fsspec made a local path absolute
         self._prefix = self._path.rstrip("/") + "/"
         # The root as the identity and messages show it: a local path as is, a URL without its secrets.
-        self._shown_root = self._path if local else redact(root.rstrip("/"))
+        self._shown_root = self._path if self._local else redact(root.rstrip("/"))
 
     def list_items(self) -> Listing:
         """What the tree holds now: its classes, its images in each split, and the files that are not images."""
-        self._fs.invalidate_cache(self._path)  # an object store's cached listing may predate new files
-        start = len(self._prefix)
-        found = self._fs.find(self._path, detail=True)
-        files = {name[start:]: info for name, info in found.items() if "/." not in "/" + name[start:]}  # not hidden
+        files = self._files()
         layout = self._layout({key.split("/", 1)[0] for key in files if "/" in key})
 
         placed, skipped = [], []  # placed: (key, split, class)
@@ -82,6 +80,15 @@ class FolderSource:
         if layout == "class-folders":
             identity |= {"test_fraction": self.test_fraction, "split_seed": self.split_seed}
         return Listing(classes=classes, splits=splits, identity=identity | {"classes": classes}, skipped=skipped)
+
+    def _files(self) -> dict[str, dict]:
+        """Every file below the root that is not hidden, by key (its path below the root), with its size and stamp."""
+        if self._local:
+            return _local_files(self._path)
+        self._fs.invalidate_cache(self._path)  # an object store's cached listing may predate new files
+        start = len(self._prefix)
+        found = self._fs.find(self._path, detail=True)
+        return {name[start:]: info for name, info in found.items() if "/." not in "/" + name[start:]}
 
     def read_items(self, items: list[Item]) -> Iterator[tuple[Item, bytes | None, str | None]]:
         """Each item with its bytes, or None and why it could not be read (gone, forbidden), in the order given.
@@ -124,3 +131,34 @@ class FolderSource:
         """The seeded split rule: a uniform draw from the key's hash, so no other file changes the answer."""
         digest = hashlib.sha256(f"{self.split_seed}:{key}".encode()).hexdigest()
         return int(digest[:8], 16) / 2**32 < self.test_fraction
+
+
+def _local_files(root: str) -> dict[str, dict]:
+    """`find(detail=True)` of a local tree, as fsspec reports it (a symlink is a file of its target's size, never
+    followed into a folder), without hidden entries; twice as fast, which counts at 200,000 files."""
+    files: dict[str, dict] = {}
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                    continue
+                try:
+                    status = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # deleted while listed
+                    continue
+                files[prefix + entry.name] = {"size": _target_size(entry) if entry.is_symlink() else status.st_size, "mtime": status.st_mtime}
+
+    if os.path.isdir(root):  # a missing root lists as empty, as with fsspec: "holds no images" says the rest
+        walk(root, "")
+    return files
+
+
+def _target_size(link: os.DirEntry) -> int:
+    try:
+        return link.stat().st_size
+    except OSError:  # a dangling link: fsspec gives it size 0
+        return 0
