@@ -278,8 +278,7 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
             return _read_converted(storage.read_bytes(path)), None
         except (zipfile.BadZipFile, KeyError, OSError, RuntimeError) as exc:
             log.warning("converted backbone %s is damaged (%s); converting it again", storage.uri(path), exc)
-    source = build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
-                             precision="float32", seed=spec.seed, image_shape=image_shape)
+    source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
     model = ov.convert_model(source)
     if path is not None:
         try:
@@ -351,9 +350,12 @@ def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int],
     if spec.engine == "openvino":
         model, source = openvino_model(spec, image_shape, storage)
         return OpenVINOExtractor(model, spec.precision, source)
-    model = build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
-                            precision=spec.precision, seed=spec.seed, image_shape=image_shape)
-    return KerasExtractor(model)
+    return KerasExtractor(_keras_extractor(spec, image_shape, spec.precision))
+
+
+def _keras_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], precision: str):
+    return build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
+                           precision=precision, seed=spec.seed, image_shape=image_shape)
 
 
 def choose_engine_for_dataset(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:
