@@ -17,7 +17,7 @@ import posixpath
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 from pydantic import BaseModel
 
 from cifar_transfer import layout
@@ -27,7 +27,7 @@ from cifar_transfer.redact import redact
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import METADATA_KEY, read_manifest, shard_items_from_metadata
+from cifar_transfer.store import read_manifest, shard_items_from_metadata, shard_metadata
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +188,10 @@ def _held_items(storage: Storage, path: str) -> list[tuple[str, str, int]] | Non
     """The (key, version, label) of each item a finished collection shard was made from (its footer lists them),
     or None if it is unreadable."""
     try:
-        with storage.fs.open(path, "rb") as stream:
-            metadata = pq.read_metadata(stream).metadata or {}
-    except (OSError, ValueError):
+        _, metadata = shard_metadata(storage, path)
+    except (OSError, ValueError, pa.ArrowException):  # unreadable footer, or metadata that is not JSON
         return None
-    return shard_items_from_metadata(metadata.get(METADATA_KEY))
+    return shard_items_from_metadata(metadata)
 
 
 class CollectionImages(BaseModel):

@@ -184,11 +184,11 @@ def shard_table(spec: FeatureSpec, shard: Shard, rows: ShardRows, features: np.n
     return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 
 
-def shard_items_from_metadata(raw: bytes | None) -> list[tuple[str, str, int]] | None:
+def shard_items_from_metadata(metadata: dict) -> list[tuple[str, str, int]] | None:
     """The (key, version, label) of each item a collection shard was planned with, from its footer metadata (None
     when it has none); tuples, not `Item`s, since planning compares 200,000 of them with the listing."""
     try:
-        return [(key, version, label) for key, version, label in json.loads(raw)["items"]]
+        return [(key, version, label) for key, version, label in metadata["items"]]
     except (TypeError, ValueError, KeyError):
         return None
 
