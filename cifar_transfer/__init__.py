@@ -12,6 +12,15 @@ features, imports neither Prefect nor TensorFlow:
 
 from __future__ import annotations
 
+import os
+import sys
+
+# No telemetry unless the user opts in. OpenVINO's model converter sends usage data from a forked process on every
+# conversion (off only where CI=true), and offline its name lookup can hold a finished command for minutes; with its
+# telemetry package unimportable, the converter uses its own no-op stub. Prefect's is off too (flows/console.py).
+if os.environ.get("CIFAR_TRANSFER_OPENVINO_TELEMETRY") != "1":
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
 __all__ = ["find_feature_set", "list_feature_sets", "load_features"]
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from cifar_transfer import layout
 from cifar_transfer.config import CollectionSettings, stable_hash
 from cifar_transfer.errors import ArchiveError
-from cifar_transfer.redact import redact
+from cifar_transfer.redact import printable, redact
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
 from cifar_transfer.storage import Storage
@@ -43,6 +43,7 @@ class CollectionDataset(BaseModel):
     classes: list[str]
     sizes: dict[str, int]
     skipped: list[str]
+    unusable: dict[str, list[UnreadableItem]] = {}  # by split: images without a usable label (in `<view>/_skipped.json`)
     listing_digest: str  # changes whenever an image is added, removed or changed
 
 
@@ -68,8 +69,9 @@ def open_collection(settings: CollectionSettings) -> CollectionSource:
 
     if collection_format(settings) == "parquet":
         return ParquetSource(settings.source, image_column=settings.image_column, label_column=settings.label_column,
-                             classes_file=settings.classes, test_fraction=settings.test_fraction, split_seed=settings.seed)
-    return FolderSource(settings.source, test_fraction=settings.test_fraction, split_seed=settings.seed)
+                             classes_file=settings.classes, test_fraction=settings.test_fraction, split_seed=settings.seed,
+                             max_file_mb=settings.max_file_mb)
+    return FolderSource(settings.source, test_fraction=settings.test_fraction, split_seed=settings.seed, max_file_mb=settings.max_file_mb)
 
 
 def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Listing]:
@@ -83,12 +85,15 @@ def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Li
         classes=listing.classes,
         sizes={split: len(listing.splits.get(split, [])) for split in SPLITS},
         skipped=listing.skipped,
+        unusable=listing.unusable,
         listing_digest=digest,
     )
+    unusable = [f"{entry.key}: {entry.reason}" for entries in listing.unusable.values() for entry in entries]
     log.info("listed %s (%s): %s; %d classes; %d entries skipped", redact(settings.source), dataset.format,
-             ", ".join(f"{split} {size} images" for split, size in dataset.sizes.items()), len(dataset.classes), len(listing.skipped))
-    for entry in listing.skipped[:20]:
-        log.warning("skipped %s", entry)
+             ", ".join(f"{split} {size} images" for split, size in dataset.sizes.items()), len(dataset.classes),
+             len(listing.skipped) + len(unusable))
+    for entry in (listing.skipped + unusable)[:20]:
+        log.warning("skipped %s", printable(entry))
     if not dataset.sizes["train"] or not dataset.sizes["test"]:
         raise ArchiveError(f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
                            "both splits need images (check the layout, or --test-fraction)")

@@ -17,7 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar_transfer.errors import ConfigError
-from cifar_transfer.redact import secrets_in
+from cifar_transfer.redact import refuse_secrets
+from cifar_transfer.sources.files import MAX_FILE_MB
 from cifar_transfer.storage import file_md5
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -28,6 +29,9 @@ OFFICIAL_ARCHIVES = {CIFAR10_URL: ("cifar10", CIFAR10_MD5), CIFAR100_URL: ("cifa
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
+
+# The options that take a URL or a path: each goes through `redact.refuse_secrets`.
+URL_OPTIONS = ("source", "storage", "classes", "weights", "dask_address", "ray_address")
 
 HeadKind = Literal["auto", "all", "ridge", "logistic", "mlp", "conv"]
 
@@ -80,6 +84,7 @@ class CollectionSettings(StageSettings):
     label_column: str
     classes: str | None
     seed: int
+    max_file_mb: float = MAX_FILE_MB  # records made before the option read as its default
 
 
 class ExtractionSettings(StageSettings):
@@ -154,6 +159,10 @@ class PipelineConfig(BaseModel):
     image_column: str = Field("image", description="Parquet sources: the column of encoded images (a struct with 'bytes', or binary)")
     label_column: str = Field("label", description="Parquet sources: the integer label column")
     classes: str | None = Field(None, description="Parquet sources: a file of class names (one per line) when the table names none")
+    max_file_mb: float = Field(
+        MAX_FILE_MB, gt=0, description="collections and predict: a file (or table cell) larger than this many MiB is skipped and "
+        "listed, never read"
+    )
     md5: str | None = Field(
         None,
         description="expected MD5 of the archive, or 'none' to skip the check "
@@ -229,20 +238,12 @@ class PipelineConfig(BaseModel):
             return {**PRESETS[options["preset"]], **given}
         return options
 
-    @field_validator("source", "storage", "dask_address", "ray_address")
+    @field_validator(*URL_OPTIONS)
     @classmethod
     def _no_credentials_in_urls(cls, url: str | None, info) -> str | None:
-        """Secrets in a URL would end up in logs, artifacts and metadata; refuse them, naming their kind, never them.
-
-        A presigned URL is refused too: its signature is a credential, and the config is stored with every run.
-        """
-        found = secrets_in(url) if url is not None else []
-        if found:
-            raise ValueError(
-                f"the {info.field_name} URL embeds credentials ({', '.join(found)}): remove them and let fsspec/httpx read "
-                "them from the environment or your profile (AWS_PROFILE, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...); "
-                "for a signed URL, download the file first (curl -o cifar-10-python.tar.gz '<your URL>') and pass its local path"
-            )
+        """Secrets in a URL would end up in logs, artifacts and metadata; refuse them (a presigned URL too: its
+        signature is a credential, and the config is stored with every run)."""
+        refuse_secrets(f"--{info.field_name.replace('_', '-')}", url)
         return url
 
     @field_validator("weights")

@@ -143,6 +143,9 @@ def fetch_archive(
     destination = layout.raw_archive(storage, archive_name(source))
     if expected_md5 is None:
         log.warning("MD5 check DISABLED for %s (--md5 none): the archive is used as it is", redact(source))
+    found = stored_archive(storage, destination, source, expected_md5)  # no claim (no write) when it is there
+    if found is not None:
+        return found
     with storage.claim(destination):
         return stored_archive(storage, destination, source, expected_md5) or _fetch(
             storage, destination, source, expected_md5, max_bytes, deadline_s

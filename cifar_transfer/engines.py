@@ -35,7 +35,7 @@ from cifar_transfer.backbones import build_extractor
 from cifar_transfer.collection import CollectionDataset, collection_images, listing_of
 from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
 from cifar_transfer.dataset import DatasetInfo, shard_images
-from cifar_transfer.errors import ConfigError
+from cifar_transfer.errors import ConfigError, StorageNotWritable
 from cifar_transfer.native import load_tensorflow
 from cifar_transfer.shards import Shard
 from cifar_transfer.storage import Storage
@@ -279,13 +279,34 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
         except (zipfile.BadZipFile, KeyError, OSError, RuntimeError) as exc:
             log.warning("converted backbone %s is damaged (%s); converting it again", storage.uri(path), exc)
     source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
+    _mend_openvino_tensorflow_frontend()
     model = ov.convert_model(source)
     if path is not None:
         try:
             storage.write_atomic(path, _packed_converted(model))
-        except OSError as exc:  # a read-only storage (a predict job's): the next run converts again, nothing else lost
+        except (OSError, StorageNotWritable) as exc:  # a read-only storage (a predict job's): the next run converts again
             log.warning("could not keep the converted backbone at %s (%s)", storage.uri(path), exc)
     return model, source
+
+
+def _mend_openvino_tensorflow_frontend() -> None:
+    """On Python 3.13 OpenVINO's TensorFlow frontend fails every conversion with `NameError: name 'tensorflow' is not
+    defined`: its `get_environment_setup` imports and deletes a name through two `exec` calls, and since PEP 667 each
+    `exec` in a function sees its own copy of the locals. The same function without `exec` replaces it (it only
+    reads the Python and TensorFlow versions)."""
+    if sys.version_info < (3, 13):
+        return
+    from openvino.frontend.tensorflow import utils
+
+    def get_environment_setup(framework: str) -> dict:
+        setup = {"python_version": platform.python_version(), "sys_platform": sys.platform}
+        if framework == "tf":
+            import tensorflow
+
+            setup["tensorflow"] = utils.get_imported_module_version(tensorflow)
+        return setup
+
+    utils.get_environment_setup = get_environment_setup
 
 
 def _packed_converted(model) -> bytes:

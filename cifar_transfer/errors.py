@@ -2,8 +2,13 @@
 
 `PermanentError` marks failures that retrying cannot fix (bad checksum, corrupt
 archive, invalid configuration): task retry conditions stop on them at once.
-Everything else (network hiccups, a flaky worker) counts as transient.
+So do a local file's own errors (missing, forbidden, a link loop, a read-only or
+full disk), HTTP client errors and programming errors: retrying would fail the
+same way, only later. What remains (the network, throttling, a server's 5xx, a
+flaky worker) counts as transient.
 """
+
+import errno
 
 
 class PermanentError(Exception):
@@ -34,20 +39,38 @@ class StorageFull(PermanentError):
     """The storage has no space left; finished work stays, the rerun resumes."""
 
 
+class StorageNotWritable(PermanentError):
+    """The storage refuses writes (read-only, no permission) and the run has something to write."""
+
+
 class FeatureSetError(PermanentError):
     """A feature set on storage is incomplete or belongs to another configuration."""
 
 
 _RETRYABLE_HTTP_STATUS = {408, 425, 429}
+# What a local file or folder itself answers: the same on every retry.
+_LOCAL_ERRNOS = frozenset({
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EROFS,
+    errno.EINVAL, errno.ENXIO, errno.EEXIST, errno.ENOTEMPTY, errno.EBADF, errno.ENOSPC, errno.EDQUOT, errno.EXDEV,
+})
+# Errors of the code or of the data, never of the moment.
+_NEVER_TRANSIENT = (PermanentError, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
+                    AssertionError, RecursionError, MemoryError,
+                    FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying may help: anything that is not a known permanent failure.
+    """True when retrying may help: the network, throttling, a server's error, or a failure nothing here explains.
 
-    HTTP client errors (4xx: not found, forbidden) are permanent, except the
-    few that mean "try later"; server errors (5xx) are transient.
+    HTTP client errors (4xx: not found, forbidden) are permanent, except the few that mean "try later"; server
+    errors (5xx) are transient. A connection or timeout error is transient; any other OSError about a local file
+    (missing, forbidden, a link loop, a read-only or full disk) is not.
     """
-    if isinstance(exc, (PermanentError, FileNotFoundError, PermissionError)):
+    if isinstance(exc, _NEVER_TRANSIENT):
         return False
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    return not (isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE_HTTP_STATUS)
+    if isinstance(status, int) and 400 <= status < 500:
+        return status in _RETRYABLE_HTTP_STATUS
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return not (isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS)

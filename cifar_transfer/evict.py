@@ -15,6 +15,7 @@ stops half-way, readers see incomplete views (and `extract` recomputes them), ne
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 
@@ -87,12 +88,26 @@ def evict(plan: EvictionPlan) -> EvictionPlan:
 
 
 def judge(storage: Storage, info: FeatureSetInfo, grace_seconds: float, force: bool) -> SetEviction:
-    """Whether the set may be deleted now, with its size on storage."""
+    """Whether the set may be deleted now, with the bytes deleting it frees (links count for nothing: deleting a link
+    frees nothing of its target)."""
+    if outside := _outside_root(storage, info.folder):
+        return SetEviction(folder=info.folder, fingerprint=info.fingerprint, created_at=info.created_at, bytes=0, kept_because=outside)
     storage.fs.invalidate_cache(info.folder)
     files = storage.fs.find(info.folder, detail=True)
     reason = _live_writer(storage, info.folder, list(files)) or (None if force else _fresh(files, grace_seconds))
     return SetEviction(folder=info.folder, fingerprint=info.fingerprint, created_at=info.created_at,
-                       bytes=sum(entry.get("size") or 0 for entry in files.values()), kept_because=reason)
+                       bytes=sum(entry.get("size") or 0 for entry in files.values() if not entry.get("islink")), kept_because=reason)
+
+
+def _outside_root(storage: Storage, folder: str) -> str | None:
+    """Why a local set is never deleted through its path: it is a link, or resolves out of the storage root."""
+    if not storage.is_local:
+        return None
+    root = os.path.realpath(storage.root)
+    if os.path.islink(folder) or os.path.commonpath([root, os.path.realpath(folder)]) != root:
+        return (f"{posixpath.basename(folder)} is a link out of the storage root, never followed: "
+                "delete the link itself if the set is unwanted")
+    return None
 
 
 def _plan(storage_url: str, candidates: list[FeatureSetInfo], newest: list[FeatureSetInfo], grace_seconds: float, force: bool,

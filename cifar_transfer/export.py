@@ -44,7 +44,7 @@ from pydantic import BaseModel
 
 from cifar_transfer.config import PipelineConfig
 from cifar_transfer.errors import ConfigError, FeatureSetError
-from cifar_transfer.redact import redact
+from cifar_transfer.redact import printable, redact
 from cifar_transfer.storage import Storage
 
 if TYPE_CHECKING:
@@ -104,11 +104,12 @@ def export_model(
 
     started = time.perf_counter()
     formats = _checked_formats(formats)
+    target = Storage(destination)
+    check_destination(target)
     trained = find_head(storage_url, fingerprint, head_key)
     spec = trained.features.spec
     if spec.weights not in ("imagenet", "none") and not os.path.isfile(spec.weights):
         raise ConfigError(f"the run's backbone weights file {spec.weights!r} is gone: the export needs it; put it back there")
-    target = Storage(destination)
     with tempfile.TemporaryDirectory(prefix="cifar-transfer-export-") as scratch:
         model = exported_model(trained, _load_head(Storage(storage_url), trained.files.model, scratch))
         built = os.path.join(scratch, "export")
@@ -141,6 +142,25 @@ def export_model(
         description["openvino_compile_config"] = OPENVINO_COMPILE_CONFIG
     target.write_atomic(target.path(DESCRIPTION_NAME), json.dumps(description, indent=2).encode())
     return result
+
+
+def check_destination(target: Storage) -> None:
+    """An export goes into a new or empty folder, or one holding only an earlier export (recognised by its
+    `export.json`), that can be written to; anything else is refused before any work, so no one's files are replaced."""
+    folder = target.root
+    shown = redact(target.uri(folder))
+    if target.exists(folder) and not target.fs.isdir(folder):
+        raise ConfigError(f"export destination {shown} is a file: name a new or empty folder")
+    found = [posixpath.relpath(path, folder) for path in target.fs.find(folder)] if target.exists(folder) else []
+    if found:
+        if DESCRIPTION_NAME not in found:
+            raise ConfigError(f"export destination {shown} holds other files ({found[0]}, ...): name a new or empty folder")
+        ours = (DESCRIPTION_NAME, *ARTIFACTS.values(), ARTIFACTS["openvino"].removesuffix(".xml") + ".bin")
+        foreign = [path for path in found if not any(path == name or path.startswith(name + "/") for name in ours)]
+        if foreign:
+            raise ConfigError(f"export destination {shown} holds an earlier export and other files ({foreign[0]}): "
+                              "name a new or empty folder")
+    target.check_writable(folder, "the export")
 
 
 def _checked_formats(formats: Sequence[str] | None) -> list[str]:
@@ -267,6 +287,6 @@ def export_command(arguments: argparse.Namespace) -> int:
     """Export as `arguments` ask and print where each format went and how many class names came with it."""
     result = export_model(arguments.storage, arguments.output, arguments.formats, arguments.fingerprint, arguments.head_key)
     for fmt in result.files:
-        print(f"{fmt}: {redact(result.location(fmt))}")
-    print(f"classes: {len(result.classes)} names in {redact(result.description)}")
+        print(printable(f"{fmt}: {result.location(fmt)}"))
+    print(printable(f"classes: {len(result.classes)} names in {result.description}"))
     return 0

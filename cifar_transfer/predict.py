@@ -45,8 +45,9 @@ from cifar_transfer.config import PipelineConfig
 from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.progress import duration
-from cifar_transfer.redact import redact
-from cifar_transfer.sources.folder import IMAGE_EXTENSIONS, READ_BATCH
+from cifar_transfer.redact import printable, redact
+from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, file_limit, read_bounded, walk
+from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
 from cifar_transfer.sources.images import UndecodableImage, decode_image
 from cifar_transfer.sources.parquet import _holds_encoded_images, _image_bytes
 from cifar_transfer.storage import Storage
@@ -94,11 +95,13 @@ class Prediction:
 class ImageSource:
     """The images of SOURCE, listed once (names only), read chunk by chunk as (path, bytes or None, reason)."""
 
-    def __init__(self, source: str, image_column: str | None = None):
+    def __init__(self, source: str, image_column: str | None = None, max_file_mb: float = MAX_FILE_MB):
         self.source = source
         self.image_column = image_column
+        self.limit = file_limit(max_file_mb)
         self.fs, path = fsspec.core.url_to_fs(source)
         self._local = isinstance(self.fs, LocalFileSystem)
+        self._sizes: dict[str, int] = {}  # listed sizes of an object store's files, checked against the cap before a read
         files, single = self._list(path)
         tables = [name for name in files if name.lower().endswith(".parquet")]
         if single:  # a file named on its own is decoded whatever its extension (or reported)
@@ -114,21 +117,31 @@ class ImageSource:
             log.info("predict: ignored %d files of %s that are not %s", ignored, redact(source), "images" if self.image_files else "Parquet files")
         self.total = len(self.image_files) + sum(rows for _, rows in self.tables)
         if self.image_files:
-            self.path_width = max(len(self._shown(name)) for name in self.image_files)
+            self.path_width = max(len(printable(self._shown(name))) for name in self.image_files)
         else:
-            self.path_width = max(len(self._shown(name)) + 1 + len(str(max(rows - 1, 0))) for name, rows in self.tables)
+            self.path_width = max(len(printable(self._shown(name))) + 1 + len(str(max(rows - 1, 0))) for name, rows in self.tables)
 
     def _list(self, path: str) -> tuple[list[str], bool]:
         """(files, whether SOURCE names one file): a glob's matches, everything under a folder but hidden entries, or the file."""
         self.fs.invalidate_cache()
         if _GLOB_MAGIC.search(path):
-            return sorted(name for name, info in self.fs.glob(path, detail=True).items() if info.get("type") != "directory"), False
-        if self.fs.isdir(path):
+            found = {name: info for name, info in self.fs.glob(path, detail=True).items() if info.get("type") != "directory"}
+        elif self.fs.isdir(path):
             root = path.rstrip("/") + "/"
-            return sorted(name for name in self.fs.find(path) if "/." not in "/" + name.removeprefix(root)), False
-        if self.fs.isfile(path):
+            if self._local:
+                files, unlisted = walk(path)
+                for entry in unlisted:
+                    log.warning("predict: skipped %s", printable(entry))
+                found = {root + key: info for key, info in files.items()}
+            else:
+                found = {name: info for name, info in self.fs.find(path, detail=True).items() if "/." not in "/" + name.removeprefix(root)}
+        elif os.path.lexists(path) if self._local else self.fs.isfile(path):  # a FIFO or a dangling link: reported when read
+            self._sizes = {path: 0 if self._local else self.fs.size(path) or 0}
             return [path], True
-        raise ArchiveError(f"{redact(self.source)} is no file, folder or glob that matches anything: check SOURCE")
+        else:
+            raise ArchiveError(f"{redact(self.source)} is no file, folder or glob that matches anything: check SOURCE")
+        self._sizes = {name: info.get("size") or 0 for name, info in found.items()}
+        return sorted(found), False
 
     def _shown(self, name: str) -> str:
         return name if self._local else redact(self.fs.unstrip_protocol(name))
@@ -161,13 +174,18 @@ class ImageSource:
             yield rows
 
     def _files(self) -> Iterator[tuple[str, bytes | None, str | None]]:
-        for start in range(0, len(self.image_files), READ_BATCH):  # a batch of reads overlaps an object store's round trips
-            names = self.image_files[start : start + READ_BATCH]
-            for name, data in zip(names, self.fs.cat_ranges(names, None, None, on_error="return"), strict=True):
-                if isinstance(data, BaseException):
-                    yield self._shown(name), None, f"cannot read the file: {redact(' '.join(str(data).split())) or type(data).__name__}"
-                else:
-                    yield self._shown(name), data, None
+        if self._local:
+            for name in self.image_files:
+                yield name, *read_bounded(name, self.limit)
+            return
+        sizes = [self._sizes.get(name, 0) for name in self.image_files]
+        for name, data in zip(self.image_files, fetch(self.fs, self.image_files, sizes, self.limit), strict=True):
+            if isinstance(data, str):
+                yield self._shown(name), None, data
+            elif isinstance(data, BaseException):
+                yield self._shown(name), None, f"cannot read the file: {redact(' '.join(str(data).split())) or type(data).__name__}"
+            else:
+                yield self._shown(name), data, None
 
     def _table_cells(self) -> Iterator[tuple[str, bytes | None, str | None]]:
         for name, _ in self.tables:
@@ -302,9 +320,24 @@ def predict(source: str, storage_url: str, fingerprint: str | None = None, head_
     return Predictor(find_head(storage_url, fingerprint, head_key), storage_url).predict(images, top_k, batch_size, chunk)
 
 
-def write_predictions(rows: Iterable[Prediction], destination: str, metadata: dict | None = None) -> int:
+def check_output(destination: str, overwrite: bool) -> None:
+    """Before any work: `destination` is a .json or .parquet name, not an existing file (unless `overwrite`), in a
+    folder that can be written to."""
+    _output_kind(destination)
+    storage = Storage(destination)
+    if storage.exists(storage.root):
+        if storage.fs.isdir(storage.root):
+            raise ConfigError(f"output {redact(destination)} is a folder: name a .json or .parquet file in it")
+        if not overwrite:
+            raise ConfigError(f"output {redact(destination)} already exists: choose another name, or pass --overwrite to replace it")
+    storage.check_writable(posixpath.dirname(storage.root), "the predictions")
+
+
+def write_predictions(rows: Iterable[Prediction], destination: str, metadata: dict | None = None, overwrite: bool = False) -> int:
     """Write the rows to a .json (a list of objects) or .parquet file (columns of `SCHEMA`), streamed, so memory stays
-    flat, and atomically: the file is complete or absent. Returns the number of rows."""
+    flat, and atomically: the file is complete or absent. Returns the number of rows. An existing file is replaced
+    only with `overwrite`."""
+    check_output(destination, overwrite)
     kind = _output_kind(destination)
     storage = Storage(destination)
     count = 0
@@ -348,28 +381,32 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"images decoded and held in memory at once (default: {CHUNK})")
     parser.add_argument("--image-column", default=None, help="a table's column of encoded images (default: 'image', or its only such column)")
     parser.add_argument("--output", default=None, help="write FILE.json or FILE.parquet (local or fsspec URL) instead of printing a table")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
+                        help=f"skip (and report) image files larger than this many MiB, never reading them (default: {MAX_FILE_MB:g})")
 
 
 def predict_command(arguments: argparse.Namespace) -> int:
     """Print a table (path, class, confidence[, top K]) or write --output; undecodable images are rows with their reason."""
     if arguments.output:
-        _output_kind(arguments.output)  # before the backbone is built
-    images = ImageSource(arguments.source, arguments.image_column)
+        check_output(arguments.output, arguments.overwrite)  # before the backbone is built
+    images = ImageSource(arguments.source, arguments.image_column, arguments.max_file_mb)
     predictor = Predictor(find_head(arguments.storage, arguments.fingerprint, arguments.head_key), arguments.storage)
     rows = predictor.predict(images, arguments.top_k, arguments.batch_size, arguments.chunk)
     if arguments.output:
         metadata = {"head": predictor.head.key, "fingerprint": predictor.head.features.fingerprint, "source": redact(arguments.source)}
-        count = write_predictions(rows, arguments.output, metadata)
-        print(f"predictions: {count} images -> {redact(arguments.output)}")
+        count = write_predictions(rows, arguments.output, metadata, arguments.overwrite)
+        print(printable(f"predictions: {count} images -> {arguments.output}"))
         return 0
     width = max(images.path_width, len("path"))
-    class_width = max(len("class"), *(len(name) for name in predictor.classes))
+    class_width = max(len("class"), *(len(printable(name)) for name in predictor.classes))
     print(f"{'path':<{width}}  {'class':<{class_width}}  confidence" + ("  top" if arguments.top_k > 1 else ""), flush=True)
     for row in rows:
+        path = printable(row.path)
         if row.error is not None:
-            print(f"{row.path:<{width}}  {'-':<{class_width}}  {'-':>10}  undecodable: {row.error}")
+            print(f"{path:<{width}}  {'-':<{class_width}}  {'-':>10}  undecodable: {printable(row.error)}")
             continue
-        top = "  " + ", ".join(f"{name} {probability:.3f}" for name, probability in row.top) if arguments.top_k > 1 else ""
-        print(f"{row.path:<{width}}  {row.class_name:<{class_width}}  {row.confidence:>10.4f}{top}")
+        top = "  " + ", ".join(f"{printable(name)} {probability:.3f}" for name, probability in row.top) if arguments.top_k > 1 else ""
+        print(f"{path:<{width}}  {printable(row.class_name or ''):<{class_width}}  {row.confidence:>10.4f}{top}")
     sys.stdout.flush()
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
+from cifar_transfer.errors import ConfigError
+
 MASK = "***"
 
 # Query (or fragment) parameters whose value is a secret or a credential, lower case. Expires, se, sp, sv
@@ -44,16 +46,28 @@ def secrets_in(url: str) -> list[str]:
     return kinds
 
 
+def refuse_secrets(option: str, value: str | None) -> None:
+    """The one check of every option that takes a URL or a path: `ConfigError` when `value` embeds credentials
+    (naming their kind, never them), since options end up in logs, records and Prefect's database."""
+    found = secrets_in(value) if value else []
+    if found:
+        raise ConfigError(
+            f"{option} embeds credentials ({', '.join(found)}): remove them and let fsspec/httpx read them from the environment "
+            "or your profile (AWS_PROFILE, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ~/.netrc; see the README's "
+            "'Credentials'); for a signed URL, download the file first (curl -o FILE '<your URL>') and pass its local path"
+        )
+
+
 def _scan(link: str) -> tuple[str, list[str]]:
     """One link redacted, and the kinds of secret it held."""
     scheme, _, rest = link.partition("://")
-    authority_end = _first(rest, "/?#")
-    authority, rest = rest[:authority_end], rest[authority_end:]
     kinds = []
-    userinfo, at, host = authority.rpartition("@")
-    if userinfo:
+    userinfo_end = _userinfo_end(rest)
+    if userinfo_end >= 0:
         kinds.append("credentials in the URL")
-        authority = MASK + at + host
+        rest = rest[userinfo_end + 1:]
+    authority_end = _first(rest, "/?#")
+    authority, rest = (MASK + "@" if userinfo_end >= 0 else "") + rest[:authority_end], rest[authority_end:]
     query_start = _first(rest, "?#")
     path, query = rest[:query_start], rest[query_start:]
 
@@ -68,6 +82,45 @@ def _scan(link: str) -> tuple[str, list[str]]:
     return f"{scheme}://{authority}{path}{query}", kinds
 
 
+def _userinfo_end(rest: str) -> int:
+    """Where the userinfo of a link (after its "://") ends: the index of its "@", or -1 when it has none.
+
+    RFC 3986 puts userinfo before the first "/", "?" or "#", ending at the last "@" there. People also paste
+    passwords with those characters unencoded ("user:pa#ss@host"), so a first "@" after one of them ends the userinfo
+    too when what precedes it reads as "user:password" and not as "host:port/path" or "[IPv6]"; and a password
+    holding both "@" and such a character ends at a later "@" unless what lies between reads as a host and a path.
+    Still ambiguous, and read as a host: a password of digits then "/" ("user:123/x@host"), or with "@" then a
+    name and "/" ("user:a@b/c@host"); such passwords must be percent-encoded.
+    """
+    ats = [index for index, character in enumerate(rest) if character == "@"]
+    if not ats:
+        return -1
+    delimiter = _first(rest, "/?#")
+    end = max((at for at in ats if at < delimiter), default=-1)
+    if end < 0:
+        user, colon, password = rest[:ats[0]].partition(":")
+        if not colon or not user or any(character in user for character in "/?#[]") or _PORT_THEN_PATH.match(password):
+            return -1
+        end = ats[0]
+    for at in ats:
+        if at > end and not _HOST_THEN_PATH.match(rest[end + 1:at]):
+            end = at
+    return end
+
+
+_PORT_THEN_PATH = re.compile(r"\d*(?:[/?#]|$)")
+_HOST_THEN_PATH = re.compile(r"(?:\[[^\]/]*\]|[^/?#\[\]@]+)[^/?#]*/")
+
+
 def _first(text: str, characters: str) -> int:
     """Index of the first of `characters` in `text`, or its length."""
     return next((index for index, character in enumerate(text) if character in characters), len(text))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` redacted and safe for a terminal: control characters (an `ESC[2J` in a file name, a newline that would
+    forge a second line) are shown as `\\x1b`-style escapes instead of acting."""
+    return _CONTROL.sub(lambda control: f"\\x{ord(control.group()):02x}", redact(text))

@@ -181,7 +181,7 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         max_map_points=MAP_POINTS,
     )
     path = layout.report(head.files.folder, map_name(tsne))
-    storage.write_atomic(path, html.encode())
+    storage.write_if_changed(path, html.encode())
     log.info("HTML report: %s", report_url(storage, path))
     return path
 

@@ -32,7 +32,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer import layout
-from cifar_transfer.errors import StorageFull
+from cifar_transfer.errors import ConfigError, StorageFull, StorageNotWritable
+from cifar_transfer.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +93,43 @@ class Storage:
         self.fs.invalidate_cache(path)
         return self.fs.exists(path)
 
+    def check_writable(self, folder: str, what: str) -> None:
+        """`ConfigError` naming `folder` and why, unless a file can be written in it (or, where it does not exist yet,
+        in the nearest folder above it that does): checked before any work, so a wrong place fails in a second
+        instead of after the work, or after retries. Creates nothing."""
+        place = folder
+        while self.is_local and not os.path.exists(place) and posixpath.dirname(place) != place:
+            place = posixpath.dirname(place)
+        probe = posixpath.join(place, f".cifar-transfer-write-check-{os.getpid()}")
+        try:
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm(probe)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise ConfigError(f"cannot write {what} to {redact(self.uri(folder))} ({reason}): choose a place you can write to") from None
+
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(path)
 
     @contextlib.contextmanager
-    def space_for(self, path: str, size: int | None = None) -> Iterator[None]:
-        """Turn "no space left on device" into one line naming the storage and the space needed."""
+    def explaining_write_errors(self, path: str, size: int | None = None) -> Iterator[None]:
+        """Turn "no space left on device" and "read-only" or "permission denied" into one line naming the storage and
+        what to do (finished work is kept either way)."""
         try:
             yield
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            needed = f"{size / 1e6:.1f} MB" if size is not None else "more space"
-            raise StorageFull(
-                f"storage {self.url} is full: writing {posixpath.basename(path)} needs {needed}; "
-                "free some space (or use another --storage) and rerun: finished work is kept"
-            ) from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                needed = f"{size / 1e6:.1f} MB" if size is not None else "more space"
+                raise StorageFull(
+                    f"storage {redact(self.url)} is full: writing {posixpath.basename(path)} needs {needed}; "
+                    "free some space (or use another --storage) and rerun: finished work is kept"
+                ) from None
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
+                raise StorageNotWritable(
+                    f"storage {redact(self.url)} cannot be written ({exc.strerror}) and this run has {posixpath.basename(path)} to "
+                    "write: give it write access or use another --storage (a complete feature set is reused read-only)"
+                ) from None
+            raise
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write `data` to `path` so that `path` either does not exist or is complete."""
@@ -116,6 +138,13 @@ class Storage:
             return
         with self.open_atomic(path, len(data)) as stream:
             stream.write(data)
+
+    def write_if_changed(self, path: str, data: bytes) -> None:
+        """`write_atomic`, unless `path` already holds exactly `data`: a rerun writes nothing (and works on a
+        read-only storage)."""
+        if self.exists(path) and self.fs.size(path) == len(data) and self.read_bytes(path) == data:
+            return
+        self.write_atomic(path, data)
 
     @contextlib.contextmanager
     def open_atomic(self, path: str, size: int | None = None) -> Iterator[BinaryIO]:
@@ -133,7 +162,7 @@ class Storage:
             return
         temp = layout.temp_file(path)
         try:
-            with self.space_for(path, size):
+            with self.explaining_write_errors(path, size):
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 with self.fs.open(temp, "wb") as stream:
                     yield stream
@@ -224,7 +253,7 @@ class Claim:
         if self.storage.is_local:
             temp = layout.temp_file(path)
             try:
-                with self.storage.space_for(path, len(content)):
+                with self.storage.explaining_write_errors(path, len(content)):
                     os.makedirs(posixpath.dirname(path), exist_ok=True)
                     with open(temp, "wb") as stream:
                         stream.write(content)
@@ -236,7 +265,7 @@ class Claim:
             return True
         fs, created = self.storage.fs, False
         try:
-            with self.storage.space_for(path, len(content)):
+            with self.storage.explaining_write_errors(path, len(content)):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 with fs.open(path, "xb") as stream:  # on S3 one conditional PUT: all or nothing
                     created = True
@@ -340,7 +369,7 @@ class Claim:
             beat += 1
             try:  # a beat that finds the guard busy is skipped: a takeover in progress is seen at the next one
                 self._as_holder(self._content(beat))
-            except (OSError, StorageFull) as exc:  # a missed beat only brings a takeover closer
+            except (OSError, StorageFull, StorageNotWritable) as exc:  # a missed beat only brings a takeover closer
                 log.warning("could not renew %s (%s)", self.storage.uri(self.path), exc)
 
     def release(self) -> None:

@@ -326,16 +326,20 @@ def write_manifest(storage: Storage, folder: str, spec: FeatureSpec, feature_sha
 
 def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str],
                        retired: dict[str, list[str]] | None = None, collection: CollectionSettings | None = None,
-                       extraction: ExtractionRecord | None = None, lineage: Lineage | None = None) -> FeatureSetInfo:
+                       extraction: ExtractionRecord | None = None, lineage: Lineage | None = None,
+                       unusable: dict[str, list[UnreadableItem]] | None = None) -> FeatureSetInfo:
     """Describe the set, then write each view's manifest now that all its shards are done.
 
     `extraction` and `lineage` say how and by whom the shards were computed; a run that computed none passes None
     and the set keeps the record of the run that did.
 
     For a collection, `retired` names each view's files the new version no longer lists, and the images its shards
-    could not use are gathered into `<view>/_skipped.json` beside the manifest."""
+    could not use are gathered into `<view>/_skipped.json` beside the manifest, after the listing's `unusable` ones
+    (by split: images without a usable label)."""
     storage = Storage(storage_url)
     folder = features_folder(storage, spec)
+    if extraction is None and not any((retired or {}).values()) and (same := _committed_as(storage, folder, records, classes)):
+        return same  # nothing computed, nothing changed: nothing written (a read-only storage reruns as a no-op)
     _, metadata = shard_metadata(storage, layout.shard_file(folder, records[0].split, records[0].file))
     earlier = read_description(storage, folder)
     description = FeatureSetDescription(
@@ -357,18 +361,32 @@ def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardR
     for split in sorted({record.split for record in records}):
         view_records = [record for record in records if record.split == split]
         if collection is not None:
-            write_skipped(storage, folder, split, view_records)
+            write_skipped(storage, folder, split, view_records, (unusable or {}).get(split.removesuffix(FLIPPED), []))
         write_manifest(storage, folder, spec, metadata["feature_shape"], split, view_records, (retired or {}).get(split, []))
     return describe_feature_set(storage, folder)
 
 
-def write_skipped(storage: Storage, folder: str, split: str, records: list[ShardRecord]) -> list[dict]:
-    """Gather the images a collection view's shards could not use into `<view>/_skipped.json` (written before the manifest)."""
-    skipped = []
+def _committed_as(storage: Storage, folder: str, records: list[ShardRecord], classes: list[str]) -> FeatureSetInfo | None:
+    """The set as committed, when its description and every view's manifest already say exactly this; else None."""
+    info = describe_feature_set(storage, folder)
+    if info is None or info.classes != classes:
+        return None
+    for split in {record.split for record in records}:
+        manifest = read_manifest(storage, folder, split)
+        view = sorted((record for record in records if record.split == split), key=lambda record: record.number)
+        if manifest is None or manifest.shards != view:
+            return None
+    return info
+
+
+def write_skipped(storage: Storage, folder: str, split: str, records: list[ShardRecord], listed: list[UnreadableItem] = ()) -> list[dict]:
+    """Gather the images a collection view's listing (`listed`) and shards could not use into `<view>/_skipped.json`
+    (written before the manifest)."""
+    skipped = [entry.model_dump() for entry in listed]
     for record in records:
         _, metadata = shard_metadata(storage, layout.shard_file(folder, split, record.file))
         skipped += metadata.get("skipped", [])
-    storage.write_atomic(layout.skipped_record(folder, split), json.dumps(skipped, indent=2).encode())
+    storage.write_if_changed(layout.skipped_record(folder, split), json.dumps(skipped, indent=2).encode())
     if skipped:
         log.warning("%s: %d images could not be used (listed in %s)", split, len(skipped), layout.SKIPPED_NAME)
     return skipped

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import sys
 import typing
 
-from cifar_transfer.config import EXTRACTION_STAGES, PipelineConfig, load_config
+from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config
 from cifar_transfer.errors import PermanentError
 from cifar_transfer.flows import console  # first: it sets Prefect's settings before Prefect is imported
-from cifar_transfer.redact import redact
+from cifar_transfer.redact import printable, refuse_secrets
 
 # The options that decide which features get extracted (the `extract` subcommand takes only these): the fields of the
 # extraction stages' settings, plus where the output goes and the preset that may set them.
@@ -102,7 +103,7 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
 
     feature_sets = [info for info in list_feature_sets(storage_url) if fingerprint in (None, info.fingerprint)]
     if not feature_sets:
-        print(f"no feature set{' ' + fingerprint if fingerprint else 's'} under {redact(storage_url)}")
+        print(printable(f"no feature set{' ' + fingerprint if fingerprint else 's'} under {storage_url}"))
         return 1
     healthy = True
     for info in feature_sets:
@@ -119,13 +120,13 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
             problems = verify_feature_set(storage_url, info.folder)
             dataset_problems = verify_dataset(storage_url, info.spec.dataset_md5) if info.collection is None else {}
         for relative, found in problems.items():
-            print(f"{info.folder}/{relative}: {'; '.join(found)}")
+            print(printable(f"{info.folder}/{relative}: {'; '.join(found)}"))
         for relative, found in dataset_problems.items():
-            print(f"{relative}: {'; '.join(found)}")
+            print(printable(f"{relative}: {'; '.join(found)}"))
         for line in not_rebuilt:
-            print(f"{info.folder}/{line}")
+            print(printable(f"{info.folder}/{line}"))
         if not problems and not dataset_problems:
-            print(f"OK {info.folder}")
+            print(printable(f"OK {info.folder}"))
         healthy = healthy and not problems and not dataset_problems
     return 0 if healthy else 1
 
@@ -139,7 +140,7 @@ def list_command(storage_url: str, as_json: bool) -> int:
         print(json.dumps([info.model_dump(mode="json") for info in found], indent=2))
         return 0
     if not found:
-        print(f"no feature sets under {redact(storage_url)}")
+        print(printable(f"no feature sets under {storage_url}"))
         return 0
     rows = [("FOLDER", "BACKBONE", "ROWS TRAIN/TEST", "SIZE MB", "CREATED (UTC)", "FLOW RUN")]
     for info in found:
@@ -153,6 +154,7 @@ def list_command(storage_url: str, as_json: bool) -> int:
             info.made_by.flow_run_id if info.made_by and info.made_by.flow_run_id else "-",
         ))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     for row in rows:
         print("  ".join(cell.rjust(width) if column == 3 else cell.ljust(width)
                         for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
@@ -173,12 +175,12 @@ def evict_command(arguments: argparse.Namespace) -> int:
     if arguments.yes:
         plan = evict(plan)
     for name in plan.unknown:
-        print(f"no feature set {name} under {redact(arguments.storage)}")
+        print(printable(f"no feature set {name} under {arguments.storage}"))
     for entry in plan.keep:
-        print(f"keep {posixpath.basename(entry.folder)}: {entry.kept_because}")
+        print(printable(f"keep {posixpath.basename(entry.folder)}: {entry.kept_because}"))
     for entry in plan.evict:
-        print(f"{'deleted' if arguments.yes else 'would delete'} {posixpath.basename(entry.folder)} "
-              f"({entry.bytes / 1e6:.1f} MB, created {entry.created_at})")
+        print(printable(f"{'deleted' if arguments.yes else 'would delete'} {posixpath.basename(entry.folder)} "
+                        f"({entry.bytes / 1e6:.1f} MB, created {entry.created_at})"))
     if arguments.yes:
         print(f"freed {plan.bytes_freed / 1e6:.1f} MB")
     else:
@@ -191,13 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     verbose = getattr(arguments, "verbose", False)
     options = {name: value for name, value in vars(arguments).items() if name not in ("command", "verbose") and value is not None}
-    log_file = console.start_console(verbose) if arguments.command not in ("list", "rm", "gc") else None
+    try:  # before anything is logged or stored: a URL option with credentials goes no further than this line
+        for name in (*URL_OPTIONS, "output"):
+            refuse_secrets("SOURCE" if name == "source" and arguments.command == "predict" else f"--{name.replace('_', '-')}",
+                           options.get(name))
+        log_file = console.start_console(verbose) if arguments.command not in ("list", "rm", "gc") else None
+    except PermanentError as error:
+        return fail(error, None)
     try:
         if arguments.command == "list":
             return list_command(options["storage"], options["json"])
         if arguments.command in ("rm", "gc"):
             return evict_command(arguments)
         if arguments.command == "verify":
+            if options.get("repair"):
+                console.start_temporary_api()
             return verify_command(options["storage"], options.get("fingerprint"), options.get("repair", False))
         if arguments.command == "predict":
             from cifar_transfer.predict import predict_command
@@ -208,35 +218,46 @@ def main(argv: list[str] | None = None) -> int:
 
             return export_command(arguments)
         config = load_config(**options)
+        console.start_temporary_api()
         from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 
         if arguments.command == "extract":
             features, _ = extract_features(config)
-            print(f"features: {features.folder}")
+            print(printable(f"features: {features.folder}"))
             return 0
         summary = cifar_transfer(config)
     except Exception as error:  # every failure ends in one line a user can act on
         return fail(error, log_file)
-    print(f"features: {summary.features.folder}")
+    print(printable(f"features: {summary.features.folder}"))
     if summary.tsne:
-        print(f"t-SNE map: {summary.tsne.picture}")
-    print(f"head: {summary.head.files.folder}")
-    print(f"confusion matrix: {summary.head.files.confusion_picture}")
-    print(f"HTML report: {summary.html_report_url}")
+        print(printable(f"t-SNE map: {summary.tsne.picture}"))
+    print(printable(f"head: {summary.head.files.folder}"))
+    print(printable(f"confusion matrix: {summary.head.files.confusion_picture}"))
+    print(printable(f"HTML report: {summary.html_report_url}"))
     print(f"test accuracy: {summary.test_accuracy:.4f}")
     return 0
 
 
 def fail(error: Exception, log_file) -> int:
-    """Print the one-line reason last (the traceback is in the log file) and return the exit code."""
+    """Print the one-line reason last (the traceback is in the log file) and return the exit code.
+
+    Out of memory, the process ends here (exit 1): its threads may never finish, and the temporary Prefect server
+    stops with it (it is tied to this process), so nothing is left to wait for."""
     permanent = isinstance(error, PermanentError)
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     reason = reason if permanent else f"{type(error).__name__}: {reason}"
+    if isinstance(error, MemoryError):
+        reason = ("out of memory: lower --batch-size or --shard-size (or --max-file-mb, for huge images), or give the command "
+                  "more memory; finished shards are kept")
     if log_file is not None:
         console.record_failure(error)
-        console.stop_prefect_quietly()
+        if not isinstance(error, MemoryError):
+            console.stop_prefect_quietly()
         reason += f" (details: {log_file})"
-    print(f"cifar-transfer: error: {redact(reason)}", file=sys.stderr, flush=True)
+    print(f"cifar-transfer: error: {printable(reason)}", file=sys.stderr, flush=True)
+    if isinstance(error, MemoryError):
+        sys.stdout.flush()
+        os._exit(1)
     return 2 if permanent else 1
 
 

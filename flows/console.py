@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cifar_transfer.errors import ConfigError
+from cifar_transfer.redact import printable
 
 # Before Prefect reads its settings: no telemetry calls (offline they log an error at every start), and a first
 # start of the ephemeral API on a fresh PREFECT_HOME migrates its database, which takes 2 cores longer than 20 s.
@@ -15,16 +21,42 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-class _WithoutTraceback(logging.Formatter):
-    """Formats a record as `inner` does, leaving out any traceback (the log file keeps it)."""
+class _Printable(logging.Formatter):
+    """Formats a record as `inner` does, each line redacted and with control characters escaped (a file name's
+    `ESC[2J` is shown, not obeyed); without any traceback unless `tracebacks` (the log file keeps them)."""
 
-    def __init__(self, inner: logging.Formatter):
+    def __init__(self, inner: logging.Formatter, tracebacks: bool):
         super().__init__()
         self.inner = inner
+        self.tracebacks = tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
-        brief = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
-        return self.inner.format(brief)
+        if not self.tracebacks:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        return "\n".join(printable(line) for line in self.inner.format(record).split("\n"))
+
+
+class _PrivateFileHandler(logging.FileHandler):
+    """A log file opened without following a link planted at its name, readable by its owner only."""
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.fdopen(os.open(self.baseFilename, flags, 0o600), "a", encoding=self.encoding)
+
+
+def log_folder() -> Path:
+    """This user's folder for log files, private (0700): created so, or refused when it is a link, another user's, or
+    open to others (someone could plant links or read the logs there)."""
+    folder = Path(tempfile.gettempdir()) / f"cifar-transfer-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    status = os.lstat(folder)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise ConfigError(f"the log folder {folder} is not a private folder of yours (a link, another user's, or open to others): "
+                          "remove it, or set TMPDIR to a folder only you can write to")
+    return folder
 
 
 def _console_handlers() -> list[logging.Handler]:
@@ -44,11 +76,9 @@ def start_console(verbose: bool) -> Path:
     if not PROCESS_LOGGING_CONFIG:  # Prefect's console first: it leaves the root logger alone once a handler is there
         setup_logging()
 
-    folder = Path(tempfile.gettempdir()) / "cifar-transfer"
-    folder.mkdir(exist_ok=True)
-    log_file = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    to_file = logging.FileHandler(log_file, encoding="utf-8")
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log_file = log_folder() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    to_file = _PrivateFileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(_Printable(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"), tracebacks=True))
     for logger in (logging.getLogger(), _DETAILS):  # one log file per command, also when commands run in one process
         for handler in [handler for handler in logger.handlers if isinstance(handler, logging.FileHandler)]:
             logger.removeHandler(handler)
@@ -56,9 +86,45 @@ def start_console(verbose: bool) -> Path:
         logger.addHandler(to_file)
     logging.getLogger("cifar_transfer").setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in _console_handlers():
-        inner = handler.formatter.inner if isinstance(handler.formatter, _WithoutTraceback) else handler.formatter
-        handler.setFormatter(inner if verbose else _WithoutTraceback(inner or logging.Formatter()))
+        inner = handler.formatter.inner if isinstance(handler.formatter, _Printable) else handler.formatter
+        handler.setFormatter(_Printable(inner or logging.Formatter(), tracebacks=verbose))
     return log_file
+
+
+def start_temporary_api() -> None:
+    """Start the temporary Prefect API this command runs against (none when PREFECT_API_URL names a server) from the
+    main thread, tied to this process: the kernel stops it when this process dies, however it dies (a `kill -9`
+    included), through the parent-death signal. Prefect reuses this server for the rest of the command."""
+    import subprocess
+
+    import prefect.server.api.server as server_module
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url or sys.platform != "linux":  # a server is given, or no parent-death signal
+        return
+    parent = os.getpid()
+    prctl = __import__("ctypes").CDLL(None, use_errno=True).prctl
+
+    def die_with_parent() -> None:  # in the child, between fork and exec: only async-signal-safe calls
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    class DyingWithParent:
+        """Prefect's `subprocess` as its server module sees it, with the parent-death signal armed in children."""
+
+        def __getattr__(self, name: str):
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(*args, **kwargs):  # noqa: N802 (subprocess's name)
+            return subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)
+
+    server_module.subprocess = DyingWithParent()  # type: ignore[assignment]
+    server_module.SubprocessASGIServer().start()
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def record_failure(error: BaseException) -> None:

@@ -46,8 +46,9 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
     engine = choose_engine_task(config, dataset)
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
     extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
-    collection = None if config.is_archive else config.collection_settings
-    features = commit_feature_set_task(config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, collection)
+    collection, unusable = (None, None) if config.is_archive else (config.collection_settings, dataset.unusable)
+    features = commit_feature_set_task(config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired,
+                                       collection, unusable)
     return features, extracted.stats
 
 
@@ -91,6 +92,6 @@ def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
 
 @flow(name="predict-images", flow_run_name="predict-{head_key}")
 def predict_images(storage: str = "storage", source: str = "incoming", output: str | None = None,
-                   fingerprint: str | None = None, head_key: str | None = None) -> str:
+                   fingerprint: str | None = None, head_key: str | None = None, overwrite: bool = False) -> str:
     """Classify every image of `source` with a finished head (default the newest); returns the predictions table's path."""
-    return predict_task(storage, source, output, fingerprint, head_key)
+    return predict_task(storage, source, output, fingerprint, head_key, overwrite)

@@ -10,6 +10,7 @@ from prefect.events import emit_event
 from cifar_transfer.config import CollectionSettings, FeatureSpec
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
+from cifar_transfer.sources.base import UnreadableItem
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import ExtractionRecord, FeatureSetInfo, ShardRecord, commit_feature_set, find_feature_set
 from cifar_transfer.tasks.lineage import current_lineage
@@ -35,11 +36,12 @@ def announce_feature_set(info: FeatureSetInfo) -> None:
 @task(name="commit-feature-set")
 def commit_feature_set_task(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str],
                             stats: ExtractionStats, retired: dict[str, list[str]] | None = None,
-                            collection: CollectionSettings | None = None) -> FeatureSetInfo:
+                            collection: CollectionSettings | None = None,
+                            unusable: dict[str, list[UnreadableItem]] | None = None) -> FeatureSetInfo:
     extraction = None
     if stats.images_computed:
         extraction = ExtractionRecord(seconds=stats.seconds, images=stats.images_computed, images_per_second=stats.images_per_second)
-    info = commit_feature_set(storage_url, spec, records, classes, retired, collection, extraction, current_lineage())
+    info = commit_feature_set(storage_url, spec, records, classes, retired, collection, extraction, current_lineage(), unusable)
     announce_feature_set(info)
     return info
 

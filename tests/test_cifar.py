@@ -631,6 +631,7 @@ def test_member_size_bounds_are_per_format(tmp_path, read_as, member, size, prob
         read_content(_tar_gz(tmp_path, tar_blocks(header(member, size))), read_as)
 
 
+@pytest.mark.slow
 def test_a_full_size_cifar100_train_member_is_read_in_bounded_memory(tmp_path):
     # 50,000 rows pickled as the official file is: 154 MB, beyond CIFAR-10's bound on a member.
     fine = [row % 100 for row in range(50_000)]

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from cifar_transfer import storage as storage_module
 from cifar_transfer.storage import Claim, Storage
 
@@ -94,6 +96,7 @@ def log_lines(results: Path, number: int) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
+@pytest.mark.slow
 def test_many_contenders_racing_on_one_abandoned_claim_take_it_over_once(tmp_path):
     """Eight processes wait on a claim whose holder went silent and find it abandoned at the same moment."""
     store, results = tmp_path / "store", tmp_path / "results"

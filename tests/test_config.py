@@ -56,7 +56,7 @@ def test_bad_options_fail_at_the_edge_with_one_line(options, message):
     ],
 )
 def test_credentials_in_urls_are_refused_without_echoing_them(field, url, kind):
-    with pytest.raises(ConfigError, match=f"the {field} URL embeds credentials") as error:
+    with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} embeds credentials") as error:
         load_config(**{**LOCAL, field: url})
     message = str(error.value)
     assert f"({kind})" in message and "AWS_PROFILE" in message and "download the file first" in message

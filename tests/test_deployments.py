@@ -102,6 +102,7 @@ def flow_runs(environment) -> list[dict]:
     return response.json()
 
 
+@pytest.mark.slow
 def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     path, md5 = tiny_archive
     prefect(server, "work-pool", "create", "cifar-transfer", "--type", "process")

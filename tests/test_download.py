@@ -178,6 +178,7 @@ def assert_nothing_left(storage):
     assert [path for path in glob.glob(f"{storage}/**", recursive=True, include_hidden=True) if os.path.isfile(path)] == []
 
 
+@pytest.mark.slow
 def test_a_trickling_source_fails_at_the_deadline_with_one_line_and_leaves_nothing(streaming_server, tmp_path):
     url = streaming_server(size=1 << 20, piece=16, pause=0.02, framing="length")  # 800 B/s: never a read timeout
     started = time.monotonic()

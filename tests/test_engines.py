@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_flow import tiny_config
 
 from cifar_transfer import engines
 from cifar_transfer.config import load_config
@@ -18,7 +19,6 @@ from cifar_transfer.engines import BF16_MIN_COSINE, candidate_choice, choose_eng
 from cifar_transfer.flows.pipeline import extract_features
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
-from tests.test_flow import tiny_config
 
 TINY = {"source": "x", "md5": "none", "backbone": "MobileNetV2", "weights": "none", "input_size": 32}
 
@@ -32,6 +32,7 @@ def images():
     return np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_openvino_float32_computes_the_tensorflow_model(images):
     tensorflow = features(load_config(**TINY, engine="tensorflow", precision="float32"), images)
     openvino = features(load_config(**TINY, engine="openvino", precision="float32"), images)
@@ -44,11 +45,12 @@ def test_openvino_float32_computes_the_tensorflow_model(images):
 
 
 CONVERTED_RERUN = """
+import json
 import sys
 import numpy as np
 from cifar_transfer.config import load_config
 from cifar_transfer.engines import get_extractor
-from tests.test_engines import TINY
+TINY = json.loads(sys.argv[3])
 images = np.load(sys.argv[1])
 spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
 np.save(sys.argv[1], get_extractor(spec, images.shape[1:], sys.argv[2])(images, 16))
@@ -56,6 +58,7 @@ print("tensorflow loaded:", "tensorflow" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorflow(images, tmp_path, caplog):
     storage = tmp_path / "storage"
     spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
@@ -63,7 +66,7 @@ def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorfl
     [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")  # in the feature set's folder: deleted with it
 
     np.save(tmp_path / "images.npy", images)
-    rerun = subprocess.run([sys.executable, "-c", CONVERTED_RERUN, str(tmp_path / "images.npy"), str(storage)],
+    rerun = subprocess.run([sys.executable, "-c", CONVERTED_RERUN, str(tmp_path / "images.npy"), str(storage), json.dumps(TINY)],
                            capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True)
     assert "tensorflow loaded: False" in rerun.stdout, rerun.stdout + rerun.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), converted)  # the same function, bit for bit
@@ -97,6 +100,7 @@ def test_auto_on_this_cpu_picks_openvino_and_bf16_only_with_native_support():
     assert (explicit.engine, explicit.precision, explicit.reason) == ("tensorflow", "float16", "chosen in the configuration")
 
 
+@pytest.mark.slow
 def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     config = load_config(**TINY, storage=str(tmp_path))
     first = choose_engine(config, "a" * 32, lambda: images)

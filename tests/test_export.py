@@ -178,3 +178,27 @@ def test_nothing_to_export_says_what_to_run_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown export format 'onnx': use keras, savedmodel, openvino"):
         export_model(str(tmp_path / "empty"), str(tmp_path / "out"), formats=["onnx"])
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_never_replaces_files_it_did_not_write(run, tmp_path):
+    storage = run["config"].storage
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.keras").write_bytes(b"someone's model")
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"theirs holds other files \(.*\): name a new or empty folder"):
+        export_model(storage, str(theirs), formats=["keras"])
+    assert (theirs / "model.keras").read_bytes() == b"someone's model" and (theirs / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match=r"is a file: name a new or empty folder"):
+        export_model(storage, str(theirs / "notes.txt"), formats=["keras"])
+    with pytest.raises(ConfigError, match=r"^cannot write the export to /proc/cifar-transfer-test \(.*\): choose a place"):
+        export_model(storage, "/proc/cifar-transfer-test", formats=["keras"])
+
+    ours = tmp_path / "ours"
+    first = export_model(storage, str(ours), formats=["keras"])
+    again = export_model(storage, str(ours), formats=["keras", "openvino"])  # an earlier export of its own is replaced
+    assert first.files == {"keras": "model.keras"} and again.files == {"keras": "model.keras", "openvino": "openvino/model.xml"}
+    assert json.loads((ours / "export.json").read_text())["files"] == again.files
+    (ours / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"holds an earlier export and other files \(extra.bin\)"):
+        export_model(storage, str(ours), formats=["keras"])

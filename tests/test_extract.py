@@ -44,6 +44,7 @@ def test_registry_knows_every_keras_application_with_its_preprocessing():
         get_backbone("AlexNet")
 
 
+@pytest.mark.slow
 def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
     assert features_of("InceptionV3", input_size=75).shape == (6, 2048)
     assert features_of("InceptionV3", input_size=139, pooling="none").shape == (6, 3, 3, 2048)
@@ -67,6 +68,7 @@ def test_stage_taps_are_the_stage_end_before_the_last_the_last_stages_widest_poi
     assert found[0].shape[1] in (2 * found[1].shape[1], 2 * found[1].shape[1] + 1) and found[1].shape[1:3] == found[2].shape[1:3]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
 def test_stages_pooling_is_the_pooled_stage_end_then_the_pooled_final_features():
     import keras
@@ -88,10 +90,12 @@ def test_stages_pooling_is_the_pooled_stage_end_then_the_pooled_final_features()
     "backbone, input_size, width",
     [("EfficientNetB0", 32, 1280), ("MobileNetV3Small", 32, 576), ("Xception", 71, 2048), ("DenseNet121", 32, 1024)],
 )
+@pytest.mark.slow
 def test_other_families_work_by_name_with_their_own_preprocessing(backbone, input_size, width):
     assert features_of(backbone, input_size=input_size).shape == (6, width)
 
 
+@pytest.mark.slow
 def test_random_weights_are_a_function_of_the_seed_even_while_other_threads_use_random():
     import random
     import threading
@@ -121,6 +125,7 @@ def test_preprocessing_is_the_backbones_own():
     assert differ(model.predict(IMAGES, verbose=0), model.predict(swapped, verbose=0))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
 def test_weights_file_loads_at_any_input_size_and_a_foreign_one_is_refused():
     trained = features_of("MobileNetV2", input_size=64, weights=str(MOBILENET_WEIGHTS))
@@ -161,6 +166,7 @@ def test_shard_parquet_follows_the_contract(one_shard):
     assert again.record == record and again.inference_seconds is None
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_shards_are_detected_and_recomputed(one_shard, tmp_path):
     storage_url, spec, dataset, shard = one_shard
     storage = Storage(storage_url)

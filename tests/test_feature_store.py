@@ -208,3 +208,22 @@ def test_datasets_reads_a_collection_as_its_manifest_lists_it(tmp_path):
     assert {split: loaded[split].num_rows for split in loaded} == info.splits
     assert sorted(loaded["train"]["key"]) == sorted(read_keys(Storage(str(storage)), info.folder, "train").values())
     assert loaded["train"].features["label"].names == info.classes
+
+
+def test_gc_never_follows_a_link_out_of_the_storage_root(store, tmp_path, capsys):
+    storage, older, newer = store
+    outside = tmp_path / "someone-else"
+    shutil.copytree(older, outside)  # a folder outside the storage that looks like a feature set
+    before = {path: os.path.getsize(path) for path in map(str, outside.rglob("*")) if os.path.isfile(path)}
+    evil = os.path.join(storage, "features", "evil")
+    os.symlink(outside, evil)
+    assert any(info.folder.endswith("/evil") for info in list_feature_sets(storage)), "the link was not listed as a set"
+    real = sum(os.path.getsize(os.path.join(parent, name)) for folder in (older, newer) for parent, _, names in os.walk(folder)
+               for name in names)
+    capsys.readouterr()
+    assert main(["gc", "--keep", "0", "--storage", storage, "--yes", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "keep evil: evil is a link out of the storage root, never followed" in out
+    assert {path: os.path.getsize(path) for path in map(str, outside.rglob("*")) if os.path.isfile(path)} == before
+    assert os.path.islink(evil) and not os.path.exists(older) and not os.path.exists(newer)
+    assert f"freed {real / 1e6:.1f} MB" in out

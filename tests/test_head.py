@@ -126,6 +126,7 @@ def test_ridge_on_spatial_maps_uses_their_spatial_mean(tmp_path):
     assert head.model.input_shape == (None, 64) and head.validation_accuracy > 0.9
 
 
+@pytest.mark.slow
 def test_network_heads_keep_the_best_epoch_and_repeat_with_the_seed(vector_set, tmp_path):
     storage, folder = vector_set
     data = HeadData.open(storage, folder, SETTINGS, 10)
@@ -182,6 +183,7 @@ def test_flipped_views_train_as_more_rows_and_are_averaged_at_prediction(tmp_pat
         FeatureStream.open(storage, write_feature_set(tmp_path / "plain", {"train": (features, labels)}, (16,)), "train", mirrored=True)
 
 
+@pytest.mark.slow
 def test_refit_learns_from_the_validation_rows_with_what_validation_chose(tmp_path):
     """Class 9 appears only in the validation rows: the chosen heads never predict it, their refits on all rows do."""
     held_out = validation_mask(1000, SETTINGS.validation_split, SETTINGS.seed)

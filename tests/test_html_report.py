@@ -96,6 +96,7 @@ THUMB_PIXELS = """() => {
 }"""
 
 
+@pytest.mark.slow
 def test_the_page_works_offline_in_chromium(tmp_path):
     executable = chromium_executable()
     if executable is None:

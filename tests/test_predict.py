@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from PIL import Image
 from test_flow import tiny_config
 
 from cifar_transfer import engines
+from cifar_transfer.errors import ConfigError
 from cifar_transfer.flows.pipeline import cifar_transfer
 from cifar_transfer.predict import ImageSource, Predictor, add_predict_arguments, predict, predict_command
 from cifar_transfer.trained import find_head
@@ -155,3 +157,30 @@ def test_the_predict_images_flow_writes_a_table_under_the_head(run):
     table = pd.read_parquet(written)
     assert written.startswith(f"{run['storage']}/predictions/") and len(table) == 5 and table["error"].isna().all()
     assert list(table["class"]) == [run["summary"].features.classes[i] for i in run["expected"]["predicted"][:5]]
+
+
+def test_an_existing_output_is_kept_unless_overwrite_and_a_bad_place_fails_before_any_work(run, tmp_path, capsys):
+    pictures, storage = str(run["pictures"] / "img_00*.png"), run["storage"]
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text("someone's file")
+    with pytest.raises(ConfigError, match=r"theirs.json already exists: choose another name, or pass --overwrite"):
+        predict_command(command(pictures, "--storage", storage, "--output", str(theirs)))
+    assert theirs.read_text() == "someone's file"
+    assert predict_command(command(pictures, "--storage", storage, "--output", str(theirs), "--overwrite")) == 0
+    assert len(json.loads(theirs.read_text())) == 10
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ConfigError, match=r"folder.json is a folder: name a .json or .parquet file in it"):
+        predict_command(command(pictures, "--storage", storage, "--output", str(tmp_path / "folder.json")))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"cannot write the predictions to /proc/cifar-transfer-test \(.*\): choose a place"):
+        predict_command(command(pictures, "--storage", "/nonexistent-storage", "--output", "/proc/cifar-transfer-test/out.json"))
+    assert time.perf_counter() - started < 5, "the place was checked after the work (no head exists under that storage)"
+    capsys.readouterr()
+
+
+def test_control_characters_in_file_names_are_shown_escaped(run, tmp_path, capsys):
+    hostile = tmp_path / "clear\x1b[2J\x07bell.png"
+    hostile.write_bytes((run["pictures"] / "img_000.png").read_bytes())
+    assert predict_command(command(str(hostile), "--storage", run["storage"])) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "clear\\x1b[2J\\x07bell.png" in out

@@ -117,3 +117,31 @@ def test_random_secrets_never_survive(user, password, signature, name, before, a
     text = before + clean.format(f"{user}:{password}@", signature) + after
     assert redact(text) == before + clean.format("***@", "***") + after
     assert len(secrets_in(text)) == 2
+
+
+# Passwords as people paste them: reserved characters unencoded ("#", "?", "/", "[", "]", "@", ":") or
+# percent-encoded. Two forms read as a host and a path and must be percent-encoded (the README says so): digits
+# then "/" ("user:8443/x@host"), and "@", a name, "/" ("user:a@b/c@host"); so passwords start with a letter here,
+# and one holding "@" holds no "/".
+_RAW_PASSWORD = st.builds(lambda first, rest: first + rest, st.sampled_from(_ALNUM[:52]),
+                          st.text(_ALNUM + "-._~!$&'()*+,;=%:@#?/[]", max_size=30)).filter(lambda text: not ("@" in text and "/" in text))
+_PLAIN_USER = st.text(_ALNUM + "-._~!$&'()*+,;=%", min_size=1, max_size=20)
+
+
+@given(user=_PLAIN_USER, password=_RAW_PASSWORD, scheme=st.sampled_from(["https", "s3", "gcs", "tcp", "ray"]),
+       path=st.sampled_from(["/a/cifar.tar.gz", "/b/", ""]), query=st.sampled_from(["", "?page=2", "?e=a@b.c"]),
+       chain=st.sampled_from(["", "simplecache::", "zip://member::"]))
+def test_credentials_with_unencoded_reserved_characters_are_found_and_masked(user, password, scheme, path, query, chain):
+    text = f"{chain}{scheme}://{user}:{password}@host.example:8443{path}{query}"
+    redacted = redact(text)
+    assert redacted == f"{chain}{scheme}://***@host.example:8443{path}{query}" or not path and "@" in query
+    assert secrets_in(text)[:1] == ["credentials in the URL"]
+    assert f"{user}:{password}" not in redacted
+
+
+@pytest.mark.parametrize("text", [
+    "https://host.example:8443/a?e=a@b.c", "https://host.example/a@b.png", "http://[::1]:8080/x?e=a@b", "https://host?e=a@b",
+    "https://host:8080?e=a@b", "https://host:8080/p/q@r",
+])
+def test_an_at_sign_after_the_host_is_not_taken_for_credentials(text):
+    assert redact(text) == text and secrets_in(text) == []

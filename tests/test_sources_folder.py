@@ -28,7 +28,7 @@ from PIL import Image
 
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.sources.folder import FolderSource
-from cifar_transfer.sources.images import MAX_PIXELS, UndecodableImage, decode_image
+from cifar_transfer.sources.images import MAX_DECODE_MB, UndecodableImage, decode_image
 
 SIZE = 16
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -214,7 +214,7 @@ def test_refusals_are_one_line_undecodable_image_errors():
         encode(Image.new("RGB", (16, 16)), "ICO"): "not an image in a supported format",  # a format not opened
         png_header(0, 10): "not an image in a supported format",  # Pillow opens no empty image
         encode(Image.new("RGB", (64, 64), RED), "PNG")[:-40]: "cannot decode the image: .*truncated",
-        png_header(10_001, 10_000): f"over the cap of {MAX_PIXELS:,} pixels",  # under Pillow's own limit's error
+        png_header(12_000, 12_000): f"12000x12000 pixels of RGB: decoding it takes 549 MiB, over the cap of {MAX_DECODE_MB} MiB",
         encode(Image.new("LAB", (8, 8), (50, 0, 0)), "TIFF"): "unsupported colour mode LAB",  # not wrong colours
     }
     for data, reason in cases.items():
@@ -226,7 +226,7 @@ def test_a_huge_header_is_refused_by_the_cap_before_any_allocation(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the cap must not depend on Pillow's global limit
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    with pytest.raises(UndecodableImage, match="100000x100000 pixels, over the cap"):
+    with pytest.raises(UndecodableImage, match="100000x100000 pixels of RGB: .* over the cap"):
         decode_image(png_header(100_000, 100_000), SIZE)  # 30 GB of RGB, if it were decoded
     assert time.perf_counter() - started < 1
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 50_000  # kB

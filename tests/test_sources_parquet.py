@@ -159,7 +159,7 @@ def test_classes_default_to_label_numbers_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cifar_transfer.sources.parquet"):
         listing = ParquetSource(str(tmp_path)).list_items()
     assert listing.classes == ["0", "1", "2", "3", "4"]
-    assert "--classes-file" in caplog.text
+    assert "--classes FILE" in caplog.text
 
 
 def test_unlabelled_rows_are_skipped_and_imageless_rows_unreadable(tmp_path):
@@ -168,8 +168,9 @@ def test_unlabelled_rows_are_skipped_and_imageless_rows_unreadable(tmp_path):
     source = ParquetSource(str(tmp_path))
     listing = source.list_items()
     assert [item.key for item in listing.splits["train"]] == ["train.parquet#0", "train.parquet#1"]
-    assert listing.skipped == ["train.parquet#2: label 3 is not a class index 0..2", "train.parquet#3: no label",
-                               "train.parquet#4: label -1 is not a class index 0..2"]
+    assert listing.skipped == [] and listing.unusable["test"] == []
+    assert [f"{entry.key}: {entry.reason}" for entry in listing.unusable["train"]] == [
+        "train.parquet#2: label 3 is not a class index 0..2", "train.parquet#3: no label", "train.parquet#4: label -1 is not a class index 0..2"]
     (_, data, reason), (_, missing, why) = read_all(source, listing.splits["train"])
     assert reason is None and np.array_equal(decoded(data), pixels(0))
     assert missing is None and why == "no image"

@@ -24,6 +24,13 @@ class Item(BaseModel):
     version: str  # changes whenever the bytes may have changed: size + mtime/ETag, or the table file's identity
 
 
+class UnreadableItem(BaseModel):
+    """An item whose bytes could not be read or decoded: skipped, counted and listed, never a crashed shard."""
+
+    key: str
+    reason: str
+
+
 class Listing(BaseModel):
     """What a collection holds now. `identity` names the collection itself (format, root, split rule, classes),
     not its content, so a grown collection keeps its features' folder and only the new images are extracted."""
@@ -32,13 +39,7 @@ class Listing(BaseModel):
     splits: dict[str, list[Item]]  # "train" and "test", each sorted by key
     identity: dict
     skipped: list[str] = []  # entries that are not images of a class (stray files, unknown layout), with the reason
-
-
-class UnreadableItem(BaseModel):
-    """An item whose bytes could not be read or decoded: skipped, counted and listed, never a crashed shard."""
-
-    key: str
-    reason: str
+    unusable: dict[str, list[UnreadableItem]] = {}  # by split: images with no usable label, listed beside the unreadable ones
 
 
 class CollectionSource(Protocol):

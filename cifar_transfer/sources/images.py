@@ -16,6 +16,13 @@ How pixels are made, so that every source agrees:
   pixel, so no detail is aliased away. Large JPEGs are first decoded at 1/2 to 1/8 scale by libjpeg
   (`Image.draft`), never below `size`: several times faster, and the difference is below what the resize
   keeps anyway.
+
+Memory: the cap is on the bytes a decode holds, not on a pixel count: the decoded image in Pillow's own layout
+(1 byte a pixel for grayscale and palette, 2 for 16-bit, 4 for colour) plus the one full-size copy a conversion
+needs, at most `MAX_DECODE_MB`. An image whose decoded form is over `SMALL_DECODE_MB` is first box-reduced
+(`Image.reduce`) to no less than twice `size` before any conversion, orientation or compositing, so those work on
+a small image: a 100-megapixel 16-bit PNG decodes in about 300 MB, not 2 GB. Smaller images take the direct path
+above, unchanged, so a collection's features do not depend on when its images were decoded.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import logging
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-MAX_PIXELS = 100_000_000  # a 10,000 x 10,000 photo; decoding it takes 300 MB, a crafted header could ask for far more
+MAX_DECODE_MB = 512  # a 100-megapixel colour photo decodes into 400 MB; a crafted header could ask for far more
+SMALL_DECODE_MB = 64  # decoded images up to this size (16 megapixels of colour) take the direct path
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what Pillow may open: not EPS (Ghostscript), not PSD, ...
 BACKGROUND = (255, 255, 255)
 # What Pillow raises on bytes it cannot decode (it turns its parsers' struct, index and end-of-data errors into
@@ -37,6 +45,15 @@ _PILLOW_FAILURES = (Image.DecompressionBombError, OSError, SyntaxError, ValueErr
 # without colour science or a known range: refused rather than decoded into wrong colours.
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _OPAQUE_MODES = frozenset({"RGB", "RGBX", "L", "1", "P", "CMYK", "YCbCr"})
+# Bytes a pixel takes in Pillow's memory: one for 1-band 8-bit images, two for 16-bit, four for the rest.
+_ONE_BYTE_MODES = frozenset({"1", "L", "P"})
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# Modes `Image.reduce` cannot reduce, and the mode each is converted to first (the one full-size copy).
+_BEFORE_REDUCE = {"1": "L", "P": "RGBA", **{mode: "L" for mode in _SIXTEEN_BIT}}
+_STRIP_PIXELS = 1 << 22  # large images are reduced, and 16-bit ones scaled to 8 bits, a strip of this many pixels at a time
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what makes the picture stand upright
 # Pillow's one error log (a TIFF asking for too many samples a pixel) repeats the SyntaxError reported here.
 logging.getLogger("PIL.TiffImagePlugin").setLevel(logging.CRITICAL)
 
@@ -65,18 +82,72 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 def _decode(data: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-        width, height = image.size  # never zero: Pillow refuses to open an empty image
-        if width * height > MAX_PIXELS:
-            raise UndecodableImage(f"image is {width}x{height} pixels, over the cap of {MAX_PIXELS:,} pixels")
         image.draft("RGB", (size, size))  # JPEG only: libjpeg's scale is chosen so both sides stay >= size
+        width, height = image.size  # never zero: Pillow refuses to open an empty image
+        decoded = width * height * _bytes_per_pixel(image.mode)
+        converted = width * height * _bytes_per_pixel(_BEFORE_REDUCE.get(image.mode, image.mode)) if image.mode in _BEFORE_REDUCE else 0
+        if decoded + converted > MAX_DECODE_MB * 2**20:
+            raise UndecodableImage(f"image is {width}x{height} pixels of {image.mode}: decoding it takes {(decoded + converted) / 2**20:,.0f} "
+                                   f"MiB, over the cap of {MAX_DECODE_MB} MiB")
+        if decoded > SMALL_DECODE_MB * 2**20 and min(width, height) >= 4 * size:
+            return _decode_large(image, size)
         upright = ImageOps.exif_transpose(image)
-        return np.asarray(_rgb(upright).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None), dtype=np.uint8)
+        return _square(_rgb(upright), size)
+
+
+def _decode_large(image: Image.Image, size: int) -> np.ndarray:
+    """A large image reduced first (box filter, to at least twice `size`), so conversions touch a small copy."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    transparent = "transparency" in image.info
+    if image.mode in _SIXTEEN_BIT:
+        image = _eight_bit(image)
+    elif image.mode in _BEFORE_REDUCE or transparent:
+        image = image.convert("RGBA" if transparent or image.mode == "P" else _BEFORE_REDUCE[image.mode])
+    small = _reduce(image, max(1, image.width // (2 * size)), max(1, image.height // (2 * size)))
+    del image
+    if orientation in _ORIENTATIONS:
+        small = small.transpose(_ORIENTATIONS[orientation])
+    return _square(_rgb(small), size)
+
+
+def _reduce(image: Image.Image, across: int, down: int) -> Image.Image:
+    """`image.reduce((across, down))` a strip at a time: reducing an RGBA image whole makes a premultiplied copy of it."""
+    rows = down * max(1, _STRIP_PIXELS // (image.width * down))
+    strips = [image.crop((0, top, image.width, min(top + rows, image.height))).reduce((across, down))
+              for top in range(0, image.height, rows)]
+    small = Image.new(strips[0].mode, (strips[0].width, sum(strip.height for strip in strips)))
+    top = 0
+    for strip in strips:
+        small.paste(strip, (0, top))
+        top += strip.height
+    return small
+
+
+def _square(image: Image.Image, size: int) -> np.ndarray:
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None), dtype=np.uint8)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L", values scaled (not clipped), converted a strip at a time: one byte a
+    pixel more than the image itself, where a whole-image conversion would hold 4 + 8 bytes a pixel."""
+    eight = Image.new("L", image.size)
+    rows = max(1, _STRIP_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        strip = np.asarray(image.crop((0, top, image.width, min(top + rows, image.height))))
+        eight.paste(Image.fromarray((strip // 257).astype(np.uint8)), (0, top))
+    return eight
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    return 1 if mode in _ONE_BYTE_MODES else 2 if mode in _SIXTEEN_BIT else 4
 
 
 def _rgb(image: Image.Image) -> Image.Image:
     """`image` in 8-bit RGB: transparency composited over `BACKGROUND`, 16-bit values scaled to 8 bits."""
-    if image.mode.startswith("I"):  # 16-bit grayscale (PNG, TIFF) opens as "I;16*" or "I"
-        scaled = np.asarray(image.convert("I"), dtype=np.int64) // 257
+    if image.mode in _SIXTEEN_BIT:  # 16-bit grayscale (PNG, TIFF)
+        image = _eight_bit(image)
+    elif image.mode.startswith("I"):  # 32-bit integers ("I"): as 16-bit values, clipped
+        scaled = np.asarray(image, dtype=np.int64) // 257
         image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")

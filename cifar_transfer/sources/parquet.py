@@ -33,7 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.redact import redact
-from cifar_transfer.sources.base import SPLITS, Item, Listing
+from cifar_transfer.sources.base import SPLITS, Item, Listing, UnreadableItem
+from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, over_limit
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 HF_METADATA_KEY = b"huggingface"
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+_ROWS_PER_READ = 16  # cells of the image column decoded from the pages at once
 _SPLIT_WORDS = {"train": "train", "test": "test", "validation": "validation", "valid": "validation"}
 # A split word that starts a file name, followed by anything but a letter ("train-00000-of-00002", "test.parquet"),
 # so "trainer.parquet" or "validated.parquet" name no split.
@@ -63,7 +65,7 @@ class ParquetSource:
     class names; without either, classes are "0".."K-1" up to the largest label."""
 
     def __init__(self, source: str, image_column: str = "image", label_column: str = "label", classes_file: str | None = None,
-                 test_fraction: float = 0.2, split_seed: int = 0):
+                 test_fraction: float = 0.2, split_seed: int = 0, max_file_mb: float = MAX_FILE_MB):
         if not 0 < test_fraction < 1:
             raise ConfigError(f"test fraction {test_fraction} is not between 0 and 1: pass e.g. --test-fraction 0.2")
         self.source = source
@@ -72,6 +74,7 @@ class ParquetSource:
         self.classes_file = classes_file
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.limit = file_limit(max_file_mb)
         self.fs, self._path = fsspec.core.url_to_fs(source)
         self._is_glob = bool(_GLOB_MAGIC.search(self._path))
         self._is_dir = not self._is_glob and self.fs.isdir(self._path)
@@ -134,15 +137,16 @@ class ParquetSource:
         classes = self._classes(names, labels)
 
         splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
+        unusable: dict[str, list[UnreadableItem]] = {split: [] for split in SPLITS}
         for file in used:
             for row, label in enumerate(labels[file.relative]):
                 key = f"{file.relative}#{row}"
+                split = ("train" if kinds[file.relative] == "train" else "test") if by_files else self._seeded_split(key)
                 if label is None:
-                    skipped.append(f"{key}: no label")
+                    unusable[split].append(UnreadableItem(key=key, reason="no label"))
                 elif not 0 <= label < len(classes):
-                    skipped.append(f"{key}: label {label} is not a class index 0..{len(classes) - 1}")
+                    unusable[split].append(UnreadableItem(key=key, reason=f"label {label} is not a class index 0..{len(classes) - 1}"))
                 else:
-                    split = ("train" if kinds[file.relative] == "train" else "test") if by_files else self._seeded_split(key)
                     splits[split].append(Item(key=key, label=label, version=file.version))
         for items in splits.values():
             items.sort(key=lambda item: item.key)
@@ -154,7 +158,7 @@ class ParquetSource:
             "split": "files" if by_files else {"test_fraction": self.test_fraction, "split_seed": self.split_seed},
             "classes": classes,
         }
-        return Listing(classes=classes, splits=splits, identity=identity, skipped=skipped)
+        return Listing(classes=classes, splits=splits, identity=identity, skipped=skipped, unusable=unusable)
 
     def _check_schema(self, schema: pa.Schema, relative: str) -> None:
         """Refuse a table this source cannot read, naming the option that fixes it."""
@@ -176,13 +180,13 @@ class ParquetSource:
         distinct = {tuple(found): relative for relative, found in names.items() if found}
         if len(distinct) > 1:
             first, second = list(distinct.values())[:2]
-            raise ArchiveError(f"{first} and {second} name different classes for {self.label_column!r}: pass --classes-file FILE")
+            raise ArchiveError(f"{first} and {second} name different classes for {self.label_column!r}: pass --classes FILE")
         if distinct:
             return list(next(iter(distinct)))
         largest = max((label for values in labels.values() for label in values if label is not None), default=-1)
         if largest < 0:
             raise ArchiveError(f"no row of {redact(self.source)} has a label in {self.label_column!r}: pass --label-column NAME")
-        log.warning("%s names no classes: using '0'..'%d' (pass --classes-file FILE to name them)", redact(self.source), largest)
+        log.warning("%s names no classes: using '0'..'%d' (pass --classes FILE to name them)", redact(self.source), largest)
         return [str(index) for index in range(largest + 1)]
 
     def _seeded_split(self, key: str) -> str:
@@ -238,10 +242,39 @@ class ParquetSource:
                 else:
                     yield index, None, f"row {row} is beyond the {ends[-1] if ends else 0} rows of {relative} (the file shrank since listing)"
             for group in sorted(by_group):
-                column = parquet.read_row_group(group, columns=[self.image_column]).column(0)
-                first = ends[group - 1] if group else 0
-                for row, index in by_group[group]:
-                    yield index, *_image_bytes(column[row - first].as_py())
+                if too_large := self._too_large(parquet, group, relative):
+                    yield from ((index, None, too_large) for _, index in by_group[group])
+                    continue
+                yield from self._read_group(parquet, group, ends[group - 1] if group else 0, dict(by_group[group]))
+
+    def _too_large(self, parquet: pq.ParquetFile, group: int, relative: str) -> str | None:
+        """Why the row group's image column cannot be read within the cap, or None. Parquet writers put a row group's
+        cells in a few pages (pyarrow: one page per 1,024 values), and a page is read whole, so the column chunk is
+        what a read of one row may hold, twice (read, then decoded)."""
+        metadata = parquet.metadata.row_group(group)
+        size = sum(metadata.column(number).total_uncompressed_size for number in range(metadata.num_columns)
+                   if metadata.column(number).path_in_schema.split(".")[0] == self.image_column)
+        if size <= self.limit:
+            return None
+        return (f"{relative}: row group {group} holds {size / 2**20:,.0f} MiB of images, over the cap of {self.limit / 2**20:,.0f} MiB "
+                "read at once: rewrite the table with smaller row groups (pq.write_table(..., row_group_size=100)), or raise --max-file-mb")
+
+    def _read_group(self, parquet: pq.ParquetFile, group: int, first: int, wanted: dict[int, int]
+                    ) -> Iterator[tuple[int, bytes | None, str | None]]:
+        """(index, bytes, reason) for the wanted rows (row -> index) of one row group, converted to Python a few rows at
+        a time up to the last one wanted."""
+        row, last = first, max(wanted)
+        for batch in parquet.iter_batches(batch_size=_ROWS_PER_READ, row_groups=[group], columns=[self.image_column]):
+            column = batch.column(0)
+            for offset in range(len(column)):
+                if row + offset in wanted:
+                    data, reason = _image_bytes(column[offset].as_py())
+                    if data is not None and len(data) > self.limit:
+                        data, reason = None, over_limit(len(data), self.limit)
+                    yield wanted[row + offset], data, reason
+            row += len(column)
+            if row > last:
+                return
 
 
 def _file_version(info: dict) -> str:
@@ -303,7 +336,7 @@ def _read_classes_file(url: str) -> list[str]:
         with fsspec.open(url, "rt", encoding="utf-8") as stream:
             text = stream.read()
     except FileNotFoundError as error:
-        raise ConfigError(f"classes file {redact(url)} does not exist: pass --classes-file FILE with one class name per line") from error
+        raise ConfigError(f"classes file {redact(url)} does not exist: pass --classes FILE with one class name per line") from error
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
