@@ -46,7 +46,7 @@ from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.progress import duration
 from cifar_transfer.redact import printable, redact
-from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, file_limit, read_bounded, walk
+from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, file_limit, not_a_regular_file, read_bounded, walk
 from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
 from cifar_transfer.sources.images import UndecodableImage, decode_image
 from cifar_transfer.sources.parquet import _holds_encoded_images, _image_bytes
@@ -103,7 +103,7 @@ class ImageSource:
         self._local = isinstance(self.fs, LocalFileSystem)
         self._sizes: dict[str, int] = {}  # listed sizes of an object store's files, checked against the cap before a read
         files, single = self._list(path)
-        tables = [name for name in files if name.lower().endswith(".parquet")]
+        tables = [name for name in files if name.lower().endswith(".parquet") and not (self._local and self._unreadable_table(name))]
         if single:  # a file named on its own is decoded whatever its extension (or reported)
             self.image_files = [] if tables else files
         else:
@@ -142,6 +142,12 @@ class ImageSource:
             raise ArchiveError(f"{redact(self.source)} is no file, folder or glob that matches anything: check SOURCE")
         self._sizes = {name: info.get("size") or 0 for name, info in found.items()}
         return sorted(found), False
+
+    def _unreadable_table(self, name: str) -> bool:
+        """A local table that is not a regular file (a FIFO would block its reader): logged and left out."""
+        if problem := not_a_regular_file(name):
+            log.warning("predict: skipped %s: %s", printable(name), problem)
+        return problem is not None
 
     def _shown(self, name: str) -> str:
         return name if self._local else redact(self.fs.unstrip_protocol(name))

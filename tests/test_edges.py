@@ -415,3 +415,29 @@ def test_a_tables_rows_without_a_usable_label_are_listed_with_the_unreadable_one
     assert skipped == [{"key": "train.parquet#3", "reason": f"label 7 is not a class index 0..{len(CLASSES) - 1}"},
                        {"key": "train.parquet#4", "reason": "no label"}, {"key": "train.parquet#6", "reason": "no image"}]
     assert features.splits == {"train": 4, "test": 2}
+
+
+def test_a_table_or_classes_file_that_is_not_a_regular_file_never_blocks(tmp_path):
+    """A FIFO named like a table, and FIFOs or /dev/zero as the classes file: listed or refused, never opened to block."""
+    from test_sources_parquet import CLASSES, write_table
+
+    from cifar_transfer.errors import ConfigError
+    from cifar_transfer.sources.parquet import ParquetSource
+
+    write_table(tmp_path / "table" / "train.parquet", [0, 1], [0, 1], names=CLASSES)
+    write_table(tmp_path / "table" / "test.parquet", [2], [0], names=CLASSES)
+    os.mkfifo(tmp_path / "table" / "train-2.parquet")
+    listing = ParquetSource(str(tmp_path / "table")).list_items()
+    assert listing.skipped == ["train-2.parquet: not a regular file: a FIFO"] and len(listing.splits["train"]) == 2
+    os.mkfifo(tmp_path / "classes.txt")
+    for classes, problem in ((tmp_path / "classes.txt", "not a regular file: a FIFO"), ("/dev/zero", "not a regular file: a character device"),
+                             (tmp_path / "missing.txt", "no such file")):
+        with pytest.raises(ConfigError, match=f"classes file .*: {problem}; pass --classes FILE"):
+            ParquetSource(str(tmp_path / "table"), classes_file=str(classes)).list_items()
+    from cifar_transfer.errors import ArchiveError
+    from cifar_transfer.predict import ImageSource
+
+    (tmp_path / "incoming").mkdir()
+    os.mkfifo(tmp_path / "incoming" / "table.parquet")
+    with pytest.raises(ArchiveError, match="no image files .* or Parquet tables at"):
+        ImageSource(str(tmp_path / "incoming"))

@@ -76,6 +76,20 @@ def _target_size(path: str) -> int:
         return 0
 
 
+def not_a_regular_file(path: str) -> str | None:
+    """Why the local `path` (links resolved) is not a regular file to open, or None: for files a library opens itself
+    (a Parquet table), where opening a FIFO would block."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        return f"cannot read the file: {os_reason(error)}"
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
+def _kind(mode: int) -> str:
+    return "not a regular file: " + next((name for test, name in _KINDS if test(mode)), "of an unknown kind")
+
+
 def read_bounded(path: str, limit: int) -> tuple[bytes | None, str | None]:
     """The bytes of the regular file at `path` (links resolved), or None and why not: not a regular file, over
     `limit` bytes, or unreadable. Never blocks on a FIFO, never reads more than `limit` bytes."""
@@ -88,8 +102,7 @@ def read_bounded(path: str, limit: int) -> tuple[bytes | None, str | None]:
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
-            kind = next((name for test, name in _KINDS if test(status.st_mode)), "not a regular file")
-            return None, f"not a regular file: {kind}"
+            return None, _kind(status.st_mode)
         if status.st_size > limit:
             return None, over_limit(status.st_size, limit)
         os.set_blocking(descriptor, True)

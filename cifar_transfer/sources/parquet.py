@@ -19,6 +19,7 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import re
 from collections import defaultdict
@@ -34,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing, UnreadableItem
-from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, over_limit
+from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, not_a_regular_file, over_limit, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 HF_METADATA_KEY = b"huggingface"
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+CLASSES_FILE_BYTES = 16 << 20
 _ROWS_PER_READ = 16  # cells of the image column decoded from the pages at once
 _SPLIT_WORDS = {"train": "train", "test": "test", "validation": "validation", "valid": "validation"}
 # A split word that starts a file name, followed by anything but a letter ("train-00000-of-00002", "test.parquet"),
@@ -90,8 +92,9 @@ class ParquetSource:
     def _relative(self, path: str) -> str:
         return path[len(self._root):].lstrip("/") if self._root else path.lstrip("/")
 
-    def _files(self) -> list[_File]:
-        """The table's files now, with their identities (from the listing itself, so one call per folder)."""
+    def _files(self) -> tuple[list[_File], list[str]]:
+        """The table's files now, with their identities (from the listing itself, so one call per folder); and the
+        local entries that are not regular files (a FIFO named like a table would block its reader), with why."""
         self.fs.invalidate_cache()  # another process may have added a file since this one last listed
         if self._is_glob:
             found = self.fs.glob(self._path, detail=True)
@@ -99,23 +102,26 @@ class ParquetSource:
             found = {path: info for path, info in self.fs.find(self._path, detail=True).items() if path.endswith(".parquet")}
         else:
             found = {self._path: self.fs.info(self._path)} if self.fs.isfile(self._path) else {}
-        files = []
+        files, skipped = [], []
         for path, info in sorted(found.items()):
             relative = self._relative(path)
             hidden = (self._is_glob or self._is_dir) and any(part.startswith(".") for part in relative.split("/"))
-            if info.get("type") != "directory" and not hidden:
-                files.append(_File(path, relative, _file_version(info)))
+            if info.get("type") == "directory" or hidden:
+                continue
+            if isinstance(self.fs, LocalFileSystem) and (problem := not_a_regular_file(path)):
+                skipped.append(f"{relative}: {problem}")
+                continue
+            files.append(_File(path, relative, _file_version(info)))
         if not files:
             raise ArchiveError(f"no Parquet files at {redact(self.source)}: pass a .parquet file, a folder holding *.parquet files, or a glob")
-        return files
+        return files, skipped
 
     def list_items(self) -> Listing:
-        files = self._files()
+        files, skipped = self._files()
         kinds = {file.relative: _split_of(file.relative) for file in files}
         named = set(kinds.values())
         by_files = "train" in named and bool(named & {"test", "validation"})
         test_kind = "test" if "test" in named else "validation"
-        skipped: list[str] = []
         used = []
         for file in files:
             kind = kinds[file.relative]
@@ -331,12 +337,20 @@ def _hub_class_names(metadata: dict[bytes, bytes] | None, label_column: str) -> 
 
 
 def _read_classes_file(url: str) -> list[str]:
-    """Class names from a file: one per line, or a JSON list."""
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8") as stream:
-            text = stream.read()
-    except FileNotFoundError as error:
-        raise ConfigError(f"classes file {redact(url)} does not exist: pass --classes FILE with one class name per line") from error
+    """Class names from a file: one per line, or a JSON list; never more than `CLASSES_FILE_BYTES` read (a FIFO or
+    `/dev/zero` given as the file is refused, not read forever)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not (os.path.lexists(path) if isinstance(fs, LocalFileSystem) else fs.exists(path)):
+        data, problem = None, "no such file"
+    elif isinstance(fs, LocalFileSystem):
+        data, problem = read_bounded(path, CLASSES_FILE_BYTES)
+    elif (size := fs.size(path)) > CLASSES_FILE_BYTES:
+        data, problem = None, over_limit(size, CLASSES_FILE_BYTES)
+    else:
+        data, problem = fs.cat_file(path), None
+    if data is None:
+        raise ConfigError(f"classes file {redact(url)}: {problem}; pass --classes FILE with one class name per line")
+    text = data.decode("utf-8", errors="replace")
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
