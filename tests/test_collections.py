@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import zlib
 from datetime import datetime, timezone
 
 import numpy as np
@@ -46,7 +47,7 @@ def write_tree(root, per_class: dict[str, int], start: int = 0) -> list[str]:
             os.makedirs(root / split / name, exist_ok=True)
             for number in range(start, start + count):
                 key = f"{split}/{name}/{number:04d}.png"
-                picture(label, hash(key) % 10_000).save(root / key)
+                picture(label, zlib.crc32(key.encode()) % 10_000).save(root / key)
                 keys.append(key)
     return keys
 

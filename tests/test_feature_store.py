@@ -178,6 +178,18 @@ def test_rm_never_deletes_a_set_a_live_writer_holds_a_claim_in(store, capsys):
     assert not os.path.exists(older)
 
 
+def test_gc_never_deletes_a_set_a_live_writer_holds_a_claim_in(store, capsys):
+    storage, older, newer = store
+    age(older)
+    age(newer)
+    write_claim(os.path.join(older, "test", ".part-00000.parquet.claim"), os.getpid())
+    assert main(["gc", "--keep", "0", "--storage", storage, "--yes", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"keep {os.path.basename(older)}: in use: a live writer holds the claim on test/part-00000.parquet" in out
+    assert f"deleted {os.path.basename(newer)}" in out
+    assert os.path.exists(os.path.join(older, "test", "_manifest.json")) and not os.path.exists(newer)
+
+
 def test_gc_keeps_the_newest(store, capsys):
     storage, older, newer = store
     age(older)
