@@ -104,6 +104,7 @@ def hostile_tree(tmp_path) -> Path:
     os.symlink(root / "missing.png", cat / "dangling.png")
     listening = socket.socket(socket.AF_UNIX)
     listening.bind(str(cat / "socket.png"))
+    (cat / "clear\x1b[2J.png").write_bytes(b"not an image, and a name that would clear the terminal")
     deep_folder(root / "train" / "dog", 1100, "dddd")  # past Python's recursion limit and PATH_MAX
     yield root
     listening.close()
@@ -119,13 +120,14 @@ SKIPPED = {
     "train/cat/dangling.png": "file not found",
     "train/cat/socket.png": "cannot read the file: not a regular file: a socket",
 }
+UNDECODABLE = {"train/cat/clear\x1b[2J.png": "not an image in a supported format"}  # read, then refused by the decoder
 
 
 @pytest.mark.slow
 def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_the_rest(hostile_tree, tmp_path):
     listing = FolderSource(str(hostile_tree)).list_items()
     keys = {item.key for split in listing.splits.values() for item in split}
-    assert set(SKIPPED) <= keys and "train/dog/" + "dddd/" * 5 + "deep.png" in keys
+    assert set(SKIPPED | UNDECODABLE) <= keys and "train/dog/" + "dddd/" * 5 + "deep.png" in keys
     assert not any(key.count("dddd") > 800 for key in keys), "a path longer than PATH_MAX was listed"
     assert any("cannot list the folder: File name too long" in entry for entry in listing.skipped)
 
@@ -133,10 +135,11 @@ def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_t
     result = cli("extract", "--source", str(hostile_tree), "--storage", str(storage), "--backbone", "MobileNetV2",
                  "--weights", "none", "--input-size", "32", timeout=420)
     assert result.returncode == 0, last_line(result)
+    assert "\x1b" not in result.stdout + result.stderr and "skipped train/cat/clear\\x1b[2J.png" in result.stdout + result.stderr
     (features,) = (storage / "features").iterdir()
     skipped = {entry["key"]: entry["reason"] for entry in json.loads((features / "train" / "_skipped.json").read_text())}
-    assert set(skipped) == set(SKIPPED)
-    for key, reason in SKIPPED.items():
+    assert set(skipped) == set(SKIPPED | UNDECODABLE)
+    for key, reason in (SKIPPED | UNDECODABLE).items():
         assert skipped[key].startswith(reason), (key, skipped[key])
     manifest = json.loads((features / "train" / "_manifest.json").read_text())
     assert manifest["rows"] == 12 + 1  # the images and the deep one at depth 5 (the bottom one is past PATH_MAX)
