@@ -21,7 +21,9 @@ SECRET_PARAMETERS = frozenset({
     "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid", "signature",
     "x-goog-signature", "x-goog-credential", "googleaccessid", "sig",
     "token", "access_token", "refresh_token", "id_token", "auth_token", "authorization",
-    "api_key", "apikey", "key", "password", "passwd", "secret", "client_secret",
+    "api_key", "apikey", "key", "password", "passwd", "pwd", "secret", "client_secret", "private_key",
+    "access_key", "secret_key", "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "session_token", "credential", "credentials", "sas", "sas_token",
 })
 
 # One link of a URL: scheme, "://", then everything up to whitespace, a character no URL holds (" < > `) or
@@ -49,7 +51,7 @@ def secrets_in(url: str) -> list[str]:
 def refuse_secrets(option: str, value: str | None) -> None:
     """The one check of every option that takes a URL or a path: `ConfigError` when `value` embeds credentials
     (naming their kind, never them), since options end up in logs, records and Prefect's database."""
-    found = secrets_in(value) if value else []
+    found = secrets_in(re.sub(r"\s", "%20", value)) if value else []  # an option is one URL, spaces in a password too
     if found:
         raise ConfigError(
             f"{option} embeds credentials ({', '.join(found)}): remove them and let fsspec/httpx read them from the environment "

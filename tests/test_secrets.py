@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cifar_transfer.redact import SECRET_PARAMETERS, redact, secrets_in
+from cifar_transfer.errors import ConfigError
+from cifar_transfer.redact import SECRET_PARAMETERS, redact, refuse_secrets, secrets_in
 
 
 @pytest.mark.parametrize(
@@ -145,3 +146,12 @@ def test_credentials_with_unencoded_reserved_characters_are_found_and_masked(use
 ])
 def test_an_at_sign_after_the_host_is_not_taken_for_credentials(text):
     assert redact(text) == text and secrets_in(text) == []
+
+
+@pytest.mark.parametrize("value", [
+    "https://user:pass word@example.com/c.tar.gz", "s3://bucket/c.tar.gz?aws_secret_access_key=x", "gs://b/c?private_key=x",
+    "https://h/c.tar.gz#sas_token=x", "s3://bucket/x?AWS_SESSION_TOKEN=x",
+])
+def test_an_option_value_is_one_url_whatever_it_holds(value):
+    with pytest.raises(ConfigError, match="--source embeds credentials"):
+        refuse_secrets("--source", value)
