@@ -46,7 +46,7 @@ from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.progress import duration
 from cifar_transfer.redact import printable, redact
-from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, file_limit, not_a_regular_file, read_bounded, walk
+from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk
 from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
 from cifar_transfer.sources.images import UndecodableImage, decode_image
 from cifar_transfer.sources.parquet import _holds_encoded_images, _image_bytes
@@ -189,7 +189,7 @@ class ImageSource:
             if isinstance(data, str):
                 yield self._shown(name), None, data
             elif isinstance(data, BaseException):
-                yield self._shown(name), None, f"cannot read the file: {redact(' '.join(str(data).split())) or type(data).__name__}"
+                yield self._shown(name), None, fetch_error(data)
             else:
                 yield self._shown(name), data, None
 

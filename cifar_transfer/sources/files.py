@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 from fsspec import AbstractFileSystem
 
+from cifar_transfer.redact import redact
+
 READ_BATCH = 64  # files an object store fetches at once: a batch's reads overlap their round trips
 MAX_FILE_MB = 256.0  # far above any real image (a 100-megapixel 16-bit TIFF is 600 MB: raise it with --max-file-mb)
 GONE = "file not found: deleted or moved since the collection was listed"
@@ -62,7 +64,10 @@ def walk(root: str) -> tuple[dict[str, dict], list[str]]:
                     pending.append((entry.path, f"{prefix}{entry.name}/"))
                     continue
                 status = entry.stat(follow_symlinks=False)
-            except OSError:  # deleted while listed, or a name the system cannot stat: reading it will say why
+            except FileNotFoundError:  # deleted while listed
+                continue
+            except OSError as error:
+                unreadable.append(f"{prefix}{entry.name}: cannot read the entry: {os_reason(error)}")
                 continue
             size = _target_size(entry.path) if stat.S_ISLNK(status.st_mode) else status.st_size
             files[prefix + entry.name] = {"size": size, "mtime": status.st_mtime}
@@ -128,6 +133,11 @@ def fetch(fs: AbstractFileSystem, paths: list[str], sizes: list[int], limit: int
         fetched = iter(fs.cat_ranges(wanted, None, None, on_error="return"))
         for _, size in batch:
             yield next(fetched) if size <= limit else over_limit(size, limit)
+
+
+def fetch_error(error: BaseException) -> str:
+    """What an object store's failed read says, in one line and without secrets."""
+    return f"cannot read the file: {redact(' '.join(str(error).split())) or type(error).__name__}"
 
 
 def os_reason(error: OSError) -> str:

@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from cifar_transfer.errors import ArchiveError, ConfigError, is_transient
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing
-from cifar_transfer.sources.files import GONE, MAX_FILE_MB, fetch, file_limit, read_bounded, walk
+from cifar_transfer.sources.files import GONE, MAX_FILE_MB, fetch, fetch_error, file_limit, read_bounded, walk
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 LAYOUTS = "expected ROOT/<class>/<image>, or ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
@@ -114,7 +114,7 @@ class FolderSource:
             elif isinstance(data, FileNotFoundError):
                 yield item, None, GONE
             else:
-                yield item, None, f"cannot read the file: {redact(' '.join(str(data).split())) or type(data).__name__}"
+                yield item, None, fetch_error(data)
 
     def _layout(self, top_folders: set[str]) -> str:
         """The layout: train-test-folders when ROOT holds both train/ and test/, class-folders when it holds neither."""
