@@ -28,7 +28,6 @@ The destination folder holds, per format:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import posixpath
@@ -42,9 +41,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from cifar_transfer.config import PipelineConfig
 from cifar_transfer.errors import ConfigError, FeatureSetError
-from cifar_transfer.redact import printable, redact
+from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
 
 if TYPE_CHECKING:
@@ -270,23 +268,3 @@ def _copy_out(local: str, target: Storage, relative: str) -> int:
         with open(source_path, "rb") as source, target.open_atomic(target.path(name), size) as stream:
             shutil.copyfileobj(source, stream, 4 << 20)
     return sum(os.path.getsize(source_path) for source_path, _ in files)
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `cifar-transfer export` options."""
-    storage_default = PipelineConfig.model_fields["storage"].default
-    parser.add_argument("--storage", default=storage_default, help=f"output root of the run (default: {storage_default})")
-    parser.add_argument("--fingerprint", default=None, help="feature set to export from (default: the newest with a finished head)")
-    parser.add_argument("--head-key", dest="head_key", default=None, help="head to export (default: the newest finished head)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the model into (local path or fsspec URL)")
-    parser.add_argument("--format", dest="formats", action="append", choices=FORMATS, default=None,
-                        help="keras, savedmodel or openvino; repeat for several (default: every one installed here)")
-
-
-def export_command(arguments: argparse.Namespace) -> int:
-    """Export as `arguments` ask and print where each format went and how many class names came with it."""
-    result = export_model(arguments.storage, arguments.output, arguments.formats, arguments.fingerprint, arguments.head_key)
-    for fmt in result.files:
-        print(printable(f"{fmt}: {result.location(fmt)}"))
-    print(printable(f"classes: {len(result.classes)} names in {result.description}"))
-    return 0

@@ -21,13 +21,11 @@ image that cannot be read or decoded becomes a row with the reason, never a fail
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import posixpath
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -41,7 +39,6 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.cifar import IMAGE_SHAPE
-from cifar_transfer.config import PipelineConfig
 from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ArchiveError, ConfigError
 from cifar_transfer.progress import duration
@@ -373,46 +370,3 @@ def _output_kind(destination: str) -> str:
     if kind not in (".json", ".parquet"):
         raise ConfigError(f"output {redact(destination)} must end in .json or .parquet")
     return kind
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `cifar-transfer predict`."""
-    storage_default = PipelineConfig.model_fields["storage"].default
-    parser.add_argument("source", metavar="SOURCE", help="an image file, a folder, a glob, an fsspec URL of these, or a Parquet table of images")
-    parser.add_argument("--storage", default=storage_default, help=f"the runs' output root (default: {storage_default})")
-    parser.add_argument("--fingerprint", default=None, help="use a head of this feature set (default: the newest head of any)")
-    parser.add_argument("--head-key", default=None, help="use this head (a folder name under heads/; default: the newest)")
-    parser.add_argument("--top-k", type=int, default=1, help="also give the K most probable classes with their probabilities (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default: 64)")
-    parser.add_argument("--chunk", type=int, default=CHUNK, help=f"images decoded and held in memory at once (default: {CHUNK})")
-    parser.add_argument("--image-column", default=None, help="a table's column of encoded images (default: 'image', or its only such column)")
-    parser.add_argument("--output", default=None, help="write FILE.json or FILE.parquet (local or fsspec URL) instead of printing a table")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
-    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
-                        help=f"skip (and report) image files larger than this many MiB, never reading them (default: {MAX_FILE_MB:g})")
-
-
-def predict_command(arguments: argparse.Namespace) -> int:
-    """Print a table (path, class, confidence[, top K]) or write --output; undecodable images are rows with their reason."""
-    if arguments.output:
-        check_output(arguments.output, arguments.overwrite)  # before the backbone is built
-    images = ImageSource(arguments.source, arguments.image_column, arguments.max_file_mb)
-    predictor = Predictor(find_head(arguments.storage, arguments.fingerprint, arguments.head_key), arguments.storage)
-    rows = predictor.predict(images, arguments.top_k, arguments.batch_size, arguments.chunk)
-    if arguments.output:
-        metadata = {"head": predictor.head.key, "fingerprint": predictor.head.features.fingerprint, "source": redact(arguments.source)}
-        count = write_predictions(rows, arguments.output, metadata, arguments.overwrite)
-        print(printable(f"predictions: {count} images -> {arguments.output}"))
-        return 0
-    width = max(images.path_width, len("path"))
-    class_width = max(len("class"), *(len(printable(name)) for name in predictor.classes))
-    print(f"{'path':<{width}}  {'class':<{class_width}}  confidence" + ("  top" if arguments.top_k > 1 else ""), flush=True)
-    for row in rows:
-        path = printable(row.path)
-        if row.error is not None:
-            print(f"{path:<{width}}  {'-':<{class_width}}  {'-':>10}  undecodable: {printable(row.error)}")
-            continue
-        top = "  " + ", ".join(f"{printable(name)} {probability:.3f}" for name, probability in row.top) if arguments.top_k > 1 else ""
-        print(f"{path:<{width}}  {printable(row.class_name or ''):<{class_width}}  {row.confidence:>10.4f}{top}")
-    sys.stdout.flush()
-    return 0

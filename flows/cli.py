@@ -15,8 +15,11 @@ import typing
 
 from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config
 from cifar_transfer.errors import PermanentError
+from cifar_transfer.export import FORMATS
 from cifar_transfer.flows import console  # first: it sets Prefect's settings before Prefect is imported
-from cifar_transfer.redact import printable, refuse_secrets
+from cifar_transfer.predict import CHUNK
+from cifar_transfer.redact import printable, redact, refuse_secrets
+from cifar_transfer.sources.files import MAX_FILE_MB
 
 # The options that decide which features get extracted (the `extract` subcommand takes only these): the fields of the
 # extraction stages' settings, plus where the output goes and the preset that may set them.
@@ -74,9 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
     verify.add_argument("--fingerprint", default=None, help="check only this feature set (default: all)")
     verify.add_argument("--repair", action="store_true", help="delete damaged shards and recompute them")
-    from cifar_transfer.export import add_export_arguments
-    from cifar_transfer.predict import add_predict_arguments
-
     predict = commands.add_parser("predict", help="classify images (files, a folder, a glob, a Parquet table) with a finished run's head")
     add_predict_arguments(predict)
     export = commands.add_parser("export", help="write one self-contained model (uint8 images in, class probabilities out): "
@@ -85,6 +85,74 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (run, extract, verify, predict, export):
         command.add_argument("--verbose", action="store_true", help="show tracebacks and debug lines on the console (always in the log file)")
     return parser
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `cifar-transfer predict`."""
+    storage_default = PipelineConfig.model_fields["storage"].default
+    parser.add_argument("source", metavar="SOURCE", help="an image file, a folder, a glob, an fsspec URL of these, or a Parquet table of images")
+    parser.add_argument("--storage", default=storage_default, help=f"the runs' output root (default: {storage_default})")
+    parser.add_argument("--fingerprint", default=None, help="use a head of this feature set (default: the newest head of any)")
+    parser.add_argument("--head-key", default=None, help="use this head (a folder name under heads/; default: the newest)")
+    parser.add_argument("--top-k", type=int, default=1, help="also give the K most probable classes with their probabilities (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default: 64)")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help=f"images decoded and held in memory at once (default: {CHUNK})")
+    parser.add_argument("--image-column", default=None, help="a table's column of encoded images (default: 'image', or its only such column)")
+    parser.add_argument("--output", default=None, help="write FILE.json or FILE.parquet (local or fsspec URL) instead of printing a table")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
+                        help=f"skip (and report) image files larger than this many MiB, never reading them (default: {MAX_FILE_MB:g})")
+
+
+def predict_command(arguments: argparse.Namespace) -> int:
+    from cifar_transfer.predict import ImageSource, Predictor, check_output, write_predictions
+    from cifar_transfer.trained import find_head
+
+    """Print a table (path, class, confidence[, top K]) or write --output; undecodable images are rows with their reason."""
+    if arguments.output:
+        check_output(arguments.output, arguments.overwrite)  # before the backbone is built
+    images = ImageSource(arguments.source, arguments.image_column, arguments.max_file_mb)
+    predictor = Predictor(find_head(arguments.storage, arguments.fingerprint, arguments.head_key), arguments.storage)
+    rows = predictor.predict(images, arguments.top_k, arguments.batch_size, arguments.chunk)
+    if arguments.output:
+        metadata = {"head": predictor.head.key, "fingerprint": predictor.head.features.fingerprint, "source": redact(arguments.source)}
+        count = write_predictions(rows, arguments.output, metadata, arguments.overwrite)
+        print(printable(f"predictions: {count} images -> {arguments.output}"))
+        return 0
+    width = max(images.path_width, len("path"))
+    class_width = max(len("class"), *(len(printable(name)) for name in predictor.classes))
+    print(f"{'path':<{width}}  {'class':<{class_width}}  confidence" + ("  top" if arguments.top_k > 1 else ""), flush=True)
+    for row in rows:
+        path = printable(row.path)
+        if row.error is not None:
+            print(f"{path:<{width}}  {'-':<{class_width}}  {'-':>10}  undecodable: {printable(row.error)}")
+            continue
+        top = "  " + ", ".join(f"{printable(name)} {probability:.3f}" for name, probability in row.top) if arguments.top_k > 1 else ""
+        print(f"{path:<{width}}  {printable(row.class_name or ''):<{class_width}}  {row.confidence:>10.4f}{top}")
+    sys.stdout.flush()
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `cifar-transfer export` options."""
+    storage_default = PipelineConfig.model_fields["storage"].default
+    parser.add_argument("--storage", default=storage_default, help=f"output root of the run (default: {storage_default})")
+    parser.add_argument("--fingerprint", default=None, help="feature set to export from (default: the newest with a finished head)")
+    parser.add_argument("--head-key", dest="head_key", default=None, help="head to export (default: the newest finished head)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the model into (local path or fsspec URL)")
+    parser.add_argument("--format", dest="formats", action="append", choices=FORMATS, default=None,
+                        help="keras, savedmodel or openvino; repeat for several (default: every one installed here)")
+
+
+def export_command(arguments: argparse.Namespace) -> int:
+    from cifar_transfer.export import export_model
+
+    """Export as `arguments` ask and print where each format went and how many class names came with it."""
+    result = export_model(arguments.storage, arguments.output, arguments.formats, arguments.fingerprint, arguments.head_key)
+    for fmt in result.files:
+        print(printable(f"{fmt}: {result.location(fmt)}"))
+    print(printable(f"classes: {len(result.classes)} names in {result.description}"))
+    return 0
 
 
 def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> int:
@@ -210,12 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 console.start_temporary_api()
             return verify_command(options["storage"], options.get("fingerprint"), options.get("repair", False))
         if arguments.command == "predict":
-            from cifar_transfer.predict import predict_command
-
             return predict_command(arguments)
         if arguments.command == "export":
-            from cifar_transfer.export import export_command
-
             return export_command(arguments)
         config = load_config(**options)
         console.start_temporary_api()

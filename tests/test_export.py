@@ -15,7 +15,8 @@ import pytest
 from test_flow import tiny_config
 
 from cifar_transfer.errors import ConfigError, FeatureSetError
-from cifar_transfer.export import OPENVINO_CLASSES_KEY, OPENVINO_COMPILE_CONFIG, add_export_arguments, export_command, export_model
+from cifar_transfer.export import OPENVINO_CLASSES_KEY, OPENVINO_COMPILE_CONFIG, export_model
+from cifar_transfer.flows.cli import add_export_arguments, export_command
 from cifar_transfer.flows.pipeline import cifar_transfer
 from cifar_transfer.native import load_keras, load_tensorflow
 from conftest import MOBILENET_WEIGHTS, cifar_members, write_archive

@@ -17,8 +17,9 @@ from test_flow import tiny_config
 
 from cifar_transfer import engines
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.flows.cli import add_predict_arguments, predict_command
 from cifar_transfer.flows.pipeline import cifar_transfer
-from cifar_transfer.predict import ImageSource, Predictor, add_predict_arguments, predict, predict_command
+from cifar_transfer.predict import ImageSource, Predictor, predict
 from cifar_transfer.trained import find_head
 from conftest import cifar_members, write_archive
 
