@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from cifar_transfer import layout
 from cifar_transfer.cifar import archive_format_named, archive_format_of, read_archive
+from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError
 from cifar_transfer.shards import Shard
 from cifar_transfer.storage import Storage
@@ -97,7 +98,7 @@ def decode_archive(
     if done is not None:
         return done
     files = _dataset_files(storage, archive_md5, archive_format, label_mode)
-    with storage.claim(files.marker):
+    with claim(storage, files.marker):
         done = finished_dataset(storage_url, archive_md5, archive_format, label_mode)
         return done or _decode(storage, files, archive_path, archive_md5, archive_format, label_mode)
 

@@ -28,6 +28,7 @@ import httpx
 from pydantic import BaseModel
 
 from cifar_transfer import layout
+from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError, ChecksumMismatch, FetchDeadlineExceeded, SourceUnreachable
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage, file_md5
@@ -146,7 +147,7 @@ def fetch_archive(
     found = stored_archive(storage, destination, source, expected_md5)  # no claim (no write) when it is there
     if found is not None:
         return found
-    with storage.claim(destination):
+    with claim(storage, destination):
         return stored_archive(storage, destination, source, expected_md5) or _fetch(
             storage, destination, source, expected_md5, max_bytes, deadline_s
         )

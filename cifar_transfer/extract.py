@@ -20,6 +20,7 @@ import time
 import numpy as np
 from pydantic import BaseModel
 
+from cifar_transfer.claims import claim
 from cifar_transfer.collection import CollectionDataset, collection_images, listing_of, plan_collection
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.dataset import DatasetInfo, shard_images
@@ -77,14 +78,14 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, s
     """Compute and commit one shard's features, unless a valid copy is already there.
 
     Runs sharing the storage compute each shard once: the writer holds the shard's claim
-    (`Storage.claim`), and a run that waited for it finds the shard done and reuses it.
+    (`claims.claim`), and a run that waited for it finds the shard done and reuses it.
     """
     storage = Storage(storage_url)
     path = shard_path(storage, spec, shard)
     listed = listed_record(read_manifest(storage, features_folder(storage, spec), shard.split), shard)
     if shard_problem(storage, path, spec, shard, listed) is None:
         return _reused(storage, path, shard, listed, "already done")
-    with storage.claim(path, claim_hold_seconds()):
+    with claim(storage, path, claim_hold_seconds()):
         claimed_at = time.perf_counter()
         problem = shard_problem(storage, path, spec, shard, listed)
         if problem is None:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from cifar_transfer import storage as storage_module
-from cifar_transfer.storage import Claim, Storage
+from cifar_transfer import claims as claims_module
+from cifar_transfer.claims import Claim
+from cifar_transfer.storage import Storage
 
 CONTENDERS = 8
 HOLD_SECONDS = 0.2  # how long each contender keeps the claim: long enough for an overlap to show
@@ -66,12 +67,12 @@ def a_finished_pid() -> int:
 
 def contend(storage_url: str, path: str, results: str, number: int, start, go) -> None:
     """One contender process: start with the others, take the claim, hold it a while, record when, and log what it did."""
-    storage_module.HEARTBEAT_SECONDS = 0.05  # heartbeats take the guard too, while the others try to
+    claims_module.HEARTBEAT_SECONDS = 0.05  # heartbeats take the guard too, while the others try to
     # Silent for this long means abandoned: as all start together and poll on the same schedule, all find out at once.
-    storage_module.STALE_AFTER_SECONDS = 1.0
+    claims_module.STALE_AFTER_SECONDS = 1.0
     handler = logging.FileHandler(os.path.join(results, f"{number}.log"))
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger(storage_module.__name__)
+    logger = logging.getLogger(claims_module.__name__)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     claim = Claim(Storage(storage_url), path, hold_seconds=60)
@@ -130,13 +131,13 @@ def test_many_contenders_racing_on_one_abandoned_claim_take_it_over_once(tmp_pat
 
 
 def test_a_stuck_holder_is_taken_over_after_its_deadline_and_never_touches_the_new_claim(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(storage_module, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(claims_module, "HEARTBEAT_SECONDS", 0.05)
     storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
     stuck = Claim(storage, path, hold_seconds=1.0)
     stuck.acquire()
     wait_until(lambda: claim_content(stuck)["beat"] >= 2)  # alive and renewing, but making no progress
     taker = Claim(storage, path, hold_seconds=60)
-    with caplog.at_level(logging.INFO, logger=storage_module.__name__):
+    with caplog.at_level(logging.INFO, logger=claims_module.__name__):
         taker.acquire()
         assert time.time() >= stuck.deadline
         wait_until(lambda: stuck.lost)  # its next heartbeat found the claim taken over
@@ -153,7 +154,7 @@ def test_a_stuck_holder_is_taken_over_after_its_deadline_and_never_touches_the_n
 
 
 def test_a_live_holder_is_waited_for_and_renews_its_claim(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(claims_module, "HEARTBEAT_SECONDS", 0.05)
     storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
     holder = Claim(storage, path)
     holder.acquire()
@@ -183,7 +184,7 @@ def test_the_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path
     started = time.monotonic()
     taker = Claim(storage, path)
     taker.acquire()
-    assert time.monotonic() - started < storage_module.STALE_AFTER_SECONDS / 2
+    assert time.monotonic() - started < claims_module.STALE_AFTER_SECONDS / 2
     assert claim_content(taker)["id"] == taker.holder["id"]
     taker.release()
     assert hidden_files(tmp_path) == []
@@ -197,14 +198,14 @@ def test_a_guard_left_by_a_dead_process_does_not_block_a_takeover(tmp_path):
     started = time.monotonic()
     taker = Claim(storage, path)
     taker.acquire()
-    assert time.monotonic() - started < storage_module.STALE_AFTER_SECONDS / 2
+    assert time.monotonic() - started < claims_module.STALE_AFTER_SECONDS / 2
     assert claim_content(taker)["id"] == taker.holder["id"]
     taker.release()
     assert hidden_files(tmp_path) == []
 
 
 def test_a_claim_that_stopped_changing_is_taken_over(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "STALE_AFTER_SECONDS", 0.5)
+    monkeypatch.setattr(claims_module, "STALE_AFTER_SECONDS", 0.5)
     storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
     claim_file(storage, path, {"id": "elsewhere", "host": "another-machine", "pid": 1})
     started = time.monotonic()

@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
 from test_flow import tiny_config
 
+from cifar_transfer.claims import claim
 from cifar_transfer.flows.pipeline import extract_features
 from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
@@ -42,7 +43,7 @@ def run_twice_at_once(config) -> FeatureSetInfo:
     holding, release = threading.Event(), threading.Event()
 
     def hold_last_shard():
-        with storage.claim(held_path):
+        with claim(storage, held_path):
             holding.set()
             release.wait()
 
