@@ -19,9 +19,9 @@ import posixpath
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from cifar_transfer import layout, store
+from cifar_transfer import layout
 from cifar_transfer.redact import redact
-from cifar_transfer.shards import FLIPPED, SPLITS, VIEWS
+from cifar_transfer.shards import FLIPPED, SPLITS
 
 if TYPE_CHECKING:
     from cifar_transfer.storage import Storage
@@ -31,23 +31,12 @@ DEFAULT_CONFIG = "default"
 MIRRORED_CONFIG = "mirrored"
 
 
-def write_card(storage: Storage, folder: str, description: FeatureSetDescription, records: list[ShardRecord]) -> str:
-    """Write the card of the set being committed, before its manifests: whoever sees a view complete finds its card."""
+def write_card(storage: Storage, folder: str, description: FeatureSetDescription, views: dict[str, list[ShardRecord]]) -> str:
+    """Write the card of the set being committed (`views`: each view's shards once the commit is done), before its
+    manifests: whoever sees a view complete finds its card."""
     path = layout.card(folder)
-    storage.write_atomic(path, card_text(redact(storage.uri(folder)), description, view_shards(storage, folder, records)).encode())
+    storage.write_atomic(path, card_text(redact(storage.uri(folder)), description, views).encode())
     return path
-
-
-def view_shards(storage: Storage, folder: str, records: list[ShardRecord]) -> dict[str, list[ShardRecord]]:
-    """Each view's shards once this commit is done: the ones committed now, else its manifest's (a view the commit
-    leaves alone keeps its shards); views with neither are absent."""
-    views = {}
-    for view in VIEWS:
-        committed = sorted((record for record in records if record.split == view), key=lambda record: record.number)
-        manifest = None if committed else store.read_manifest(storage, folder, view)
-        if committed or manifest is not None:
-            views[view] = committed or manifest.shards
-    return views
 
 
 def configs(views: dict[str, list[ShardRecord]]) -> dict[str, dict[str, str]]:

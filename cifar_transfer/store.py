@@ -357,13 +357,25 @@ def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardR
         made_by=lineage if extraction else (earlier.made_by if earlier else lineage),
     )
     storage.write_atomic(layout.feature_set_description(folder), description.model_dump_json(indent=2).encode())
-    card.write_card(storage, folder, description, records)
+    card.write_card(storage, folder, description, view_shards(storage, folder, records))
     for split in sorted({record.split for record in records}):
         view_records = [record for record in records if record.split == split]
         if collection is not None:
             write_skipped(storage, folder, split, view_records, (unusable or {}).get(split.removesuffix(FLIPPED), []))
         write_manifest(storage, folder, spec, metadata["feature_shape"], split, view_records, (retired or {}).get(split, []))
     return describe_feature_set(storage, folder)
+
+
+def view_shards(storage: Storage, folder: str, records: list[ShardRecord]) -> dict[str, list[ShardRecord]]:
+    """Each view's shards once this commit is done: the ones committed now, else its manifest's (a view the commit
+    leaves alone keeps its shards); views with neither are absent."""
+    views = {}
+    for view in VIEWS:
+        committed = sorted((record for record in records if record.split == view), key=lambda record: record.number)
+        manifest = None if committed else read_manifest(storage, folder, view)
+        if committed or manifest is not None:
+            views[view] = committed or manifest.shards
+    return views
 
 
 def _committed_as(storage: Storage, folder: str, records: list[ShardRecord], classes: list[str]) -> FeatureSetInfo | None:
