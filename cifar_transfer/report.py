@@ -90,7 +90,7 @@ def metrics_rows(summary: RunSummary) -> list[dict]:
 def summary_markdown(summary: RunSummary) -> str:
     head, spec, features = summary.head, summary.features.spec, summary.features
     lines = [
-        "# CIFAR-10 transfer learning",
+        f"# Transfer learning: {spec.backbone}, {len(features.classes)} classes",
         "",
         f"**Test accuracy: {head.test_accuracy:.2%}** ({spec.backbone} at {spec.input_size}px, {spec.pooling} pooling, "
         f"weights {spec.weights_id}, {spec.engine} {spec.precision}; {summary.head_description}, chosen on validation)",

@@ -7,10 +7,9 @@ import hashlib
 from pydantic import BaseModel
 
 from cifar_transfer import layout
-from cifar_transfer.sources.base import Item
+from cifar_transfer.sources.base import SPLITS, Item
 
 FLIPPED = "-flipped"
-SPLITS = ("train", "test")
 # Every view of the data a feature set may hold: the splits, and their horizontal mirrors
 # (feature-level augmentation: extracted once, stored beside the originals as splits of their own).
 VIEWS = (*SPLITS, *(f"{split}{FLIPPED}" for split in SPLITS))

@@ -1,1 +1,1 @@
-"""Prefect flows and the command line of the CIFAR-10 transfer-learning pipeline."""
+"""Prefect flows and the command line of the transfer-learning pipeline."""

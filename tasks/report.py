@@ -27,8 +27,8 @@ REPORT_LINK_KEY = "cifar-transfer-report"
 
 def publish_report(summary: RunSummary) -> None:
     """Log the outcome and publish it as Prefect artifacts: a metrics table, a markdown summary, links."""
-    create_table_artifact(metrics_rows(summary), key=METRICS_KEY, description="CIFAR-10 transfer learning: accuracy and timings")
-    create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="CIFAR-10 transfer learning: run summary")
+    create_table_artifact(metrics_rows(summary), key=METRICS_KEY, description="transfer learning: accuracy and timings")
+    create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="transfer learning: run summary")
     create_link_artifact(summary.html_report_url, link_text="HTML report", key=REPORT_LINK_KEY,
                          description="self-contained report of this run: open it in a browser, offline")
     storage = Storage(summary.config.storage)
