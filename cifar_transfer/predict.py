@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -46,7 +45,7 @@ from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk
 from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
 from cifar_transfer.sources.images import UndecodableImage, decode_image
-from cifar_transfer.sources.parquet import _holds_encoded_images, _image_bytes
+from cifar_transfer.sources.parquet import GLOB_MAGIC, holds_encoded_images, image_bytes, open_parquet, row_group_over_cap
 from cifar_transfer.storage import Storage
 from cifar_transfer.trained import TrainedHead, find_head
 
@@ -56,7 +55,6 @@ CHUNK = 1000  # images decoded and held at once (two chunks are in memory: one d
 HEAD_BATCH = 1024
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always one at the end)
 PARQUET_ROW_GROUP = 10_000
-_GLOB_MAGIC = re.compile(r"[*?\[]")
 SCHEMA = pa.schema([
     ("path", pa.string()),
     ("class", pa.string()),
@@ -121,7 +119,7 @@ class ImageSource:
     def _list(self, path: str) -> tuple[list[str], bool]:
         """(files, whether SOURCE names one file): a glob's matches, everything under a folder but hidden entries, or the file."""
         self.fs.invalidate_cache()
-        if _GLOB_MAGIC.search(path):
+        if GLOB_MAGIC.search(path):
             found = {name: info for name, info in self.fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         elif self.fs.isdir(path):
             root = path.rstrip("/") + "/"
@@ -152,9 +150,9 @@ class ImageSource:
     def _table_rows(self, name: str) -> int:
         """The table's row count (from its footer), after checking it holds encoded images in the image column."""
         with self.fs.open(name, "rb") as handle:
-            parquet = _open_table(handle, self._shown(name))
+            parquet = open_parquet(handle, self._shown(name))
             schema = parquet.schema_arrow
-            columns = [column.name for column in schema if _holds_encoded_images(column.type)]
+            columns = [column.name for column in schema if holds_encoded_images(column.type)]
             if self.image_column is None:
                 self.image_column = "image" if "image" in columns else (columns[0] if len(columns) == 1 else None)
             if self.image_column not in columns:
@@ -191,21 +189,21 @@ class ImageSource:
                 yield self._shown(name), data, None
 
     def _table_cells(self) -> Iterator[tuple[str, bytes | None, str | None]]:
+        """Each row's image, a row group at a time; a row group over the cap is not read (its rows say why)."""
         for name, _ in self.tables:
             with self.fs.open(name, "rb") as handle:
-                parquet = _open_table(handle, self._shown(name))
+                parquet = open_parquet(handle, self._shown(name))
                 row = 0
-                for batch in parquet.iter_batches(batch_size=READ_BATCH, columns=[self.image_column]):
-                    for cell in batch.column(0).to_pylist():
-                        yield f"{self._shown(name)}#{row}", *_image_bytes(cell)
-                        row += 1
-
-
-def _open_table(handle, shown: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(handle)
-    except pa.ArrowInvalid as error:
-        raise ArchiveError(f"{shown} is not a Parquet file ({error})") from error
+                for group in range(parquet.num_row_groups):
+                    rows = parquet.metadata.row_group(group).num_rows
+                    if too_large := row_group_over_cap(parquet, group, self.image_column, self.limit, self._shown(name)):
+                        yield from ((f"{self._shown(name)}#{number}", None, too_large) for number in range(row, row + rows))
+                        row += rows
+                        continue
+                    for batch in parquet.iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=[self.image_column]):
+                        for cell in batch.column(0).to_pylist():
+                            yield f"{self._shown(name)}#{row}", *image_bytes(cell)
+                            row += 1
 
 
 @dataclass

@@ -172,6 +172,10 @@ if kind == "image":
         decode_image(open(path, "rb").read(), 224)
     except UndecodableImage as error:
         outcome = error.reason
+elif kind == "predict":
+    from cifar_transfer.predict import ImageSource
+    reasons = {reason for chunk in ImageSource(path).chunks(8) for _, _, reason in chunk}
+    outcome = reasons.pop() if len(reasons) == 1 else repr(reasons)
 else:
     source = ParquetSource(path, test_fraction=0.5)
     listing = source.list_items()
@@ -211,6 +215,9 @@ def test_a_table_whose_row_group_is_over_the_cap_is_refused_in_one_line_without_
     measured = peak_of("table", tmp_path / "big.parquet")
     assert measured["outcome"].startswith("big.parquet: row group 0 holds 286 MiB of images, over the cap of 256 MiB read at once: "
                                           "rewrite the table with smaller row groups")
+    assert measured["peak_mib"] < 50, measured
+    measured = peak_of("predict", tmp_path / "big.parquet")  # every row of it, through predict's reader
+    assert measured["outcome"].startswith(f"{tmp_path / 'big.parquet'}: row group 0 holds 286 MiB of images, over the cap")
     assert measured["peak_mib"] < 50, measured
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # {"info": {"features": {"label": {"names": [...], "_type": "ClassLabel"}, "image": {"_type": "Image"}}}}
 HF_METADATA_KEY = b"huggingface"
 
-_GLOB_MAGIC = re.compile(r"[*?\[]")
+GLOB_MAGIC = re.compile(r"[*?\[]")
 CLASSES_FILE_BYTES = 16 << 20
 _ROWS_PER_READ = 16  # cells of the image column decoded from the pages at once
 _SPLIT_WORDS = {"train": "train", "test": "test", "validation": "validation", "valid": "validation"}
@@ -78,7 +78,7 @@ class ParquetSource:
         self.split_seed = split_seed
         self.limit = file_limit(max_file_mb)
         self.fs, self._path = fsspec.core.url_to_fs(source)
-        self._is_glob = bool(_GLOB_MAGIC.search(self._path))
+        self._is_glob = bool(GLOB_MAGIC.search(self._path))
         self._is_dir = not self._is_glob and self.fs.isdir(self._path)
         self._root = self._find_root().rstrip("/")
 
@@ -86,7 +86,7 @@ class ParquetSource:
         """The folder keys are relative to: the source folder, a glob's fixed part, or a single file's folder."""
         if self._is_glob:
             parts = self._path.split("/")
-            return "/".join(parts[: next(i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part))])
+            return "/".join(parts[: next(i for i, part in enumerate(parts) if GLOB_MAGIC.search(part))])
         return self._path if self._is_dir else posixpath.dirname(self._path)
 
     def _relative(self, path: str) -> str:
@@ -136,7 +136,7 @@ class ParquetSource:
         labels, names = {}, {}
         for file in used:
             with self.fs.open(file.path, "rb") as handle:
-                parquet = _parquet_file(handle, file.relative)
+                parquet = open_parquet(handle, file.relative)
                 self._check_schema(parquet.schema_arrow, file.relative)
                 labels[file.relative] = parquet.read(columns=[self.label_column]).column(0).to_pylist()
                 names[file.relative] = _hub_class_names(parquet.schema_arrow.metadata, self.label_column)
@@ -172,7 +172,7 @@ class ParquetSource:
             if column not in schema.names:
                 raise ArchiveError(f"{relative} has no column {column!r} (it has {', '.join(schema.names)}): pass {option} NAME")
         image_type = schema.field(self.image_column).type
-        if not _holds_encoded_images(image_type):
+        if not holds_encoded_images(image_type):
             raise ArchiveError(f"{relative}: column {self.image_column!r} is {image_type}, not encoded images (binary, or a struct with "
                                "binary 'bytes' as datasets' Image() writes): pass --image-column NAME")
         label_type = schema.field(self.label_column).type
@@ -232,7 +232,7 @@ class ParquetSource:
             return
         with handle:
             try:
-                parquet = _parquet_file(handle, relative)
+                parquet = open_parquet(handle, relative)
             except ArchiveError as error:
                 yield from ((index, None, str(error)) for _, index in rows)
                 return
@@ -248,22 +248,10 @@ class ParquetSource:
                 else:
                     yield index, None, f"row {row} is beyond the {ends[-1] if ends else 0} rows of {relative} (the file shrank since listing)"
             for group in sorted(by_group):
-                if too_large := self._too_large(parquet, group, relative):
+                if too_large := row_group_over_cap(parquet, group, self.image_column, self.limit, relative):
                     yield from ((index, None, too_large) for _, index in by_group[group])
                     continue
                 yield from self._read_group(parquet, group, ends[group - 1] if group else 0, dict(by_group[group]))
-
-    def _too_large(self, parquet: pq.ParquetFile, group: int, relative: str) -> str | None:
-        """Why the row group's image column cannot be read within the cap, or None. Parquet writers put a row group's
-        cells in a few pages (pyarrow: one page per 1,024 values), and a page is read whole, so the column chunk is
-        what a read of one row may hold, twice (read, then decoded)."""
-        metadata = parquet.metadata.row_group(group)
-        size = sum(metadata.column(number).total_uncompressed_size for number in range(metadata.num_columns)
-                   if metadata.column(number).path_in_schema.split(".")[0] == self.image_column)
-        if size <= self.limit:
-            return None
-        return (f"{relative}: row group {group} holds {size / 2**20:,.0f} MiB of images, over the cap of {self.limit / 2**20:,.0f} MiB "
-                "read at once: rewrite the table with smaller row groups (pq.write_table(..., row_group_size=100)), or raise --max-file-mb")
 
     def _read_group(self, parquet: pq.ParquetFile, group: int, first: int, wanted: dict[int, int]
                     ) -> Iterator[tuple[int, bytes | None, str | None]]:
@@ -274,13 +262,26 @@ class ParquetSource:
             column = batch.column(0)
             for offset in range(len(column)):
                 if row + offset in wanted:
-                    data, reason = _image_bytes(column[offset].as_py())
+                    data, reason = image_bytes(column[offset].as_py())
                     if data is not None and len(data) > self.limit:
                         data, reason = None, over_limit(len(data), self.limit)
                     yield wanted[row + offset], data, reason
             row += len(column)
             if row > last:
                 return
+
+
+def row_group_over_cap(parquet: pq.ParquetFile, group: int, image_column: str, limit: int, shown: str) -> str | None:
+    """Why the row group's images cannot be read within `limit` bytes, or None. Parquet writers put a row group's
+    cells in a few pages (pyarrow: one page per 1,024 values), and a page is read whole, so the column chunk is
+    what a read of one row may hold, twice (read, then decoded)."""
+    metadata = parquet.metadata.row_group(group)
+    size = sum(metadata.column(number).total_uncompressed_size for number in range(metadata.num_columns)
+               if metadata.column(number).path_in_schema.split(".")[0] == image_column)
+    if size <= limit:
+        return None
+    return (f"{shown}: row group {group} holds {size / 2**20:,.0f} MiB of images, over the cap of {limit / 2**20:,.0f} MiB "
+            "read at once: rewrite the table with smaller row groups (pq.write_table(..., row_group_size=100)), or raise --max-file-mb")
 
 
 def _file_version(info: dict) -> str:
@@ -298,14 +299,14 @@ def _split_of(relative: str) -> str | None:
     return next((_SPLIT_WORDS[folder.lower()] for folder in reversed(folders) if folder.lower() in _SPLIT_WORDS), None)
 
 
-def _parquet_file(handle, relative: str) -> pq.ParquetFile:
+def open_parquet(handle, relative: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(handle)
     except pa.ArrowInvalid as error:  # not OSError: a network failure is transient, retried by the task
         raise ArchiveError(f"{relative} is not a Parquet file ({error}): point the source at the table's .parquet files only") from error
 
 
-def _holds_encoded_images(data_type: pa.DataType) -> bool:
+def holds_encoded_images(data_type: pa.DataType) -> bool:
     if pa.types.is_struct(data_type):
         index = data_type.get_field_index("bytes")
         return index >= 0 and _is_binary(data_type.field(index).type)
@@ -316,7 +317,7 @@ def _is_binary(data_type: pa.DataType) -> bool:
     return pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type) or pa.types.is_binary_view(data_type)
 
 
-def _image_bytes(value: bytes | dict | None) -> tuple[bytes | None, str | None]:
+def image_bytes(value: bytes | dict | None) -> tuple[bytes | None, str | None]:
     """A cell's encoded image, or why there is none (a `datasets` row may hold only the path to a file)."""
     if isinstance(value, dict):
         if not value.get("bytes") and value.get("path"):
