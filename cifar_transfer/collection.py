@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import posixpath
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
@@ -25,13 +23,13 @@ from cifar_transfer.config import CollectionSettings, stable_hash
 from cifar_transfer.errors import ArchiveError
 from cifar_transfer.redact import printable, redact
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
+from cifar_transfer.sources import detect
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import read_manifest, shard_items_from_metadata, shard_metadata
 
 log = logging.getLogger(__name__)
 
-TABLE_FOLDERS = ("data", "train", "test", "validation")  # where a Hub-style table keeps its files
 
 
 class CollectionDataset(BaseModel):
@@ -47,27 +45,11 @@ class CollectionDataset(BaseModel):
     listing_digest: str  # changes whenever an image is added, removed or changed
 
 
-def collection_format(settings: CollectionSettings) -> str:
-    """'folder' or 'parquet': as given, else a table when .parquet files sit at the top (or in its split folders)."""
-    if settings.source_format in ("folder", "parquet"):
-        return settings.source_format
-    path = settings.source.split("?", 1)[0].rstrip("/").lower()
-    if path.endswith(".parquet") or any(mark in path for mark in "*?["):
-        return "parquet"
-    fs, root = fsspec.core.url_to_fs(settings.source)
-    if not fs.isdir(root):
-        raise ArchiveError(f"source {redact(settings.source)!r} is neither a folder nor a .parquet table: check --source")
-    top = fs.ls(root, detail=True)
-    folders = [entry["name"] for entry in top if entry["type"] == "directory" and posixpath.basename(entry["name"]) in TABLE_FOLDERS]
-    names = [entry["name"] for entry in top] + [name for folder in folders for name in fs.ls(folder, detail=False)]
-    return "parquet" if any(name.endswith(".parquet") for name in names) else "folder"
-
-
 def open_collection(settings: CollectionSettings) -> CollectionSource:
     from cifar_transfer.sources.folder import FolderSource
     from cifar_transfer.sources.parquet import ParquetSource
 
-    if collection_format(settings) == "parquet":
+    if detect.collection_format(settings.source, settings.source_format) == "parquet":
         return ParquetSource(settings.source, image_column=settings.image_column, label_column=settings.label_column,
                              classes_file=settings.classes, test_fraction=settings.test_fraction, split_seed=settings.seed,
                              max_file_mb=settings.max_file_mb)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.redact import refuse_secrets
+from cifar_transfer.sources.detect import is_archive
 from cifar_transfer.sources.files import MAX_FILE_MB
 from cifar_transfer.storage import file_md5
 
@@ -26,7 +27,6 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 OFFICIAL_ARCHIVES = {CIFAR10_URL: ("cifar10", CIFAR10_MD5), CIFAR100_URL: ("cifar100", CIFAR100_MD5)}
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
 
@@ -285,14 +285,7 @@ class PipelineConfig(BaseModel):
     @property
     def is_archive(self) -> bool:
         """A CIFAR python archive (decoded once), as opposed to a collection read image by image."""
-        if self.source_format != "auto":
-            return self.source_format in ("cifar10", "cifar100")
-        path = self.source.split("?", 1)[0].rstrip("/").lower()
-        if self.source in OFFICIAL_ARCHIVES or path.endswith(ARCHIVE_SUFFIXES):
-            return True
-        if path.endswith(".parquet") or any(mark in path for mark in "*?["):
-            return False
-        return path.startswith(("http://", "https://")) or Path(self.source).is_file()  # one file: an archive
+        return is_archive(self.source, self.source_format, set(OFFICIAL_ARCHIVES))
 
     @property
     def archive_format(self) -> str:
