@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from cifar_transfer import layout
 from cifar_transfer.config import CollectionSettings, stable_hash
-from cifar_transfer.errors import ArchiveError
+from cifar_transfer.errors import SourceError
 from cifar_transfer.redact import printable, redact
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
 from cifar_transfer.sources import detect
@@ -77,7 +77,7 @@ def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Li
     for entry in (listing.skipped + unusable)[:20]:
         log.warning("skipped %s", printable(entry))
     if not dataset.sizes["train"] or not dataset.sizes["test"]:
-        raise ArchiveError(f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
+        raise SourceError(f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
                            "both splits need images (check the layout, or --test-fraction)")
     _recent_listings[digest] = listing
     while len(_recent_listings) > 2:

@@ -23,8 +23,12 @@ class ChecksumMismatch(PermanentError):
     """The fetched archive is not the one the caller asked for."""
 
 
-class ArchiveError(PermanentError):
-    """The archive is truncated, not a CIFAR-10 archive, or holds unexpected data."""
+class SourceError(PermanentError):
+    """The source is not what the pipeline reads: no images, a layout it does not know, a table without its columns."""
+
+
+class ArchiveError(SourceError):
+    """The archive is truncated, not a CIFAR archive, or holds unexpected data."""
 
 
 class FetchDeadlineExceeded(PermanentError):

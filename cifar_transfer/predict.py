@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.cifar import IMAGE_SHAPE
 from cifar_transfer.engines import KerasExtractor, get_extractor
-from cifar_transfer.errors import ArchiveError, ConfigError
+from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.progress import duration
 from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk
@@ -106,7 +106,7 @@ class ImageSource:
         self.tables: list[tuple[str, int]] = []  # (file, rows): SOURCE is a table when it holds no image files
         if not self.image_files:
             if not tables:
-                raise ArchiveError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) or Parquet tables at {redact(source)}")
+                raise SourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) or Parquet tables at {redact(source)}")
             self.tables = [(name, self._table_rows(name)) for name in tables]
         if ignored := len(files) - len(self.image_files or tables):
             log.info("predict: ignored %d files of %s that are not %s", ignored, redact(source), "images" if self.image_files else "Parquet files")
@@ -134,7 +134,7 @@ class ImageSource:
             self._sizes = {path: 0 if self._local else self.fs.size(path) or 0}
             return [path], True
         else:
-            raise ArchiveError(f"{redact(self.source)} is no file, folder or glob that matches anything: check SOURCE")
+            raise SourceError(f"{redact(self.source)} is no file, folder or glob that matches anything: check SOURCE")
         self._sizes = {name: info.get("size") or 0 for name, info in found.items()}
         return sorted(found), False
 
@@ -156,7 +156,7 @@ class ImageSource:
             if self.image_column is None:
                 self.image_column = "image" if "image" in columns else (columns[0] if len(columns) == 1 else None)
             if self.image_column not in columns:
-                raise ArchiveError(f"{self._shown(name)}: no column {self.image_column or 'image'!r} of encoded images (binary, or a struct "
+                raise SourceError(f"{self._shown(name)}: no column {self.image_column or 'image'!r} of encoded images (binary, or a struct "
                                    f"with binary 'bytes') among {', '.join(schema.names)}: pass --image-column NAME")
             return parquet.metadata.num_rows
 

@@ -444,10 +444,10 @@ def test_a_table_or_classes_file_that_is_not_a_regular_file_never_blocks(tmp_pat
                              (tmp_path / "missing.txt", "no such file")):
         with pytest.raises(ConfigError, match=f"classes file .*: {problem}; pass --classes FILE"):
             ParquetSource(str(tmp_path / "table"), classes_file=str(classes)).list_items()
-    from cifar_transfer.errors import ArchiveError
+    from cifar_transfer.errors import SourceError
     from cifar_transfer.predict import ImageSource
 
     (tmp_path / "incoming").mkdir()
     os.mkfifo(tmp_path / "incoming" / "table.parquet")
-    with pytest.raises(ArchiveError, match="no image files .* or Parquet tables at"):
+    with pytest.raises(SourceError, match="no image files .* or Parquet tables at"):
         ImageSource(str(tmp_path / "incoming"))

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_transfer.errors import ArchiveError, ConfigError
+from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.sources.folder import FolderSource
 from cifar_transfer.sources.images import MAX_DECODE_MB, UndecodableImage, decode_image
 
@@ -267,16 +267,16 @@ def test_train_and_test_folders_give_the_splits(tmp_path):
 
 
 def test_trees_without_class_folders_are_refused_in_one_line(tmp_path):
-    with pytest.raises(ArchiveError, match=f"^{tmp_path} holds no images in class folders .*ROOT/<class>/<image>"):
+    with pytest.raises(SourceError, match=f"^{tmp_path} holds no images in class folders .*ROOT/<class>/<image>"):
         FolderSource(str(tmp_path)).list_items()  # empty
-    with pytest.raises(ArchiveError, match="holds no images"):
+    with pytest.raises(SourceError, match="holds no images"):
         FolderSource(str(tmp_path / "missing")).list_items()
     write(tmp_path, "photo.jpg", b"x")
     write(tmp_path, "cat/notes.txt", b"x")
-    with pytest.raises(ArchiveError, match=r"\(2 other files\)"):
+    with pytest.raises(SourceError, match=r"\(2 other files\)"):
         FolderSource(str(tmp_path)).list_items()
     write(tmp_path, "train/cat/a.jpg", b"x")
-    with pytest.raises(ArchiveError, match="has a train/ folder but no test/ folder"):
+    with pytest.raises(SourceError, match="has a train/ folder but no test/ folder"):
         FolderSource(str(tmp_path)).list_items()
     with pytest.raises(ConfigError, match="test_fraction"):
         FolderSource(str(tmp_path), test_fraction=1.5)

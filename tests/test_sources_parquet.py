@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image as PILImage
 
-from cifar_transfer.errors import ArchiveError, ConfigError
+from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.sources.base import Item
 from cifar_transfer.sources.parquet import HF_METADATA_KEY, ParquetSource
 
@@ -193,19 +193,19 @@ def test_path_only_rows_say_so(tmp_path):
 def test_unusable_tables_name_the_fix(tmp_path, kwargs, table, message):
     columns = {"image": pa.array([png(0)]), "label": pa.array([0])} | table
     pq.write_table(pa.table(columns), tmp_path / "t.parquet")
-    with pytest.raises(ArchiveError, match=message):
+    with pytest.raises(SourceError, match=message):
         ParquetSource(str(tmp_path), **kwargs).list_items()
 
 
 def test_no_parquet_files(tmp_path):
     (tmp_path / "readme.txt").write_text("no table here")
     write_table(tmp_path / ".hidden" / "train.parquet", [0], [0])
-    with pytest.raises(ArchiveError, match="no Parquet files"):
+    with pytest.raises(SourceError, match="no Parquet files"):
         ParquetSource(str(tmp_path)).list_items()
-    with pytest.raises(ArchiveError, match="no Parquet files"):
+    with pytest.raises(SourceError, match="no Parquet files"):
         ParquetSource(str(tmp_path / "missing.parquet")).list_items()
     (tmp_path / "readme.parquet").write_text("not a table")
-    with pytest.raises(ArchiveError, match="readme.parquet is not a Parquet file"):
+    with pytest.raises(SourceError, match="readme.parquet is not a Parquet file"):
         ParquetSource(str(tmp_path)).list_items()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fsspec
 
-from cifar_transfer.errors import ArchiveError
+from cifar_transfer.errors import SourceError
 from cifar_transfer.redact import redact
 
 ARCHIVE_FORMATS = ("cifar10", "cifar100")
@@ -41,7 +41,7 @@ def collection_format(source: str, source_format: str) -> str:
         return "parquet"
     fs, root = fsspec.core.url_to_fs(source)
     if not fs.isdir(root):
-        raise ArchiveError(f"source {redact(source)!r} is neither a folder nor a .parquet table: check --source")
+        raise SourceError(f"source {redact(source)!r} is neither a folder nor a .parquet table: check --source")
     top = fs.ls(root, detail=True)
     folders = [entry["name"] for entry in top if entry["type"] == "directory" and posixpath.basename(entry["name"]) in TABLE_FOLDERS]
     names = [entry["name"] for entry in top] + [name for folder in folders for name in fs.ls(folder, detail=False)]

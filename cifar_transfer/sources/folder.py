@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cifar_transfer.errors import ArchiveError, ConfigError, is_transient
+from cifar_transfer.errors import ConfigError, SourceError, is_transient
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing
 from cifar_transfer.sources.files import GONE, MAX_FILE_MB, fetch, fetch_error, file_limit, read_bounded, walk
@@ -71,7 +71,7 @@ class FolderSource:
 
         classes = sorted({name for _, _, name in placed})
         if not classes:
-            raise ArchiveError(f"{self._shown_root} holds no images in class folders ({len(skipped)} other files): {LAYOUTS}")
+            raise SourceError(f"{self._shown_root} holds no images in class folders ({len(skipped)} other files): {LAYOUTS}")
         labels = {name: label for label, name in enumerate(classes)}
         stamp = next((field for field in STAMP_FIELDS if field in files[placed[0][0]]), None)  # one filesystem, one field
         splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
@@ -124,7 +124,7 @@ class FolderSource:
         if len(present) == len(SPLITS):
             return "train-test-folders"
         (missing,) = set(SPLITS) - set(present)
-        raise ArchiveError(f"{self._shown_root} has a {present[0]}/ folder but no {missing}/ folder: {LAYOUTS}")
+        raise SourceError(f"{self._shown_root} has a {present[0]}/ folder but no {missing}/ folder: {LAYOUTS}")
 
     def _place(self, key: str, layout: str) -> tuple[str, str] | None:
         """The split and class of `key`, or None when it is not in a class folder."""

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from cifar_transfer.errors import ArchiveError, ConfigError
+from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing, UnreadableItem
 from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, not_a_regular_file, over_limit, read_bounded
@@ -113,7 +113,7 @@ class ParquetSource:
                 continue
             files.append(_File(path, relative, _file_version(info)))
         if not files:
-            raise ArchiveError(f"no Parquet files at {redact(self.source)}: pass a .parquet file, a folder holding *.parquet files, or a glob")
+            raise SourceError(f"no Parquet files at {redact(self.source)}: pass a .parquet file, a folder holding *.parquet files, or a glob")
         return files, skipped
 
     def list_items(self) -> Listing:
@@ -170,14 +170,14 @@ class ParquetSource:
         """Refuse a table this source cannot read, naming the option that fixes it."""
         for column, option in ((self.image_column, "--image-column"), (self.label_column, "--label-column")):
             if column not in schema.names:
-                raise ArchiveError(f"{relative} has no column {column!r} (it has {', '.join(schema.names)}): pass {option} NAME")
+                raise SourceError(f"{relative} has no column {column!r} (it has {', '.join(schema.names)}): pass {option} NAME")
         image_type = schema.field(self.image_column).type
         if not holds_encoded_images(image_type):
-            raise ArchiveError(f"{relative}: column {self.image_column!r} is {image_type}, not encoded images (binary, or a struct with "
+            raise SourceError(f"{relative}: column {self.image_column!r} is {image_type}, not encoded images (binary, or a struct with "
                                "binary 'bytes' as datasets' Image() writes): pass --image-column NAME")
         label_type = schema.field(self.label_column).type
         if not pa.types.is_integer(label_type):
-            raise ArchiveError(f"{relative}: column {self.label_column!r} is {label_type}, not integer class indices: "
+            raise SourceError(f"{relative}: column {self.label_column!r} is {label_type}, not integer class indices: "
                                "pass --label-column NAME of an integer column")
 
     def _classes(self, names: dict[str, list[str] | None], labels: dict[str, list[int | None]]) -> list[str]:
@@ -186,12 +186,12 @@ class ParquetSource:
         distinct = {tuple(found): relative for relative, found in names.items() if found}
         if len(distinct) > 1:
             first, second = list(distinct.values())[:2]
-            raise ArchiveError(f"{first} and {second} name different classes for {self.label_column!r}: pass --classes FILE")
+            raise SourceError(f"{first} and {second} name different classes for {self.label_column!r}: pass --classes FILE")
         if distinct:
             return list(next(iter(distinct)))
         largest = max((label for values in labels.values() for label in values if label is not None), default=-1)
         if largest < 0:
-            raise ArchiveError(f"no row of {redact(self.source)} has a label in {self.label_column!r}: pass --label-column NAME")
+            raise SourceError(f"no row of {redact(self.source)} has a label in {self.label_column!r}: pass --label-column NAME")
         log.warning("%s names no classes: using '0'..'%d' (pass --classes FILE to name them)", redact(self.source), largest)
         return [str(index) for index in range(largest + 1)]
 
@@ -233,7 +233,7 @@ class ParquetSource:
         with handle:
             try:
                 parquet = open_parquet(handle, relative)
-            except ArchiveError as error:
+            except SourceError as error:
                 yield from ((index, None, str(error)) for _, index in rows)
                 return
             if self.image_column not in parquet.schema_arrow.names:
@@ -303,7 +303,7 @@ def open_parquet(handle, relative: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(handle)
     except pa.ArrowInvalid as error:  # not OSError: a network failure is transient, retried by the task
-        raise ArchiveError(f"{relative} is not a Parquet file ({error}): point the source at the table's .parquet files only") from error
+        raise SourceError(f"{relative} is not a Parquet file ({error}): point the source at the table's .parquet files only") from error
 
 
 def holds_encoded_images(data_type: pa.DataType) -> bool:
