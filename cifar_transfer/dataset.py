@@ -55,6 +55,14 @@ def dataset_id(archive_md5: str, archive_format: str = "cifar10", label_mode: st
     return f"{found.name}-{archive_md5}" if mode is None else f"{found.name}-{mode}-{archive_md5}"
 
 
+def parse_dataset_id(identifier: str) -> tuple[str, str, str]:
+    """(archive format, label mode, archive MD5) of a `dataset_id`: the one reader of the form it writes."""
+    *named, md5 = identifier.split("-")
+    if not named:
+        return "cifar10", "fine", md5
+    return named[0], named[-1] if len(named) > 1 else "fine", md5
+
+
 def _dataset_files(storage: Storage, archive_md5: str, archive_format: str, label_mode: str | None) -> layout.DatasetFiles:
     return layout.dataset_files(storage, dataset_id(archive_md5, archive_format, label_mode))
 

@@ -21,7 +21,7 @@ import posixpath
 from cifar_transfer import layout
 from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, TsneSettings
-from cifar_transfer.dataset import DatasetInfo, finished_dataset
+from cifar_transfer.dataset import DatasetInfo, finished_dataset, parse_dataset_id
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.head import finished_head, train_head
 from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
@@ -198,9 +198,9 @@ def repair_config(storage_url: str, folder: str) -> PipelineConfig:
                      "pooling": spec.pooling, "engine": spec.engine, "precision": spec.precision}
     if description.rebuild.collection is not None:  # read the collection again: unchanged images give the same features
         return PipelineConfig(**{**description.rebuild.collection.model_dump(), **same_features})
-    *archive_format, md5 = spec.dataset_md5.split("-")  # a CIFAR-10 archive's MD5, or `cifar100-fine-<md5>`
-    if archive_format:
-        same_features |= {"source_format": archive_format[0], "label_mode": archive_format[-1] if len(archive_format) > 1 else "fine"}
+    archive_format, label_mode, md5 = parse_dataset_id(spec.dataset_md5)
+    if archive_format != "cifar10":
+        same_features |= {"source_format": archive_format, "label_mode": label_mode}
     records = {path: json.loads(storage.read_bytes(path)) for path in layout.source_records(storage)}
     archives = [path for path, record in records.items() if record.get("md5") == md5]
     if not archives:

@@ -687,3 +687,11 @@ def test_the_registry_names_the_official_archives():
         "cifar10": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
         "cifar100": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
     }
+
+
+@pytest.mark.parametrize("archive_format, label_mode", [("cifar10", None), ("cifar100", "fine"), ("cifar100", "coarse")])
+def test_a_dataset_id_reads_back_as_what_made_it(archive_format, label_mode):
+    from cifar_transfer.dataset import dataset_id, parse_dataset_id
+
+    parsed = parse_dataset_id(dataset_id("0123456789abcdef0123456789abcdef", archive_format, label_mode))
+    assert parsed == (archive_format, label_mode or "fine", "0123456789abcdef0123456789abcdef")
