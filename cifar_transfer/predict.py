@@ -334,11 +334,10 @@ def check_output(destination: str, overwrite: bool) -> None:
     storage.check_writable(posixpath.dirname(storage.root), "the predictions")
 
 
-def write_predictions(rows: Iterable[Prediction], destination: str, metadata: dict | None = None, overwrite: bool = False) -> int:
+def write_predictions(rows: Iterable[Prediction], destination: str, metadata: dict | None = None) -> int:
     """Write the rows to a .json (a list of objects) or .parquet file (columns of `SCHEMA`), streamed, so memory stays
-    flat, and atomically: the file is complete or absent. Returns the number of rows. An existing file is replaced
-    only with `overwrite`."""
-    check_output(destination, overwrite)
+    flat, and atomically: the file is complete or absent. Returns the number of rows. Callers run `check_output` first,
+    before any work."""
     kind = _output_kind(destination)
     storage = Storage(destination)
     count = 0

@@ -116,7 +116,7 @@ def predict_command(arguments: argparse.Namespace) -> int:
     rows = predictor.predict(images, arguments.top_k, arguments.batch_size, arguments.chunk)
     if arguments.output:
         metadata = {"head": predictor.head.key, "fingerprint": predictor.head.features.fingerprint, "source": redact(arguments.source)}
-        count = write_predictions(rows, arguments.output, metadata, arguments.overwrite)
+        count = write_predictions(rows, arguments.output, metadata)
         print(printable(f"predictions: {count} images -> {arguments.output}"))
         return 0
     width = max(images.path_width, len("path"))
