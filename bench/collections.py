@@ -35,9 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_log import record  # noqa: E402
 
 # The command line in a process that prints its own peak memory last (the ephemeral Prefect API, a child, not counted).
-CLI = [sys.executable, "-c", "import resource, runpy, sys\nsys.argv[0] = 'cifar-transfer'\ntry:\n"
-       "    runpy.run_module('cifar_transfer.flows.cli', run_name='__main__')\nfinally:\n"
-       "    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"]
+CLI = [
+    sys.executable,
+    "-c",
+    "import resource, runpy, sys\nsys.argv[0] = 'cifar-transfer'\ntry:\n"
+    "    runpy.run_module('cifar_transfer.flows.cli', run_name='__main__')\nfinally:\n"
+    "    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+]
 
 
 def write_jpegs(job: tuple[str, list[tuple[str, int]], str]) -> int:
@@ -81,8 +85,13 @@ def prefect_server(home: str) -> Iterator[dict[str, str]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     environment = os.environ | {"PREFECT_HOME": home}
-    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 180
@@ -110,8 +119,11 @@ def extract(options: list[str], storage: str, environment: dict[str, str] | None
     log = done.stdout + done.stderr
     rates = re.findall(r"extraction: \d+/\d+ shards, .*?, (\d+) images/s", log)
     peak = int(re.findall(r"peak_rss_kib (\d+)", log)[-1])
-    return {"wall_seconds": round(wall, 1), "peak_rss_mib": round(peak / 1024),
-            "extraction_images_per_second": int(rates[-1]) if rates else None}
+    return {
+        "wall_seconds": round(wall, 1),
+        "peak_rss_mib": round(peak / 1024),
+        "extraction_images_per_second": int(rates[-1]) if rates else None,
+    }
 
 
 def main() -> None:
@@ -128,8 +140,18 @@ def main() -> None:
     from cifar_transfer.dataset import decode_archive
     from cifar_transfer.download import fetch_archive
 
-    common = ["--backbone", arguments.backbone, "--weights", "none", "--input-size", str(arguments.input_size),
-              "--engine", "openvino", "--precision", "float32"]
+    common = [
+        "--backbone",
+        arguments.backbone,
+        "--weights",
+        "none",
+        "--input-size",
+        str(arguments.input_size),
+        "--engine",
+        "openvino",
+        "--precision",
+        "float32",
+    ]
     with tempfile.TemporaryDirectory(prefix="collections-bench-") as scratch, contextlib.ExitStack() as stack:
         environment = None if arguments.ephemeral_api else stack.enter_context(prefect_server(f"{scratch}/prefect"))
         archive_storage = f"{scratch}/archive-storage"
@@ -152,17 +174,24 @@ def main() -> None:
         write_folder(root, dataset.folder, grown)
         incremental_run = extract(["--source", root, *common], f"{scratch}/folder-storage", environment)
         folder_rate, archive_rate = folder_run["extraction_images_per_second"], archive_run["extraction_images_per_second"]
-        record("collections", {
-            "images": arguments.images, "input_size": arguments.input_size, "backbone": f"{arguments.backbone} (seeded weights)",
-            "engine": "openvino float32", "prefect_api": "ephemeral" if arguments.ephemeral_api else "prefect server",
-            "jpeg_write_seconds": round(write_seconds, 1),
-            "listing_seconds": round(listing_seconds, 2), "listed": listed.sizes,
-            "archive_run": archive_run | {"images": sum(dataset.sizes.values())},
-            "folder_run": folder_run,
-            "folder_vs_archive_images_per_second": round(folder_rate / archive_rate, 3),
-            "incremental_run": incremental_run | {"images_added": len(grown)},
-            "incremental_vs_full_wall": round(incremental_run["wall_seconds"] / folder_run["wall_seconds"], 3),
-        })
+        record(
+            "collections",
+            {
+                "images": arguments.images,
+                "input_size": arguments.input_size,
+                "backbone": f"{arguments.backbone} (seeded weights)",
+                "engine": "openvino float32",
+                "prefect_api": "ephemeral" if arguments.ephemeral_api else "prefect server",
+                "jpeg_write_seconds": round(write_seconds, 1),
+                "listing_seconds": round(listing_seconds, 2),
+                "listed": listed.sizes,
+                "archive_run": archive_run | {"images": sum(dataset.sizes.values())},
+                "folder_run": folder_run,
+                "folder_vs_archive_images_per_second": round(folder_rate / archive_rate, 3),
+                "incremental_run": incremental_run | {"images_added": len(grown)},
+                "incremental_vs_full_wall": round(incremental_run["wall_seconds"] / folder_run["wall_seconds"], 3),
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Writes three inputs once (under --work): a 10,000 x 10,000 16-bit grayscale PNG and an RGBA PNG of the same size
 (both just under the 100-megapixel cap, a few hundred KB on disk), and Parquet tables whose one row group holds
-300 MB of images (over the 256 MiB cap) and 200 MB (under it). Each checkout then decodes each PNG to 224 px (`decode_image`) and reads one row of the table
+300 MB of images (over the 256 MiB cap) and 200 MB (under it). Each checkout then decodes each PNG to 224 px
+(`decode_image`) and reads one row of the table
 (`ParquetSource.read_items`) in its own process; the peak resident memory above the process's size after its
 imports is recorded in bench/results/edges.jsonl. `--baseline-checkout` runs an older checkout of this repository
 (e.g. `git worktree add /tmp/old <commit>`) on the same files in the same run, so before and after are one run.
@@ -63,8 +64,12 @@ def write_inputs(work: Path) -> dict[str, Path]:
     from PIL import Image
 
     work.mkdir(parents=True, exist_ok=True)
-    inputs = {"png-16bit-100mp": work / "gray16.png", "png-rgba-100mp": work / "rgba.png",
-              "parquet-300mb-row-group": work / "big.parquet", "parquet-200mb-row-group": work / "under-cap.parquet"}
+    inputs = {
+        "png-16bit-100mp": work / "gray16.png",
+        "png-rgba-100mp": work / "rgba.png",
+        "parquet-300mb-row-group": work / "big.parquet",
+        "parquet-200mb-row-group": work / "under-cap.parquet",
+    }
     side = 10_000 - 1  # 99,980,001 pixels: within the 100-megapixel cap
     if not inputs["png-16bit-100mp"].exists():
         gradient = (np.arange(side, dtype=np.uint32) * 6 % 65536).astype(np.uint16)
@@ -78,14 +83,21 @@ def write_inputs(work: Path) -> dict[str, Path]:
         small = io.BytesIO()
         Image.new("RGB", (32, 32), (1, 2, 3)).save(small, format="PNG")
         padded = [small.getvalue() + rng.bytes(1_000_000) for _ in range(rows)]  # a PNG with 1 MB of trailing bytes each
-        table = pa.table({"image": pa.array([{"bytes": cell, "path": None} for cell in padded]), "label": pa.array([i % 2 for i in range(rows)])})
+        table = pa.table(
+            {"image": pa.array([{"bytes": cell, "path": None} for cell in padded]), "label": pa.array([i % 2 for i in range(rows)])}
+        )
         pq.write_table(table, inputs[name], row_group_size=rows, compression="none")  # one row group
     return inputs
 
 
 def measure(checkout: Path, kind: str, path: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, kind, str(path)], cwd=checkout, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(path)],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin"},
+    )
     line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if line is None:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -44,7 +44,9 @@ LONGEST_KERNEL_SECONDS = 45  # one shape, precision and XLA setting: build, XLA 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny run that works on a CPU: 75px, 64 images (checks the script, not the GPU)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny run that works on a CPU: 75px, 64 images (checks the script, not the GPU)"
+    )
     parser.add_argument("--weights", choices=["none", "imagenet"], default="none", help="backbone weights (default: seeded random)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
     parser.add_argument("--timed-seconds", type=float, default=2.0, help="timed inference per kernel setting, after warm-up")
@@ -63,7 +65,13 @@ def parse_arguments() -> argparse.Namespace:
 
 def kernel_plan(arguments: argparse.Namespace, stop_at: float) -> dict:
     shapes = SMOKE_SHAPES if arguments.smoke else SHAPES
-    return {"shapes": shapes, "weights": arguments.weights, "seed": arguments.seed, "timed_seconds": arguments.timed_seconds, "stop_at": stop_at}
+    return {
+        "shapes": shapes,
+        "weights": arguments.weights,
+        "seed": arguments.seed,
+        "timed_seconds": arguments.timed_seconds,
+        "stop_at": stop_at,
+    }
 
 
 def run_kernels(plan: dict) -> None:
@@ -83,8 +91,9 @@ def run_kernels(plan: dict) -> None:
                     print(json.dumps(row | {"skipped": "time budget"}), flush=True)
                     continue
                 try:
-                    model = model or build_extractor("InceptionV3", weights=plan["weights"], input_size=size, pooling="avg",
-                                                     precision=precision, seed=plan["seed"])
+                    model = model or build_extractor(
+                        "InceptionV3", weights=plan["weights"], input_size=size, pooling="avg", precision=precision, seed=plan["seed"]
+                    )
                     row |= measure(model, images, xla, plan["timed_seconds"])
                 except Exception as error:  # e.g. out of memory at one setting: report it, measure the others
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -105,7 +114,10 @@ def measure(model, images, xla: bool, timed_seconds: float) -> dict:
     while done < 3 or time.perf_counter() - started < timed_seconds:
         forward(images).numpy()
         done += 1
-    return {"compile_seconds": round(compile_seconds, 1), "images_per_second": round(done * len(images) / (time.perf_counter() - started), 1)}
+    return {
+        "compile_seconds": round(compile_seconds, 1),
+        "images_per_second": round(done * len(images) / (time.perf_counter() - started), 1),
+    }
 
 
 def kernels_on_every_gpu(devices: list[str | None], plan: dict, kill_at: float) -> list[list[dict]]:
@@ -137,7 +149,9 @@ def synthetic_archive(folder: Path, images: int, seed: int) -> tuple[Path, str]:
     train_batches = np.array_split(np.arange(images - test), len(SPLIT_MEMBERS["train"]))
     sizes = dict(zip(SPLIT_MEMBERS["train"], map(len, train_batches), strict=True)) | {SPLIT_MEMBERS["test"][0]: test}
     members = {
-        name: pickle.dumps({b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, count).tolist()}, protocol=2)
+        name: pickle.dumps(
+            {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, count).tolist()}, protocol=2
+        )
         for name, count in sizes.items()
     } | {META_MEMBER: pickle.dumps({b"label_names": [name.encode() for name in CLASS_NAMES]}, protocol=2)}
     path = folder / "cifar-10-python.tar.gz"
@@ -156,16 +170,32 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path) -> d
 
     path, md5 = synthetic_archive(folder, arguments.images, arguments.seed)
     config = load_config(
-        source=str(path), md5=md5, storage=str(folder / "storage"), backbone="InceptionV3", weights=arguments.weights,
-        input_size=arguments.pipeline_size, engine="tensorflow", precision=arguments.pipeline_precision, seed=arguments.seed,
-        shard_size=max(arguments.images // (4 * workers), 16), batch_size=arguments.pipeline_batch_size, task_runner="dask", workers=workers,
+        source=str(path),
+        md5=md5,
+        storage=str(folder / "storage"),
+        backbone="InceptionV3",
+        weights=arguments.weights,
+        input_size=arguments.pipeline_size,
+        engine="tensorflow",
+        precision=arguments.pipeline_precision,
+        seed=arguments.seed,
+        shard_size=max(arguments.images // (4 * workers), 16),
+        batch_size=arguments.pipeline_batch_size,
+        task_runner="dask",
+        workers=workers,
     )
     started = time.perf_counter()
     features, stats = extract_features(config)
     return {
-        "task_runner": f"dask x{workers}", "images": stats.images, "shards": stats.shards, "input_size": config.resolved_input_size,
-        "batch_size": config.batch_size, "precision": features.spec.precision, "worker_processes": len(stats.processes),
-        "total_seconds": round(time.perf_counter() - started, 1), "shard_phase_seconds": round(stats.seconds, 1),
+        "task_runner": f"dask x{workers}",
+        "images": stats.images,
+        "shards": stats.shards,
+        "input_size": config.resolved_input_size,
+        "batch_size": config.batch_size,
+        "precision": features.spec.precision,
+        "worker_processes": len(stats.processes),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "shard_phase_seconds": round(stats.seconds, 1),
         "images_per_second": round(stats.images_per_second, 1),  # includes each worker's start and backbone build
     }
 
@@ -178,11 +208,18 @@ def markdown(devices: list[dict], kernels: list[dict], pipeline: dict) -> str:
     ]
     for row in kernels:
         cells = [str(value) if value is not None else "-" for value in row["per_device"]]
-        lines.append(f"| {row['size']}px | {row['batch']} | {row['precision']} | {'on' if row['xla'] else 'off'} | "
-                     + " | ".join(cells) + f" | {row['total'] or '-'} | {row['compile_seconds'] or '-'} | {'; '.join(row['notes'])} |")
-    lines += ["", "| pipeline | images | precision | shard phase s | total s | img/s |", "|---|---|---|---|---|---|",
-              f"| {pipeline['task_runner']} | {pipeline['images']} | {pipeline['precision']} | {pipeline['shard_phase_seconds']} "
-              f"| {pipeline['total_seconds']} | {pipeline['images_per_second']} |"]
+        lines.append(
+            f"| {row['size']}px | {row['batch']} | {row['precision']} | {'on' if row['xla'] else 'off'} | "
+            + " | ".join(cells)
+            + f" | {row['total'] or '-'} | {row['compile_seconds'] or '-'} | {'; '.join(row['notes'])} |"
+        )
+    lines += [
+        "",
+        "| pipeline | images | precision | shard phase s | total s | img/s |",
+        "|---|---|---|---|---|---|",
+        f"| {pipeline['task_runner']} | {pipeline['images']} | {pipeline['precision']} | {pipeline['shard_phase_seconds']} "
+        f"| {pipeline['total_seconds']} | {pipeline['images_per_second']} |",
+    ]
     return "\n".join(lines)
 
 
@@ -192,8 +229,18 @@ def merge(rows_per_device: list[list[dict]]) -> list[dict]:
     for device, rows in enumerate(rows_per_device):
         for row in rows:
             key = (row["size"], row["batch"], row["precision"], row["xla"])
-            entry = merged.setdefault(key, {"size": key[0], "batch": key[1], "precision": key[2], "xla": key[3],
-                                            "per_device": [None] * len(rows_per_device), "compile_seconds": None, "notes": []})
+            entry = merged.setdefault(
+                key,
+                {
+                    "size": key[0],
+                    "batch": key[1],
+                    "precision": key[2],
+                    "xla": key[3],
+                    "per_device": [None] * len(rows_per_device),
+                    "compile_seconds": None,
+                    "notes": [],
+                },
+            )
             entry["per_device"][device] = row.get("images_per_second")
             entry["compile_seconds"] = entry["compile_seconds"] or row.get("compile_seconds")
             entry["notes"] += [f"device {device}: {row[note]}" for note in ("skipped", "error") if note in row]
@@ -222,9 +269,16 @@ def main() -> None:
         pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch))
     print(markdown(devices, kernels, pipeline))
     options = {key: value for key, value in vars(arguments).items() if key != "child"}
-    record("gpu-smoke" if arguments.smoke else "gpu", {
-        "options": options, "devices": devices, "kernels": kernels, "pipeline": pipeline, "seconds": round(time.time() - started, 1),
-    })
+    record(
+        "gpu-smoke" if arguments.smoke else "gpu",
+        {
+            "options": options,
+            "devices": devices,
+            "kernels": kernels,
+            "pipeline": pipeline,
+            "seconds": round(time.time() - started, 1),
+        },
+    )
 
 
 if __name__ == "__main__":

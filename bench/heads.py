@@ -37,7 +37,8 @@ storage, folder, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 settings = PipelineConfig(**options).head_settings
 started = time.perf_counter()
 result = train_head(storage, folder, "bench-" + str(abs(hash(json.dumps(options, sort_keys=True)))), settings, [str(n) for n in range(10)])
-print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+seconds = time.perf_counter() - started
+print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "validation_accuracy": result.validation_accuracy, "test_accuracy": result.test_accuracy, "chosen": result.metrics.chosen.get("head"),
       "candidates": {c.head: c.validation_accuracy for c in result.metrics.candidates}}))
 """
@@ -72,8 +73,13 @@ def subset(features: str, rows: int, scratch: str, flip: bool) -> str:
 def run_head(checkout: Path, folder: str, options: dict) -> dict:
     environment = {**os.environ, "PYTHONPATH": str(checkout), "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
-    finished = subprocess.run([sys.executable, "-c", CHILD, str(Path(folder).parents[1]), folder, json.dumps(options)],
-                              env=environment, capture_output=True, text=True, cwd=checkout)
+    finished = subprocess.run(
+        [sys.executable, "-c", CHILD, str(Path(folder).parents[1]), folder, json.dumps(options)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=checkout,
+    )
     if finished.returncode:
         raise SystemExit(finished.stderr[-3000:])
     result = json.loads(next(line for line in finished.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -95,8 +101,16 @@ def main() -> None:
             folder = subset(arguments.features, rows, scratch, arguments.flip)
             for name, checkout in checkouts.items():
                 result = run_head(checkout, folder, options)
-                record("heads", {"checkout": name, "train_rows": rows, "features": os.path.basename(arguments.features), **options,
-                                 **{key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}})
+                record(
+                    "heads",
+                    {
+                        "checkout": name,
+                        "train_rows": rows,
+                        "features": os.path.basename(arguments.features),
+                        **options,
+                        **{key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()},
+                    },
+                )
 
 
 if __name__ == "__main__":

@@ -110,10 +110,16 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     rates += ceiling_passes(bare, resized, config.resolved_batch_size)
     ceiling, typical = max(rates), statistics.median(rates)
     return {
-        "engine": engine, "precision": precision, "ceiling_images_per_second": round(ceiling, 1),
-        "ceiling_median_images_per_second": round(typical, 1), "ceiling_passes": [round(rate, 1) for rate in rates],
-        "pipeline_images_per_second": round(pipeline, 1), "efficiency": round(pipeline / ceiling, 3),
-        "efficiency_to_median": round(pipeline / typical, 3), "fingerprint": spec.fingerprint, "peak_rss_mib": round(peak_rss_mib()),
+        "engine": engine,
+        "precision": precision,
+        "ceiling_images_per_second": round(ceiling, 1),
+        "ceiling_median_images_per_second": round(typical, 1),
+        "ceiling_passes": [round(rate, 1) for rate in rates],
+        "pipeline_images_per_second": round(pipeline, 1),
+        "efficiency": round(pipeline / ceiling, 3),
+        "efficiency_to_median": round(pipeline / typical, 3),
+        "fingerprint": spec.fingerprint,
+        "peak_rss_mib": round(peak_rss_mib()),
     }
 
 
@@ -138,8 +144,13 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
     started = time.perf_counter()
     extract_shards(config, spec, dataset.model_copy(update={"sizes": {"train": images}}))
     seconds = time.perf_counter() - started
-    return {"images": images, "seconds": round(seconds, 1), "images_per_second": round(images / seconds, 1),
-            "peak_rss_mib": round(peak_rss_mib()), "engine": f"{choice.engine} {choice.precision}"}
+    return {
+        "images": images,
+        "seconds": round(seconds, 1),
+        "images_per_second": round(images / seconds, 1),
+        "peak_rss_mib": round(peak_rss_mib()),
+        "engine": f"{choice.engine} {choice.precision}",
+    }
 
 
 def tsne_point(storage: str, points: int) -> dict:
@@ -150,10 +161,16 @@ def tsne_point(storage: str, points: int) -> dict:
 
     features = find_feature_set(storage)
     started = time.perf_counter()
-    result = tsne_map(storage, features.folder, f"bench-{points}", TsneSettings(sample=points, perplexity=30.0, seed=0, test=False), features.classes)
-    return {"points": result.points, "seconds": round(time.perf_counter() - started, 1),
-            "map_knn_accuracy": round(result.map_knn_accuracy, 4), "feature_knn_accuracy": round(result.feature_knn_accuracy, 4),
-            "peak_rss_mib": round(peak_rss_mib())}
+    result = tsne_map(
+        storage, features.folder, f"bench-{points}", TsneSettings(sample=points, perplexity=30.0, seed=0, test=False), features.classes
+    )
+    return {
+        "points": result.points,
+        "seconds": round(time.perf_counter() - started, 1),
+        "map_knn_accuracy": round(result.map_knn_accuracy, 4),
+        "feature_knn_accuracy": round(result.feature_knn_accuracy, 4),
+        "peak_rss_mib": round(peak_rss_mib()),
+    }
 
 
 def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, epochs_measured: int) -> dict:
@@ -205,8 +222,7 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
     }
     return {
         "measured_on": {"images": sample, "tsne_points": tsne_sample, "head_epochs": epochs_measured},
-        "measured_seconds": {"resize": round(resize_seconds, 1), "predict": round(predict_seconds, 1),
-                             "tsne": round(tsne_seconds, 1)},
+        "measured_seconds": {"resize": round(resize_seconds, 1), "predict": round(predict_seconds, 1), "tsne": round(tsne_seconds, 1)},
         "extrapolated_seconds": {name: round(value) for name, value in extrapolated.items()},
         "extrapolated_total_seconds": round(sum(extrapolated.values())),
         "resized_train_split_gib": round(train_images * size * size * 3 * 4 / 2**30, 1),
@@ -250,29 +266,42 @@ def scaling_picture(points: list[dict], path: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Performance benchmark", "", f"Machine: {json.dumps(result['machine'])}", "",
-             "| engine | precision | ceiling img/s: best / median of 4 passes around the pipeline | pipeline img/s | "
-             "efficiency: to best / to median | x TF float32 ceiling (best) | cosine to TF f32 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Performance benchmark",
+        "",
+        f"Machine: {json.dumps(result['machine'])}",
+        "",
+        "| engine | precision | ceiling img/s: best / median of 4 passes around the pipeline | pipeline img/s | "
+        "efficiency: to best / to median | x TF float32 ceiling (best) | cosine to TF f32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base = result["engines"][0]["ceiling_images_per_second"]
     for point in result["engines"]:
-        lines.append(f"| {point['engine']} | {point['precision']} | {point['ceiling_images_per_second']} / "
-                     f"{point['ceiling_median_images_per_second']} | {point['pipeline_images_per_second']} | "
-                     f"{point['efficiency']} / {point['efficiency_to_median']} | "
-                     f"{point['pipeline_images_per_second'] / base:.2f} | {point.get('cosine_to_tensorflow_float32')} |")
+        lines.append(
+            f"| {point['engine']} | {point['precision']} | {point['ceiling_images_per_second']} / "
+            f"{point['ceiling_median_images_per_second']} | {point['pipeline_images_per_second']} | "
+            f"{point['efficiency']} / {point['efficiency_to_median']} | "
+            f"{point['pipeline_images_per_second'] / base:.2f} | {point.get('cosine_to_tensorflow_float32')} |"
+        )
     full, rerun, notebook, tsne = result["full_run"], result["rerun"], result["notebook"], result["tsne_all_train"]
-    lines += ["", "| whole job | value |", "|---|---|",
-              f"| full run wall (s) | {full['seconds']['total']} |",
-              f"| extraction / t-SNE / head (s) | {full['seconds']['extraction']} / {full['seconds']['tsne']} / {full['seconds']['head']} |",
-              f"| engine | {full.get('engine')} |",
-              f"| peak RSS (MiB) | {full['peak_rss_mib']} |",
-              f"| rerun wall (s) | {rerun['seconds']['total']} |",
-              f"| t-SNE of all {tsne['points']:,} train images (s) | {tsne['seconds']} (10-NN class accuracy: map "
-              f"{tsne['map_knn_accuracy']:.1%}, PCA space {tsne['feature_knn_accuracy']:.1%}; peak RSS {tsne['peak_rss_mib']} MiB) |",
-              f"| notebook method, extrapolated (s) | {notebook['extrapolated_total_seconds']} ({notebook['extrapolated_seconds']}) |",
-              f"| notebook / pipeline | {notebook['extrapolated_total_seconds'] / full['seconds']['total']:.1f}x |",
-              f"| notebook's resized train split (GiB) | {notebook['resized_train_split_gib']} |",
-              "", "| scaling: images | seconds | images/s | peak RSS MiB |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| whole job | value |",
+        "|---|---|",
+        f"| full run wall (s) | {full['seconds']['total']} |",
+        f"| extraction / t-SNE / head (s) | {full['seconds']['extraction']} / {full['seconds']['tsne']} / {full['seconds']['head']} |",
+        f"| engine | {full.get('engine')} |",
+        f"| peak RSS (MiB) | {full['peak_rss_mib']} |",
+        f"| rerun wall (s) | {rerun['seconds']['total']} |",
+        f"| t-SNE of all {tsne['points']:,} train images (s) | {tsne['seconds']} (10-NN class accuracy: map "
+        f"{tsne['map_knn_accuracy']:.1%}, PCA space {tsne['feature_knn_accuracy']:.1%}; peak RSS {tsne['peak_rss_mib']} MiB) |",
+        f"| notebook method, extrapolated (s) | {notebook['extrapolated_total_seconds']} ({notebook['extrapolated_seconds']}) |",
+        f"| notebook / pipeline | {notebook['extrapolated_total_seconds'] / full['seconds']['total']:.1f}x |",
+        f"| notebook's resized train split (GiB) | {notebook['resized_train_split_gib']} |",
+        "",
+        "| scaling: images | seconds | images/s | peak RSS MiB |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {p['images']} | {p['seconds']} | {p['images_per_second']} | {p['peak_rss_mib']} |" for p in result["scaling"]]
     return "\n".join(lines) + "\n"
 
@@ -313,10 +342,18 @@ def main() -> None:
         result["tsne_all_train"] = in_fresh_process(tsne_point, f"{storage}-full", 1_000 if quick else 50_000)
         extraction = result["full_run"]["seconds"]["extraction"]
         images = sum(result["full_run"]["images"].values())
-        result["scaling"].append({"images": images, "seconds": extraction, "images_per_second": round(images / extraction, 1),
-                                  "peak_rss_mib": result["full_run"]["peak_rss_mib"], "engine": result["full_run"]["engine"]})
-        result["notebook"] = in_fresh_process(notebook_method, options, f"{storage}-notebook",
-                                              200 if quick else 2_000, 500 if quick else 5_000, 1 if quick else 2)
+        result["scaling"].append(
+            {
+                "images": images,
+                "seconds": extraction,
+                "images_per_second": round(images / extraction, 1),
+                "peak_rss_mib": result["full_run"]["peak_rss_mib"],
+                "engine": result["full_run"]["engine"],
+            }
+        )
+        result["notebook"] = in_fresh_process(
+            notebook_method, options, f"{storage}-notebook", 200 if quick else 2_000, 500 if quick else 5_000, 1 if quick else 2
+        )
     RESULTS.mkdir(exist_ok=True)
     scaling_picture(result["scaling"], RESULTS / "scaling.png")
     (RESULTS / "perf.md").write_text(markdown(result))

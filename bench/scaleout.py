@@ -41,13 +41,15 @@ def main() -> None:
             config = load_config(**options, **runner, storage=os.path.join(scratch, name.replace(" ", "")))
             started = time.perf_counter()
             _, stats = extract_features(config)
-            measured.append({
-                "runner": name,
-                "total_seconds": round(time.perf_counter() - started, 1),
-                "shard_phase_seconds": round(stats.seconds, 1),  # cluster start and one backbone build per worker included
-                "images_per_second": round(stats.images_per_second, 1),
-                "processes": len(stats.processes),
-            })
+            measured.append(
+                {
+                    "runner": name,
+                    "total_seconds": round(time.perf_counter() - started, 1),
+                    "shard_phase_seconds": round(stats.seconds, 1),  # cluster start and one backbone build per worker included
+                    "images_per_second": round(stats.images_per_second, 1),
+                    "processes": len(stats.processes),
+                }
+            )
     result = {
         "options": options,
         "runs": measured,

@@ -96,8 +96,7 @@ def get_backbone(name: str) -> Backbone:
     canonical = by_lower.get(name.lower())
     if canonical is None:
         raise ConfigError(
-            f"unknown backbone {name!r}: use a keras.applications model name, "
-            f"one of {', '.join(sorted(available_backbones()))}"
+            f"unknown backbone {name!r}: use a keras.applications model name, one of {', '.join(sorted(available_backbones()))}"
         )
     return Backbone(
         name=canonical,
@@ -147,8 +146,10 @@ def stage_taps(base) -> list:
         ends[tuple(output.shape[1:3])] = output  # the last cut of each resolution
     earlier = [end for size, end in ends.items() if size != final_size]
     last_stage = [(layer, output) for layer, output in cuts if tuple(output.shape[1:3]) == final_size and output is not base.output]
-    widening = max((position for position, (layer, output) in enumerate(last_stage)
-                    if _width(layer.input) != output.shape[-1]), default=len(last_stage))
+    widening = max(
+        (position for position, (layer, output) in enumerate(last_stage) if _width(layer.input) != output.shape[-1]),
+        default=len(last_stage),
+    )
     before = last_stage[:widening] or last_stage
     widest = max((output.shape[-1] for _, output in before), default=0)
     equals = [(layer, output) for layer, output in before if output.shape[-1] == widest]

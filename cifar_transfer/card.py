@@ -41,8 +41,10 @@ def write_card(storage: Storage, folder: str, description: FeatureSetDescription
 
 def configs(views: dict[str, list[ShardRecord]]) -> dict[str, dict[str, str]]:
     """Config name -> split name -> view: the originals by default, the mirrors when the set has them."""
-    found = {DEFAULT_CONFIG: {split: split for split in SPLITS if split in views},
-             MIRRORED_CONFIG: {split: split + FLIPPED for split in SPLITS if split + FLIPPED in views}}
+    found = {
+        DEFAULT_CONFIG: {split: split for split in SPLITS if split in views},
+        MIRRORED_CONFIG: {split: split + FLIPPED for split in SPLITS if split + FLIPPED in views},
+    }
     return {name: splits for name, splits in found.items() if splits}
 
 
@@ -52,7 +54,9 @@ def card_text(folder_uri: str, description: FeatureSetDescription, views: dict[s
     front = [
         "---",
         f"pretty_name: {_quoted(description.spec['backbone'] + ' features ' + description.fingerprint)}",
-        "tags:", "- image-features", "- cifar-transfer",
+        "tags:",
+        "- image-features",
+        "- cifar-transfer",
         *_dataset_info_yaml(description, configs(views)),
         *_configs_yaml(configs(views), views),
         "---",
@@ -100,11 +104,12 @@ def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, 
     spec, rebuild, made_by = description.spec, description.rebuild, description.made_by
     source = f"the collection `{redact(rebuild.collection.source)}`" if rebuild.collection else f"the archive `{spec['dataset_md5']}`"
     weights = {"imagenet": "ImageNet weights", "none": f"random weights, seed {rebuild.seed}"}.get(
-        rebuild.weights, f"the weights `{redact(rebuild.weights)}`")
+        rebuild.weights, f"the weights `{redact(rebuild.weights)}`"
+    )
     pooled = {
         "avg": "average-pooled to one vector per image",
         "stages": "the average-pooled end of the stage before the last, widest point of the last stage and final features, "
-                  "concatenated into one vector per image",
+        "concatenated into one vector per image",
     }.get(spec["pooling"], "spatial maps, flattened")
     rows = ", ".join(f"{view} {sum(record.rows for record in records)}" for view, records in views.items())
     shape = description.feature_shape
@@ -145,8 +150,11 @@ def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, 
         lines.append(f'mirrored = datasets.load_dataset(folder, "{MIRRORED_CONFIG}")  # the same images mirrored left-right')
     lines += ["```", ""]
     if rebuild.collection is not None:
-        lines += ["A view of a collection may also hold the shards its previous version retired, which a glob reads too: "
-                  "read the files its `_manifest.json` lists (as `datasets`, by this card, and `cifar_transfer.load_features` do).", ""]
+        lines += [
+            "A view of a collection may also hold the shards its previous version retired, which a glob reads too: "
+            "read the files its `_manifest.json` lists (as `datasets`, by this card, and `cifar_transfer.load_features` do).",
+            "",
+        ]
     lines += [
         "## Columns",
         "",
@@ -154,11 +162,15 @@ def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, 
         "- `label` (int64): the class, numbered as listed above.",
         f"- `features` ({_columns(description)[2][1]}): the backbone's output"
         + (f", a {shape} map flattened in (height, width, channels) order." if len(shape) > 1 else "."),
-        *(["- `key` (string), `version` (string): the image's name in the collection and the version it was read at."]
-          if rebuild.collection else []),
+        *(
+            ["- `key` (string), `version` (string): the image's name in the collection and the version it was read at."]
+            if rebuild.collection
+            else []
+        ),
         "",
-        "Views: `train`, `test`" + (", and their mirrors `train-flipped`, `test-flipped` (same `index` and `label`)"
-                                    if MIRRORED_CONFIG in configs(views) else "") + ". "
+        "Views: `train`, `test`"
+        + (", and their mirrors `train-flipped`, `test-flipped` (same `index` and `label`)" if MIRRORED_CONFIG in configs(views) else "")
+        + ". "
         "A view is complete once its `_manifest.json` lists every shard with rows, bytes and SHA-256. Each file's Parquet "
         "schema metadata `cifar_transfer` holds the fingerprint, shape, row range and library versions. Files whose name "
         "starts with `.` are writes in progress or claims, never data; `feature_set.json` records how to rebuild the set.",

@@ -111,20 +111,34 @@ class ArchiveFormat:
 
 ARCHIVE_FORMATS = {
     "cifar10": ArchiveFormat(
-        name="cifar10", title="CIFAR-10", folder="cifar-10-batches-py", split_members=SPLIT_MEMBERS, meta_member=META_MEMBER,
+        name="cifar10",
+        title="CIFAR-10",
+        folder="cifar-10-batches-py",
+        split_members=SPLIT_MEMBERS,
+        meta_member=META_MEMBER,
         label_modes={"default": LabelSet("labels", "label_names", len(CLASS_NAMES))},
         # An official batch is about 31 MB (10,000 rows, labels, file names).
-        max_rows_per_member=10_000, max_member_bytes=64 * 2**20,
-        official_url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", official_md5="c58f30108f718f92721af3b95e74349a",
+        max_rows_per_member=10_000,
+        max_member_bytes=64 * 2**20,
+        official_url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        official_md5="c58f30108f718f92721af3b95e74349a",
         class_names=tuple(CLASS_NAMES),
     ),
     "cifar100": ArchiveFormat(
-        name="cifar100", title="CIFAR-100", folder="cifar-100-python",
-        split_members={"train": ["cifar-100-python/train"], "test": ["cifar-100-python/test"]}, meta_member="cifar-100-python/meta",
-        label_modes={"fine": LabelSet("fine_labels", "fine_label_names", 100), "coarse": LabelSet("coarse_labels", "coarse_label_names", 20)},
+        name="cifar100",
+        title="CIFAR-100",
+        folder="cifar-100-python",
+        split_members={"train": ["cifar-100-python/train"], "test": ["cifar-100-python/test"]},
+        meta_member="cifar-100-python/meta",
+        label_modes={
+            "fine": LabelSet("fine_labels", "fine_label_names", 100),
+            "coarse": LabelSet("coarse_labels", "coarse_label_names", 20),
+        },
         # The train member is about 155 MB (50,000 rows, two label lists, file names): CIFAR-10's bound per row.
-        max_rows_per_member=50_000, max_member_bytes=320 * 2**20,
-        official_url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", official_md5="eb9058c3a382ffc7106e4002c42a8d85",
+        max_rows_per_member=50_000,
+        max_member_bytes=320 * 2**20,
+        official_url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        official_md5="eb9058c3a382ffc7106e4002c42a8d85",
     ),
 }
 _FORMAT_OF_FOLDER = {archive_format.folder: archive_format for archive_format in ARCHIVE_FORMATS.values()}
@@ -351,7 +365,9 @@ def _check_batch(batch: dict, member: str, archive_format: ArchiveFormat, label_
         dtype = getattr(data, "dtype", type(data).__name__)
         raise ArchiveError(f"member {member}: 'data' is {dtype} {shape}, expected uint8 (N, {_ROW_BYTES}): {use_official}")
     if len(data) > max_rows:
-        raise ArchiveError(f"member {member}: 'data' has {len(data)} rows, more than a {archive_format.title} batch's {max_rows}: {use_official}")
+        raise ArchiveError(
+            f"member {member}: 'data' has {len(data)} rows, more than a {archive_format.title} batch's {max_rows}: {use_official}"
+        )
     labels = _labels(batch.get(label_set.labels_key), member, archive_format, label_set)
     if len(labels) != len(data):
         raise ArchiveError(f"member {member}: '{label_set.labels_key}' has {len(labels)} entries, expected {len(data)}: {use_official}")
@@ -387,7 +403,9 @@ class _ArchiveMember(tarfile.TarInfo):
             raise ArchiveError(f"member {self.name} is a global pax header or a sparse file: {_USE_AN_OFFICIAL}")
         extension = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
         if self.type in extension and self.size > _MAX_HEADER_BYTES:
-            raise ArchiveError(f"member {self.name} is a tar header of {self.size} bytes, more than {_MAX_HEADER_BYTES}: {_USE_AN_OFFICIAL}")
+            raise ArchiveError(
+                f"member {self.name} is a tar header of {self.size} bytes, more than {_MAX_HEADER_BYTES}: {_USE_AN_OFFICIAL}"
+            )
         return super()._proc_member(archive)
 
     def _proc_gnusparse_10(self, member, pax_headers, archive):

@@ -195,8 +195,10 @@ class Claim:
         try:
             if _parse(self._read(self.path) or b"").get("id") != self.holder["id"]:
                 self.lost = True
-                log.warning("lost %s: another writer took it over, as this one passed its deadline or stopped renewing it",
-                            self.storage.uri(self.path))
+                log.warning(
+                    "lost %s: another writer took it over, as this one passed its deadline or stopped renewing it",
+                    self.storage.uri(self.path),
+                )
             elif content is None:
                 self._remove(self.path)
             else:

@@ -31,7 +31,6 @@ from cifar_transfer.store import read_manifest, shard_items_from_metadata, shard
 log = logging.getLogger(__name__)
 
 
-
 class CollectionDataset(BaseModel):
     """A listed collection: what planning and reading its shards need (the items themselves go into the shards)."""
 
@@ -50,9 +49,15 @@ def open_collection(settings: CollectionSettings) -> CollectionSource:
     from cifar_transfer.sources.parquet import ParquetSource
 
     if detect.collection_format(settings.source, settings.source_format) == "parquet":
-        return ParquetSource(settings.source, image_column=settings.image_column, label_column=settings.label_column,
-                             classes_file=settings.classes, test_fraction=settings.test_fraction, split_seed=settings.seed,
-                             max_file_mb=settings.max_file_mb)
+        return ParquetSource(
+            settings.source,
+            image_column=settings.image_column,
+            label_column=settings.label_column,
+            classes_file=settings.classes,
+            test_fraction=settings.test_fraction,
+            split_seed=settings.seed,
+            max_file_mb=settings.max_file_mb,
+        )
     return FolderSource(settings.source, test_fraction=settings.test_fraction, split_seed=settings.seed, max_file_mb=settings.max_file_mb)
 
 
@@ -71,14 +76,21 @@ def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Li
         listing_digest=digest,
     )
     unusable = [f"{entry.key}: {entry.reason}" for entries in listing.unusable.values() for entry in entries]
-    log.info("listed %s (%s): %s; %d classes; %d entries skipped", redact(settings.source), dataset.format,
-             ", ".join(f"{split} {size} images" for split, size in dataset.sizes.items()), len(dataset.classes),
-             len(listing.skipped) + len(unusable))
+    log.info(
+        "listed %s (%s): %s; %d classes; %d entries skipped",
+        redact(settings.source),
+        dataset.format,
+        ", ".join(f"{split} {size} images" for split, size in dataset.sizes.items()),
+        len(dataset.classes),
+        len(listing.skipped) + len(unusable),
+    )
     for entry in (listing.skipped + unusable)[:20]:
         log.warning("skipped %s", printable(entry))
     if not dataset.sizes["train"] or not dataset.sizes["test"]:
-        raise SourceError(f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
-                           "both splits need images (check the layout, or --test-fraction)")
+        raise SourceError(
+            f"source {redact(settings.source)} has {dataset.sizes['train']} train and {dataset.sizes['test']} test images: "
+            "both splits need images (check the layout, or --test-fraction)"
+        )
     _recent_listings[digest] = listing
     while len(_recent_listings) > 2:
         _recent_listings.pop(next(iter(_recent_listings)))

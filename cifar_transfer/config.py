@@ -40,8 +40,14 @@ PRESETS = {
     # The 2017 post: InceptionV3 at 139px, its 3x3x2048 maps, a shallow conv head,
     # RMSprop, batch 50, 50 epochs, 20% of train for validation.
     "blog-2017": {
-        "backbone": "InceptionV3", "input_size": 139, "pooling": "none", "head": "conv",
-        "head_batch_size": 50, "epochs": 50, "patience": 50, "validation_split": 0.2,
+        "backbone": "InceptionV3",
+        "input_size": 139,
+        "pooling": "none",
+        "head": "conv",
+        "head_batch_size": 50,
+        "epochs": 50,
+        "patience": 50,
+        "validation_split": 0.2,
     },
 }
 
@@ -160,8 +166,9 @@ class PipelineConfig(BaseModel):
     label_column: str = Field("label", description="Parquet sources: the integer label column")
     classes: str | None = Field(None, description="Parquet sources: a file of class names (one per line) when the table names none")
     max_file_mb: float = Field(
-        MAX_FILE_MB, gt=0, description="collections and predict: a file (or table cell) larger than this many MiB is skipped and "
-        "listed, never read"
+        MAX_FILE_MB,
+        gt=0,
+        description="collections and predict: a file (or table cell) larger than this many MiB is skipped and listed, never read",
     )
     md5: str | None = Field(
         None,
@@ -196,7 +203,9 @@ class PipelineConfig(BaseModel):
     )
     shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
     batch_size: int | None = Field(
-        None, ge=1, le=4096,
+        None,
+        ge=1,
+        le=4096,
         description="images per backbone forward pass (default: 64 up to 160 px inputs, fewer above so a batch keeps the "
         "same number of pixels: 32 at 224 px; the features do not depend on it)",
     )
@@ -289,7 +298,7 @@ class PipelineConfig(BaseModel):
 
     @property
     def archive_format(self) -> str:
-        """"cifar10", "cifar100", or "auto" (read from the archive's members)."""
+        """ "cifar10", "cifar100", or "auto" (read from the archive's members)."""
         return self.source_format if self.source_format in ("cifar10", "cifar100") else OFFICIAL_ARCHIVES.get(self.source, ("auto",))[0]
 
     @property

@@ -75,7 +75,9 @@ def resolved_format(storage: Storage, archive_path: str, archive_format: str, la
     return archive_format, label_mode if label_mode in archive_format_named(archive_format).label_modes else None
 
 
-def finished_dataset(storage_url: str, archive_md5: str, archive_format: str = "cifar10", label_mode: str | None = None) -> DatasetInfo | None:
+def finished_dataset(
+    storage_url: str, archive_md5: str, archive_format: str = "cifar10", label_mode: str | None = None
+) -> DatasetInfo | None:
     """The decoded dataset if its marker and every array are there (at their recorded sizes), else None."""
     storage = Storage(storage_url)
     files = _dataset_files(storage, archive_md5, archive_format, label_mode)
@@ -125,8 +127,13 @@ def _decode(
             storage.write_atomic(path, payload)
             sizes[path.rsplit("/", 1)[-1]] = len(payload)
     info = DatasetInfo(
-        folder=files.folder, md5=archive_md5, sizes={split: len(labels) for split, (_, labels) in splits.items()},
-        classes=content.classes, bytes=sizes, format=content.format, label_mode=content.label_mode,
+        folder=files.folder,
+        md5=archive_md5,
+        sizes={split: len(labels) for split, (_, labels) in splits.items()},
+        classes=content.classes,
+        bytes=sizes,
+        format=content.format,
+        label_mode=content.label_mode,
     )
     storage.write_atomic(files.marker, info.model_dump_json(indent=2).encode())
     log.info("decoded archive %s: %s", archive_md5, ", ".join(f"{k} {v} images" for k, v in info.sizes.items()))
@@ -165,4 +172,3 @@ def shard_images(storage_url: str, dataset: DatasetInfo, shard: Shard) -> tuple[
     if shard.flipped:
         images = np.ascontiguousarray(images[:, :, ::-1])  # (row, column, channel): mirror the columns
     return images, labels
-

@@ -189,7 +189,9 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
         with _build_lock:  # the run will build its float32 extractor: this one's memory goes back
             _extractors.pop((reduced_spec.fingerprint, tuple(calibration_images.shape[1:])), None)
     if cosine >= BF16_MIN_COSINE:
-        choice = choice.model_copy(update={"reason": f"{choice.reason}; cosine to float32 {cosine:.6f} on {len(calibration_images)} images"})
+        choice = choice.model_copy(
+            update={"reason": f"{choice.reason}; cosine to float32 {cosine:.6f} on {len(calibration_images)} images"}
+        )
     else:
         choice = EngineChoice(
             engine=choice.engine,
@@ -361,7 +363,12 @@ def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], storage_
             started = time.perf_counter()
             _extractors[key] = build_engine_extractor(spec, image_shape, Storage(storage_url) if storage_url else None)
             log.info(
-                "built %s at %dpx on %s %s in %.1f s", spec.backbone, spec.input_size, spec.engine, spec.precision, time.perf_counter() - started
+                "built %s at %dpx on %s %s in %.1f s",
+                spec.backbone,
+                spec.input_size,
+                spec.engine,
+                spec.precision,
+                time.perf_counter() - started,
             )
         return _extractors[key]
 
@@ -375,8 +382,15 @@ def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int],
 
 
 def _keras_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], precision: str):
-    return build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
-                           precision=precision, seed=spec.seed, image_shape=image_shape)
+    return build_extractor(
+        spec.backbone,
+        weights=spec.weights,
+        input_size=spec.input_size,
+        pooling=spec.pooling,
+        precision=precision,
+        seed=spec.seed,
+        image_shape=image_shape,
+    )
 
 
 def choose_engine_for_dataset(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:

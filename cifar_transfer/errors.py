@@ -53,14 +53,44 @@ class FeatureSetError(PermanentError):
 
 _RETRYABLE_HTTP_STATUS = {408, 425, 429}
 # What a local file or folder itself answers: the same on every retry.
-_LOCAL_ERRNOS = frozenset({
-    errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EROFS,
-    errno.EINVAL, errno.ENXIO, errno.EEXIST, errno.ENOTEMPTY, errno.EBADF, errno.ENOSPC, errno.EDQUOT, errno.EXDEV,
-})
+_LOCAL_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.EROFS,
+        errno.EINVAL,
+        errno.ENXIO,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.EBADF,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EXDEV,
+    }
+)
 # Errors of the code or of the data, never of the moment.
-_NEVER_TRANSIENT = (PermanentError, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
-                    AssertionError, RecursionError, MemoryError,
-                    FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_NEVER_TRANSIENT = (
+    PermanentError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    AssertionError,
+    RecursionError,
+    MemoryError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:

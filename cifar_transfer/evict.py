@@ -96,8 +96,13 @@ def judge(storage: Storage, info: FeatureSetInfo, grace_seconds: float, force: b
     storage.fs.invalidate_cache(info.folder)
     files = storage.fs.find(info.folder, detail=True)
     reason = _live_writer(storage, info.folder, list(files)) or (None if force else _fresh(files, grace_seconds))
-    return SetEviction(folder=info.folder, fingerprint=info.fingerprint, created_at=info.created_at,
-                       bytes=sum(entry.get("size") or 0 for entry in files.values() if not entry.get("islink")), kept_because=reason)
+    return SetEviction(
+        folder=info.folder,
+        fingerprint=info.fingerprint,
+        created_at=info.created_at,
+        bytes=sum(entry.get("size") or 0 for entry in files.values() if not entry.get("islink")),
+        kept_because=reason,
+    )
 
 
 def _outside_root(storage: Storage, folder: str) -> str | None:
@@ -106,13 +111,15 @@ def _outside_root(storage: Storage, folder: str) -> str | None:
         return None
     root = os.path.realpath(storage.root)
     if os.path.islink(folder) or os.path.commonpath([root, os.path.realpath(folder)]) != root:
-        return (f"{posixpath.basename(folder)} is a link out of the storage root, never followed: "
-                "delete the link itself if the set is unwanted")
+        return (
+            f"{posixpath.basename(folder)} is a link out of the storage root, never followed: delete the link itself if the set is unwanted"
+        )
     return None
 
 
-def _plan(storage_url: str, candidates: list[FeatureSetInfo], newest: list[FeatureSetInfo], grace_seconds: float, force: bool,
-          unknown: list[str]) -> EvictionPlan:
+def _plan(
+    storage_url: str, candidates: list[FeatureSetInfo], newest: list[FeatureSetInfo], grace_seconds: float, force: bool, unknown: list[str]
+) -> EvictionPlan:
     storage = Storage(storage_url)
     plan = EvictionPlan(storage_url=storage_url, grace_seconds=grace_seconds, force=force, unknown=unknown)
     for info in newest:
@@ -126,8 +133,12 @@ def _plan(storage_url: str, candidates: list[FeatureSetInfo], newest: list[Featu
 
 def _live_writer(storage: Storage, folder: str, files: list[str]) -> str | None:
     """Why a writer may be working in the set (a live claim on one of its shards), or None."""
-    shards = [layout.shard_file(folder, view, record.file)
-              for view in VIEWS if (manifest := read_manifest(storage, folder, view)) is not None for record in manifest.shards]
+    shards = [
+        layout.shard_file(folder, view, record.file)
+        for view in VIEWS
+        if (manifest := read_manifest(storage, folder, view)) is not None
+        for record in manifest.shards
+    ]
     claimed = [layout.claimed_file(path) for path in files if path.endswith(layout.CLAIM_SUFFIX)]
     for path in dict.fromkeys(shards + claimed):
         if held_by_live_writer(storage, path):

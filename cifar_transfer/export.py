@@ -156,8 +156,9 @@ def check_destination(target: Storage) -> None:
         ours = (DESCRIPTION_NAME, *ARTIFACTS.values(), ARTIFACTS["openvino"].removesuffix(".xml") + ".bin")
         foreign = [path for path in found if not any(path == name or path.startswith(name + "/") for name in ours)]
         if foreign:
-            raise ConfigError(f"export destination {shown} holds an earlier export and other files ({foreign[0]}): "
-                              "name a new or empty folder")
+            raise ConfigError(
+                f"export destination {shown} holds an earlier export and other files ({foreign[0]}): name a new or empty folder"
+            )
     target.check_writable(folder, "the export")
 
 
@@ -193,11 +194,20 @@ def exported_model(trained: TrainedHead, head):
     keras = load_keras()
     spec = trained.features.spec
     # image_shape (None, None, 3): build_extractor then always resizes, as the pipeline does when sizes differ.
-    extractor = build_extractor(spec.backbone, weights=spec.weights, input_size=spec.input_size, pooling=spec.pooling,
-                                precision="float32", seed=spec.seed, image_shape=(None, None, 3))
+    extractor = build_extractor(
+        spec.backbone,
+        weights=spec.weights,
+        input_size=spec.input_size,
+        pooling=spec.pooling,
+        precision="float32",
+        seed=spec.seed,
+        image_shape=(None, None, 3),
+    )
     if list(extractor.output.shape[1:]) != list(trained.features.feature_shape):
-        raise FeatureSetError(f"the rebuilt {spec.backbone} gives features of shape {list(extractor.output.shape[1:])}, "
-                              f"the run stored {trained.features.feature_shape}: export with the library version that made the run")
+        raise FeatureSetError(
+            f"the rebuilt {spec.backbone} gives features of shape {list(extractor.output.shape[1:])}, "
+            f"the run stored {trained.features.feature_shape}: export with the library version that made the run"
+        )
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
     flatten = keras.layers.Flatten()
 
@@ -261,7 +271,8 @@ def _copy_out(local: str, target: Storage, relative: str) -> int:
     else:
         files = [
             (os.path.join(folder, name), posixpath.join(relative, os.path.relpath(os.path.join(folder, name), local).replace(os.sep, "/")))
-            for folder, _, names in sorted(os.walk(local)) for name in sorted(names)
+            for folder, _, names in sorted(os.walk(local))
+            for name in sorted(names)
         ]
     for source_path, name in files:
         size = os.path.getsize(source_path)

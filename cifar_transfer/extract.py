@@ -134,8 +134,13 @@ def plan_extraction(storage_url: str, spec: FeatureSpec, dataset: SourceDataset,
             reused.append(reused_shard(storage, path, shard, listed))
         else:
             to_compute.append(shard)
-    log.info("extraction plan: %d of %d shards already done (reused as they are), %d to compute, %d replaced",
-             len(reused), len(shards), len(to_compute), sum(len(files) for files in retired.values()))
+    log.info(
+        "extraction plan: %d of %d shards already done (reused as they are), %d to compute, %d replaced",
+        len(reused),
+        len(shards),
+        len(to_compute),
+        sum(len(files) for files in retired.values()),
+    )
     return ExtractionPlan(reused=reused, to_compute=to_compute, retired=retired)
 
 

@@ -65,7 +65,7 @@ class CandidateScore(BaseModel):
     of: list[str] | None = None
 
     def description(self) -> str:
-        """"ridge (alpha=0.1)", "mlp (best epoch 12)" or "ensemble (conv + ridge)"."""
+        """ "ridge (alpha=0.1)", "mlp (best epoch 12)" or "ensemble (conv + ridge)"."""
         if self.strength is not None:
             detail = f"alpha={self.strength:g}"
         elif self.C is not None:
@@ -167,7 +167,9 @@ class HeadData:
     def open(cls, storage: Storage, folder: str, settings: HeadSettings, classes: int) -> HeadData:
         train = FeatureStream.open(storage, folder, "train", settings.flip)
         held_out = validation_mask(train.rows, settings.validation_split, settings.seed)
-        return cls(train, train.select(~held_out), train.select(held_out), FeatureStream.open(storage, folder, "test", settings.flip), classes)
+        return cls(
+            train, train.select(~held_out), train.select(held_out), FeatureStream.open(storage, folder, "test", settings.flip), classes
+        )
 
     @property
     def feature_shape(self) -> list[int]:
@@ -198,8 +200,11 @@ def predictor(model):
     forward = tf.function(lambda rows: model(rows, training=False), reduce_retracing=True, autograph=False)
 
     def predict(rows: np.ndarray) -> np.ndarray:
-        return np.concatenate([forward(rows[start : start + PREDICT_BATCH]).numpy() for start in range(0, len(rows), PREDICT_BATCH)]) \
-            if len(rows) else np.zeros((0, model.output.shape[-1]), np.float32)
+        return (
+            np.concatenate([forward(rows[start : start + PREDICT_BATCH]).numpy() for start in range(0, len(rows), PREDICT_BATCH)])
+            if len(rows)
+            else np.zeros((0, model.output.shape[-1]), np.float32)
+        )
 
     return predict
 
@@ -225,10 +230,17 @@ def fit_ridge(data: HeadData, settings: HeadSettings) -> FittedHead:
         validation_moments.add(spatial_mean(features, shape), labels)
     strength, temperature = tally.best()
     accuracies, _ = tally.curve()
-    curve = [{"strength": value, "validation_accuracy": float(accuracy)} for value, accuracy in zip(ridge.RIDGE_STRENGTHS, accuracies, strict=True)]
+    curve = [
+        {"strength": value, "validation_accuracy": float(accuracy)}
+        for value, accuracy in zip(ridge.RIDGE_STRENGTHS, accuracies, strict=True)
+    ]
     chosen = scores.strength(strength)
-    details = {"head": "ridge", "strength": ridge.RIDGE_STRENGTHS[strength], "temperature": float(ridge.TEMPERATURES[temperature]),
-               "strengths": curve}
+    details = {
+        "head": "ridge",
+        "strength": ridge.RIDGE_STRENGTHS[strength],
+        "temperature": float(ridge.TEMPERATURES[temperature]),
+        "strengths": curve,
+    }
     model = ridge.ridge_model(chosen, ridge.TEMPERATURES[temperature], shape)
     return FittedHead(model, tally.accuracy(strength, temperature), details, moments=(fit_moments, validation_moments))
 
@@ -289,8 +301,9 @@ def build_network_head(kind: str, feature_shape: list[int], classes: int, moment
     return model
 
 
-def fit_network(kind: str, fit: FeatureStream, validation: FeatureStream | None, feature_shape: list[int], classes: int,
-                settings: HeadSettings) -> FittedHead:
+def fit_network(
+    kind: str, fit: FeatureStream, validation: FeatureStream | None, feature_shape: list[int], classes: int, settings: HeadSettings
+) -> FittedHead:
     """Train from the shards with early stopping on validation accuracy, keeping the best epoch's weights
     (all epochs without validation)."""
     keras = load_keras()
@@ -304,8 +317,16 @@ def fit_network(kind: str, fit: FeatureStream, validation: FeatureStream | None,
         return FittedHead(model, float("nan"), {"head": kind, "epochs_run": len(history["loss"])})
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=settings.patience, restore_best_weights=True)
     held_out, validation_steps = feature_batches(validation, PREDICT_BATCH, both_views=False)
-    history = model.fit(batches, validation_data=held_out, epochs=settings.epochs, steps_per_epoch=steps, validation_steps=validation_steps,
-                        callbacks=[stop], shuffle=False, verbose=0).history
+    history = model.fit(
+        batches,
+        validation_data=held_out,
+        epochs=settings.epochs,
+        steps_per_epoch=steps,
+        validation_steps=validation_steps,
+        callbacks=[stop],
+        shuffle=False,
+        verbose=0,
+    ).history
     best_epoch = int(np.argmax(history["val_accuracy"]))
     details = {
         "head": kind,
@@ -345,7 +366,9 @@ def refit_head(chosen: FittedHead, data: HeadData, settings: HeadSettings) -> Fi
     rows; the final model need not leave them out. The validation accuracy stays the one measured before."""
     if chosen.members:
         members = [refit_head(member, data, settings) for member in chosen.members]
-        return FittedHead(average_model(members, data.feature_shape), chosen.validation_accuracy, {**chosen.details, "refit": True}, members)
+        return FittedHead(
+            average_model(members, data.feature_shape), chosen.validation_accuracy, {**chosen.details, "refit": True}, members
+        )
     kind = chosen.details["head"]
     if kind == "ridge":
         fit_moments, validation_moments = chosen.moments
@@ -358,13 +381,15 @@ def refit_head(chosen: FittedHead, data: HeadData, settings: HeadSettings) -> Fi
 
 
 def predictions_table(split: str, index: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pa.Table:
-    return pa.table({
-        "split": pa.array([split] * len(index)),
-        "index": index,
-        "label": labels,
-        "predicted": probabilities.argmax(axis=1),
-        "confidence": probabilities.max(axis=1).astype(np.float32),
-    })
+    return pa.table(
+        {
+            "split": pa.array([split] * len(index)),
+            "index": index,
+            "label": labels,
+            "predicted": probabilities.argmax(axis=1),
+            "confidence": probabilities.max(axis=1).astype(np.float32),
+        }
+    )
 
 
 @dataclass
@@ -384,8 +409,9 @@ def predict_split(stream: FeatureStream, model) -> SplitPredictions:
     return SplitPredictions(table, table.column("label").to_numpy(), table.column("predicted").to_numpy())
 
 
-def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, classes: list[str],
-               lineage: Lineage | None = None) -> HeadResult:
+def train_head(
+    storage_url: str, folder: str, key: str, settings: HeadSettings, classes: list[str], lineage: Lineage | None = None
+) -> HeadResult:
     """Fit every candidate head, choose on validation, predict test once; save model, predictions, metrics, picture."""
     storage = Storage(storage_url)
     done = finished_head(storage, folder, key)
@@ -398,8 +424,12 @@ def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, 
     candidates = []
     for kind in candidate_heads(settings.head, data.feature_shape):
         fitted = fit_head(kind, data, settings)
-        log.info("%s head: validation %.2f%% (%s)", kind, 100 * fitted.validation_accuracy,
-                 ", ".join(f"{name} {value:g}" for name, value in fitted.details.items() if name in ("strength", "temperature", "best_epoch")))
+        log.info(
+            "%s head: validation %.2f%% (%s)",
+            kind,
+            100 * fitted.validation_accuracy,
+            ", ".join(f"{name} {value:g}" for name, value in fitted.details.items() if name in ("strength", "temperature", "best_epoch")),
+        )
         candidates.append(fitted)
     if len(candidates) > 1:
         candidates.append(ensemble_head(candidates, data))
@@ -408,7 +438,9 @@ def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, 
     if settings.refit:
         refit_started = time.perf_counter()
         chosen = refit_head(chosen, data, settings)
-        log.info("refit the %s head on all %d train rows in %.1f s", chosen.details["head"], data.train.rows, time.perf_counter() - refit_started)
+        log.info(
+            "refit the %s head on all %d train rows in %.1f s", chosen.details["head"], data.train.rows, time.perf_counter() - refit_started
+        )
     train, test = predict_split(data.train, chosen.model), predict_split(data.test, chosen.model)
     matrix = confusion_matrix(test.labels, test.predicted, len(classes))
     metrics = HeadMetrics(
@@ -434,6 +466,11 @@ def train_head(storage_url: str, folder: str, key: str, settings: HeadSettings, 
     title = f"{chosen.details['head']} head: test accuracy {metrics.test_accuracy:.2%}"
     storage.write_atomic(files.confusion_picture, save_png(confusion_figure(matrix, classes, title)))
     storage.write_atomic(files.metrics, metrics.model_dump_json(indent=2, exclude_none=True).encode())
-    log.info("chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)", chosen.details["head"],
-             100 * chosen.validation_accuracy, 100 * metrics.test_accuracy, metrics.seconds)
+    log.info(
+        "chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)",
+        chosen.details["head"],
+        100 * chosen.validation_accuracy,
+        100 * metrics.test_accuracy,
+        metrics.seconds,
+    )
     return HeadResult(files=files, metrics=metrics)

@@ -121,7 +121,9 @@ def dataset_files(storage: Storage, dataset_id: str) -> DatasetFiles:
 
 
 def dataset_files_in(folder: str) -> DatasetFiles:
-    arrays = {f"{split}_{kind}": posixpath.join(folder, f"{split}_{kind}.npy") for split in ("train", "test") for kind in ("images", "labels")}
+    arrays = {
+        f"{split}_{kind}": posixpath.join(folder, f"{split}_{kind}.npy") for split in ("train", "test") for kind in ("images", "labels")
+    }
     return DatasetFiles(folder=folder, marker=posixpath.join(folder, DATASET_MARKER), **arrays)
 
 

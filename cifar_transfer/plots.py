@@ -50,8 +50,15 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
     axes.set_ylabel("true class")
     for row in range(len(classes)):
         for column in range(len(classes)):
-            axes.text(column, row, int(matrix[row, column]), ha="center", va="center", fontsize=7,
-                      color="white" if shares[row, column] > 0.5 else "black")
+            axes.text(
+                column,
+                row,
+                int(matrix[row, column]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shares[row, column] > 0.5 else "black",
+            )
     figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
     axes.set_title(title)
     return figure

@@ -55,15 +55,17 @@ CHUNK = 1000  # images decoded and held at once (two chunks are in memory: one d
 HEAD_BATCH = 1024
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always one at the end)
 PARQUET_ROW_GROUP = 10_000
-SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("class", pa.string()),
-    ("class_index", pa.int64()),
-    ("confidence", pa.float32()),
-    ("top_classes", pa.list_(pa.string())),
-    ("top_probabilities", pa.list_(pa.float32())),
-    ("error", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("class", pa.string()),
+        ("class_index", pa.int64()),
+        ("confidence", pa.float32()),
+        ("top_classes", pa.list_(pa.string())),
+        ("top_probabilities", pa.list_(pa.float32())),
+        ("error", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,12 @@ class Prediction:
     def record(self) -> dict:
         """The row as written to JSON and Parquet (the columns of `SCHEMA`)."""
         return {
-            "path": self.path, "class": self.class_name, "class_index": self.class_index, "confidence": self.confidence,
-            "top_classes": [name for name, _ in self.top], "top_probabilities": [probability for _, probability in self.top],
+            "path": self.path,
+            "class": self.class_name,
+            "class_index": self.class_index,
+            "confidence": self.confidence,
+            "top_classes": [name for name, _ in self.top],
+            "top_probabilities": [probability for _, probability in self.top],
             "error": self.error,
         }
 
@@ -109,7 +115,12 @@ class ImageSource:
                 raise SourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) or Parquet tables at {redact(source)}")
             self.tables = [(name, self._table_rows(name)) for name in tables]
         if ignored := len(files) - len(self.image_files or tables):
-            log.info("predict: ignored %d files of %s that are not %s", ignored, redact(source), "images" if self.image_files else "Parquet files")
+            log.info(
+                "predict: ignored %d files of %s that are not %s",
+                ignored,
+                redact(source),
+                "images" if self.image_files else "Parquet files",
+            )
         self.total = len(self.image_files) + sum(rows for _, rows in self.tables)
         if self.image_files:
             self.path_width = max(len(printable(self._shown(name))) for name in self.image_files)
@@ -156,8 +167,10 @@ class ImageSource:
             if self.image_column is None:
                 self.image_column = "image" if "image" in columns else (columns[0] if len(columns) == 1 else None)
             if self.image_column not in columns:
-                raise SourceError(f"{self._shown(name)}: no column {self.image_column or 'image'!r} of encoded images (binary, or a struct "
-                                   f"with binary 'bytes') among {', '.join(schema.names)}: pass --image-column NAME")
+                raise SourceError(
+                    f"{self._shown(name)}: no column {self.image_column or 'image'!r} of encoded images (binary, or a struct "
+                    f"with binary 'bytes') among {', '.join(schema.names)}: pass --image-column NAME"
+                )
             return parquet.metadata.num_rows
 
     def chunks(self, size: int, first: int | None = None) -> Iterator[list[tuple[str, bytes | None, str | None]]]:
@@ -228,8 +241,10 @@ class Predictor:
 
     def describe(self) -> str:
         spec, metrics = self.spec, self.head.metrics
-        return (f"head {self.head.key} ({metrics.chosen.get('head')}, test accuracy {metrics.test_accuracy:.2%}) on "
-                f"{spec.backbone} {spec.input_size}px {spec.pooling} features ({spec.engine} {spec.precision}, {self.head.features.folder})")
+        return (
+            f"head {self.head.key} ({metrics.chosen.get('head')}, test accuracy {metrics.test_accuracy:.2%}) on "
+            f"{spec.backbone} {spec.input_size}px {spec.pooling} features ({spec.engine} {spec.precision}, {self.head.features.folder})"
+        )
 
     def probabilities(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         """Class probabilities of uint8 (n, size, size, 3) images: as the head's test split got them."""
@@ -280,8 +295,14 @@ class Predictor:
                 if now - last_line >= PROGRESS_SECONDS or done == images.total:
                     last_line = now
                     rate = done / max(now - started, 1e-9)
-                    log.info("predict: %d/%d images (%d undecodable), %.0f images/s, ETA %s", done, images.total, failed, rate,
-                             duration((images.total - done) / rate) if done < images.total else "-")
+                    log.info(
+                        "predict: %d/%d images (%d undecodable), %.0f images/s, ETA %s",
+                        done,
+                        images.total,
+                        failed,
+                        rate,
+                        duration((images.total - done) / rate) if done < images.total else "-",
+                    )
 
     def _decode(self, rows: list[tuple[str, bytes | None, str | None]]) -> _Decoded:
         pixels, out = [], []
@@ -314,8 +335,16 @@ def _load_head_model(head: TrainedHead):
         return keras.models.load_model(local, compile=False)
 
 
-def predict(source: str, storage_url: str, fingerprint: str | None = None, head_key: str | None = None, top_k: int = 1,
-            batch_size: int = 64, chunk: int = CHUNK, image_column: str | None = None) -> Iterator[Prediction]:
+def predict(
+    source: str,
+    storage_url: str,
+    fingerprint: str | None = None,
+    head_key: str | None = None,
+    top_k: int = 1,
+    batch_size: int = 64,
+    chunk: int = CHUNK,
+    image_column: str | None = None,
+) -> Iterator[Prediction]:
     """Predictions for every image of `source` with the newest finished head under `storage_url` (or the one named)."""
     images = ImageSource(source, image_column)
     return Predictor(find_head(storage_url, fingerprint, head_key), storage_url).predict(images, top_k, batch_size, chunk)

@@ -72,13 +72,19 @@ class ExtractionProgress:
         rate = self.images_computed / elapsed if self.images_computed else 0.0
         remaining_images = (self.shards - len(self.records)) * (self.images / len(self.records))
         eta = duration(remaining_images / rate) if rate and remaining_images else "-"
-        return (f"extraction: {len(self.records)}/{self.shards} shards, {self.images} images ({self.images_computed} computed), "
-                f"{rate:.0f} images/s, ETA {eta}")
+        return (
+            f"extraction: {len(self.records)}/{self.shards} shards, {self.images} images ({self.images_computed} computed), "
+            f"{rate:.0f} images/s, ETA {eta}"
+        )
 
     def stats(self) -> ExtractionStats:
         return ExtractionStats(
-            shards=len(self.records), shards_computed=self.shards_computed, images=self.images,
-            images_computed=self.images_computed, seconds=time.perf_counter() - self.started, processes=sorted(self.processes),
+            shards=len(self.records),
+            shards_computed=self.shards_computed,
+            images=self.images,
+            images_computed=self.images_computed,
+            seconds=time.perf_counter() - self.started,
+            processes=sorted(self.processes),
         )
 
     def sorted_records(self) -> list[ShardRecord]:

@@ -17,14 +17,45 @@ MASK = "***"
 
 # Query (or fragment) parameters whose value is a secret or a credential, lower case. Expires, se, sp, sv
 # and other signing metadata are kept: they help reading a failure and prove nothing.
-SECRET_PARAMETERS = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid", "signature",
-    "x-goog-signature", "x-goog-credential", "googleaccessid", "sig",
-    "token", "access_token", "refresh_token", "id_token", "auth_token", "authorization",
-    "api_key", "apikey", "key", "password", "passwd", "pwd", "secret", "client_secret", "private_key",
-    "access_key", "secret_key", "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-    "session_token", "credential", "credentials", "sas", "sas_token",
-})
+SECRET_PARAMETERS = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "awsaccesskeyid",
+        "signature",
+        "x-goog-signature",
+        "x-goog-credential",
+        "googleaccessid",
+        "sig",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth_token",
+        "authorization",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "client_secret",
+        "private_key",
+        "access_key",
+        "secret_key",
+        "secret_access_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "credential",
+        "credentials",
+        "sas",
+        "sas_token",
+    }
+)
 
 # One link of a URL: scheme, "://", then everything up to whitespace, a character no URL holds (" < > `) or
 # the "::" that chains the next link of an fsspec URL (`zip://member::s3://bucket/a.zip`); any other "::"
@@ -67,7 +98,7 @@ def _scan(link: str) -> tuple[str, list[str]]:
     userinfo_end = _userinfo_end(rest)
     if userinfo_end >= 0:
         kinds.append("credentials in the URL")
-        rest = rest[userinfo_end + 1:]
+        rest = rest[userinfo_end + 1 :]
     authority_end = _first(rest, "/?#")
     authority, rest = (MASK + "@" if userinfo_end >= 0 else "") + rest[:authority_end], rest[authority_end:]
     query_start = _first(rest, "?#")
@@ -100,12 +131,12 @@ def _userinfo_end(rest: str) -> int:
     delimiter = _first(rest, "/?#")
     end = max((at for at in ats if at < delimiter), default=-1)
     if end < 0:
-        user, colon, password = rest[:ats[0]].partition(":")
+        user, colon, password = rest[: ats[0]].partition(":")
         if not colon or not user or any(character in user for character in "/?#[]") or _PORT_THEN_PATH.match(password):
             return -1
         end = ats[0]
     for at in ats:
-        if at > end and not _HOST_THEN_PATH.match(rest[end + 1:at]):
+        if at > end and not _HOST_THEN_PATH.match(rest[end + 1 : at]):
             end = at
     return end
 

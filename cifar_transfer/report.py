@@ -48,7 +48,7 @@ class RunSummary(BaseModel):
 
     @property
     def head_description(self) -> str:
-        """"ridge (alpha=0.1)", "mlp (best epoch 12)": the chosen head and what validation chose for it."""
+        """ "ridge (alpha=0.1)", "mlp (best epoch 12)": the chosen head and what validation chose for it."""
         return self.head.metrics.chosen_candidate.description()
 
 
@@ -76,12 +76,17 @@ def metrics_rows(summary: RunSummary) -> list[dict]:
             {"metric": "extraction images/s (feature set)", "value": f"{made.images_per_second:.1f}"},
         ]
     if summary.extraction:
-        rows.append({"metric": "shards computed / total (this run)", "value": f"{summary.extraction.shards_computed}/{summary.extraction.shards}"})
+        rows.append(
+            {"metric": "shards computed / total (this run)", "value": f"{summary.extraction.shards_computed}/{summary.extraction.shards}"}
+        )
     if summary.tsne:
         tsne = summary.tsne
         rows += [
             {"metric": "t-SNE seconds", "value": f"{tsne.seconds:.1f}"},
-            {"metric": "t-SNE 10-NN class accuracy: map / PCA space", "value": f"{tsne.map_knn_accuracy:.4f} / {tsne.feature_knn_accuracy:.4f}"},
+            {
+                "metric": "t-SNE 10-NN class accuracy: map / PCA space",
+                "value": f"{tsne.map_knn_accuracy:.4f} / {tsne.feature_knn_accuracy:.4f}",
+            },
         ]
     rows.append({"metric": "head seconds", "value": f"{head.seconds:.1f}"})
     return rows
@@ -163,21 +168,25 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         map_truth=map_truth,
         map_predicted=map_predicted,
         map_images=map_images,
-        metrics=_known({
-            "test accuracy": head.test_accuracy,
-            "validation accuracy (chosen head)": head.validation_accuracy,
-            "chosen head": chosen,
-            **{f"validation accuracy: {candidate.head}": candidate.validation_accuracy for candidate in head.metrics.candidates},
-            "t-SNE 10-NN class accuracy (map)": tsne.map_knn_accuracy if tsne else None,
-            "t-SNE 10-NN class accuracy (PCA space)": tsne.feature_knn_accuracy if tsne else None,
-            "extraction images/s (feature set)": features.extraction.images_per_second if features.extraction else None,
-            "made by flow run": features.made_by.flow_run_url if features.made_by else None,
-        }),
-        timings=_known({
-            "extraction (feature set)": features.extraction.seconds if features.extraction else None,
-            "t-SNE": tsne.seconds if tsne else None,
-            "head": head.seconds,
-        }),
+        metrics=_known(
+            {
+                "test accuracy": head.test_accuracy,
+                "validation accuracy (chosen head)": head.validation_accuracy,
+                "chosen head": chosen,
+                **{f"validation accuracy: {candidate.head}": candidate.validation_accuracy for candidate in head.metrics.candidates},
+                "t-SNE 10-NN class accuracy (map)": tsne.map_knn_accuracy if tsne else None,
+                "t-SNE 10-NN class accuracy (PCA space)": tsne.feature_knn_accuracy if tsne else None,
+                "extraction images/s (feature set)": features.extraction.images_per_second if features.extraction else None,
+                "made by flow run": features.made_by.flow_run_url if features.made_by else None,
+            }
+        ),
+        timings=_known(
+            {
+                "extraction (feature set)": features.extraction.seconds if features.extraction else None,
+                "t-SNE": tsne.seconds if tsne else None,
+                "head": head.seconds,
+            }
+        ),
         max_map_points=MAP_POINTS,
     )
     path = layout.report(head.files.folder, map_name(tsne))
@@ -186,9 +195,17 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
     return path
 
 
-def summarize(config: PipelineConfig, features: FeatureSetInfo, extraction: ExtractionStats | None,
-              tsne: TsneResult | None, head: HeadResult) -> RunSummary:
+def summarize(
+    config: PipelineConfig, features: FeatureSetInfo, extraction: ExtractionStats | None, tsne: TsneResult | None, head: HeadResult
+) -> RunSummary:
     """Write the HTML report and gather the run's outcome."""
     path = write_html_report(config, features, tsne, head)
-    return RunSummary(config=config, features=features, extraction=extraction, tsne=tsne, head=head,
-                      html_report=path, html_report_url=report_url(Storage(config.storage), path))
+    return RunSummary(
+        config=config,
+        features=features,
+        extraction=extraction,
+        tsne=tsne,
+        head=head,
+        html_report=path,
+        html_report_url=report_url(Storage(config.storage), path),
+    )

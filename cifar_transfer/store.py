@@ -57,6 +57,7 @@ class ShardRecord(BaseModel):
         if not layout.is_plain_name(file):
             raise ValueError(f"shard file {file!r} is not a plain file name")
         return file
+
     number: int
     start: int
     stop: int
@@ -179,8 +180,10 @@ def shard_table(spec: FeatureSpec, shard: Shard, rows: ShardRows, features: np.n
             "items": [[item.key, item.version, item.label] for item in shard.items],
             "skipped": [entry.model_dump() for entry in rows.skipped],
         }
-        columns |= {"key": pa.array([item.key for item in rows.items], pa.string()),
-                    "version": pa.array([item.version for item in rows.items], pa.string())}
+        columns |= {
+            "key": pa.array([item.key for item in rows.items], pa.string()),
+            "version": pa.array([item.version for item in rows.items], pa.string()),
+        }
     return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 
 
@@ -297,8 +300,15 @@ def read_manifest(storage: Storage, folder: str, split: str) -> Manifest | None:
         return None
 
 
-def write_manifest(storage: Storage, folder: str, spec: FeatureSpec, feature_shape: list[int], split: str,
-                   records: list[ShardRecord], retired: list[str] = ()) -> Manifest:
+def write_manifest(
+    storage: Storage,
+    folder: str,
+    spec: FeatureSpec,
+    feature_shape: list[int],
+    split: str,
+    records: list[ShardRecord],
+    retired: list[str] = (),
+) -> Manifest:
     """Declare a view complete, as a new version when its shards changed (one atomic replace: a reader sees the old
     version or the new one, never a mix); then delete the files the previous version retired, listed by neither."""
     records = sorted(records, key=lambda record: record.number)
@@ -324,10 +334,17 @@ def write_manifest(storage: Storage, folder: str, spec: FeatureSpec, feature_sha
     return manifest
 
 
-def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str],
-                       retired: dict[str, list[str]] | None = None, collection: CollectionSettings | None = None,
-                       extraction: ExtractionRecord | None = None, lineage: Lineage | None = None,
-                       unusable: dict[str, list[UnreadableItem]] | None = None) -> FeatureSetInfo:
+def commit_feature_set(
+    storage_url: str,
+    spec: FeatureSpec,
+    records: list[ShardRecord],
+    classes: list[str],
+    retired: dict[str, list[str]] | None = None,
+    collection: CollectionSettings | None = None,
+    extraction: ExtractionRecord | None = None,
+    lineage: Lineage | None = None,
+    unusable: dict[str, list[UnreadableItem]] | None = None,
+) -> FeatureSetInfo:
     """Describe the set, then write each view's manifest now that all its shards are done.
 
     `extraction` and `lineage` say how and by whom the shards were computed; a run that computed none passes None
@@ -348,7 +365,9 @@ def commit_feature_set(storage_url: str, spec: FeatureSpec, records: list[ShardR
         feature_shape=metadata["feature_shape"],
         classes=classes,
         rebuild=RebuildRecord(
-            weights=spec.weights, seed=spec.seed, shard_size=max(record.rows for record in records),
+            weights=spec.weights,
+            seed=spec.seed,
+            shard_size=max(record.rows for record in records),
             flip=any(record.split.endswith(FLIPPED) for record in records) or bool(earlier and earlier.rebuild.flip),
             collection=collection,
         ),
@@ -438,8 +457,13 @@ def iter_split(storage: Storage, folder: str, split: str, pooled: bool = False) 
         yield read_shard(storage, folder, split, record, manifest.feature_shape, pooled)
 
 
-def read_split(storage: Storage, folder: str, split: str, pooled: bool = False, rows: np.ndarray | None = None,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_split(
+    storage: Storage,
+    folder: str,
+    split: str,
+    pooled: bool = False,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index, label, features) of a complete split in index order, or of its rows at the sorted positions `rows`,
     into one preallocated array per column: memory is the size of the result plus one shard.
     `pooled=True` averages spatial maps over height and width."""
@@ -525,8 +549,9 @@ def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None
         splits={split: manifest.rows for split, manifest in manifests.items()},
         classes=description.classes,
         created_at=max((manifest.created_at for manifest in manifests.values()), default=""),
-        content_version=None if description.rebuild.collection is None else stable_hash(
-            {view: [record.sha256 for record in manifest.shards] for view, manifest in manifests.items()}, 16),
+        content_version=None
+        if description.rebuild.collection is None
+        else stable_hash({view: [record.sha256 for record in manifest.shards] for view, manifest in manifests.items()}, 16),
         collection=description.rebuild.collection,
         bytes=sum(record.bytes for manifest in manifests.values() for record in manifest.shards) if manifests else None,
         extraction=description.extraction,
@@ -550,9 +575,7 @@ def find_feature_set(storage_url: str, fingerprint: str | None = None, splits: t
         if (fingerprint is None or info.fingerprint == fingerprint) and all(split in info.splits for split in splits):
             return info
     wanted = f"fingerprint {fingerprint}" if fingerprint else "any configuration"
-    raise FeatureSetError(
-        f"no complete {'+'.join(splits)} features for {wanted} under {storage_url}: run `cifar-transfer extract` first"
-    )
+    raise FeatureSetError(f"no complete {'+'.join(splits)} features for {wanted} under {storage_url}: run `cifar-transfer extract` first")
 
 
 def load_features(storage_url: str, split: str, fingerprint: str | None = None, as_frame: bool = False):

@@ -37,8 +37,13 @@ class ViewBatch:
     mirrored: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> ViewBatch:
-        return ViewBatch(self.positions[rows], self.index[rows], self.labels[rows], self.features[rows],
-                         None if self.mirrored is None else self.mirrored[rows])
+        return ViewBatch(
+            self.positions[rows],
+            self.index[rows],
+            self.labels[rows],
+            self.features[rows],
+            None if self.mirrored is None else self.mirrored[rows],
+        )
 
     @property
     def views(self) -> list[np.ndarray]:
@@ -77,11 +82,19 @@ class FeatureStream:
             flipped = read_manifest(storage, folder, view)
             if flipped is None:
                 raise FeatureSetError(
-                    f"features {posixpath.basename(folder)} have no complete {view} view: run extraction with --flip first")
+                    f"features {posixpath.basename(folder)} have no complete {view} view: run extraction with --flip first"
+                )
             if [record.rows for record in flipped.shards] != [record.rows for record in manifest.shards]:
                 raise _mismatched_views(folder, split)
-        return cls(storage, folder, split, manifest.rows, tuple(manifest.feature_shape), tuple(manifest.shards),
-                   None if flipped is None else tuple(flipped.shards))
+        return cls(
+            storage,
+            folder,
+            split,
+            manifest.rows,
+            tuple(manifest.feature_shape),
+            tuple(manifest.shards),
+            None if flipped is None else tuple(flipped.shards),
+        )
 
     @property
     def mirrored(self) -> bool:
@@ -140,8 +153,9 @@ def _concatenate(batches: list[ViewBatch]) -> ViewBatch | None:
     if len(batches) == 1:
         return batches[0]
     mirrored = None if batches[0].mirrored is None else np.concatenate([batch.mirrored for batch in batches])
-    return ViewBatch(*(np.concatenate([getattr(batch, name) for batch in batches]) for name in ("positions", "index", "labels", "features")),
-                     mirrored)
+    return ViewBatch(
+        *(np.concatenate([getattr(batch, name) for batch in batches]) for name in ("positions", "index", "labels", "features")), mirrored
+    )
 
 
 def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
@@ -200,10 +214,21 @@ class Moments:
         squares = other.squares + 2 * delta * other.total + other.count * delta**2
         gram = None
         if self.with_gram and other.with_gram:
-            gram = self.gram + other.gram + np.outer(other.total, delta) + np.outer(delta, other.total) + other.count * np.outer(delta, delta)
+            gram = (
+                self.gram + other.gram + np.outer(other.total, delta) + np.outer(delta, other.total) + other.count * np.outer(delta, delta)
+            )
         class_totals = self.class_totals + other.class_totals + np.outer(other.class_counts, delta)
-        return Moments(self.classes, gram is not None, self.count + other.count, self.shift, self.total + total, self.squares + squares,
-                       gram, class_totals, self.class_counts + other.class_counts)
+        return Moments(
+            self.classes,
+            gram is not None,
+            self.count + other.count,
+            self.shift,
+            self.total + total,
+            self.squares + squares,
+            gram,
+            class_totals,
+            self.class_counts + other.class_counts,
+        )
 
     @property
     def mean(self) -> np.ndarray:

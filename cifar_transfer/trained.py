@@ -42,7 +42,9 @@ def find_head(storage_url: str, fingerprint: str | None = None, key: str | None 
             found.append((modified_time(storage.fs.info(head.files.metrics)) or 0.0, features, head))
     if not found:
         wanted = " ".join(part for part in (f"fingerprint {fingerprint}" if fingerprint else "", f"head {key}" if key else "") if part)
-        raise FeatureSetError(f"no finished head{' for ' + wanted if wanted else ''} under {redact(storage_url)}: "
-                              "run `cifar-transfer run` first, or check --storage / --fingerprint / --head-key")
+        raise FeatureSetError(
+            f"no finished head{' for ' + wanted if wanted else ''} under {redact(storage_url)}: "
+            "run `cifar-transfer run` first, or check --storage / --fingerprint / --head-key"
+        )
     _, features, head = max(found, key=lambda entry: entry[0])
     return TrainedHead(features=features, files=head.files, metrics=head.metrics)

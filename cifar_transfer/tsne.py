@@ -124,11 +124,13 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
     perplexity = min(perplexity, max((len(features) - 1) / 3, 1.0))
     jobs = os.cpu_count() or 1
     method = "exact" if len(features) <= EXACT_NEIGHBOURS_UP_TO else "auto"
-    search = shared_search(get_knn_index(features, method, k=min(len(features) - 1, int(3 * perplexity)), metric="euclidean",
-                                         n_jobs=jobs, random_state=seed))
+    search = shared_search(
+        get_knn_index(features, method, k=min(len(features) - 1, int(3 * perplexity)), metric="euclidean", n_jobs=jobs, random_state=seed)
+    )
     affinities = MultiscaleMixture(perplexities=[perplexity], knn_index=search, n_jobs=jobs, random_state=seed)
     embedding = TSNE(perplexity=perplexity, random_state=seed, n_jobs=jobs, ints_in_interval=GRID_INTERVALS_PER_CELL).fit(
-        features, affinities=affinities)
+        features, affinities=affinities
+    )
     neighbours = search.found[0][:, : min(NEIGHBOURS, len(features) - 1)]
     placed = None
     if new_points is not None:
@@ -136,8 +138,9 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
     return Embedding(np.asarray(embedding, dtype=np.float32), features, vote_accuracy(neighbours, labels), placed)
 
 
-def tsne_map(storage_url: str, folder: str, key: str, settings: TsneSettings, classes: list[str],
-             lineage: Lineage | None = None) -> TsneResult:
+def tsne_map(
+    storage_url: str, folder: str, key: str, settings: TsneSettings, classes: list[str], lineage: Lineage | None = None
+) -> TsneResult:
     """Embed a seeded sample of the train features (and place the test images), unless this map already exists."""
     storage = Storage(storage_url)
     done = finished_tsne(storage, folder, key)
@@ -174,7 +177,11 @@ def tsne_map(storage_url: str, folder: str, key: str, settings: TsneSettings, cl
     storage.write_atomic(embedding_path, parquet_bytes(table))
     log.info(
         "t-SNE of %d points in %.1f s (10-NN class accuracy: %.1f%% in the map, %.1f%% in PCA-%d space): %s",
-        len(rows), result.seconds, 100 * result.map_knn_accuracy, 100 * result.feature_knn_accuracy, reduced.shape[1],
+        len(rows),
+        result.seconds,
+        100 * result.map_knn_accuracy,
+        100 * result.feature_knn_accuracy,
+        reduced.shape[1],
         storage.uri(picture_path),
     )
     return result

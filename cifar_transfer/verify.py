@@ -47,7 +47,9 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
         split_folder = posixpath.join(folder, split)
         if split not in SPLITS and not storage.exists(split_folder):
             continue  # mirrored views exist only when --flip asked for them
-        on_disk = {posixpath.basename(path) for path in storage.fs.ls(split_folder, detail=False)} if storage.exists(split_folder) else set()
+        on_disk = (
+            {posixpath.basename(path) for path in storage.fs.ls(split_folder, detail=False)} if storage.exists(split_folder) else set()
+        )
         for name in sorted(on_disk):
             if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                 problems.setdefault(f"{split}/{name}", []).append("leftover temporary file of an interrupted write")
@@ -57,7 +59,8 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
         if manifest is None:
             unreadable = storage.exists(layout.manifest(folder, split))
             problems.setdefault(f"{split}/_manifest.json", []).append(
-                "unreadable or not a valid manifest" if unreadable else "missing: the split is incomplete")
+                "unreadable or not a valid manifest" if unreadable else "missing: the split is incomplete"
+            )
             continue
         if manifest.fingerprint != spec.fingerprint:
             problems.setdefault(f"{split}/_manifest.json", []).append(f"belongs to fingerprint {manifest.fingerprint}")
@@ -143,8 +146,10 @@ def rebuild_derived(storage_url: str, folder: str) -> list[str]:
             continue
         settings = _recorded_settings(storage, files, TsneSettings if is_map else HeadSettings)
         if settings is None:
-            left.append(f"{posixpath.relpath(files.folder, folder)}: no settings recorded beside it; delete the folder and rerun "
-                        "`cifar-transfer run` with the options that made it")
+            left.append(
+                f"{posixpath.relpath(files.folder, folder)}: no settings recorded beside it; delete the folder and rerun "
+                "`cifar-transfer run` with the options that made it"
+            )
             continue
         for path in files.paths():
             if storage.exists(path):
@@ -193,9 +198,18 @@ def repair_config(storage_url: str, folder: str) -> PipelineConfig:
     description = read_description(storage, folder)
     spec = description.feature_spec()
     flip = description.rebuild.flip or any(storage.exists(layout.view_folder(folder, view)) for view in VIEWS if view not in SPLITS)
-    same_features = {"storage": storage_url, "backbone": spec.backbone, "weights": spec.weights, "seed": spec.seed,
-                     "shard_size": description.rebuild.shard_size, "flip": flip, "input_size": spec.input_size,
-                     "pooling": spec.pooling, "engine": spec.engine, "precision": spec.precision}
+    same_features = {
+        "storage": storage_url,
+        "backbone": spec.backbone,
+        "weights": spec.weights,
+        "seed": spec.seed,
+        "shard_size": description.rebuild.shard_size,
+        "flip": flip,
+        "input_size": spec.input_size,
+        "pooling": spec.pooling,
+        "engine": spec.engine,
+        "precision": spec.precision,
+    }
     if description.rebuild.collection is not None:  # read the collection again: unchanged images give the same features
         return PipelineConfig(**{**description.rebuild.collection.model_dump(), **same_features})
     archive_format, label_mode, md5 = parse_dataset_id(spec.dataset_md5)
@@ -222,7 +236,9 @@ def remove_damaged(storage_url: str, folder: str, problems: dict[str, list[str]]
         if view not in VIEWS or UNLISTED in found or not layout.is_plain_name(name.lstrip(".")):
             continue
         path = posixpath.join(layout.view_folder(folder, view), name)
-        output = posixpath.join(layout.view_folder(folder, view), name.removeprefix(".").rsplit(".", 2)[0] if name.endswith(TEMP_SUFFIX) else name)
+        output = posixpath.join(
+            layout.view_folder(folder, view), name.removeprefix(".").rsplit(".", 2)[0] if name.endswith(TEMP_SUFFIX) else name
+        )
         if held_by_live_writer(storage, output):
             log.warning("left %s alone: a run that may still be working holds its claim", storage.uri(path))
             continue

@@ -24,7 +24,8 @@ from cifar_transfer.sources.files import MAX_FILE_MB
 # The options that decide which features get extracted (the `extract` subcommand takes only these): the fields of the
 # extraction stages' settings, plus where the output goes and the preset that may set them.
 EXTRACTION_OPTIONS = [
-    name for name in PipelineConfig.model_fields
+    name
+    for name in PipelineConfig.model_fields
     if name in ("preset", "storage") or any(name in stage.model_fields for stage in EXTRACTION_STAGES)
 ]
 
@@ -68,40 +69,60 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (remove, collect):
         command.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
         command.add_argument("--yes", action="store_true", help="delete (default: print what would be deleted, and the space freed)")
-        command.add_argument("--grace-minutes", type=float, default=GRACE_SECONDS / 60,
-                             help="keep a set any file of which is younger than this: a flow run may be using it "
-                                  "(default: %(default)g)")
-        command.add_argument("--force", action="store_true",
-                             help="delete sets within the grace period too; a set a live writer holds a claim in is always kept")
-    verify = commands.add_parser("verify", help="check feature sets by content (sizes, SHA-256, fingerprints); --repair recomputes what is wrong")
+        command.add_argument(
+            "--grace-minutes",
+            type=float,
+            default=GRACE_SECONDS / 60,
+            help="keep a set any file of which is younger than this: a flow run may be using it (default: %(default)g)",
+        )
+        command.add_argument(
+            "--force",
+            action="store_true",
+            help="delete sets within the grace period too; a set a live writer holds a claim in is always kept",
+        )
+    verify = commands.add_parser(
+        "verify", help="check feature sets by content (sizes, SHA-256, fingerprints); --repair recomputes what is wrong"
+    )
     verify.add_argument("--storage", default=storage_default, help=f"output root (default: {storage_default})")
     verify.add_argument("--fingerprint", default=None, help="check only this feature set (default: all)")
     verify.add_argument("--repair", action="store_true", help="delete damaged shards and recompute them")
     predict = commands.add_parser("predict", help="classify images (files, a folder, a glob, a Parquet table) with a finished run's head")
     add_predict_arguments(predict)
-    export = commands.add_parser("export", help="write one self-contained model (uint8 images in, class probabilities out): "
-                                                ".keras, TensorFlow SavedModel, OpenVINO IR")
+    export = commands.add_parser(
+        "export",
+        help="write one self-contained model (uint8 images in, class probabilities out): .keras, TensorFlow SavedModel, OpenVINO IR",
+    )
     add_export_arguments(export)
     for command in (run, extract, verify, predict, export):
-        command.add_argument("--verbose", action="store_true", help="show tracebacks and debug lines on the console (always in the log file)")
+        command.add_argument(
+            "--verbose", action="store_true", help="show tracebacks and debug lines on the console (always in the log file)"
+        )
     return parser
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `cifar-transfer predict`."""
     storage_default = PipelineConfig.model_fields["storage"].default
-    parser.add_argument("source", metavar="SOURCE", help="an image file, a folder, a glob, an fsspec URL of these, or a Parquet table of images")
+    parser.add_argument(
+        "source", metavar="SOURCE", help="an image file, a folder, a glob, an fsspec URL of these, or a Parquet table of images"
+    )
     parser.add_argument("--storage", default=storage_default, help=f"the runs' output root (default: {storage_default})")
     parser.add_argument("--fingerprint", default=None, help="use a head of this feature set (default: the newest head of any)")
     parser.add_argument("--head-key", default=None, help="use this head (a folder name under heads/; default: the newest)")
     parser.add_argument("--top-k", type=int, default=1, help="also give the K most probable classes with their probabilities (default: 1)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per backbone batch (default: 64)")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"images decoded and held in memory at once (default: {CHUNK})")
-    parser.add_argument("--image-column", default=None, help="a table's column of encoded images (default: 'image', or its only such column)")
+    parser.add_argument(
+        "--image-column", default=None, help="a table's column of encoded images (default: 'image', or its only such column)"
+    )
     parser.add_argument("--output", default=None, help="write FILE.json or FILE.parquet (local or fsspec URL) instead of printing a table")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
-    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
-                        help=f"skip (and report) image files larger than this many MiB, never reading them (default: {MAX_FILE_MB:g})")
+    parser.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=MAX_FILE_MB,
+        help=f"skip (and report) image files larger than this many MiB, never reading them (default: {MAX_FILE_MB:g})",
+    )
 
 
 def predict_command(arguments: argparse.Namespace) -> int:
@@ -140,8 +161,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fingerprint", default=None, help="feature set to export from (default: the newest with a finished head)")
     parser.add_argument("--head-key", dest="head_key", default=None, help="head to export (default: the newest finished head)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the model into (local path or fsspec URL)")
-    parser.add_argument("--format", dest="formats", action="append", choices=FORMATS, default=None,
-                        help="keras, savedmodel or openvino; repeat for several (default: every one installed here)")
+    parser.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=FORMATS,
+        default=None,
+        help="keras, savedmodel or openvino; repeat for several (default: every one installed here)",
+    )
 
 
 def export_command(arguments: argparse.Namespace) -> int:
@@ -213,19 +240,25 @@ def list_command(storage_url: str, as_json: bool) -> int:
     rows = [("FOLDER", "BACKBONE", "ROWS TRAIN/TEST", "SIZE MB", "CREATED (UTC)", "FLOW RUN")]
     for info in found:
         flip = " +flip" if any(split.endswith("-flipped") for split in info.splits) else ""
-        rows.append((
-            posixpath.basename(info.folder),
-            f"{info.spec.backbone}/{info.spec.input_size}px/{info.spec.pooling}",
-            "/".join(str(info.splits.get(split, "-")) for split in ("train", "test")) + flip,
-            "-" if info.bytes is None else f"{info.bytes / 1e6:.1f}",
-            info.created_at[:19].replace("T", " "),
-            info.made_by.flow_run_id if info.made_by and info.made_by.flow_run_id else "-",
-        ))
+        rows.append(
+            (
+                posixpath.basename(info.folder),
+                f"{info.spec.backbone}/{info.spec.input_size}px/{info.spec.pooling}",
+                "/".join(str(info.splits.get(split, "-")) for split in ("train", "test")) + flip,
+                "-" if info.bytes is None else f"{info.bytes / 1e6:.1f}",
+                info.created_at[:19].replace("T", " "),
+                info.made_by.flow_run_id if info.made_by and info.made_by.flow_run_id else "-",
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     rows = [tuple(printable(cell) for cell in row) for row in rows]
     for row in rows:
-        print("  ".join(cell.rjust(width) if column == 3 else cell.ljust(width)
-                        for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
+        print(
+            "  ".join(
+                cell.rjust(width) if column == 3 else cell.ljust(width)
+                for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
     return 0
 
 
@@ -247,8 +280,12 @@ def evict_command(arguments: argparse.Namespace) -> int:
     for entry in plan.keep:
         print(printable(f"keep {posixpath.basename(entry.folder)}: {entry.kept_because}"))
     for entry in plan.evict:
-        print(printable(f"{'deleted' if arguments.yes else 'would delete'} {posixpath.basename(entry.folder)} "
-                        f"({entry.bytes / 1e6:.1f} MB, created {entry.created_at})"))
+        print(
+            printable(
+                f"{'deleted' if arguments.yes else 'would delete'} {posixpath.basename(entry.folder)} "
+                f"({entry.bytes / 1e6:.1f} MB, created {entry.created_at})"
+            )
+        )
     if arguments.yes:
         print(f"freed {plan.bytes_freed / 1e6:.1f} MB")
     else:
@@ -263,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     options = {name: value for name, value in vars(arguments).items() if name not in ("command", "verbose") and value is not None}
     try:  # before anything is logged or stored: a URL option with credentials goes no further than this line
         for name in (*URL_OPTIONS, "output"):
-            refuse_secrets("SOURCE" if name == "source" and arguments.command == "predict" else f"--{name.replace('_', '-')}",
-                           options.get(name))
+            refuse_secrets(
+                "SOURCE" if name == "source" and arguments.command == "predict" else f"--{name.replace('_', '-')}", options.get(name)
+            )
         log_file = console.start_console(verbose) if arguments.command not in ("list", "rm", "gc") else None
     except PermanentError as error:
         return fail(error, None)
@@ -311,8 +349,10 @@ def fail(error: Exception, log_file) -> int:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     reason = reason if permanent else f"{type(error).__name__}: {reason}"
     if isinstance(error, MemoryError):
-        reason = ("out of memory: lower --batch-size or --shard-size (or --max-file-mb, for huge images), or give the command "
-                  "more memory; finished shards are kept")
+        reason = (
+            "out of memory: lower --batch-size or --shard-size (or --max-file-mb, for huge images), or give the command "
+            "more memory; finished shards are kept"
+        )
     if log_file is not None:
         console.record_failure(error)
         if not isinstance(error, MemoryError):

@@ -54,8 +54,10 @@ def log_folder() -> Path:
         pass
     status = os.lstat(folder)
     if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
-        raise ConfigError(f"the log folder {folder} is not a private folder of yours (a link, another user's, or open to others): "
-                          "remove it, or set TMPDIR to a folder only you can write to")
+        raise ConfigError(
+            f"the log folder {folder} is not a private folder of yours (a link, another user's, or open to others): "
+            "remove it, or set TMPDIR to a folder only you can write to"
+        )
     return folder
 
 

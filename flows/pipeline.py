@@ -47,8 +47,9 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
     extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
     collection, unusable = (None, None) if config.is_archive else (config.collection_settings, dataset.unusable)
-    features = commit_feature_set_task(config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired,
-                                       collection, unusable)
+    features = commit_feature_set_task(
+        config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, collection, unusable
+    )
     return features, extracted.stats
 
 
@@ -73,8 +74,20 @@ def analyze_features(
     features = find_feature_set_task(config.storage, fingerprint)
     tsne = None
     if config.tsne_sample:
-        tsne = tsne_task(config.storage, features.folder, config.tsne_key(features.fingerprint, features.content_version), config.tsne_settings, features.classes)
-    head = train_head_task(config.storage, features.folder, config.head_key(features.fingerprint, features.content_version), config.head_settings, features.classes)
+        tsne = tsne_task(
+            config.storage,
+            features.folder,
+            config.tsne_key(features.fingerprint, features.content_version),
+            config.tsne_settings,
+            features.classes,
+        )
+    head = train_head_task(
+        config.storage,
+        features.folder,
+        config.head_key(features.fingerprint, features.content_version),
+        config.head_settings,
+        features.classes,
+    )
     return publish_report_task(config, features, extraction, tsne, head)
 
 
@@ -91,7 +104,13 @@ def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
 
 
 @flow(name="predict-images", flow_run_name="predict-{head_key}")
-def predict_images(storage: str = "storage", source: str = "incoming", output: str | None = None,
-                   fingerprint: str | None = None, head_key: str | None = None, overwrite: bool = False) -> str:
+def predict_images(
+    storage: str = "storage",
+    source: str = "incoming",
+    output: str | None = None,
+    fingerprint: str | None = None,
+    head_key: str | None = None,
+    overwrite: bool = False,
+) -> str:
     """Classify every image of `source` with a finished head (default the newest); returns the predictions table's path."""
     return predict_task(storage, source, output, fingerprint, head_key, overwrite)

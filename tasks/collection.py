@@ -34,7 +34,10 @@ def watch_collection_task(config: PipelineConfig) -> WatchResult:
                 "cifar-transfer.source": redact(settings.source),
                 "cifar-transfer.storage": redact(storage_url),
             },
-            payload={"sizes": result.dataset.sizes, "listing_digest": result.dataset.listing_digest,
-                     "config": config.model_dump(mode="json", exclude_defaults=True)},
+            payload={
+                "sizes": result.dataset.sizes,
+                "listing_digest": result.dataset.listing_digest,
+                "config": config.model_dump(mode="json", exclude_defaults=True),
+            },
         )
     return result

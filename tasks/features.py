@@ -34,10 +34,16 @@ def announce_feature_set(info: FeatureSetInfo) -> None:
 
 
 @task(name="commit-feature-set")
-def commit_feature_set_task(storage_url: str, spec: FeatureSpec, records: list[ShardRecord], classes: list[str],
-                            stats: ExtractionStats, retired: dict[str, list[str]] | None = None,
-                            collection: CollectionSettings | None = None,
-                            unusable: dict[str, list[UnreadableItem]] | None = None) -> FeatureSetInfo:
+def commit_feature_set_task(
+    storage_url: str,
+    spec: FeatureSpec,
+    records: list[ShardRecord],
+    classes: list[str],
+    stats: ExtractionStats,
+    retired: dict[str, list[str]] | None = None,
+    collection: CollectionSettings | None = None,
+    unusable: dict[str, list[UnreadableItem]] | None = None,
+) -> FeatureSetInfo:
     extraction = None
     if stats.images_computed:
         extraction = ExtractionRecord(seconds=stats.seconds, images=stats.images_computed, images_per_second=stats.images_per_second)

@@ -28,8 +28,12 @@ def train_head_task(storage_url: str, folder: str, key: str, settings: HeadSetti
     storage = Storage(storage_url)
     emit_event(
         event=HEAD_COMPLETED_EVENT,
-        resource={"prefect.resource.id": f"cifar-transfer.head.{key}", "cifar-transfer.storage": redact(storage.uri(storage.root)),
-                  "cifar-transfer.fingerprint": posixpath.basename(folder).rsplit("-", 1)[-1], "cifar-transfer.head": key},
+        resource={
+            "prefect.resource.id": f"cifar-transfer.head.{key}",
+            "cifar-transfer.storage": redact(storage.uri(storage.root)),
+            "cifar-transfer.fingerprint": posixpath.basename(folder).rsplit("-", 1)[-1],
+            "cifar-transfer.head": key,
+        },
         payload={"test_accuracy": result.test_accuracy, "kind": result.kind},
     )
     return remember_output(result, head_output_key(storage_url, folder, key))

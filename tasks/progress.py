@@ -14,7 +14,9 @@ log = logging.getLogger("cifar_transfer.extract")
 PROGRESS_KEY = "cifar-transfer-extraction"
 
 
-def wait_for_shards(reused: list[ExtractedShard], futures: list[PrefectFuture[ExtractedShard]]) -> tuple[list[ShardRecord], ExtractionStats]:
+def wait_for_shards(
+    reused: list[ExtractedShard], futures: list[PrefectFuture[ExtractedShard]]
+) -> tuple[list[ShardRecord], ExtractionStats]:
     """Every shard's record (sorted) and the extraction's stats, logging rate and ETA as shards finish."""
     progress = ExtractionProgress(reused, len(reused) + len(futures))
     artifact = create_progress_artifact(100.0 * progress.fraction, key=PROGRESS_KEY, description="feature extraction: shards finished")

@@ -29,18 +29,27 @@ def publish_report(summary: RunSummary) -> None:
     """Log the outcome and publish it as Prefect artifacts: a metrics table, a markdown summary, links."""
     create_table_artifact(metrics_rows(summary), key=METRICS_KEY, description="transfer learning: accuracy and timings")
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="transfer learning: run summary")
-    create_link_artifact(summary.html_report_url, link_text="HTML report", key=REPORT_LINK_KEY,
-                         description="self-contained report of this run: open it in a browser, offline")
+    create_link_artifact(
+        summary.html_report_url,
+        link_text="HTML report",
+        key=REPORT_LINK_KEY,
+        description="self-contained report of this run: open it in a browser, offline",
+    )
     storage = Storage(summary.config.storage)
     if not storage.is_local:
-        create_link_artifact(redact(storage.uri(summary.features.folder)), link_text="Parquet features", key=FEATURES_LINK_KEY,
-                             description="where this run's feature shards are")
+        create_link_artifact(
+            redact(storage.uri(summary.features.folder)),
+            link_text="Parquet features",
+            key=FEATURES_LINK_KEY,
+            description="where this run's feature shards are",
+        )
     log.info("test accuracy %.2f%%; features in %s", 100 * summary.test_accuracy, summary.features.folder)
 
 
 @task(name="report")
-def publish_report_task(config: PipelineConfig, features: FeatureSetInfo, extraction: ExtractionStats | None,
-                        tsne: TsneResult | None, head: HeadResult) -> RunSummary:
+def publish_report_task(
+    config: PipelineConfig, features: FeatureSetInfo, extraction: ExtractionStats | None, tsne: TsneResult | None, head: HeadResult
+) -> RunSummary:
     summary = summarize(config, features, extraction, tsne, head)
     publish_report(summary)
     return summary

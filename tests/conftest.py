@@ -33,7 +33,12 @@ def cifar_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
 
 def batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
     """A batch pickled the way the official files are (protocol 2, bytes keys)."""
-    batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
+    batch = {
+        b"batch_label": name.encode(),
+        b"labels": labels,
+        b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))],
+    }
     return pickle.dumps(batch, protocol=2)
 
 
@@ -109,8 +114,11 @@ def cifar100_class_names() -> tuple[list[str], list[str]]:
 def cifar100_batch_pickle(data: np.ndarray, fine: list[int], coarse: list[int], name: str) -> bytes:
     """A CIFAR-100 member pickled the way the official files are (protocol 2, bytes keys, both label lists)."""
     batch = {
-        b"filenames": [f"img_{i}.png".encode() for i in range(len(fine))], b"batch_label": name.encode(),
-        b"fine_labels": fine, b"coarse_labels": coarse, b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(fine))],
+        b"batch_label": name.encode(),
+        b"fine_labels": fine,
+        b"coarse_labels": coarse,
+        b"data": data,
     }
     return pickle.dumps(batch, protocol=2)
 

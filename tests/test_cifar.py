@@ -102,12 +102,18 @@ def _archive_with(tmp_path, change):
     "change, message",
     [
         (lambda m: m.pop(f"{BATCH_DIR}/data_batch_4"), "lacks cifar-10-batches-py/data_batch_4"),
-        (lambda m: m.update({f"{BATCH_DIR}/test_batch": batch_pickle(np.zeros((3, 100), np.uint8), [0, 1, 2], "x")}),
-         r"test_batch: 'data' is uint8 \(3, 100\)"),
-        (lambda m: m.update({f"{BATCH_DIR}/test_batch": batch_pickle(np.zeros((3, 3072), np.float32), [0, 1, 2], "x")}),
-         "test_batch: 'data' is float32"),
-        (lambda m: m.update({f"{BATCH_DIR}/test_batch": batch_pickle(np.zeros((3, 3072), np.uint8), [0, 1, 12], "x")}),
-         r"labels range 0..12, expected 0..9"),
+        (
+            lambda m: m.update({f"{BATCH_DIR}/test_batch": batch_pickle(np.zeros((3, 100), np.uint8), [0, 1, 2], "x")}),
+            r"test_batch: 'data' is uint8 \(3, 100\)",
+        ),
+        (
+            lambda m: m.update({f"{BATCH_DIR}/test_batch": batch_pickle(np.zeros((3, 3072), np.float32), [0, 1, 2], "x")}),
+            "test_batch: 'data' is float32",
+        ),
+        (
+            lambda m: m.update({f"{BATCH_DIR}/test_batch": batch_pickle(np.zeros((3, 3072), np.uint8), [0, 1, 12], "x")}),
+            r"labels range 0..12, expected 0..9",
+        ),
         (lambda m: m.update({f"{BATCH_DIR}/test_batch": pickle.dumps([1, 2, 3], protocol=2)}), "holds a list, not a dict"),
     ],
 )
@@ -212,14 +218,32 @@ def python2_batch_pickle(data: np.ndarray, labels: dict[bytes, list[int]], name:
         return b"K" + bytes([number]) if number < 256 else b"M" + struct.pack("<H", number)
 
     rows, width = data.shape
-    return b"".join([
-        b"\x80\x02}(", text(b"batch_label"), text(name.encode()),
-        *(part for key, values in labels.items() for part in (text(key), b"](", *map(small, values), b"e")),
-        text(b"data"), b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", text(b"b"), b"\x87R(",
-        small(1), small(rows), small(width), b"\x86cnumpy\ndtype\n", text(b"u1"), b"K\x00K\x01\x87R(K\x03", text(b"|"),
-        b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89", text(data.tobytes()), b"tb",
-        text(b"filenames"), b"](", *(text(f"img_{i}.png".encode()) for i in range(rows)), b"eu.",
-    ])
+    return b"".join(
+        [
+            b"\x80\x02}(",
+            text(b"batch_label"),
+            text(name.encode()),
+            *(part for key, values in labels.items() for part in (text(key), b"](", *map(small, values), b"e")),
+            text(b"data"),
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85",
+            text(b"b"),
+            b"\x87R(",
+            small(1),
+            small(rows),
+            small(width),
+            b"\x86cnumpy\ndtype\n",
+            text(b"u1"),
+            b"K\x00K\x01\x87R(K\x03",
+            text(b"|"),
+            b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89",
+            text(data.tobytes()),
+            b"tb",
+            text(b"filenames"),
+            b"](",
+            *(text(f"img_{i}.png".encode()) for i in range(rows)),
+            b"eu.",
+        ]
+    )
 
 
 def crafted_test_batch(tmp_path, data, labels=None):
@@ -280,7 +304,10 @@ def test_forged_object_pointer_used_as_a_shape_is_refused_without_a_signal(tmp_p
     forged = Reduce(np.ndarray, ((1,), np.dtype("O"), b"AAAAAAAA"))
     run, _ = read_in_child(crafted_test_batch(tmp_path, Reduce(np.ndarray, (forged, np.dtype("u1")))))
     assert run.returncode == 0, run.stderr  # a segfault shows as -11
-    assert "ArchiveError: member cifar-10-batches-py/test_batch is not a CIFAR-10 batch (dtype 'O8' is not a plain numeric dtype)" in run.stdout
+    assert (
+        "ArchiveError: member cifar-10-batches-py/test_batch is not a CIFAR-10 batch (dtype 'O8' is not a plain numeric dtype)"
+        in run.stdout
+    )
 
 
 @pytest.mark.parametrize(
@@ -345,10 +372,14 @@ UINT8 = np.dtype("u1")
         (pickled_array((1,), np.dtype("O"), b"A" * 8), "dtype 'O8' is not a plain numeric dtype"),
         (pickled_array((3, 3072), np.dtype("V8"), bytes(8)), "dtype 'V8' is not a plain numeric dtype"),
         (pickled_array((3,), np.dtype([("red", "u1")]), bytes(3)), "dtype 'V1' is not a plain numeric dtype"),
-        (pickled_array((3,), Reduce(np.dtype, ("u1", False, True), (3, "|", None, ("red",), {"red": (UINT8, 0)}, 1, 1, 16)), bytes(3)),
-         "dtype u1 has the state of a structured or object dtype"),
-        (pickled_array((3,), Reduce(np.dtype, ("i8", False, True), (3, "|", None, None, None, -1, -1, 0)), bytes(24)),
-         "dtype i8 has byte order '|'"),
+        (
+            pickled_array((3,), Reduce(np.dtype, ("u1", False, True), (3, "|", None, ("red",), {"red": (UINT8, 0)}, 1, 1, 16)), bytes(3)),
+            "dtype u1 has the state of a structured or object dtype",
+        ),
+        (
+            pickled_array((3,), Reduce(np.dtype, ("i8", False, True), (3, "|", None, None, None, -1, -1, 0)), bytes(24)),
+            "dtype i8 has byte order '|'",
+        ),
         (pickled_array((3,), Reduce(np.dtype, ("u1", True, True)), bytes(3)), r"numpy.dtype is allowed only as dtype\(name, 0, 1\)"),
         (pickled_array((3, 3072), UINT8, bytes(3 * 3072), is_fortran=True), "array is not in C order"),
         (pickled_array((-3, 3072), UINT8, bytes(3 * 3072)), "array shape is not one or two sizes a batch can hold"),
@@ -368,9 +399,14 @@ def test_arrays_other_than_plain_numeric_c_order_ones_are_refused(tmp_path, data
 
 @pytest.mark.parametrize(
     "labels, problem",
-    [([0, 1.0, 2], "'labels' is a list holding other than 64-bit integers"), ([0, True, 2], "'labels' is a list holding other"),
-     ([0, 1, 2**70], "'labels' is a list holding other"), ([0, 1, 2**62], r"labels range 0..4611686018427387904, expected 0..9"),
-     ([0, 1], "'labels' has 2 entries, expected 3"), (np.zeros((3, 1), np.int64), r"'labels' is int64 \(3, 1\)")],
+    [
+        ([0, 1.0, 2], "'labels' is a list holding other than 64-bit integers"),
+        ([0, True, 2], "'labels' is a list holding other"),
+        ([0, 1, 2**70], "'labels' is a list holding other"),
+        ([0, 1, 2**62], r"labels range 0..4611686018427387904, expected 0..9"),
+        ([0, 1], "'labels' has 2 entries, expected 3"),
+        (np.zeros((3, 1), np.int64), r"'labels' is int64 \(3, 1\)"),
+    ],
 )
 def test_labels_must_be_a_list_of_small_integers(tmp_path, labels, problem):
     with pytest.raises(ArchiveError, match=f"test_batch: {problem}"):
@@ -410,13 +446,21 @@ def _global_pax_header() -> bytes:
         (tar_blocks(header("././@PaxHeader", 2**30, tarfile.XHDTYPE)), r"member ././@PaxHeader is a tar header of 1073741824 bytes"),
         (tar_blocks(header("././@LongLink", 2**30, tarfile.GNUTYPE_LONGNAME)), r"member ././@LongLink is a tar header of 1073741824 bytes"),
         (_global_pax_header(), "is a global pax header or a sparse file"),
-        (tar_blocks(header(f"{BATCH_DIR}/data_batch_1", 0, tarfile.GNUTYPE_SPARSE)), "data_batch_1 is a global pax header or a sparse file"),
+        (
+            tar_blocks(header(f"{BATCH_DIR}/data_batch_1", 0, tarfile.GNUTYPE_SPARSE)),
+            "data_batch_1 is a global pax header or a sparse file",
+        ),
         # A GNU 1.0 sparse map follows the header; tarfile would read any number of entries.
-        (_pax(f"{BATCH_DIR}/data_batch_1", {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}) + b"99999999\n" + b"0\n" * 256,
-         "data_batch_1 is a sparse file"),
+        (
+            _pax(f"{BATCH_DIR}/data_batch_1", {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}) + b"99999999\n" + b"0\n" * 256,
+            "data_batch_1 is a sparse file",
+        ),
         (tar_blocks(*(header(f"junk_{i}", 0) for i in range(1001))), "archive holds more than 1000 members"),
         # Each pax header nests tarfile one call deeper.
-        (tar_blocks(*(header("././@PaxHeader", 0, tarfile.XHDTYPE) for _ in range(2000))), r"truncated or not a tar.gz \(maximum recursion"),
+        (
+            tar_blocks(*(header("././@PaxHeader", 0, tarfile.XHDTYPE) for _ in range(2000))),
+            r"truncated or not a tar.gz \(maximum recursion",
+        ),
     ],
     ids=["pax-header", "long-name", "global-pax", "old-sparse", "sparse-map", "members", "nested-headers"],
 )
@@ -481,7 +525,9 @@ def python2_meta_pickle(meta: dict[bytes, list[bytes]]) -> bytes:
     return b"".join([b"\x80\x02}(", *entries, b"u."])
 
 
-@pytest.mark.parametrize("label_mode, key, names", [(None, b"fine_labels", 0), ("fine", b"fine_labels", 0), ("coarse", b"coarse_labels", 1)])
+@pytest.mark.parametrize(
+    "label_mode, key, names", [(None, b"fine_labels", 0), ("fine", b"fine_labels", 0), ("coarse", b"coarse_labels", 1)]
+)
 def test_reads_cifar100_with_fine_labels_by_default_and_coarse_on_request(tmp_path, label_mode, key, names):
     path, _, members = cifar100_archive(tmp_path)
     content = read_content(path, "cifar100", label_mode)
@@ -517,7 +563,10 @@ def test_the_format_is_told_by_member_names(tiny_archive, tmp_path):
 
     neither = tmp_path / "neither.tar.gz"
     write_archive(neither, {f"{BATCH_DIR}.old/data_batch_1": b"x", "cifar-100/train": b"x"})
-    expected = r"^archive holds no member under cifar-10-batches-py/ or cifar-100-python/: use the official cifar-10-python.tar.gz or cifar-100-python.tar.gz$"
+    expected = (
+        r"^archive holds no member under cifar-10-batches-py/ or cifar-100-python/: "
+        r"use the official cifar-10-python.tar.gz or cifar-100-python.tar.gz$"
+    )
     for attempt in (lambda: read_content(neither, "auto"), lambda: archive_format_of(open(neither, "rb"))):
         with pytest.raises(ArchiveError, match=expected):
             attempt()
@@ -529,7 +578,11 @@ def test_the_format_is_told_by_member_names(tiny_archive, tmp_path):
     "read_as, members_of, message",
     [
         ("cifar10", "cifar100", rf"^member {C100}/train is from a CIFAR-100 archive, not CIFAR-10: read it as 'cifar100' or 'auto'$"),
-        ("cifar100", "cifar10", rf"^member {BATCH_DIR}/data_batch_1 is from a CIFAR-10 archive, not CIFAR-100: read it as 'cifar10' or 'auto'$"),
+        (
+            "cifar100",
+            "cifar10",
+            rf"^member {BATCH_DIR}/data_batch_1 is from a CIFAR-10 archive, not CIFAR-100: read it as 'cifar10' or 'auto'$",
+        ),
         ("auto", "both", rf"^member {C100}/train is from a CIFAR-100 archive, not CIFAR-10: earlier members are CIFAR-10$"),
     ],
 )
@@ -558,21 +611,52 @@ FINE = [name.encode() for name in cifar100_class_names()[0]]
     "change, label_mode, message",
     [
         (lambda m: m.update(_test_member([0, 100, 5])), None, rf"^member {C100}/test: fine_labels range 0..100, expected 0..99: "),
-        (lambda m: m.update(_test_member([0, 1, 2], [0, 20, 1])), "coarse", rf"^member {C100}/test: coarse_labels range 0..20, expected 0..19: "),
+        (
+            lambda m: m.update(_test_member([0, 1, 2], [0, 20, 1])),
+            "coarse",
+            rf"^member {C100}/test: coarse_labels range 0..20, expected 0..19: ",
+        ),
         (lambda m: m.update(_test_member([0, 1], rows=3)), None, rf"^member {C100}/test: 'fine_labels' has 2 entries, expected 3: "),
-        (lambda m: m.update({f"{C100}/test": pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]}, protocol=2)}),
-         "coarse", rf"^member {C100}/test: 'coarse_labels' is NoneType, expected a list of integers: "),
+        (
+            lambda m: m.update({f"{C100}/test": pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]}, protocol=2)}),
+            "coarse",
+            rf"^member {C100}/test: 'coarse_labels' is NoneType, expected a list of integers: ",
+        ),
         (lambda m: m.pop(f"{C100}/meta"), None, rf"^archive lacks {C100}/meta: it is not a complete CIFAR-100 python archive$"),
         (lambda m: m.pop(f"{C100}/test"), None, rf"^archive lacks {C100}/test: it is not a complete CIFAR-100 python archive$"),
-        (lambda m: m.update(_meta(FINE[:99])), None, rf"^member {C100}/meta: 'fine_label_names' is not a list of 100 printable byte strings: "),
+        (
+            lambda m: m.update(_meta(FINE[:99])),
+            None,
+            rf"^member {C100}/meta: 'fine_label_names' is not a list of 100 printable byte strings: ",
+        ),
         (lambda m: m.update(_meta(FINE, [b"x"] * 20)), "coarse", rf"^member {C100}/meta: 'coarse_label_names' names a class twice: "),
-        (lambda m: m.update(_meta([name.decode() for name in FINE])), None, "'fine_label_names' is not a list of 100 printable byte strings"),
+        (
+            lambda m: m.update(_meta([name.decode() for name in FINE])),
+            None,
+            "'fine_label_names' is not a list of 100 printable byte strings",
+        ),
         (lambda m: m.update(_meta([b"bad\nname", *FINE[1:]])), None, "'fine_label_names' is not a list of 100 printable byte strings"),
         # A meta member holds names and numbers only, so it is given no numpy stand-in.
-        (lambda m: m.update(_meta(np.array(FINE))), None,
-         rf"^member {C100}/meta is not a CIFAR-100 meta member \(global numpy\.(_)?core\.multiarray\._reconstruct is not allowed in a CIFAR-100 meta member\)"),
+        (
+            lambda m: m.update(_meta(np.array(FINE))),
+            None,
+            rf"^member {C100}/meta is not a CIFAR-100 meta member "
+            r"\(global numpy\.(_)?core\.multiarray\._reconstruct is not allowed in a CIFAR-100 meta member\)",
+        ),
     ],
-    ids=["fine-range", "coarse-range", "label-count", "no-coarse", "no-meta", "no-test", "99-names", "twice", "str-names", "newline", "array"],
+    ids=[
+        "fine-range",
+        "coarse-range",
+        "label-count",
+        "no-coarse",
+        "no-meta",
+        "no-test",
+        "99-names",
+        "twice",
+        "str-names",
+        "newline",
+        "array",
+    ],
 )
 def test_a_cifar100_archive_with_wrong_content_is_refused_in_one_line(tmp_path, change, label_mode, message):
     path, _, _ = cifar100_archive(tmp_path, change)
@@ -652,7 +736,12 @@ def test_decode_stores_each_cifar100_label_mode_in_its_own_folder(tmp_path):
     fine = decode_archive(storage_url, str(path), md5, "cifar100")
     coarse = decode_archive(storage_url, str(path), md5, "cifar100", "coarse")
     assert fine.folder.endswith(f"/datasets/cifar100-fine-{md5}") and coarse.folder.endswith(f"/datasets/cifar100-coarse-{md5}")
-    assert (fine.format, fine.label_mode, fine.classes, fine.sizes) == ("cifar100", "fine", cifar100_class_names()[0], {"train": 60, "test": 20})
+    assert (fine.format, fine.label_mode, fine.classes, fine.sizes) == (
+        "cifar100",
+        "fine",
+        cifar100_class_names()[0],
+        {"train": 60, "test": 20},
+    )
     assert (coarse.format, coarse.label_mode, coarse.classes) == ("cifar100", "coarse", cifar100_class_names()[1])
     for info, key in ((fine, b"fine_labels"), (coarse, b"coarse_labels")):
         files = layout.dataset_files_in(info.folder)
@@ -676,7 +765,9 @@ def test_cifar10_keeps_its_folder_and_markers_written_before_formats_still_load(
     files = layout.dataset_files(Storage(storage_url), md5)
     assert info.folder == files.folder and info.id == dataset_id(md5) == md5 and files.folder.endswith(f"cifar10-{md5}")
     assert (info.format, info.label_mode, info.classes) == ("cifar10", None, CLASS_NAMES)
-    written_before = {name: value for name, value in json.loads(Path(files.marker).read_text()).items() if name not in ("format", "label_mode")}
+    written_before = {
+        name: value for name, value in json.loads(Path(files.marker).read_text()).items() if name not in ("format", "label_mode")
+    }
     Path(files.marker).write_text(json.dumps(written_before))
     assert DatasetInfo.model_validate_json(Path(files.marker).read_text()) == info
     assert finished_dataset(storage_url, md5) == info

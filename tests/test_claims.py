@@ -120,7 +120,9 @@ def test_many_contenders_racing_on_one_abandoned_claim_take_it_over_once(tmp_pat
 
     logs = [log_lines(results, number) for number in range(CONTENDERS)]
     assert all(lines[0].startswith("waiting for") and "'abandoned'" in lines[0] for lines in logs), f"not all waited on it: {logs}"
-    holds = sorted((json.loads((results / f"{number}.json").read_text()) for number in range(CONTENDERS)), key=lambda hold: hold["acquired"])
+    holds = sorted(
+        (json.loads((results / f"{number}.json").read_text()) for number in range(CONTENDERS)), key=lambda hold: hold["acquired"]
+    )
     assert len({hold["pid"] for hold in holds}) == CONTENDERS and not any(hold["lost"] for hold in holds), (holds, logs)
     for earlier, later in itertools.pairwise(holds):
         assert earlier["released"] <= later["acquired"], f"two holders at once: {earlier} and {later}; {logs}"

@@ -53,9 +53,20 @@ def write_tree(root, per_class: dict[str, int], start: int = 0) -> list[str]:
 
 
 def folder_config(root, storage, **options):
-    settings = {"source": str(root), "storage": str(storage), "backbone": "MobileNetV2", "weights": "none", "input_size": 32,
-                "shard_size": 10, "tsne_sample": 0, "epochs": 3, "head_batch_size": 32, "head": "ridge",
-                "engine": "tensorflow", "precision": "float32"}
+    settings = {
+        "source": str(root),
+        "storage": str(storage),
+        "backbone": "MobileNetV2",
+        "weights": "none",
+        "input_size": 32,
+        "shard_size": 10,
+        "tsne_sample": 0,
+        "epochs": 3,
+        "head_batch_size": 32,
+        "head": "ridge",
+        "engine": "tensorflow",
+        "precision": "float32",
+    }
     return load_config(**{**settings, **options})
 
 
@@ -107,8 +118,10 @@ def test_a_folder_grows_shrinks_and_changes_touching_only_the_shards_that_hold_w
     assert "train/cat/0000.png" not in current and not np.array_equal(current["train/ship/0009.png"], before["train/ship/0009.png"])
     assert all(np.array_equal(current[key], before[key]) for key in before if key not in ("train/cat/0000.png", "train/ship/0009.png"))
     assert os.path.exists(os.path.join(first.folder, "train", "part-00000.parquet")), "a reader of version 2 may still need it"
-    assert verify_feature_set(str(storage), first.folder) == {"train/part-00000.parquet": ["not listed in the manifest"],
-                                                               "train/part-00002.parquet": ["not listed in the manifest"]}
+    assert verify_feature_set(str(storage), first.folder) == {
+        "train/part-00000.parquet": ["not listed in the manifest"],
+        "train/part-00002.parquet": ["not listed in the manifest"],
+    }
 
     write_tree(root, {"train": 1}, start=200)  # the next version deletes what version 3 retired
     extract_features(folder_config(root, storage))
@@ -162,7 +175,9 @@ def test_a_parquet_table_of_images_is_a_source_too(tmp_path):
     features, stats = extract_features(folder_config(tmp_path / "table", storage))
     assert features.splits == {"train": 30, "test": 12} and features.classes == CLASSES and stats.shards_computed == 5
     frame = pd.read_parquet(os.path.join(features.folder, "test"))
-    assert frame["key"].str.startswith("data/test-00000-of-00001.parquet#").all() and sorted(frame["label"]) == sorted(n % 3 for n in range(12))
+    assert frame["key"].str.startswith("data/test-00000-of-00001.parquet#").all() and sorted(frame["label"]) == sorted(
+        n % 3 for n in range(12)
+    )
 
 
 def test_a_watch_says_changed_only_when_the_listing_changed(tmp_path):
@@ -193,8 +208,17 @@ def test_a_kill_during_an_incremental_run_resumes_to_the_features_of_an_uninterr
     write_tree(root, {"train": 20}, start=100)  # 60 new train images: six new shards
     command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract"]
     for name, value in {**folder_config(root, storage, **options).model_dump(), **options}.items():
-        if value is not None and name in {"source", "storage", "backbone", "weights", "input_size", "shard_size", "batch_size",
-                                          "engine", "precision"}:
+        if value is not None and name in {
+            "source",
+            "storage",
+            "backbone",
+            "weights",
+            "input_size",
+            "shard_size",
+            "batch_size",
+            "engine",
+            "precision",
+        }:
             command += ["--" + name.replace("_", "-"), str(value)]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -26,8 +26,11 @@ from cifar_transfer.verify import verify_feature_set
 
 def shard_flow_runs(started: datetime):
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            name=FlowRunFilterName(any_=["shards-MobileNetV2"]), start_time=FlowRunFilterStartTime(after_=started)))
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=["shards-MobileNetV2"]), start_time=FlowRunFilterStartTime(after_=started)
+            )
+        )
 
 
 def run_twice_at_once(config) -> FeatureSetInfo:
@@ -85,4 +88,3 @@ def wait_until(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
-

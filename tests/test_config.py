@@ -47,12 +47,18 @@ def test_bad_options_fail_at_the_edge_with_one_line(options, message):
         ("simplecache::https://AKIAEXAMPLE:s3cr3t-value@host/cifar.tar.gz", "credentials in the URL"),
         ("filecache::s3://AKIAEXAMPLE:s3cr3t-value@bucket/prefix", "credentials in the URL"),
         ("tcp://AKIAEXAMPLE:s3cr3t-value@10.0.0.5:8786", "credentials in the URL"),
-        ("https://b.s3.amazonaws.com/c.tar.gz?X-Amz-Credential=AKIAEXAMPLE%2F20240101&X-Amz-Expires=60&X-Amz-Signature=s3cr3t-value",
-         "query parameter X-Amz-Credential, query parameter X-Amz-Signature"),
-        ("simplecache::https://acct.blob.core.windows.net/c/cifar.tar.gz?sv=2022-11-02&sp=r&sig=s3cr3t-valueAKIAEXAMPLE",
-         "query parameter sig"),
-        ("https://storage.googleapis.com/b/c.tar.gz?X-Goog-Credential=AKIAEXAMPLE&X-Goog-Signature=s3cr3t-value",
-         "query parameter X-Goog-Credential, query parameter X-Goog-Signature"),
+        (
+            "https://b.s3.amazonaws.com/c.tar.gz?X-Amz-Credential=AKIAEXAMPLE%2F20240101&X-Amz-Expires=60&X-Amz-Signature=s3cr3t-value",
+            "query parameter X-Amz-Credential, query parameter X-Amz-Signature",
+        ),
+        (
+            "simplecache::https://acct.blob.core.windows.net/c/cifar.tar.gz?sv=2022-11-02&sp=r&sig=s3cr3t-valueAKIAEXAMPLE",
+            "query parameter sig",
+        ),
+        (
+            "https://storage.googleapis.com/b/c.tar.gz?X-Goog-Credential=AKIAEXAMPLE&X-Goog-Signature=s3cr3t-value",
+            "query parameter X-Goog-Credential, query parameter X-Goog-Signature",
+        ),
     ],
 )
 def test_credentials_in_urls_are_refused_without_echoing_them(field, url, kind):
@@ -77,8 +83,14 @@ def test_fingerprint_covers_what_changes_features_and_nothing_else():
         return load_config(**{"weights": "none", **LOCAL, **options}).feature_spec("a" * 32).fingerprint
 
     assert base.feature_spec("b" * 32).fingerprint != fingerprint
-    for options in ({"backbone": "ResNet50"}, {"input_size": 299}, {"pooling": "none"}, {"seed": 1}, {"weights": "imagenet"},
-                    {"precision": "bfloat16"}):
+    for options in (
+        {"backbone": "ResNet50"},
+        {"input_size": 299},
+        {"pooling": "none"},
+        {"seed": 1},
+        {"weights": "imagenet"},
+        {"precision": "bfloat16"},
+    ):
         assert changed(**options) != fingerprint, options
     for options in ({"epochs": 3}, {"head": "logistic"}, {"tsne_sample": 10}, {"shard_size": 10}, {"batch_size": 8}, {"storage": "/x"}):
         assert changed(**options) == fingerprint, options

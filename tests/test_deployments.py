@@ -43,13 +43,14 @@ def poll(condition, what: str, timeout: float, processes=(), log: Path | None = 
             if process.poll() is not None:
                 raise AssertionError(f"{process.args[:4]} exited with {process.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {log.name}: {last_error(log)}" if log else ""))
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {log.name}: {last_error(log)}" if log else "")
+            )
         time.sleep(0.5)
 
 
 def start(command, environment, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -109,19 +110,34 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     prefect(server, "--no-prompt", "deploy", "--all")
     response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
     assert sorted(deployment["name"] for deployment in response.json()) == [
-        "analyze-new-features", "extract-on-change", "extract-only", "nightly", "on-demand", "predict-new-head", "watch-photos"]
+        "analyze-new-features",
+        "extract-on-change",
+        "extract-only",
+        "nightly",
+        "on-demand",
+        "predict-new-head",
+        "watch-photos",
+    ]
 
     worker = start([PREFECT, "worker", "start", "--pool", "cifar-transfer"], server, tmp_path / "worker.log")
     try:
         storage = tmp_path / "storage"
-        config = {"source": str(path), "md5": md5, "storage": str(storage), "backbone": "MobileNetV2", "weights": "none",
-                  "input_size": 32, "shard_size": 100}
+        config = {
+            "source": str(path),
+            "md5": md5,
+            "storage": str(storage),
+            "backbone": "MobileNetV2",
+            "weights": "none",
+            "input_size": 32,
+            "shard_size": 100,
+        }
         prefect(server, "deployment", "run", "extract-features/extract-only", "--param", f"config={json.dumps(config)}")
 
         def finished(flow_name):
             def check():
                 runs = [run for run in flow_runs(server) if run["name"].startswith(flow_name)]
                 return runs if runs and all(run["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for run in runs) else None
+
             return check
 
         extracted = poll(finished("extract-"), "the extract-only run", 300, [worker])
@@ -130,8 +146,9 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
         assert [run["state_type"] for run in analyzed] == ["COMPLETED"]
         assert analyzed[0]["parameters"]["config"]["storage"] == str(storage)
         assert list(storage.glob("features/*/heads/*/metrics.json"))
-        artifacts = httpx.post(f"{server['PREFECT_API_URL']}/artifacts/filter", timeout=10,
-                               json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}}).json()
+        artifacts = httpx.post(
+            f"{server['PREFECT_API_URL']}/artifacts/filter", timeout=10, json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}}
+        ).json()
         assert artifacts and "MobileNetV2 at 32px" in artifacts[0]["data"]
 
         nightly = httpx.get(f"{server['PREFECT_API_URL']}/deployments/name/cifar-transfer/nightly", timeout=10).json()

@@ -205,7 +205,9 @@ def test_a_signed_source_leaves_no_trace_of_its_secrets(flaky_server, tmp_path, 
     server, url, md5 = flaky_server
     server.failures = 0
     secrets = ("SECRETSIG", "AKIASECRETKEY", "SESSIONSECRET")
-    signed = f"{url}?X-Amz-Expires=60&X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIASECRETKEY%2F20240101&X-Amz-Security-Token=SESSIONSECRET"
+    signed = (
+        f"{url}?X-Amz-Expires=60&X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIASECRETKEY%2F20240101&X-Amz-Security-Token=SESSIONSECRET"
+    )
     storage = tmp_path / "storage"
     caplog.set_level(logging.DEBUG)  # httpx and httpcore too, which log every request
     with pytest.raises(ChecksumMismatch) as error:

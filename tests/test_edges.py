@@ -40,8 +40,14 @@ def png(colour=(200, 30, 30), size=(40, 40)) -> bytes:
 def cli(*arguments: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`cifar-transfer ARGUMENTS` as a user runs it: its own process, its own temporary Prefect API."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "cifar_transfer.flows.cli", *arguments], capture_output=True, text=True,
-                          timeout=timeout, env=environment, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_transfer.flows.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        cwd=REPO,
+    )
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
@@ -132,8 +138,20 @@ def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_t
     assert any("cannot list the folder: File name too long" in entry for entry in listing.skipped)
 
     storage = tmp_path / "storage"
-    result = cli("extract", "--source", str(hostile_tree), "--storage", str(storage), "--backbone", "MobileNetV2",
-                 "--weights", "none", "--input-size", "32", timeout=420)
+    result = cli(
+        "extract",
+        "--source",
+        str(hostile_tree),
+        "--storage",
+        str(storage),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        timeout=420,
+    )
     assert result.returncode == 0, last_line(result)
     assert "\x1b" not in result.stdout + result.stderr and "skipped train/cat/clear\\x1b[2J.png" in result.stdout + result.stderr
     (features,) = (storage / "features").iterdir()
@@ -147,10 +165,13 @@ def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_t
 
 def test_predict_reads_no_entry_that_is_not_a_regular_file(hostile_tree):
     """The same tree through predict's reader, in a child process that would hang or fill memory if it read them."""
-    code = ("import json, sys; from cifar_transfer.predict import ImageSource; images = ImageSource(sys.argv[1]); "
-            "print(json.dumps({path: reason for chunk in images.chunks(8) for path, data, reason in chunk}))")
-    done = subprocess.run([sys.executable, "-c", code, str(hostile_tree / "train" / "cat")], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    code = (
+        "import json, sys; from cifar_transfer.predict import ImageSource; images = ImageSource(sys.argv[1]); "
+        "print(json.dumps({path: reason for chunk in images.chunks(8) for path, data, reason in chunk}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(hostile_tree / "train" / "cat")], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     for key, reason in SKIPPED.items():
@@ -213,8 +234,9 @@ def test_a_table_whose_row_group_is_over_the_cap_is_refused_in_one_line_without_
     pq.write_table(table, tmp_path / "big.parquet", row_group_size=300, compression="none")
     del table, cells
     measured = peak_of("table", tmp_path / "big.parquet")
-    assert measured["outcome"].startswith("big.parquet: row group 0 holds 286 MiB of images, over the cap of 256 MiB read at once: "
-                                          "rewrite the table with smaller row groups")
+    assert measured["outcome"].startswith(
+        "big.parquet: row group 0 holds 286 MiB of images, over the cap of 256 MiB read at once: rewrite the table with smaller row groups"
+    )
     assert measured["peak_mib"] < 50, measured
     measured = peak_of("predict", tmp_path / "big.parquet")  # every row of it, through predict's reader
     assert measured["outcome"].startswith(f"{tmp_path / 'big.parquet'}: row group 0 holds 286 MiB of images, over the cap")
@@ -222,29 +244,39 @@ def test_a_table_whose_row_group_is_over_the_cap_is_refused_in_one_line_without_
 
 
 def test_only_network_and_server_errors_are_retried():
-    local = [OSError(code, os.strerror(code)) for code in (errno.ENOENT, errno.EACCES, errno.ELOOP, errno.EISDIR, errno.ENAMETOOLONG,
-                                                           errno.EROFS, errno.ENOSPC)]
+    local = [
+        OSError(code, os.strerror(code))
+        for code in (errno.ENOENT, errno.EACCES, errno.ELOOP, errno.EISDIR, errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC)
+    ]
     for error in [*local, ValueError("bad shard name"), RecursionError(), MemoryError(), StorageNotWritable("x")]:
         assert not is_transient(error), error
-    for error in [ConnectionResetError(), TimeoutError(), OSError(errno.ECONNREFUSED, "refused"), OSError("s3 slow down"),
-                  RuntimeError("a worker died")]:
+    for error in [
+        ConnectionResetError(),
+        TimeoutError(),
+        OSError(errno.ECONNREFUSED, "refused"),
+        OSError("s3 slow down"),
+        RuntimeError("a worker died"),
+    ]:
         assert is_transient(error), error
 
 
-@pytest.mark.parametrize("arguments, option", [
-    (["run", "--source", "https://user:pa#ss@example.com/c.tar.gz", "--md5", "none"], "--source"),
-    (["run", "--source", "photos/", "--classes", "https://user:s3cr3t@example.com/classes.txt"], "--classes"),
-    (["extract", "--weights", "https://example.com/w.h5?token=s3cr3t"], "--weights"),
-    (["predict", "s3://AKIA:s3cr3t@bucket/images/"], "SOURCE"),
-    (["predict", "photos/", "--storage", "s3://AKIA:s3cr3t@bucket/storage"], "--storage"),
-    (["predict", "photos/", "--output", "gcs://bucket/out.json?X-Goog-Signature=s3cr3t"], "--output"),
-    (["verify", "--storage", "s3://AKIA:s3%2Fcr3t@bucket"], "--storage"),
-    (["list", "--storage", "s3://AKIA:s3cr3t@bucket"], "--storage"),
-    (["rm", "abc", "--storage", "s3://AKIA:s3cr3t@bucket"], "--storage"),
-    (["gc", "--keep", "1", "--storage", "s3://AKIA:s3cr3t@bucket"], "--storage"),
-    (["export", "--output", "s3://AKIA:s3cr3t@bucket/model"], "--output"),
-    (["export", "--output", "out", "--storage", "simplecache::s3://AKIA:s3cr3t@bucket"], "--storage"),
-])
+@pytest.mark.parametrize(
+    "arguments, option",
+    [
+        (["run", "--source", "https://user:pa#ss@example.com/c.tar.gz", "--md5", "none"], "--source"),
+        (["run", "--source", "photos/", "--classes", "https://user:s3cr3t@example.com/classes.txt"], "--classes"),
+        (["extract", "--weights", "https://example.com/w.h5?token=s3cr3t"], "--weights"),
+        (["predict", "s3://AKIA:s3cr3t@bucket/images/"], "SOURCE"),
+        (["predict", "photos/", "--storage", "s3://AKIA:s3cr3t@bucket/storage"], "--storage"),
+        (["predict", "photos/", "--output", "gcs://bucket/out.json?X-Goog-Signature=s3cr3t"], "--output"),
+        (["verify", "--storage", "s3://AKIA:s3%2Fcr3t@bucket"], "--storage"),
+        (["list", "--storage", "s3://AKIA:s3cr3t@bucket"], "--storage"),
+        (["rm", "abc", "--storage", "s3://AKIA:s3cr3t@bucket"], "--storage"),
+        (["gc", "--keep", "1", "--storage", "s3://AKIA:s3cr3t@bucket"], "--storage"),
+        (["export", "--output", "s3://AKIA:s3cr3t@bucket/model"], "--output"),
+        (["export", "--output", "out", "--storage", "simplecache::s3://AKIA:s3cr3t@bucket"], "--storage"),
+    ],
+)
 def test_credentials_in_any_url_option_are_refused_before_anything_is_logged(arguments, option, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the log folder, had one been made
     assert main(arguments) == 2
@@ -313,16 +345,41 @@ def wait_until(condition, timeout: float, what: str):
 def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_archive, tmp_path):
     path, md5 = tiny_archive
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract", "--source", str(path), "--md5", md5,
-               "--storage", str(tmp_path / "storage"), "--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32"]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer.flows.cli",
+        "extract",
+        "--source",
+        str(path),
+        "--md5",
+        md5,
+        "--storage",
+        str(tmp_path / "storage"),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, cwd=REPO)
     try:
-        servers = wait_until(lambda: [pid for pid, line in children_of(process.pid).items() if "uvicorn" in line], 120,
-                             "the command's temporary server")
+        servers = wait_until(
+            lambda: [pid for pid, line in children_of(process.pid).items() if "uvicorn" in line], 120, "the command's temporary server"
+        )
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)
-        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and "uvicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-                                   for pid in servers), 15, "the server to stop after its command was killed")
+        wait_until(
+            lambda: (
+                not any(
+                    os.path.exists(f"/proc/{pid}") and "uvicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+                    for pid in servers
+                )
+            ),
+            15,
+            "the server to stop after its command was killed",
+        )
     finally:
         process.kill()
 
@@ -348,8 +405,9 @@ def read_only_storage_run(storage: Path, arguments: list[str]) -> subprocess.Com
     """`cifar-transfer ARGUMENTS` in a mount namespace of its own where `storage` is a read-only bind mount."""
     script = f'mount --bind -o ro "{storage}" "{storage}" && exec "{sys.executable}" -m cifar_transfer.flows.cli "$@"'
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
-    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *arguments], capture_output=True, text=True, timeout=300,
-                          env=environment, cwd=REPO)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *arguments], capture_output=True, text=True, timeout=300, env=environment, cwd=REPO
+    )
 
 
 def test_a_complete_feature_set_on_read_only_storage_reruns_without_writing(prefect_api, tiny_archive, tmp_path):
@@ -357,8 +415,22 @@ def test_a_complete_feature_set_on_read_only_storage_reruns_without_writing(pref
         pytest.skip("needs root and unshare for a read-only bind mount (CI has both: a skip fails there)")
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
-    options = ["--source", str(path), "--md5", md5, "--storage", str(storage), "--backbone", "MobileNetV2", "--weights", "none",
-               "--input-size", "32", "--shard-size", "100"]
+    options = [
+        "--source",
+        str(path),
+        "--md5",
+        md5,
+        "--storage",
+        str(storage),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--shard-size",
+        "100",
+    ]
     analysis = ["--tsne-sample", "100", "--epochs", "2"]
     assert main(["run", *options, *analysis]) == 0
     written = {str(file): file.stat().st_mtime_ns for file in storage.rglob("*")}
@@ -370,8 +442,9 @@ def test_a_complete_feature_set_on_read_only_storage_reruns_without_writing(pref
 
     result = read_only_storage_run(storage, ["extract", *options, "--input-size", "48"])  # new features: must write
     assert result.returncode == 2
-    assert last_line(result).startswith(f"cifar-transfer: error: storage {storage} cannot be written (Read-only file system) and "
-                                        "this run has ")
+    assert last_line(result).startswith(
+        f"cifar-transfer: error: storage {storage} cannot be written (Read-only file system) and this run has "
+    )
     assert "give it write access or use another --storage" in last_line(result)
 
 
@@ -394,8 +467,26 @@ def test_out_of_memory_ends_the_command_with_one_line_and_exit_1(tmp_path):
     Image.new("RGB", (11_000, 11_000), (9, 99, 199)).save(root / "train" / "cat" / "0.png")
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
     environment["MALLOC_ARENA_MAX"] = "2"  # threads' malloc arenas reserve 64 MiB of address space each: keep the limit for pixels
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract", "--source", str(root), "--storage", str(tmp_path / "storage"),
-               "--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--engine", "openvino", "--precision", "float32"]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer.flows.cli",
+        "extract",
+        "--source",
+        str(root),
+        "--storage",
+        str(tmp_path / "storage"),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--engine",
+        "openvino",
+        "--precision",
+        "float32",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, cwd=REPO)
     lines = []
     try:
@@ -422,8 +513,11 @@ def test_a_tables_rows_without_a_usable_label_are_listed_with_the_unreadable_one
     write_table(tmp_path / "table" / "test.parquet", [6, 7], [0, 1], names=CLASSES)
     features, _ = extract_features(folder_config(tmp_path / "table", tmp_path / "storage"))
     skipped = json.loads((Path(features.folder) / "train" / "_skipped.json").read_text())
-    assert skipped == [{"key": "train.parquet#3", "reason": f"label 7 is not a class index 0..{len(CLASSES) - 1}"},
-                       {"key": "train.parquet#4", "reason": "no label"}, {"key": "train.parquet#6", "reason": "no image"}]
+    assert skipped == [
+        {"key": "train.parquet#3", "reason": f"label 7 is not a class index 0..{len(CLASSES) - 1}"},
+        {"key": "train.parquet#4", "reason": "no label"},
+        {"key": "train.parquet#6", "reason": "no image"},
+    ]
     assert features.splits == {"train": 4, "test": 2}
 
 
@@ -440,8 +534,11 @@ def test_a_table_or_classes_file_that_is_not_a_regular_file_never_blocks(tmp_pat
     listing = ParquetSource(str(tmp_path / "table")).list_items()
     assert listing.skipped == ["train-2.parquet: not a regular file: a FIFO"] and len(listing.splits["train"]) == 2
     os.mkfifo(tmp_path / "classes.txt")
-    for classes, problem in ((tmp_path / "classes.txt", "not a regular file: a FIFO"), ("/dev/zero", "not a regular file: a character device"),
-                             (tmp_path / "missing.txt", "no such file")):
+    for classes, problem in (
+        (tmp_path / "classes.txt", "not a regular file: a FIFO"),
+        ("/dev/zero", "not a regular file: a character device"),
+        (tmp_path / "missing.txt", "no such file"),
+    ):
         with pytest.raises(ConfigError, match=f"classes file .*: {problem}; pass --classes FILE"):
             ParquetSource(str(tmp_path / "table"), classes_file=str(classes)).list_items()
     from cifar_transfer.errors import SourceError

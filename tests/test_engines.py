@@ -40,8 +40,10 @@ def test_openvino_float32_computes_the_tensorflow_model(images):
     assert mean_cosine(openvino, tensorflow) > 0.99999
     np.testing.assert_allclose(openvino, tensorflow, rtol=1e-3, atol=1e-3)
     # Batches of any size, the last one short, land in the right rows.
-    np.testing.assert_array_equal(get_extractor(load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32), (32, 32, 3))(
-        images[:7], 3), openvino[:7])
+    np.testing.assert_array_equal(
+        get_extractor(load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32), (32, 32, 3))(images[:7], 3),
+        openvino[:7],
+    )
 
 
 CONVERTED_RERUN = """
@@ -66,8 +68,13 @@ def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorfl
     [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")  # in the feature set's folder: deleted with it
 
     np.save(tmp_path / "images.npy", images)
-    rerun = subprocess.run([sys.executable, "-c", CONVERTED_RERUN, str(tmp_path / "images.npy"), str(storage), json.dumps(TINY)],
-                           capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True)
+    rerun = subprocess.run(
+        [sys.executable, "-c", CONVERTED_RERUN, str(tmp_path / "images.npy"), str(storage), json.dumps(TINY)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        check=True,
+    )
     assert "tensorflow loaded: False" in rerun.stdout, rerun.stdout + rerun.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), converted)  # the same function, bit for bit
 

@@ -97,8 +97,14 @@ def test_the_keras_export_gives_the_runs_test_answers(run, exported):
 def test_a_fresh_process_with_only_the_folder_gives_the_same_answers(run, exported, tmp_path):
     images, out = tmp_path / "images.npy", tmp_path / "probabilities.npy"
     np.save(images, run["images"])
-    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, exported.destination, str(images), str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, exported.destination, str(images), str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert_agrees(np.load(out), run["expected"])
     classes = exported.classes
@@ -146,12 +152,25 @@ def test_any_image_size_and_a_batch_of_one(run, exported):
 def test_spatial_maps_and_mirrored_views_are_exported_as_the_run_used_them(run, tmp_path):
     """A 2x2 map (flattened in the run's order) at 64 px (resized inside the model) and a --flip head (the mirrored
     image's probabilities averaged in): the export still gives the run's test answers."""
-    config = tiny_config(run["archive"], tmp_path / "storage", tsne_sample=0, weights=str(MOBILENET_WEIGHTS),
-                         input_size=64, pooling="none", head="conv", flip=True)
+    config = tiny_config(
+        run["archive"],
+        tmp_path / "storage",
+        tsne_sample=0,
+        weights=str(MOBILENET_WEIGHTS),
+        input_size=64,
+        pooling="none",
+        head="conv",
+        flip=True,
+    )
     summary = cifar_transfer(config)
     assert summary.features.feature_shape == [2, 2, 1280]
-    result = export_model(config.storage, str(tmp_path / "exported"), formats=["keras"],
-                          fingerprint=summary.features.fingerprint, head_key=os.path.basename(summary.head.files.folder))
+    result = export_model(
+        config.storage,
+        str(tmp_path / "exported"),
+        formats=["keras"],
+        fingerprint=summary.features.fingerprint,
+        head_key=os.path.basename(summary.head.files.folder),
+    )
     assert result.mirrored_average and result.head_kind == "conv" and list(result.files) == ["keras"]
     model = load_keras().models.load_model(result.location("keras"))
     assert_agrees(model.predict(run["images"], verbose=0), run_answers(summary))
@@ -161,8 +180,20 @@ def test_the_command_prints_where_each_format_went(run, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
     fingerprint = run["summary"].features.fingerprint
-    arguments = parser.parse_args(["--storage", run["config"].storage, "--fingerprint", fingerprint,
-                                   "--output", str(tmp_path / "out"), "--format", "keras", "--format", "keras"])
+    arguments = parser.parse_args(
+        [
+            "--storage",
+            run["config"].storage,
+            "--fingerprint",
+            fingerprint,
+            "--output",
+            str(tmp_path / "out"),
+            "--format",
+            "keras",
+            "--format",
+            "keras",
+        ]
+    )
     assert export_command(arguments) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [f"keras: {tmp_path / 'out' / 'model.keras'}", f"classes: 10 names in {tmp_path / 'out' / 'export.json'}"]

@@ -52,10 +52,12 @@ def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
 
 @pytest.mark.parametrize(
     "backbone, input_size, taps",
-    [("MobileNetV2", 224, ["block_13_expand_relu", "block_16_expand_relu", "out_relu"]),
-     ("InceptionV3", 139, ["mixed7", "mixed8", "mixed10"]),
-     ("ResNet50", 64, ["conv4_block6_out", "conv5_block1_out", "conv5_block3_out"]),
-     ("EfficientNetB0", 64, ["block6a_expand_activation", "block7a_expand_activation", "top_activation"])],
+    [
+        ("MobileNetV2", 224, ["block_13_expand_relu", "block_16_expand_relu", "out_relu"]),
+        ("InceptionV3", 139, ["mixed7", "mixed8", "mixed10"]),
+        ("ResNet50", 64, ["conv4_block6_out", "conv5_block1_out", "conv5_block3_out"]),
+        ("EfficientNetB0", 64, ["block6a_expand_activation", "block7a_expand_activation", "top_activation"]),
+    ],
 )
 def test_stage_taps_are_the_stage_end_before_the_last_the_last_stages_widest_point_and_the_output(backbone, input_size, taps):
     import keras

@@ -129,8 +129,12 @@ def test_list_shows_sizes_rows_and_dates(made, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["FOLDER", "BACKBONE", "ROWS"]
     for info, rows in ((newer, f"{TRAIN}/{TEST} +flip"), (older, f"{TRAIN}/{TEST}")):
-        shards = [os.path.join(info.folder, view, name) for view in info.splits
-                  for name in os.listdir(os.path.join(info.folder, view)) if name.endswith(".parquet")]
+        shards = [
+            os.path.join(info.folder, view, name)
+            for view in info.splits
+            for name in os.listdir(os.path.join(info.folder, view))
+            if name.endswith(".parquet")
+        ]
         size = sum(os.path.getsize(path) for path in shards)
         line = next(line for line in table if line.startswith(os.path.basename(info.folder)))
         assert rows in line and f"{size / 1e6:.1f}" in line and info.created_at[:10] in line
@@ -140,7 +144,10 @@ def test_list_shows_sizes_rows_and_dates(made, capsys):
     listed = {entry["fingerprint"]: entry for entry in json.loads(capsys.readouterr().out)}
     assert listed[newer.fingerprint]["bytes"] == sum(
         os.path.getsize(os.path.join(newer.folder, view, name))
-        for view in newer.splits for name in os.listdir(os.path.join(newer.folder, view)) if name.endswith(".parquet"))
+        for view in newer.splits
+        for name in os.listdir(os.path.join(newer.folder, view))
+        if name.endswith(".parquet")
+    )
 
 
 def test_rm_is_a_dry_run_until_yes_and_spares_fresh_sets(store, capsys):
@@ -230,8 +237,9 @@ def test_gc_never_follows_a_link_out_of_the_storage_root(store, tmp_path, capsys
     evil = os.path.join(storage, "features", "evil")
     os.symlink(outside, evil)
     assert any(info.folder.endswith("/evil") for info in list_feature_sets(storage)), "the link was not listed as a set"
-    real = sum(os.path.getsize(os.path.join(parent, name)) for folder in (older, newer) for parent, _, names in os.walk(folder)
-               for name in names)
+    real = sum(
+        os.path.getsize(os.path.join(parent, name)) for folder in (older, newer) for parent, _, names in os.walk(folder) for name in names
+    )
     capsys.readouterr()
     assert main(["gc", "--keep", "0", "--storage", storage, "--yes", "--force"]) == 0
     out = capsys.readouterr().out

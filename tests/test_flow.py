@@ -29,9 +29,18 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 def tiny_config(archive, storage, **options):
     path, md5 = archive
     settings = {
-        "source": str(path), "md5": md5, "storage": str(storage), "backbone": "MobileNetV2", "weights": "none",
-        "input_size": 32, "shard_size": 50, "tsne_sample": 150, "epochs": 3, "head_batch_size": 32,
-        "engine": "tensorflow", "precision": "float32",  # the default `auto` has its own tests in test_engines.py
+        "source": str(path),
+        "md5": md5,
+        "storage": str(storage),
+        "backbone": "MobileNetV2",
+        "weights": "none",
+        "input_size": 32,
+        "shard_size": 50,
+        "tsne_sample": 150,
+        "epochs": 3,
+        "head_batch_size": 32,
+        "engine": "tensorflow",
+        "precision": "float32",  # the default `auto` has its own tests in test_engines.py
     }
     return load_config(**{**settings, **options})
 
@@ -94,7 +103,11 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     for picture in (summary.tsne.picture, summary.head.files.confusion_picture):
         assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(summary.head.files.model)
-    assert metrics["chosen"]["head"] == summary.head.kind and [c["head"] for c in metrics["candidates"]] == ["ridge"] and metrics["chosen"]["refit"]
+    assert (
+        metrics["chosen"]["head"] == summary.head.kind
+        and [c["head"] for c in metrics["candidates"]] == ["ridge"]
+        and metrics["chosen"]["refit"]
+    )
     assert metrics["validation_accuracy"] == max(c["validation_accuracy"] for c in metrics["candidates"])
     predictions = pd.read_parquet(summary.head.files.predictions)
     assert len(predictions) == 300 and set(predictions["split"]) == {"train", "test"}
@@ -105,7 +118,9 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     assert summary.features.fingerprint in html and 'id="tsne-canvas"' in html and "<script src" not in html
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY]))
+        )
     assert {artifact.key for artifact in artifacts} == {METRICS_KEY, SUMMARY_KEY, REPORT_LINK_KEY}
     assert any(summary.html_report_url in str(artifact.data) for artifact in artifacts if artifact.key == SUMMARY_KEY)
     assert summary.features.spec.backbone == "MobileNetV2"
@@ -202,8 +217,24 @@ def test_a_failed_run_says_why_in_its_final_state_in_one_line(tiny_archive, tmp_
 
 def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
     path, md5 = tiny_archive
-    common = ["--source", str(path), "--storage", str(tmp_path / "storage"), "--backbone", "MobileNetV2", "--weights", "none",
-              "--input-size", "32", "--shard-size", "100", "--tsne-sample", "0", "--epochs", "2"]
+    common = [
+        "--source",
+        str(path),
+        "--storage",
+        str(tmp_path / "storage"),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--shard-size",
+        "100",
+        "--tsne-sample",
+        "0",
+        "--epochs",
+        "2",
+    ]
     assert main(["run", *common, "--md5", md5]) == 0
     out = capsys.readouterr().out
     assert "test accuracy: " in out and "features: " in out
@@ -226,8 +257,12 @@ def test_any_deleted_output_is_rebuilt_alone_and_never_shown_cached_then_missing
     config = tiny_config(tiny_archive, tmp_path / "storage")
     first = cifar_transfer(config)
     dataset = os.path.join(config.storage, "datasets", f"cifar10-{tiny_archive[1]}")
-    lost = [os.path.join(dataset, "test_images.npy"), os.path.join(first.features.folder, "train", "part-00001.parquet"),
-            first.tsne.picture, first.head.files.predictions]
+    lost = [
+        os.path.join(dataset, "test_images.npy"),
+        os.path.join(first.features.folder, "train", "part-00001.parquet"),
+        first.tsne.picture,
+        first.head.files.predictions,
+    ]
     for path in lost:
         os.remove(path)
     before = shard_files(first.features.folder)
@@ -257,8 +292,22 @@ def test_a_failed_command_ends_with_its_reason_and_keeps_the_traceback_in_a_log_
     import sys
 
     path, md5 = tiny_archive
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "run", "--source", str(path), "--md5", "0" * 32,
-               "--storage", str(tmp_path / "storage"), "--backbone", "MobileNetV2", "--weights", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer.flows.cli",
+        "run",
+        "--source",
+        str(path),
+        "--md5",
+        "0" * 32,
+        "--storage",
+        str(tmp_path / "storage"),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+    ]
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     console = (result.stdout + result.stderr).strip().splitlines()

@@ -13,8 +13,9 @@ from cifar_transfer.storage import Storage
 from cifar_transfer.store import ShardRows, commit_feature_set, features_folder, read_split, shard_path, shard_table, write_shard
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
-SETTINGS = HeadSettings(head="auto", seed=0, learning_rate=1e-3, epochs=30, batch_size=64, patience=5, validation_split=0.2,
-                        flip=False, refit=False)
+SETTINGS = HeadSettings(
+    head="auto", seed=0, learning_rate=1e-3, epochs=30, batch_size=64, patience=5, validation_split=0.2, flip=False, refit=False
+)
 CLASSES = [f"class{number}" for number in range(10)]
 
 
@@ -31,8 +32,17 @@ def blobs(count: int, shape: tuple[int, ...], noise: float, seed: int, labels: n
 
 def write_feature_set(root, splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_shape: tuple[int, ...], shard_size: int = 100) -> str:
     """A real feature set (Parquet shards, manifests) holding `splits` (view name -> flattened features, labels)."""
-    spec = FeatureSpec(dataset_md5="0" * 32, backbone="MobileNetV2", weights_id="test", weights="none", seed=0, input_size=32,
-                       pooling="avg" if len(feature_shape) == 1 else "none", engine="tensorflow", precision="float32")
+    spec = FeatureSpec(
+        dataset_md5="0" * 32,
+        backbone="MobileNetV2",
+        weights_id="test",
+        weights="none",
+        seed=0,
+        input_size=32,
+        pooling="avg" if len(feature_shape) == 1 else "none",
+        engine="tensorflow",
+        precision="float32",
+    )
     storage, records = Storage(str(root)), []
     for view, (features, labels) in splits.items():
         for number, start in enumerate(range(0, len(labels), shard_size)):
@@ -111,7 +121,9 @@ def test_ridge_chooses_strength_and_temperature_on_validation_and_its_keras_mode
     curve = head.details["strengths"]
     assert [point["strength"] for point in curve] == list(ridge.RIDGE_STRENGTHS)
     assert head.validation_accuracy == max(point["validation_accuracy"] for point in curve)
-    assert head.details["strength"] == next(point["strength"] for point in curve if point["validation_accuracy"] == head.validation_accuracy)
+    assert head.details["strength"] == next(
+        point["strength"] for point in curve if point["validation_accuracy"] == head.validation_accuracy
+    )
     assert head.details["temperature"] > 1  # raw ridge scores are far less confident than the truth
     assert stream_accuracy(data.validation, head.model) == pytest.approx(head.validation_accuracy)
     probabilities = head.model.predict(read_split(storage, folder, "test")[2], verbose=0)
@@ -158,15 +170,24 @@ def test_ensemble_averages_its_members_and_every_head_survives_a_save(vector_set
     for head in (*members, ensemble):
         path = tmp_path / f"{head.details['head']}.keras"
         head.model.save(path)
-        np.testing.assert_allclose(keras.models.load_model(path).predict(features, verbose=0),
-                                   head.model.predict(features, verbose=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            keras.models.load_model(path).predict(features, verbose=0), head.model.predict(features, verbose=0), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_flipped_views_train_as_more_rows_and_are_averaged_at_prediction(tmp_path):
     features, labels = blobs(400, (16,), 1.0, 0)
     mirrored = features + 1.0
-    folder = write_feature_set(tmp_path, {"train": (features, labels), f"train{FLIPPED}": (mirrored, labels),
-                                          "test": blobs(100, (16,), 1.0, 1), f"test{FLIPPED}": blobs(100, (16,), 1.0, 1)}, (16,))
+    folder = write_feature_set(
+        tmp_path,
+        {
+            "train": (features, labels),
+            f"train{FLIPPED}": (mirrored, labels),
+            "test": blobs(100, (16,), 1.0, 1),
+            f"test{FLIPPED}": blobs(100, (16,), 1.0, 1),
+        },
+        (16,),
+    )
     storage = Storage(str(tmp_path))
     stream = FeatureStream.open(storage, folder, "train", mirrored=True)
     batch = next(stream.batches())

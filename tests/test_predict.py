@@ -53,7 +53,9 @@ def agreement(rows, expected: pd.DataFrame, classes: list[str]) -> tuple[float, 
     assert [row.error for row in rows] == [None] * len(expected)
     predicted = np.array([classes.index(row.class_name) for row in rows])
     confidence = np.array([row.confidence for row in rows])
-    return float(np.mean(predicted == expected["predicted"].to_numpy())), float(np.max(np.abs(confidence - expected["confidence"].to_numpy())))
+    return float(np.mean(predicted == expected["predicted"].to_numpy())), float(
+        np.max(np.abs(confidence - expected["confidence"].to_numpy()))
+    )
 
 
 def test_a_folder_of_the_test_images_gets_the_runs_answers(run, caplog):

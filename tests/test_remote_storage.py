@@ -48,16 +48,21 @@ def s3(monkeypatch):
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     port = endpoint.rsplit(":", 1)[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 30
         while not answers(endpoint):
             assert server.poll() is None, f"moto server exited with code {server.returncode}"
             assert time.monotonic() < deadline, f"moto server did not answer on {endpoint} within 30 s"
             time.sleep(0.05)
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         S3FileSystem.clear_instance_cache()  # an instance cached by an earlier test would keep its old endpoint
@@ -85,15 +90,24 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     (folder,) = {key.split("/")[2] for key in listing if key.startswith("prefix/features/")}
     features = f"prefix/features/{folder}"
     expected = {
-        "prefix/raw/cifar-10-python.tar.gz", "prefix/raw/cifar-10-python.tar.gz.source.json",
-        f"{features}/feature_set.json", f"{features}/train/_manifest.json", f"{features}/test/_manifest.json",
+        "prefix/raw/cifar-10-python.tar.gz",
+        "prefix/raw/cifar-10-python.tar.gz.source.json",
+        f"{features}/feature_set.json",
+        f"{features}/train/_manifest.json",
+        f"{features}/test/_manifest.json",
         *(f"{features}/train/part-{number:05d}.parquet" for number in range(4)),
         *(f"{features}/test/part-{number:05d}.parquet" for number in range(2)),
-        *(f"prefix/datasets/cifar10-{tiny_archive[1]}/{name}" for name in
-          ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "_SUCCESS.json")),
+        *(
+            f"prefix/datasets/cifar10-{tiny_archive[1]}/{name}"
+            for name in ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "_SUCCESS.json")
+        ),
     }
     assert expected <= listing.keys()
-    assert {key.rsplit("/", 1)[1] for key in listing if key.startswith(f"{features}/tsne/")} == {"settings.json", "embedding.parquet", "tsne.png"}
+    assert {key.rsplit("/", 1)[1] for key in listing if key.startswith(f"{features}/tsne/")} == {
+        "settings.json",
+        "embedding.parquet",
+        "tsne.png",
+    }
     assert any(key.startswith(f"{features}/heads/") and key.endswith("/metrics.json") for key in listing)
     assert [key for key in listing if key.rsplit("/", 1)[1].startswith(".")] == [], "temporary or claim objects were left behind"
 
@@ -115,8 +129,9 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     assert s3.get_object(Bucket=BUCKET, Key=victim)["Body"].read() == original
     after = object_sizes(s3)  # feature_set.json now names the run that recomputed the shard (its lineage)
     assert after.keys() == listing.keys()
-    assert {key: size for key, size in after.items() if not key.endswith("feature_set.json")} == \
-        {key: size for key, size in listing.items() if not key.endswith("feature_set.json")}
+    assert {key: size for key, size in after.items() if not key.endswith("feature_set.json")} == {
+        key: size for key, size in listing.items() if not key.endswith("feature_set.json")
+    }
 
 
 def test_two_runs_at_once_on_s3_compute_each_shard_once(tiny_archive, s3, tmp_path):
@@ -135,4 +150,7 @@ def test_a_failed_download_to_s3_leaves_no_object_and_no_pending_upload(tiny_arc
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
     archive = fetch_archive(str(path), md5, f"s3://{BUCKET}/prefix")
     assert s3.get_object(Bucket=BUCKET, Key="prefix/raw/cifar-10-python.tar.gz")["Body"].read() == path.read_bytes()
-    assert archive.md5 == md5 and set(object_sizes(s3)) == {"prefix/raw/cifar-10-python.tar.gz", "prefix/raw/cifar-10-python.tar.gz.source.json"}
+    assert archive.md5 == md5 and set(object_sizes(s3)) == {
+        "prefix/raw/cifar-10-python.tar.gz",
+        "prefix/raw/cifar-10-python.tar.gz.source.json",
+    }

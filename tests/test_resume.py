@@ -97,9 +97,39 @@ def running_task(prefix: str):
 def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage, tiny_archive, tmp_path):
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
-    options = ["--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100",
-               "--tsne-sample", "200", "--head", "mlp", "--epochs", "60", "--patience", "60", "--head-batch-size", "8"]
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]
+    options = [
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--shard-size",
+        "100",
+        "--tsne-sample",
+        "200",
+        "--head",
+        "mlp",
+        "--epochs",
+        "60",
+        "--patience",
+        "60",
+        "--head-batch-size",
+        "8",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer.flows.cli",
+        "run",
+        "--source",
+        str(path),
+        "--md5",
+        md5,
+        "--storage",
+        str(storage),
+        *options,
+    ]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -143,8 +173,26 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
     storage = tmp_path / "storage"
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract", "--source", url, "--md5", md5, "--storage", str(storage),
-               "--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32", "--shard-size", "100"]
+    command = [
+        sys.executable,
+        "-m",
+        "cifar_transfer.flows.cli",
+        "extract",
+        "--source",
+        url,
+        "--md5",
+        md5,
+        "--storage",
+        str(storage),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--shard-size",
+        "100",
+    ]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -155,8 +203,9 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
         release.set()
     assert not (storage / "raw" / "cifar-10-python.tar.gz").exists(), "a partial download took the final name"
     try:
-        features, _ = extract_features(load_config(source=url, md5=md5, storage=str(storage), backbone="MobileNetV2",
-                                                   weights="none", input_size=32, shard_size=100))
+        features, _ = extract_features(
+            load_config(source=url, md5=md5, storage=str(storage), backbone="MobileNetV2", weights="none", input_size=32, shard_size=100)
+        )
     finally:
         server.shutdown()
         server.server_close()

@@ -50,8 +50,16 @@ from cifar_transfer.redact import SECRET_PARAMETERS, redact, refuse_secrets, sec
         (
             "https://api.h/x?api_key=K1&apikey=K2&key=K3&token=T&access_token=A&password=P&secret=S&client_secret=C&page=2",
             "https://api.h/x?api_key=***&apikey=***&key=***&token=***&access_token=***&password=***&secret=***&client_secret=***&page=2",
-            ["query parameter api_key", "query parameter apikey", "query parameter key", "query parameter token",
-             "query parameter access_token", "query parameter password", "query parameter secret", "query parameter client_secret"],
+            [
+                "query parameter api_key",
+                "query parameter apikey",
+                "query parameter key",
+                "query parameter token",
+                "query parameter access_token",
+                "query parameter password",
+                "query parameter secret",
+                "query parameter client_secret",
+            ],
         ),
         ("https://h/x?sig=abc#part-2", "https://h/x?sig=***#part-2", ["query parameter sig"]),
         ("https://h/cb#access_token=abc&state=s1", "https://h/cb#access_token=***&state=s1", ["query parameter access_token"]),
@@ -108,11 +116,20 @@ _USERINFO = st.text(_ALNUM + "-._~!$&'()*+,;=%@", min_size=1, max_size=30)
 _PASSWORD = st.text(_ALNUM + "-._~!$&'()*+,;=%:@", min_size=1, max_size=30)
 _SIGNATURE = st.text(_ALNUM + "-._~%/?+=:@", min_size=1, max_size=60)
 _PROSE = st.text(_ALNUM + " .,:;()[]{}\n\t", max_size=20).map(lambda prose: f" {prose} ")
-_NAME = st.builds(lambda name, case: case(name), st.sampled_from(sorted(SECRET_PARAMETERS)), st.sampled_from([str.lower, str.upper, str.title]))
+_NAME = st.builds(
+    lambda name, case: case(name), st.sampled_from(sorted(SECRET_PARAMETERS)), st.sampled_from([str.lower, str.upper, str.title])
+)
 
 
-@given(user=_USERINFO, password=_PASSWORD, signature=_SIGNATURE, name=_NAME, before=_PROSE, after=_PROSE,
-       chain=st.sampled_from(["", "simplecache::", "filecache::", "zip://member::"]))
+@given(
+    user=_USERINFO,
+    password=_PASSWORD,
+    signature=_SIGNATURE,
+    name=_NAME,
+    before=_PROSE,
+    after=_PROSE,
+    chain=st.sampled_from(["", "simplecache::", "filecache::", "zip://member::"]),
+)
 def test_random_secrets_never_survive(user, password, signature, name, before, after, chain):
     clean = f"{chain}https://{{}}host.example:8443/a/cifar.tar.gz?Expires=60&{name}={{}}&page=2#top"
     text = before + clean.format(f"{user}:{password}@", signature) + after
@@ -124,14 +141,20 @@ def test_random_secrets_never_survive(user, password, signature, name, before, a
 # percent-encoded. Two forms read as a host and a path and must be percent-encoded (the README says so): digits
 # then "/" ("user:8443/x@host"), and "@", a name, "/" ("user:a@b/c@host"); so passwords start with a letter here,
 # and one holding "@" holds no "/".
-_RAW_PASSWORD = st.builds(lambda first, rest: first + rest, st.sampled_from(_ALNUM[:52]),
-                          st.text(_ALNUM + "-._~!$&'()*+,;=%:@#?/[]", max_size=30)).filter(lambda text: not ("@" in text and "/" in text))
+_RAW_PASSWORD = st.builds(
+    lambda first, rest: first + rest, st.sampled_from(_ALNUM[:52]), st.text(_ALNUM + "-._~!$&'()*+,;=%:@#?/[]", max_size=30)
+).filter(lambda text: not ("@" in text and "/" in text))
 _PLAIN_USER = st.text(_ALNUM + "-._~!$&'()*+,;=%", min_size=1, max_size=20)
 
 
-@given(user=_PLAIN_USER, password=_RAW_PASSWORD, scheme=st.sampled_from(["https", "s3", "gcs", "tcp", "ray"]),
-       path=st.sampled_from(["/a/cifar.tar.gz", "/b/", ""]), query=st.sampled_from(["", "?page=2", "?e=a@b.c"]),
-       chain=st.sampled_from(["", "simplecache::", "zip://member::"]))
+@given(
+    user=_PLAIN_USER,
+    password=_RAW_PASSWORD,
+    scheme=st.sampled_from(["https", "s3", "gcs", "tcp", "ray"]),
+    path=st.sampled_from(["/a/cifar.tar.gz", "/b/", ""]),
+    query=st.sampled_from(["", "?page=2", "?e=a@b.c"]),
+    chain=st.sampled_from(["", "simplecache::", "zip://member::"]),
+)
 def test_credentials_with_unencoded_reserved_characters_are_found_and_masked(user, password, scheme, path, query, chain):
     text = f"{chain}{scheme}://{user}:{password}@host.example:8443{path}{query}"
     redacted = redact(text)
@@ -140,18 +163,31 @@ def test_credentials_with_unencoded_reserved_characters_are_found_and_masked(use
     assert f"{user}:{password}" not in redacted
 
 
-@pytest.mark.parametrize("text", [
-    "https://host.example:8443/a?e=a@b.c", "https://host.example/a@b.png", "http://[::1]:8080/x?e=a@b", "https://host?e=a@b",
-    "https://host:8080?e=a@b", "https://host:8080/p/q@r",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://host.example:8443/a?e=a@b.c",
+        "https://host.example/a@b.png",
+        "http://[::1]:8080/x?e=a@b",
+        "https://host?e=a@b",
+        "https://host:8080?e=a@b",
+        "https://host:8080/p/q@r",
+    ],
+)
 def test_an_at_sign_after_the_host_is_not_taken_for_credentials(text):
     assert redact(text) == text and secrets_in(text) == []
 
 
-@pytest.mark.parametrize("value", [
-    "https://user:pass word@example.com/c.tar.gz", "s3://bucket/c.tar.gz?aws_secret_access_key=x", "gs://b/c?private_key=x",
-    "https://h/c.tar.gz#sas_token=x", "s3://bucket/x?AWS_SESSION_TOKEN=x",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://user:pass word@example.com/c.tar.gz",
+        "s3://bucket/c.tar.gz?aws_secret_access_key=x",
+        "gs://b/c?private_key=x",
+        "https://h/c.tar.gz#sas_token=x",
+        "s3://bucket/x?AWS_SESSION_TOKEN=x",
+    ],
+)
 def test_an_option_value_is_one_url_whatever_it_holds(value):
     with pytest.raises(ConfigError, match="--source embeds credentials"):
         refuse_secrets("--source", value)

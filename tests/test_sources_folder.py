@@ -33,7 +33,6 @@ SIZE = 16
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
 
-
 @pytest.fixture(autouse=True)
 def warnings_are_errors():
     """Decoding must not leak a single Pillow warning (set here, not by a mark: the suite may run without pytest's
@@ -132,8 +131,14 @@ def test_class_folders_list_images_skip_strays_and_ignore_hidden_files(class_tre
         "bird/about.txt: not an image file (extension)",
         "cat/notes.txt: not an image file (extension)",
     ]
-    assert listing.identity == {"format": "folder", "root": str(class_tree), "layout": "class-folders",
-                                "test_fraction": 0.2, "split_seed": 0, "classes": ["cat", "dog"]}
+    assert listing.identity == {
+        "format": "folder",
+        "root": str(class_tree),
+        "layout": "class-folders",
+        "test_fraction": 0.2,
+        "split_seed": 0,
+        "classes": ["cat", "dog"],
+    }
 
 
 def test_a_local_tree_is_listed_with_the_versions_fsspec_gives(class_tree):
@@ -241,8 +246,9 @@ HUGE_HEADER_CHILD = """if True:
 def test_a_huge_header_is_refused_by_the_cap_before_any_allocation(tmp_path):
     """In a child process, whose own peak memory is measured: 30 GB of RGB, if it were decoded."""
     (tmp_path / "huge.png").write_bytes(png_header(100_000, 100_000))
-    done = subprocess.run([sys.executable, "-c", HUGE_HEADER_CHILD, str(tmp_path / "huge.png")], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", HUGE_HEADER_CHILD, str(tmp_path / "huge.png")], capture_output=True, text=True, timeout=60, check=True
+    )
     reason, measures = done.stdout.strip().splitlines()
     seconds, grown_kib = measures.split()
     assert reason.startswith("image is 100000x100000 pixels of RGB: decoding it takes") and "over the cap" in reason
@@ -251,8 +257,15 @@ def test_a_huge_header_is_refused_by_the_cap_before_any_allocation(tmp_path):
 
 def test_train_and_test_folders_give_the_splits(tmp_path):
     pixel = encode(Image.new("RGB", (8, 8), RED), "PNG")
-    for key in ("train/cat/a.png", "train/dog/sub/b.png", "test/cat/c.png", "test/bird/d.png",
-                "train/stray.png", "extra/cat/e.png", "test/.hidden/f.png"):
+    for key in (
+        "train/cat/a.png",
+        "train/dog/sub/b.png",
+        "test/cat/c.png",
+        "test/bird/d.png",
+        "train/stray.png",
+        "extra/cat/e.png",
+        "test/.hidden/f.png",
+    ):
         write(tmp_path, key, pixel)
 
     listing = FolderSource(str(tmp_path), test_fraction=0.5, split_seed=3).list_items()
@@ -260,10 +273,16 @@ def test_train_and_test_folders_give_the_splits(tmp_path):
     assert listing.classes == ["bird", "cat", "dog"]  # the union of both splits' class folders
     assert [(item.key, item.label) for item in listing.splits["train"]] == [("train/cat/a.png", 1), ("train/dog/sub/b.png", 2)]
     assert [(item.key, item.label) for item in listing.splits["test"]] == [("test/bird/d.png", 0), ("test/cat/c.png", 1)]
-    assert listing.skipped == ["extra/cat/e.png: not in ROOT/train/<class>/ or ROOT/test/<class>/",
-                               "train/stray.png: not in ROOT/train/<class>/ or ROOT/test/<class>/"]
-    assert listing.identity == {"format": "folder", "root": str(tmp_path), "layout": "train-test-folders",
-                                "classes": ["bird", "cat", "dog"]}
+    assert listing.skipped == [
+        "extra/cat/e.png: not in ROOT/train/<class>/ or ROOT/test/<class>/",
+        "train/stray.png: not in ROOT/train/<class>/ or ROOT/test/<class>/",
+    ]
+    assert listing.identity == {
+        "format": "folder",
+        "root": str(tmp_path),
+        "layout": "train-test-folders",
+        "classes": ["bird", "cat", "dog"],
+    }
 
 
 def test_trees_without_class_folders_are_refused_in_one_line(tmp_path):
@@ -360,8 +379,9 @@ def test_any_fsspec_url_is_a_root(class_tree):
 
         assert listing.identity == {**local.identity, "root": root}
         assert listing.skipped == local.skipped
-        assert {split: [(item.key, item.label) for item in items] for split, items in listing.splits.items()} == \
-               {split: [(item.key, item.label) for item in items] for split, items in local.splits.items()}
+        assert {split: [(item.key, item.label) for item in items] for split, items in listing.splits.items()} == {
+            split: [(item.key, item.label) for item in items] for split, items in local.splits.items()
+        }
         assert all(item.version.startswith(f"{len(IMAGES[item.key][0])}-") for item in local.splits["train"])
         assert {key: data for key, (data, _) in read_all(source, listing).items()} == {key: data for key, (data, _) in IMAGES.items()}
     finally:
@@ -381,8 +401,11 @@ def s3_bucket(monkeypatch):
     from s3fs import S3FileSystem
 
     endpoint = f"http://127.0.0.1:{free_port()}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -392,8 +415,12 @@ def s3_bucket(monkeypatch):
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
                 time.sleep(0.05)
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         S3FileSystem.clear_instance_cache()

@@ -38,14 +38,25 @@ def decoded(data: bytes) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
 
 
-def write_table(path, seeds: list[int | None], labels: list[int | None], *, struct: bool = True, image_column: str = "image",
-                label_column: str = "label", names: list[str] | None = None, row_group_size: int | None = None) -> None:
+def write_table(
+    path,
+    seeds: list[int | None],
+    labels: list[int | None],
+    *,
+    struct: bool = True,
+    image_column: str = "image",
+    label_column: str = "label",
+    names: list[str] | None = None,
+    row_group_size: int | None = None,
+) -> None:
     """A table as `datasets` lays it out (struct image column, class names in the schema metadata) or as a plain
     binary column; a None seed is a row without an image."""
     images = [None if seed is None else png(seed) for seed in seeds]
     if struct:
-        image_array = pa.array([None if data is None else {"bytes": data, "path": None} for data in images],
-                               pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        image_array = pa.array(
+            [None if data is None else {"bytes": data, "path": None} for data in images],
+            pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
     else:
         image_array = pa.array(images, pa.binary())
     table = pa.table({image_column: image_array, label_column: pa.array(labels, pa.int64())})
@@ -80,8 +91,14 @@ def test_hub_dataset_written_by_datasets(tmp_path):
     listing = source.list_items()
     assert listing.classes == CLASSES
     assert listing.skipped == []
-    assert listing.identity == {"format": "parquet", "source": str(tmp_path), "image_column": "image", "label_column": "label",
-                                "split": "files", "classes": CLASSES}
+    assert listing.identity == {
+        "format": "parquet",
+        "source": str(tmp_path),
+        "image_column": "image",
+        "label_column": "label",
+        "split": "files",
+        "classes": CLASSES,
+    }
     for split, (seeds, labels) in written.items():
         items = listing.splits[split]
         assert [item.key for item in items] == [f"data/{split}-00000-of-00001.parquet#{row}" for row in range(len(seeds))]
@@ -138,8 +155,9 @@ def test_seeded_split_is_stable_when_a_file_is_added(tmp_path):
 def test_binary_column_with_a_classes_file(tmp_path):
     write_table(tmp_path / "table.parquet", [5, 6, 7], [2, 0, 1], struct=False, image_column="img", label_column="y")
     (tmp_path / "classes.txt").write_text("plane\ncar\n\nbird\n")
-    source = ParquetSource(str(tmp_path / "table.parquet"), image_column="img", label_column="y",
-                           classes_file=str(tmp_path / "classes.txt"), test_fraction=0.5)
+    source = ParquetSource(
+        str(tmp_path / "table.parquet"), image_column="img", label_column="y", classes_file=str(tmp_path / "classes.txt"), test_fraction=0.5
+    )
     listing = source.list_items()
     assert listing.classes == ["plane", "car", "bird"]
     items = sorted(listing.splits["train"] + listing.splits["test"], key=lambda item: item.key)
@@ -148,7 +166,9 @@ def test_binary_column_with_a_classes_file(tmp_path):
         assert reason is None and np.array_equal(decoded(data), pixels(seed))
 
     (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c"]))
-    assert ParquetSource(str(tmp_path), image_column="img", label_column="y", classes_file=str(tmp_path / "classes.json")).list_items().classes == ["a", "b", "c"]
+    assert ParquetSource(
+        str(tmp_path), image_column="img", label_column="y", classes_file=str(tmp_path / "classes.json")
+    ).list_items().classes == ["a", "b", "c"]
     (tmp_path / "twice.txt").write_text("a\na\n")
     with pytest.raises(ConfigError, match="each class once"):
         ParquetSource(str(tmp_path), image_column="img", label_column="y", classes_file=str(tmp_path / "twice.txt")).list_items()
@@ -170,7 +190,10 @@ def test_unlabelled_rows_are_skipped_and_imageless_rows_unreadable(tmp_path):
     assert [item.key for item in listing.splits["train"]] == ["train.parquet#0", "train.parquet#1"]
     assert listing.skipped == [] and listing.unusable["test"] == []
     assert [f"{entry.key}: {entry.reason}" for entry in listing.unusable["train"]] == [
-        "train.parquet#2: label 3 is not a class index 0..2", "train.parquet#3: no label", "train.parquet#4: label -1 is not a class index 0..2"]
+        "train.parquet#2: label 3 is not a class index 0..2",
+        "train.parquet#3: no label",
+        "train.parquet#4: label -1 is not a class index 0..2",
+    ]
     (_, data, reason), (_, missing, why) = read_all(source, listing.splits["train"])
     assert reason is None and np.array_equal(decoded(data), pixels(0))
     assert missing is None and why == "no image"
@@ -184,12 +207,15 @@ def test_path_only_rows_say_so(tmp_path):
     assert data is None and "img/0.png" in reason
 
 
-@pytest.mark.parametrize(("kwargs", "table", "message"), [
-    ({"image_column": "picture"}, {}, "has no column 'picture'.*--image-column NAME"),
-    ({"label_column": "class"}, {}, "has no column 'class'.*--label-column NAME"),
-    ({"image_column": "label"}, {}, "not encoded images.*--image-column NAME"),
-    ({}, {"label": pa.array(["cat"])}, "not integer class indices.*--label-column NAME"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "table", "message"),
+    [
+        ({"image_column": "picture"}, {}, "has no column 'picture'.*--image-column NAME"),
+        ({"label_column": "class"}, {}, "has no column 'class'.*--label-column NAME"),
+        ({"image_column": "label"}, {}, "not encoded images.*--image-column NAME"),
+        ({}, {"label": pa.array(["cat"])}, "not integer class indices.*--label-column NAME"),
+    ],
+)
 def test_unusable_tables_name_the_fix(tmp_path, kwargs, table, message):
     columns = {"image": pa.array([png(0)]), "label": pa.array([0])} | table
     pq.write_table(pa.table(columns), tmp_path / "t.parquet")

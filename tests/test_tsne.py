@@ -20,7 +20,8 @@ def test_embedding_keeps_clusters_and_places_new_points_near_their_own():
     centres = rng.normal(size=(5, 80)) * 10
     labels, new_labels = np.repeat(np.arange(5), 60), np.repeat(np.arange(5), 4)
     points, reduced, feature_knn_accuracy, placed = embed(
-        centres[labels] + rng.normal(size=(300, 80)), labels, 30, 0, centres[new_labels] + rng.normal(size=(20, 80)))
+        centres[labels] + rng.normal(size=(300, 80)), labels, 30, 0, centres[new_labels] + rng.normal(size=(20, 80))
+    )
     assert points.shape == (300, 2) and reduced.shape == (300, 50) and placed.shape == (20, 2)
     assert knn_accuracy(points, labels) > 0.95
     assert feature_knn_accuracy == knn_accuracy(reduced, labels) > 0.95  # read off the map's own neighbour search

@@ -56,8 +56,15 @@ def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(tiny_
     assert problems["train/.part-00003.parquet.feedfacecafe.tmp"] == ["leftover temporary file of an interrupted write"]
     assert problems["train/part-00099.parquet"] == ["not listed in the manifest"]
     assert problems["train/.part-00003.parquet.claim"] == ["claim of a run in progress, or of a killed one", "not listed in the manifest"]
-    assert set(problems) == {"train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet", "test/_manifest.json",
-                             "train/.part-00003.parquet.feedfacecafe.tmp", "train/part-00099.parquet", "train/.part-00003.parquet.claim"}
+    assert set(problems) == {
+        "train/part-00000.parquet",
+        "train/part-00001.parquet",
+        "train/part-00002.parquet",
+        "test/_manifest.json",
+        "train/.part-00003.parquet.feedfacecafe.tmp",
+        "train/part-00099.parquet",
+        "train/.part-00003.parquet.claim",
+    }
     with pytest.raises(FeatureSetError, match="no complete test features"):
         load_features(config.storage, "test", features.fingerprint)
 
@@ -90,7 +97,9 @@ def test_repair_rebuilds_a_damaged_mirrored_shard_bit_for_bit(tiny_archive, tmp_
     damaged = bytearray(original)
     damaged[300] ^= 0x01
     open(shard, "wb").write(bytes(damaged))
-    assert verify_feature_set(config.storage, features.folder) == {"train-flipped/part-00001.parquet": ["SHA-256 differs from the manifest"]}
+    assert verify_feature_set(config.storage, features.folder) == {
+        "train-flipped/part-00001.parquet": ["SHA-256 differs from the manifest"]
+    }
     assert main(["verify", "--storage", config.storage, "--repair"]) == 0
     assert open(shard, "rb").read() == original
     assert verify_feature_set(config.storage, features.folder) == {}

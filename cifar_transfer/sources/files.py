@@ -26,8 +26,13 @@ READ_BATCH = 64  # files an object store fetches at once: a batch's reads overla
 MAX_FILE_MB = 256.0  # far above any real image (a 100-megapixel 16-bit TIFF is 600 MB: raise it with --max-file-mb)
 GONE = "file not found: deleted or moved since the collection was listed"
 _CHUNK = 1 << 20
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def file_limit(max_file_mb: float) -> int:
@@ -128,7 +133,7 @@ def fetch(fs: AbstractFileSystem, paths: list[str], sizes: list[int], limit: int
     """For each path of an object store, in order: its bytes, the error fsspec met, or (a listed size over `limit`)
     the reason it was not fetched. Fetched `READ_BATCH` at a time, concurrently."""
     for start in range(0, len(paths), READ_BATCH):
-        batch = list(zip(paths[start:start + READ_BATCH], sizes[start:start + READ_BATCH], strict=True))
+        batch = list(zip(paths[start : start + READ_BATCH], sizes[start : start + READ_BATCH], strict=True))
         wanted = [path for path, size in batch if size <= limit]
         fetched = iter(fs.cat_ranges(wanted, None, None, on_error="return"))
         for _, size in batch:

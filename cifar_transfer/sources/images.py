@@ -51,9 +51,15 @@ _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Modes `Image.reduce` cannot reduce, and the mode each is converted to first (the one full-size copy).
 _BEFORE_REDUCE = {"1": "L", "P": "RGBA", **{mode: "L" for mode in _SIXTEEN_BIT}}
 _STRIP_PIXELS = 1 << 22  # large images are reduced, and 16-bit ones scaled to 8 bits, a strip of this many pixels at a time
-_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                 8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what makes the picture stand upright
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # EXIF orientation -> what makes the picture stand upright
 # Pillow's one error log (a TIFF asking for too many samples a pixel) repeats the SyntaxError reported here.
 logging.getLogger("PIL.TiffImagePlugin").setLevel(logging.CRITICAL)
 
@@ -87,8 +93,10 @@ def _decode(data: bytes, size: int) -> np.ndarray:
         decoded = width * height * _bytes_per_pixel(image.mode)
         converted = width * height * _bytes_per_pixel(_BEFORE_REDUCE.get(image.mode, image.mode)) if image.mode in _BEFORE_REDUCE else 0
         if decoded + converted > MAX_DECODE_MB * 2**20:
-            raise UndecodableImage(f"image is {width}x{height} pixels of {image.mode}: decoding it takes {(decoded + converted) / 2**20:,.0f} "
-                                   f"MiB, over the cap of {MAX_DECODE_MB} MiB")
+            raise UndecodableImage(
+                f"image is {width}x{height} pixels of {image.mode}: decoding it takes {(decoded + converted) / 2**20:,.0f} "
+                f"MiB, over the cap of {MAX_DECODE_MB} MiB"
+            )
         if decoded > SMALL_DECODE_MB * 2**20 and min(width, height) >= 4 * size:
             return _decode_large(image, size)
         upright = ImageOps.exif_transpose(image)
@@ -113,8 +121,9 @@ def _decode_large(image: Image.Image, size: int) -> np.ndarray:
 def _reduce(image: Image.Image, across: int, down: int) -> Image.Image:
     """`image.reduce((across, down))` a strip at a time: reducing an RGBA image whole makes a premultiplied copy of it."""
     rows = down * max(1, _STRIP_PIXELS // (image.width * down))
-    strips = [image.crop((0, top, image.width, min(top + rows, image.height))).reduce((across, down))
-              for top in range(0, image.height, rows)]
+    strips = [
+        image.crop((0, top, image.width, min(top + rows, image.height))).reduce((across, down)) for top in range(0, image.height, rows)
+    ]
     small = Image.new(strips[0].mode, (strips[0].width, sum(strip.height for strip in strips)))
     top = 0
     for strip in strips:

@@ -66,8 +66,16 @@ class ParquetSource:
     local or at any fsspec URL. `classes_file` (one name per line, or a JSON list) wins over the table's own
     class names; without either, classes are "0".."K-1" up to the largest label."""
 
-    def __init__(self, source: str, image_column: str = "image", label_column: str = "label", classes_file: str | None = None,
-                 test_fraction: float = 0.2, split_seed: int = 0, max_file_mb: float = MAX_FILE_MB):
+    def __init__(
+        self,
+        source: str,
+        image_column: str = "image",
+        label_column: str = "label",
+        classes_file: str | None = None,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        max_file_mb: float = MAX_FILE_MB,
+    ):
         if not 0 < test_fraction < 1:
             raise ConfigError(f"test fraction {test_fraction} is not between 0 and 1: pass e.g. --test-fraction 0.2")
         self.source = source
@@ -90,7 +98,7 @@ class ParquetSource:
         return self._path if self._is_dir else posixpath.dirname(self._path)
 
     def _relative(self, path: str) -> str:
-        return path[len(self._root):].lstrip("/") if self._root else path.lstrip("/")
+        return path[len(self._root) :].lstrip("/") if self._root else path.lstrip("/")
 
     def _files(self) -> tuple[list[_File], list[str]]:
         """The table's files now, with their identities (from the listing itself, so one call per folder); and the
@@ -113,7 +121,9 @@ class ParquetSource:
                 continue
             files.append(_File(path, relative, _file_version(info)))
         if not files:
-            raise SourceError(f"no Parquet files at {redact(self.source)}: pass a .parquet file, a folder holding *.parquet files, or a glob")
+            raise SourceError(
+                f"no Parquet files at {redact(self.source)}: pass a .parquet file, a folder holding *.parquet files, or a glob"
+            )
         return files, skipped
 
     def list_items(self) -> Listing:
@@ -126,8 +136,14 @@ class ParquetSource:
         for file in files:
             kind = kinds[file.relative]
             if by_files and kind not in ("train", test_kind):
-                skipped.append(f"{file.relative}: " + ("a validation split, not used: the test split comes from the test files" if kind
-                                                       else "names no split (train*, test*, validation*) while other files do"))
+                skipped.append(
+                    f"{file.relative}: "
+                    + (
+                        "a validation split, not used: the test split comes from the test files"
+                        if kind
+                        else "names no split (train*, test*, validation*) while other files do"
+                    )
+                )
             else:
                 used.append(file)
         if by_files and test_kind == "validation":
@@ -173,12 +189,16 @@ class ParquetSource:
                 raise SourceError(f"{relative} has no column {column!r} (it has {', '.join(schema.names)}): pass {option} NAME")
         image_type = schema.field(self.image_column).type
         if not holds_encoded_images(image_type):
-            raise SourceError(f"{relative}: column {self.image_column!r} is {image_type}, not encoded images (binary, or a struct with "
-                               "binary 'bytes' as datasets' Image() writes): pass --image-column NAME")
+            raise SourceError(
+                f"{relative}: column {self.image_column!r} is {image_type}, not encoded images (binary, or a struct with "
+                "binary 'bytes' as datasets' Image() writes): pass --image-column NAME"
+            )
         label_type = schema.field(self.label_column).type
         if not pa.types.is_integer(label_type):
-            raise SourceError(f"{relative}: column {self.label_column!r} is {label_type}, not integer class indices: "
-                               "pass --label-column NAME of an integer column")
+            raise SourceError(
+                f"{relative}: column {self.label_column!r} is {label_type}, not integer class indices: "
+                "pass --label-column NAME of an integer column"
+            )
 
     def _classes(self, names: dict[str, list[str] | None], labels: dict[str, list[int | None]]) -> list[str]:
         if self.classes_file:
@@ -246,15 +266,20 @@ class ParquetSource:
                 if group < len(ends):
                     by_group[group].append((row, index))
                 else:
-                    yield index, None, f"row {row} is beyond the {ends[-1] if ends else 0} rows of {relative} (the file shrank since listing)"
+                    yield (
+                        index,
+                        None,
+                        f"row {row} is beyond the {ends[-1] if ends else 0} rows of {relative} (the file shrank since listing)",
+                    )
             for group in sorted(by_group):
                 if too_large := row_group_over_cap(parquet, group, self.image_column, self.limit, relative):
                     yield from ((index, None, too_large) for _, index in by_group[group])
                     continue
                 yield from self._read_group(parquet, group, ends[group - 1] if group else 0, dict(by_group[group]))
 
-    def _read_group(self, parquet: pq.ParquetFile, group: int, first: int, wanted: dict[int, int]
-                    ) -> Iterator[tuple[int, bytes | None, str | None]]:
+    def _read_group(
+        self, parquet: pq.ParquetFile, group: int, first: int, wanted: dict[int, int]
+    ) -> Iterator[tuple[int, bytes | None, str | None]]:
         """(index, bytes, reason) for the wanted rows (row -> index) of one row group, converted to Python a few rows at
         a time up to the last one wanted."""
         row, last = first, max(wanted)
@@ -276,12 +301,17 @@ def row_group_over_cap(parquet: pq.ParquetFile, group: int, image_column: str, l
     cells in a few pages (pyarrow: one page per 1,024 values), and a page is read whole, so the column chunk is
     what a read of one row may hold, twice (read, then decoded)."""
     metadata = parquet.metadata.row_group(group)
-    size = sum(metadata.column(number).total_uncompressed_size for number in range(metadata.num_columns)
-               if metadata.column(number).path_in_schema.split(".")[0] == image_column)
+    size = sum(
+        metadata.column(number).total_uncompressed_size
+        for number in range(metadata.num_columns)
+        if metadata.column(number).path_in_schema.split(".")[0] == image_column
+    )
     if size <= limit:
         return None
-    return (f"{shown}: row group {group} holds {size / 2**20:,.0f} MiB of images, over the cap of {limit / 2**20:,.0f} MiB "
-            "read at once: rewrite the table with smaller row groups (pq.write_table(..., row_group_size=100)), or raise --max-file-mb")
+    return (
+        f"{shown}: row group {group} holds {size / 2**20:,.0f} MiB of images, over the cap of {limit / 2**20:,.0f} MiB "
+        "read at once: rewrite the table with smaller row groups (pq.write_table(..., row_group_size=100)), or raise --max-file-mb"
+    )
 
 
 def _file_version(info: dict) -> str:
