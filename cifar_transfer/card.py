@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from cifar_transfer import layout
 from cifar_transfer.redact import redact
 from cifar_transfer.shards import FLIPPED, SPLITS
+from cifar_transfer.sources.kinds import kind_of
 
 if TYPE_CHECKING:
     from cifar_transfer.storage import Storage
@@ -81,9 +82,7 @@ def _configs_yaml(found: dict[str, dict[str, str]], views: dict[str, list[ShardR
 def _columns(description: FeatureSetDescription) -> list[tuple[str, str]]:
     """(name, Arrow type) of every column a shard holds, in order."""
     columns = [("index", "int64"), ("label", "int64"), ("features", f"fixed_size_list<float32>[{math.prod(description.feature_shape)}]")]
-    if description.rebuild.collection is not None:
-        columns += [("key", "string"), ("version", "string")]
-    return columns
+    return columns + list(kind_of(description.rebuild.collection).item_columns)
 
 
 def _dataset_info_yaml(description: FeatureSetDescription, found: dict[str, dict[str, str]]) -> list[str]:
@@ -102,7 +101,8 @@ def _dataset_info_yaml(description: FeatureSetDescription, found: dict[str, dict
 
 def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, list[ShardRecord]], written: str) -> list[str]:
     spec, rebuild, made_by = description.spec, description.rebuild, description.made_by
-    source = f"the collection `{redact(rebuild.collection.source)}`" if rebuild.collection else f"the archive `{spec['dataset_md5']}`"
+    kind = kind_of(rebuild.collection)
+    source = kind.title(spec, rebuild.collection)
     weights = {"imagenet": "ImageNet weights", "none": f"random weights, seed {rebuild.seed}"}.get(
         rebuild.weights, f"the weights `{redact(rebuild.weights)}`"
     )
@@ -149,7 +149,7 @@ def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, 
     if MIRRORED_CONFIG in configs(views):
         lines.append(f'mirrored = datasets.load_dataset(folder, "{MIRRORED_CONFIG}")  # the same images mirrored left-right')
     lines += ["```", ""]
-    if rebuild.collection is not None:
+    if kind.incremental:
         lines += [
             "A view of a collection may also hold the shards its previous version retired, which a glob reads too: "
             "read the files its `_manifest.json` lists (as `datasets`, by this card, and `cifar_transfer.load_features` do).",
@@ -158,15 +158,11 @@ def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, 
     lines += [
         "## Columns",
         "",
-        f"- `index` (int64): {'a stable id of the image within its split' if rebuild.collection else 'the row position in its split'}.",
+        f"- `index` (int64): {kind.index_meaning}.",
         "- `label` (int64): the class, numbered as listed above.",
         f"- `features` ({_columns(description)[2][1]}): the backbone's output"
         + (f", a {shape} map flattened in (height, width, channels) order." if len(shape) > 1 else "."),
-        *(
-            ["- `key` (string), `version` (string): the image's name in the collection and the version it was read at."]
-            if rebuild.collection
-            else []
-        ),
+        *kind.item_columns_note,
         "",
         "Views: `train`, `test`"
         + (", and their mirrors `train-flipped`, `test-flipped` (same `index` and `label`)" if MIRRORED_CONFIG in configs(views) else "")

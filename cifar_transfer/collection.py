@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +26,10 @@ from cifar_transfer.redact import printable, redact
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
 from cifar_transfer.sources import detect
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
+from cifar_transfer.sources.folder import FolderSource
+from cifar_transfer.sources.parquet import ParquetSource
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_manifest, shard_items_from_metadata, shard_metadata
+from cifar_transfer.store import ShardRows, read_manifest, shard_items_from_metadata, shard_metadata
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +46,50 @@ class CollectionDataset(BaseModel):
     unusable: dict[str, list[UnreadableItem]] = {}  # by split: images without a usable label (in `<view>/_skipped.json`)
     listing_digest: str  # changes whenever an image is added, removed or changed
 
+    @property
+    def collection(self) -> CollectionSettings:
+        return self.settings
+
+    def plan_shards(self, storage: Storage, folder: str, shard_size: int, flip: bool) -> tuple[list[Shard], dict[str, list[str]]]:
+        plan = plan_collection(storage, folder, listing_of(self), shard_size, flip)
+        return plan.shards, plan.retired
+
+    def shard_rows(self, storage_url: str, shard: Shard, input_size: int) -> tuple[np.ndarray, ShardRows]:
+        """The decodable items of the shard, each row's id its place in the plan (an undecodable one leaves its id unused)."""
+        decoded = collection_images(self, shard, input_size)
+        position = {item.key: number for number, item in enumerate(shard.items or [])}
+        ids = np.array([shard.start + position[item.key] for item in decoded.items], np.int64)
+        labels = np.array([item.label for item in decoded.items], np.int64)
+        return decoded.images, ShardRows(labels=labels, ids=ids, items=decoded.items, skipped=decoded.skipped)
+
+    def calibration_images(self, storage_url: str, count: int, input_size: int) -> np.ndarray:
+        items = listing_of(self).splits["train"][:count]
+        first = Shard(split="train", number=0, start=0, stop=len(items), items=items)
+        return collection_images(self, first, input_size).images
+
+
+def _open_folder(settings: CollectionSettings) -> CollectionSource:
+    return FolderSource(settings.source, test_fraction=settings.test_fraction, split_seed=settings.seed, max_file_mb=settings.max_file_mb)
+
+
+def _open_table(settings: CollectionSettings) -> CollectionSource:
+    return ParquetSource(
+        settings.source,
+        image_column=settings.image_column,
+        label_column=settings.label_column,
+        classes_file=settings.classes,
+        test_fraction=settings.test_fraction,
+        split_seed=settings.seed,
+        max_file_mb=settings.max_file_mb,
+    )
+
+
+# Every collection format, by the name `--source-format` and `detect.collection_format` give it.
+COLLECTION_FORMATS: dict[str, Callable[[CollectionSettings], CollectionSource]] = {"folder": _open_folder, "parquet": _open_table}
+
 
 def open_collection(settings: CollectionSettings) -> CollectionSource:
-    from cifar_transfer.sources.folder import FolderSource
-    from cifar_transfer.sources.parquet import ParquetSource
-
-    if detect.collection_format(settings.source, settings.source_format) == "parquet":
-        return ParquetSource(
-            settings.source,
-            image_column=settings.image_column,
-            label_column=settings.label_column,
-            classes_file=settings.classes,
-            test_fraction=settings.test_fraction,
-            split_seed=settings.seed,
-            max_file_mb=settings.max_file_mb,
-        )
-    return FolderSource(settings.source, test_fraction=settings.test_fraction, split_seed=settings.seed, max_file_mb=settings.max_file_mb)
+    return COLLECTION_FORMATS[detect.collection_format(settings.source, settings.source_format)](settings)
 
 
 def list_collection(settings: CollectionSettings) -> tuple[CollectionDataset, Listing]:

@@ -12,15 +12,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.redact import refuse_secrets
-from cifar_transfer.sources.detect import is_archive
 from cifar_transfer.sources.files import MAX_FILE_MB
 from cifar_transfer.storage import file_md5
+
+if TYPE_CHECKING:
+    from cifar_transfer.sources.kinds import SourceKind
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -269,8 +271,7 @@ class PipelineConfig(BaseModel):
 
         if self.md5 is not None and self.md5 != "none" and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
             raise ValueError(f"md5 {self.md5!r} is not 32 hex digits: pass the archive's MD5 or 'none'")
-        if self.is_archive and self.source not in OFFICIAL_ARCHIVES and self.md5 is None:
-            raise ValueError(f"source {self.source!r} is not the official URL: pass its MD5 (--md5 HEX) or --md5 none to skip the check")
+        self.source_kind.check(self)
         backbone = get_backbone(self.backbone)
         if self.input_size is not None and self.input_size < backbone.min_input_size:
             raise ValueError(
@@ -292,9 +293,11 @@ class PipelineConfig(BaseModel):
         return (self.md5 or OFFICIAL_ARCHIVES.get(self.source, (None, CIFAR10_MD5))[1]).lower()
 
     @property
-    def is_archive(self) -> bool:
-        """A CIFAR python archive (decoded once), as opposed to a collection read image by image."""
-        return is_archive(self.source, self.source_format, set(OFFICIAL_ARCHIVES))
+    def source_kind(self) -> SourceKind:
+        """How the source's images are read: an archive decoded once, or a collection read image by image."""
+        from cifar_transfer.sources.kinds import kind_for
+
+        return kind_for(self.source, self.source_format)
 
     @property
     def archive_format(self) -> str:

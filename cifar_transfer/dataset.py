@@ -16,8 +16,10 @@ from cifar_transfer import layout
 from cifar_transfer.cifar import archive_format_named, archive_format_of, read_archive
 from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError
-from cifar_transfer.shards import Shard
+from cifar_transfer.shards import Shard, plan_shards
+from cifar_transfer.sources.base import UnreadableItem
 from cifar_transfer.storage import Storage
+from cifar_transfer.store import ShardRows
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,26 @@ class DatasetInfo(BaseModel):
     @property
     def id(self) -> str:
         return dataset_id(self.md5, self.format, self.label_mode)
+
+    @property
+    def collection(self) -> None:
+        return None  # an archive is known by its id: its decoded arrays, or its copy under raw/
+
+    @property
+    def unusable(self) -> dict[str, list[UnreadableItem]]:
+        return {}  # every row of an archive has its label
+
+    def plan_shards(self, storage: Storage, folder: str, shard_size: int, flip: bool) -> tuple[list[Shard], dict[str, list[str]]]:
+        return plan_shards(self.sizes, shard_size, flip), {}  # fixed row ranges: nothing is ever retired
+
+    def shard_rows(self, storage_url: str, shard: Shard, input_size: int) -> tuple[np.ndarray, ShardRows]:
+        """The shard's rows at the archive's 32 px (the model brings them to `input_size`); ids are row positions."""
+        images, labels = shard_images(storage_url, self, shard)
+        return images, ShardRows(labels=labels, ids=np.arange(shard.start, shard.stop, dtype=np.int64))
+
+    def calibration_images(self, storage_url: str, count: int, input_size: int) -> np.ndarray:
+        first = Shard(split="train", number=0, start=0, stop=min(count, self.sizes["train"]))
+        return shard_images(storage_url, self, first)[0]
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

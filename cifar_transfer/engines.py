@@ -32,12 +32,10 @@ from pydantic import BaseModel
 
 from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor
-from cifar_transfer.collection import CollectionDataset, collection_images, listing_of
 from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
-from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.errors import ConfigError, StorageNotWritable
 from cifar_transfer.native import load_tensorflow
-from cifar_transfer.shards import Shard
+from cifar_transfer.sources.kinds import SourceDataset
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import features_folder, library_versions
 
@@ -393,16 +391,9 @@ def _keras_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], preci
     )
 
 
-def choose_engine_for_dataset(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:
-    """`choose_engine`, calibrated on the first train images of the source (only listed and read when a reduced
-    precision must be checked and no verdict is remembered)."""
-    return choose_engine(config, dataset.id, lambda: _first_train_images(config, dataset))
-
-
-def _first_train_images(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> np.ndarray:
-    if isinstance(dataset, DatasetInfo):
-        first = Shard(split="train", number=0, start=0, stop=min(CALIBRATION_IMAGES, dataset.sizes["train"]))
-        return shard_images(config.storage, dataset, first)[0]
-    listing = listing_of(dataset)
-    first = Shard(split="train", number=0, start=0, stop=CALIBRATION_IMAGES, items=listing.splits["train"][:CALIBRATION_IMAGES])
-    return collection_images(dataset, first, config.resolved_input_size).images
+def choose_engine_for_dataset(config: PipelineConfig, dataset: SourceDataset) -> EngineChoice:
+    """`choose_engine`, calibrated on the first train images of the source (only read when a reduced precision must
+    be checked and no verdict is remembered)."""
+    return choose_engine(
+        config, dataset.id, lambda: dataset.calibration_images(config.storage, CALIBRATION_IMAGES, config.resolved_input_size)
+    )

@@ -1,10 +1,9 @@
 """One shard: raw images in, backbone features out, committed as one Parquet file.
 
-The images come from the decoded archive (the shard's rows) or straight from a collection (the shard's
-items, decoded and resized once). A shard that is already on storage, readable, with the right fingerprint
-and rows (or items) is never recomputed: the plan (`plan_extraction`) reuses it without
-a task run of its own (thousands of Cached task runs would cost the API more
-than the check), and a task that finds its shard done meanwhile reuses it too.
+The plan and each shard's images come from the source (`sources.kinds.SourceDataset`), whatever its kind.
+A shard that is already on storage, readable, with the right fingerprint and rows (or items) is never
+recomputed: the plan (`plan_extraction`) reuses it without a task run of its own (thousands of Cached task
+runs would cost the API more than the check), and a task that finds its shard done meanwhile reuses it too.
 The backbone is built only when some shard really needs computing: once per
 process, then reused for every shard that process gets.
 """
@@ -17,21 +16,18 @@ import statistics
 import threading
 import time
 
-import numpy as np
 from pydantic import BaseModel
 
 from cifar_transfer.claims import claim
-from cifar_transfer.collection import CollectionDataset, collection_images, listing_of, plan_collection
 from cifar_transfer.config import FeatureSpec
-from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.engines import get_extractor
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.progress import ExtractedShard
-from cifar_transfer.shards import Shard, plan_shards
+from cifar_transfer.shards import Shard
+from cifar_transfer.sources.kinds import SourceDataset
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import (
     ShardRecord,
-    ShardRows,
     existing_shard_record,
     features_folder,
     listed_record,
@@ -59,21 +55,6 @@ def claim_hold_seconds() -> float | None:
     return max(STUCK_AFTER_AT_LEAST_SECONDS, STUCK_AFTER_PEERS * statistics.median(_recent_shard_seconds))
 
 
-SourceDataset = DatasetInfo | CollectionDataset
-
-
-def shard_rows(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard: Shard) -> tuple[np.ndarray, ShardRows]:
-    """The shard's images (uint8) and what its rows are: an archive's rows, or the decodable items of a collection shard."""
-    if isinstance(dataset, CollectionDataset):
-        decoded = collection_images(dataset, shard, spec.input_size)
-        position = {item.key: number for number, item in enumerate(shard.items)}
-        ids = np.array([shard.start + position[item.key] for item in decoded.items], np.int64)
-        labels = np.array([item.label for item in decoded.items], np.int64)
-        return decoded.images, ShardRows(labels=labels, ids=ids, items=decoded.items, skipped=decoded.skipped)
-    images, labels = shard_images(storage_url, dataset, shard)
-    return images, ShardRows(labels=labels, ids=np.arange(shard.start, shard.stop, dtype=np.int64))
-
-
 def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard: Shard, batch_size: int) -> ExtractedShard:
     """Compute and commit one shard's features, unless a valid copy is already there.
 
@@ -95,7 +76,7 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, s
             raise FeatureSetError(conflict)
         if problem != "missing":
             log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
-        images, rows = shard_rows(storage_url, spec, dataset, shard)
+        images, rows = dataset.shard_rows(storage_url, shard, spec.input_size)
         extractor = get_extractor(spec, images.shape[1:], storage_url)
         with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
             started = time.perf_counter()
@@ -118,13 +99,7 @@ def plan_extraction(storage_url: str, spec: FeatureSpec, dataset: SourceDataset,
     those already finished (checked as `extract_shard` checks them) and those to compute."""
     storage = Storage(storage_url)
     folder = features_folder(storage, spec)
-    retired = {}
-    if isinstance(dataset, CollectionDataset):
-        listing = listing_of(dataset)
-        plan = plan_collection(storage, folder, listing, shard_size, flip)
-        shards, retired = plan.shards, plan.retired
-    else:
-        shards = plan_shards(dataset.sizes, shard_size, flip)
+    shards, retired = dataset.plan_shards(storage, folder, shard_size, flip)
     manifests = {split: read_manifest(storage, folder, split) for split in {shard.split for shard in shards}}
     reused, to_compute = [], []
     for shard in shards:

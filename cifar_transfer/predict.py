@@ -37,7 +37,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from cifar_transfer.cifar import IMAGE_SHAPE
 from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.progress import duration
@@ -45,6 +44,7 @@ from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk
 from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
 from cifar_transfer.sources.images import UndecodableImage, decode_image
+from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.sources.parquet import GLOB_MAGIC, holds_encoded_images, image_bytes, open_parquet, row_group_over_cap
 from cifar_transfer.storage import Storage
 from cifar_transfer.trained import TrainedHead, find_head
@@ -235,7 +235,7 @@ class Predictor:
         self.spec = head.features.spec
         self.classes = head.metrics.classes
         self.flip = head.metrics.settings.flip
-        self.size = self.spec.input_size if head.features.collection is not None else IMAGE_SHAPE[0]
+        self.size = kind_of(head.features.collection).predict_size(self.spec)
         self.extractor = get_extractor(self.spec, (self.size, self.size, 3), storage_url)
         self.model = KerasExtractor(_load_head_model(head))
 

@@ -13,16 +13,15 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from cifar_transfer import layout
-from cifar_transfer.collection import thumbnails
 from cifar_transfer.config import PipelineConfig
-from cifar_transfer.dataset import stored_rows
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.head import HeadResult
 from cifar_transfer.html_report import render_html_report
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
+from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import FeatureSetInfo, read_keys
+from cifar_transfer.store import FeatureSetInfo
 from cifar_transfer.tsne import TsneResult
 
 log = logging.getLogger(__name__)
@@ -123,11 +122,8 @@ def map_name(tsne: TsneResult | None) -> str:
 
 
 def split_images(storage: Storage, features: FeatureSetInfo, split: str, ids: np.ndarray) -> np.ndarray:
-    """The pictures of a split's rows: from the decoded archive, or thumbnails read from the collection itself."""
-    if features.collection is None:
-        return stored_rows(storage, layout.dataset_files(storage, features.spec.dataset_md5).array(split, "images"), ids)
-    keys = read_keys(storage, features.folder, split)
-    return thumbnails(features.collection, [keys[int(number)] for number in ids], THUMBNAIL_SIZE)
+    """The pictures of a split's rows, from wherever the feature set's source keeps them."""
+    return kind_of(features.collection).pictures(storage, features, split, ids, THUMBNAIL_SIZE)
 
 
 def _stored_frame(storage: Storage, path: str):

@@ -37,6 +37,7 @@ from cifar_transfer.config import CollectionSettings, FeatureSpec, stable_hash
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.shards import FLIPPED, VIEWS, Shard
 from cifar_transfer.sources.base import Item, UnreadableItem
+from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ def commit_feature_set(
     card.write_card(storage, folder, description, view_shards(storage, folder, records))
     for split in sorted({record.split for record in records}):
         view_records = [record for record in records if record.split == split]
-        if collection is not None:
+        if kind_of(collection).incremental:
             write_skipped(storage, folder, split, view_records, (unusable or {}).get(split.removesuffix(FLIPPED), []))
         write_manifest(storage, folder, spec, metadata["feature_shape"], split, view_records, (retired or {}).get(split, []))
     return describe_feature_set(storage, folder)
@@ -549,14 +550,20 @@ def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None
         splits={split: manifest.rows for split, manifest in manifests.items()},
         classes=description.classes,
         created_at=max((manifest.created_at for manifest in manifests.values()), default=""),
-        content_version=None
-        if description.rebuild.collection is None
-        else stable_hash({view: [record.sha256 for record in manifest.shards] for view, manifest in manifests.items()}, 16),
+        content_version=content_version(description, manifests),
         collection=description.rebuild.collection,
         bytes=sum(record.bytes for manifest in manifests.values() for record in manifest.shards) if manifests else None,
         extraction=description.extraction,
         made_by=description.made_by,
     )
+
+
+def content_version(description: FeatureSetDescription, manifests: dict[str, Manifest]) -> str | None:
+    """Names this version of the features, for the keys of maps and heads made from them; None where the features
+    never change under one fingerprint (an archive's: the keys stay what they always were)."""
+    if not kind_of(description.rebuild.collection).incremental:
+        return None
+    return stable_hash({view: [record.sha256 for record in manifest.shards] for view, manifest in manifests.items()}, 16)
 
 
 def list_feature_sets(storage_url: str) -> list[FeatureSetInfo]:

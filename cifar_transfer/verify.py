@@ -21,11 +21,11 @@ import posixpath
 from cifar_transfer import layout
 from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, TsneSettings
-from cifar_transfer.dataset import DatasetInfo, finished_dataset, parse_dataset_id
-from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.dataset import DatasetInfo, finished_dataset
 from cifar_transfer.head import finished_head, train_head
 from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
 from cifar_transfer.shards import SPLITS, VIEWS, Shard
+from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import read_description, read_manifest, shard_problem
 from cifar_transfer.tsne import finished_tsne, tsne_map
@@ -193,7 +193,8 @@ def _shard_content_problems(storage: Storage, path: str, spec: FeatureSpec, reco
 
 
 def repair_config(storage_url: str, folder: str) -> PipelineConfig:
-    """The configuration that rebuilds this feature set from the archive kept in storage."""
+    """The configuration that rebuilds this feature set: its source read again (an archive from the copy kept in
+    storage), with the settings that made its features."""
     storage = Storage(storage_url)
     description = read_description(storage, folder)
     spec = description.feature_spec()
@@ -210,19 +211,8 @@ def repair_config(storage_url: str, folder: str) -> PipelineConfig:
         "engine": spec.engine,
         "precision": spec.precision,
     }
-    if description.rebuild.collection is not None:  # read the collection again: unchanged images give the same features
-        return PipelineConfig(**{**description.rebuild.collection.model_dump(), **same_features})
-    archive_format, label_mode, md5 = parse_dataset_id(spec.dataset_md5)
-    if archive_format != "cifar10":
-        same_features |= {"source_format": archive_format, "label_mode": label_mode}
-    records = {path: json.loads(storage.read_bytes(path)) for path in layout.source_records(storage)}
-    archives = [path for path, record in records.items() if record.get("md5") == md5]
-    if not archives:
-        raise FeatureSetError(
-            f"the archive with MD5 {md5} is no longer in {storage.uri(storage.path('raw'))}: "
-            "rerun `cifar-transfer extract` with its --source to rebuild these features"
-        )
-    return PipelineConfig(source=storage.uri(layout.archive_of_record(archives[0])), md5=md5, **same_features)
+    options = kind_of(description.rebuild.collection).rebuild_options(storage, spec, description.rebuild.collection)
+    return PipelineConfig(**{**options, **same_features})
 
 
 def remove_damaged(storage_url: str, folder: str, problems: dict[str, list[str]]) -> None:

@@ -186,15 +186,9 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
     """Print each feature set's problems (and its decoded dataset's); with `repair`, fix them and check again.
 
     0 when all is well."""
+    from cifar_transfer.sources.kinds import kind_of
     from cifar_transfer.store import list_feature_sets
-    from cifar_transfer.verify import (
-        rebuild_derived,
-        remove_damaged,
-        remove_damaged_dataset,
-        repair_config,
-        verify_dataset,
-        verify_feature_set,
-    )
+    from cifar_transfer.verify import rebuild_derived, remove_damaged, repair_config, verify_feature_set
 
     feature_sets = [info for info in list_feature_sets(storage_url) if fingerprint in (None, info.fingerprint)]
     if not feature_sets:
@@ -202,18 +196,19 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
         return 1
     healthy = True
     for info in feature_sets:
+        source = kind_of(info.collection)
         problems = verify_feature_set(storage_url, info.folder)
-        dataset_problems = verify_dataset(storage_url, info.spec.dataset_md5) if info.collection is None else {}
+        dataset_problems = source.stored_problems(storage_url, info.spec.dataset_md5)
         not_rebuilt = []
         if (problems or dataset_problems) and repair:
             from cifar_transfer.flows.pipeline import extract_features
 
             remove_damaged(storage_url, info.folder, problems)
-            remove_damaged_dataset(storage_url, info.spec.dataset_md5, dataset_problems)
+            source.remove_damaged(storage_url, info.spec.dataset_md5, dataset_problems)
             extract_features(repair_config(storage_url, info.folder))
             not_rebuilt = rebuild_derived(storage_url, info.folder)
             problems = verify_feature_set(storage_url, info.folder)
-            dataset_problems = verify_dataset(storage_url, info.spec.dataset_md5) if info.collection is None else {}
+            dataset_problems = source.stored_problems(storage_url, info.spec.dataset_md5)
         for relative, found in problems.items():
             print(printable(f"{info.folder}/{relative}: {'; '.join(found)}"))
         for relative, found in dataset_problems.items():

@@ -16,13 +16,10 @@ from prefect import flow, tags
 
 from cifar_transfer.config import FeatureSpec, PipelineConfig
 from cifar_transfer.engines import release_extractors
-from cifar_transfer.extract import SourceDataset
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
 from cifar_transfer.store import FeatureSetInfo
-from cifar_transfer.tasks.collection import list_collection_task, watch_collection_task
-from cifar_transfer.tasks.decode import decode_archive_task
-from cifar_transfer.tasks.download import fetch_archive_task
+from cifar_transfer.tasks.collection import watch_collection_task
 from cifar_transfer.tasks.engines import choose_engine_task
 from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task
 from cifar_transfer.tasks.features import commit_feature_set_task, find_feature_set_task
@@ -31,6 +28,7 @@ from cifar_transfer.tasks.predict import predict_task
 from cifar_transfer.tasks.progress import wait_for_shards
 from cifar_transfer.tasks.report import publish_report_task
 from cifar_transfer.tasks.runners import shard_runner
+from cifar_transfer.tasks.sources import PreparedSource, prepare_source
 from cifar_transfer.tasks.tsne import tsne_task
 
 DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is safe (validating it imports no Keras)
@@ -38,23 +36,18 @@ DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is 
 
 @flow(name="extract-features", flow_run_name="extract-{config.backbone}")
 def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
-    if config.is_archive:
-        archive = fetch_archive_task(config.source, config.expected_md5, config.storage)
-        dataset = decode_archive_task(config.storage, archive.path, archive.md5, config.archive_format, config.label_mode)
-    else:
-        dataset = list_collection_task(config.collection_settings)
+    dataset = prepare_source(config)
     engine = choose_engine_task(config, dataset)
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
     extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
-    collection, unusable = (None, None) if config.is_archive else (config.collection_settings, dataset.unusable)
     features = commit_feature_set_task(
-        config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, collection, unusable
+        config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, dataset.collection, dataset.unusable
     )
     return features, extracted.stats
 
 
 @flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
-def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: SourceDataset) -> ExtractedFeatures:
+def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: PreparedSource) -> ExtractedFeatures:
     """Every shard still to compute as its own task, on the task runner the config chose; finished ones are reused."""
     plan = plan_extraction_task(config.storage, spec, dataset, config.shard_size, config.flip)
     futures = []
