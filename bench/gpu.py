@@ -256,7 +256,7 @@ def main() -> None:
         run_kernels(json.loads(arguments.child))
         return
     started = time.time()
-    from cifar_transfer.engines import gpus
+    from cifar_transfer.hardware import gpus
     from cifar_transfer.tasks.runners import visible_gpu_ids
 
     devices = gpus()

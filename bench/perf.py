@@ -91,7 +91,7 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     """Ceiling and pipeline throughput of one engine and precision; the test features stay in `storage`."""
     import tensorflow as tf
 
-    from cifar_transfer.engines import build_engine_extractor, get_extractor
+    from cifar_transfer.extractors import build_engine_extractor, get_extractor
     from cifar_transfer.flows.pipeline import extract_shards
 
     start_prefect()
@@ -321,7 +321,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if quick:
         options |= {"input_size": 75, "tsne_sample": 500, "epochs": 2}
-    from cifar_transfer.engines import machine_description
+    from cifar_transfer.hardware import machine_description
     from cifar_transfer.store import library_versions
 
     result = {"options": options, "machine": machine_description() | {"versions": library_versions()}}

@@ -80,7 +80,7 @@ class ExportResult(BaseModel):
 
 def available_formats() -> tuple[str, ...]:
     """Every format this installation can write (OpenVINO only where it is installed)."""
-    from cifar_transfer.engines import openvino_available
+    from cifar_transfer.hardware import openvino_available
 
     return tuple(fmt for fmt in FORMATS if fmt != "openvino" or openvino_available())
 

@@ -20,8 +20,8 @@ from pydantic import BaseModel
 
 from cifar_transfer.claims import claim
 from cifar_transfer.config import FeatureSpec
-from cifar_transfer.engines import get_extractor
 from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.extractors import get_extractor
 from cifar_transfer.progress import ExtractedShard
 from cifar_transfer.shards import Shard
 from cifar_transfer.sources.kinds import SourceDataset

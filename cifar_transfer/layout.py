@@ -178,7 +178,7 @@ def manifest(folder: str, view: str) -> str:
 
 
 def converted_extractor(folder: str, key: str) -> str:
-    """The set's backbone converted to OpenVINO, as a zip of its IR (`engines.openvino_model`); deleted with the set."""
+    """The set's backbone converted to OpenVINO, as a zip of its IR (`extractors.openvino_model`); deleted with the set."""
     return posixpath.join(folder, "extractor", f"{key}.openvino.zip")
 
 

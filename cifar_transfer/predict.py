@@ -2,7 +2,7 @@
 
 A head only understands the features it was trained on, so the images go through the very extractor that
 made them: the feature set's `FeatureSpec` (backbone, weights, input size, engine, precision) builds it with
-`engines.get_extractor`, and its output is flattened as stored, (height, width, channels).
+`extractors.get_extractor`, and its output is flattened as stored, (height, width, channels).
 
 Pixels are made by `sources.images.decode_image`, the decoding every collection source uses, at the size the
 features' own images had: a collection's were decoded straight to the backbone's input size, so that is what
@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ConfigError, SourceError
+from cifar_transfer.extractors import KerasExtractor, get_extractor
 from cifar_transfer.progress import duration
 from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk

@@ -15,7 +15,7 @@ from __future__ import annotations
 from prefect import flow, tags
 
 from cifar_transfer.config import FeatureSpec, PipelineConfig
-from cifar_transfer.engines import release_extractors
+from cifar_transfer.extractors import release_extractors
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
 from cifar_transfer.store import FeatureSetInfo

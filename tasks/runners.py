@@ -18,8 +18,8 @@ import os
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cifar_transfer.config import PipelineConfig
-from cifar_transfer.engines import gpus
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.hardware import gpus
 
 
 def shard_runner(config: PipelineConfig):

@@ -389,7 +389,7 @@ def test_openvino_sends_no_telemetry_outside_ci_either():
     code = """if True:
         import sys, cifar_transfer
         from cifar_transfer.config import PipelineConfig
-        from cifar_transfer.engines import openvino_model
+        from cifar_transfer.extractors import openvino_model
         config = PipelineConfig(backbone="MobileNetV2", weights="none", input_size=32, md5="none")
         openvino_model(config.feature_spec("0" * 32, "openvino", "float32"), (32, 32, 3), None)  # a real conversion
         import openvino.tools.ovc.telemetry_utils as used

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from test_flow import tiny_config
 
-from cifar_transfer import engines
+from cifar_transfer import extractors
 from cifar_transfer.config import load_config
-from cifar_transfer.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, cpu_has_native_bf16, get_extractor, mean_cosine
+from cifar_transfer.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, mean_cosine
+from cifar_transfer.extractors import get_extractor
 from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.hardware import cpu_has_native_bf16
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
 
@@ -51,7 +53,7 @@ import json
 import sys
 import numpy as np
 from cifar_transfer.config import load_config
-from cifar_transfer.engines import get_extractor
+from cifar_transfer.extractors import get_extractor
 TINY = json.loads(sys.argv[3])
 images = np.load(sys.argv[1])
 spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
@@ -64,7 +66,7 @@ print("tensorflow loaded:", "tensorflow" in sys.modules)
 def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorflow(images, tmp_path, caplog):
     storage = tmp_path / "storage"
     spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
-    converted = engines.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
+    converted = extractors.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
     [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")  # in the feature set's folder: deleted with it
 
     np.save(tmp_path / "images.npy", images)
@@ -81,8 +83,8 @@ def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorfl
     damaged = bytearray(kept.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF  # inside the weights: only the zip's checksum can tell
     kept.write_bytes(bytes(damaged))
-    with caplog.at_level(logging.WARNING, logger="cifar_transfer.engines"):
-        again = engines.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
+    with caplog.at_level(logging.WARNING, logger="cifar_transfer.extractors"):
+        again = extractors.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
     assert "is damaged" in caplog.text and "converting it again" in caplog.text
     np.testing.assert_array_equal(again, converted)
     assert zipfile.ZipFile(kept).testzip() is None  # replaced by a whole copy
@@ -121,9 +123,9 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     assert first.precision == ("bfloat16" if measured >= BF16_MIN_COSINE else "float32")
     assert f"{measured:.6f}" in first.reason
     assert len(stored) == 1 and json.loads(stored[0].read_text())["precision"] == first.precision
-    engines._extractors.clear()
+    extractors.release_extractors()
     assert choose_engine(config, "a" * 32, lambda: pytest.fail("a remembered choice read images")) == first
-    assert engines.built_extractors() == [], "a remembered choice must not rebuild the backbone"
+    assert extractors.built_extractors() == [], "a remembered choice must not rebuild the backbone"
 
 
 @pytest.mark.usefixtures("prefect_api")

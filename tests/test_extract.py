@@ -14,9 +14,9 @@ from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor, get_backbone
 from cifar_transfer.config import load_config
 from cifar_transfer.dataset import decode_archive
-from cifar_transfer.engines import get_extractor
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.extract import extract_shard
+from cifar_transfer.extractors import get_extractor
 from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import METADATA_KEY, shard_path, shard_problem

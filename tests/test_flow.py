@@ -14,7 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime
 
-from cifar_transfer import engines
+from cifar_transfer import extractors
 from cifar_transfer.config import load_config
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.flows.cli import main
@@ -130,11 +130,11 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tm
     config = tiny_config(tiny_archive, tmp_path / "storage")
     first = cifar_transfer(config)
     before = shard_files(first.features.folder)
-    engines._extractors.clear()
+    extractors.release_extractors()
     started = datetime.now(timezone.utc)
     second = cifar_transfer(config)
     states = task_states_since(started)
-    assert engines.built_extractors() == []
+    assert extractors.built_extractors() == []
     assert second.extraction.shards_computed == 0
     assert states["plan-extraction"] == ["Completed"] and not [name for name in states if name.startswith("extract[")]
     assert second.extraction.shards == first.extraction.shards
@@ -169,7 +169,7 @@ def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_
     assert flipped.features.splits == {"train": 200, "test": 100, "train-flipped": 200, "test-flipped": 100}
     index, _, mirrored = load_features(str(tmp_path / "storage"), "test-flipped")
     images = np.load(os.path.join(tmp_path, "storage", "datasets", f"cifar10-{tiny_archive[1]}", "test_images.npy"))
-    extractor = engines.get_extractor(flipped.features.spec, (32, 32, 3))
+    extractor = extractors.get_extractor(flipped.features.spec, (32, 32, 3))
     assert list(index) == list(range(100))
     np.testing.assert_allclose(mirrored, extractor(images[:, :, ::-1], 16), rtol=1e-5, atol=1e-6)
     assert flipped.head.files.folder != plain.head.files.folder

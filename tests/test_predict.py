@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from test_flow import tiny_config
 
-from cifar_transfer import engines
+from cifar_transfer import extractors
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.flows.cli import add_predict_arguments, predict_command
 from cifar_transfer.flows.pipeline import cifar_transfer
@@ -59,14 +59,14 @@ def agreement(rows, expected: pd.DataFrame, classes: list[str]) -> tuple[float, 
 
 
 def test_a_folder_of_the_test_images_gets_the_runs_answers(run, caplog):
-    engines.release_extractors()  # the extractor is rebuilt from the stored spec, not the run's own
+    extractors.release_extractors()  # the extractor is rebuilt from the stored spec, not the run's own
     with caplog.at_level(logging.INFO, logger="cifar_transfer"):
         rows = list(predict(str(run["pictures"]), run["storage"], chunk=30))
     assert [row.path.rsplit("/", 1)[1] for row in rows] == [f"img_{index:03d}.png" for index in range(100)]
     same, difference = agreement(rows, run["expected"], run["summary"].features.classes)
     print(f"folder of PNGs: same class {same:.2%}, max |confidence difference| {difference:.2e}")
     assert same == 1.0 and difference < 1e-4
-    assert engines.built_extractors() == [run["summary"].features.fingerprint]
+    assert extractors.built_extractors() == [run["summary"].features.fingerprint]
     progress = [record.getMessage() for record in caplog.records if "images/s" in record.getMessage()]
     assert progress[-1].startswith("predict: 100/100 images (0 undecodable)") and "ETA" in progress[-1]
 

@@ -9,8 +9,8 @@ from distributed import Client, SpecCluster
 from test_flow import tiny_config
 from test_scaleout import manifest_checksums
 
-from cifar_transfer.engines import gpus
 from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.hardware import gpus
 from cifar_transfer.tasks import runners
 from cifar_transfer.tasks.runners import gpu_cluster_spec, visible_gpu_ids
 

@@ -1,0 +1,224 @@
+"""The compiled extractors: a callable `(uint8 images, batch_size) -> float32 features` per engine, built once per
+process and input shape.
+
+The Keras model from `backbones` is the one source of truth, and OpenVINO converts that same model (kept in the
+feature set's folder, so later runs and workers skip TensorFlow), so both engines compute the same function.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import platform
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from typing import Protocol
+
+import numpy as np
+
+from cifar_transfer import layout
+from cifar_transfer.backbones import build_extractor
+from cifar_transfer.config import FeatureSpec, stable_hash
+from cifar_transfer.errors import StorageNotWritable
+from cifar_transfer.native import load_tensorflow
+from cifar_transfer.storage import Storage
+from cifar_transfer.store import features_folder, library_versions
+
+log = logging.getLogger(__name__)
+
+_OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+class Extractor(Protocol):
+    def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray: ...
+
+
+class KerasExtractor:
+    """TensorFlow: one compiled graph per batch shape, no `predict` loop overhead."""
+
+    def __init__(self, model):
+        tf = load_tensorflow()
+
+        self.model = model
+        # No autograph: a plain call needs no source conversion, and autograph's parsing raced with another
+        # thread's in CPython 3.11 once here ("SystemError: AST constructor recursion depth mismatch").
+        self.forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
+
+    def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        outputs = [self.forward(images[start : start + batch_size]).numpy() for start in range(0, len(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output.shape[1:]), np.float32)
+
+
+class OpenVINOExtractor:
+    """OpenVINO on the CPU: the converted backbone compiled once, batches kept in flight on every core."""
+
+    def __init__(self, model, precision: str, source_model=None):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "THROUGHPUT"}
+        )
+        self.requests = ov.AsyncInferQueue(self.compiled)
+        self.output_shape = tuple(dimension.get_length() for dimension in self.compiled.output(0).get_partial_shape()[1:])
+        self.source_model = source_model  # the float32 Keras model it was converted from, when built in this process
+
+    def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        features = np.empty((len(images), *self.output_shape), np.float32)
+
+        def collect(request, start: int) -> None:
+            result = request.get_output_tensor(0).data
+            features[start : start + len(result)] = result
+
+        self.requests.set_callback(collect)
+        for start in range(0, len(images), batch_size):
+            self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=start)
+        self.requests.wait_all()
+        return features
+
+
+def float32_reference(spec: FeatureSpec, extractor: Extractor, image_shape: tuple[int, int, int]) -> Extractor:
+    """Features of `spec` in float32 to check a reduced precision against: OpenVINO's own source model run by
+    TensorFlow (no second conversion and compilation), else a float32 build."""
+    if isinstance(extractor, OpenVINOExtractor) and extractor.source_model is not None:
+        return KerasExtractor(extractor.source_model)
+    return build_engine_extractor(spec.model_copy(update={"precision": "float32"}), image_shape)
+
+
+def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage: Storage | None):
+    """The backbone of `spec` converted to OpenVINO: read from `storage` when a run before converted it (no
+    TensorFlow then: a rerun's start drops from seconds to a tenth of one), else converted from Keras and kept there.
+
+    Kept in the feature set's folder as a zip of the IR (`model.xml`, `model.bin`) named by the input shape and the
+    library versions; a damaged copy (the zip's checksums) is converted again and replaced. Returns the OpenVINO
+    model and the Keras model it was converted from (None when read).
+    """
+    import openvino as ov
+
+    path = layout.converted_extractor(features_folder(storage, spec), _conversion_key(image_shape)) if storage else None
+    if path is not None and storage.exists(path):
+        try:
+            return _read_converted(storage.read_bytes(path)), None
+        except (zipfile.BadZipFile, KeyError, OSError, RuntimeError) as exc:
+            log.warning("converted backbone %s is damaged (%s); converting it again", storage.uri(path), exc)
+    source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
+    _mend_openvino_tensorflow_frontend()
+    model = ov.convert_model(source)
+    if path is not None:
+        try:
+            storage.write_atomic(path, _packed_converted(model))
+        except (OSError, StorageNotWritable) as exc:  # a read-only storage (a predict job's): the next run converts again
+            log.warning("could not keep the converted backbone at %s (%s)", storage.uri(path), exc)
+    return model, source
+
+
+def _mend_openvino_tensorflow_frontend() -> None:
+    """On Python 3.13 OpenVINO's TensorFlow frontend fails every conversion with `NameError: name 'tensorflow' is not
+    defined`: its `get_environment_setup` imports and deletes a name through two `exec` calls, and since PEP 667 each
+    `exec` in a function sees its own copy of the locals. The same function without `exec` replaces it (it only
+    reads the Python and TensorFlow versions)."""
+    if sys.version_info < (3, 13):
+        return
+    from openvino.frontend.tensorflow import utils
+
+    def get_environment_setup(framework: str) -> dict:
+        setup = {"python_version": platform.python_version(), "sys_platform": sys.platform}
+        if framework == "tf":
+            import tensorflow
+
+            setup["tensorflow"] = utils.get_imported_module_version(tensorflow)
+        return setup
+
+    utils.get_environment_setup = get_environment_setup
+
+
+def _packed_converted(model) -> bytes:
+    """The OpenVINO model's IR, weights exactly as converted (no float16 compression), as the bytes of one zip."""
+    import openvino as ov
+
+    packed = io.BytesIO()
+    with tempfile.TemporaryDirectory() as scratch, zipfile.ZipFile(packed, "w") as archive:
+        ov.save_model(model, f"{scratch}/{_IR_GRAPH}", compress_to_fp16=False)
+        for name in (_IR_GRAPH, _IR_WEIGHTS):
+            archive.write(f"{scratch}/{name}", name)
+    return packed.getvalue()
+
+
+def _read_converted(packed: bytes):
+    """The OpenVINO model from `_packed_converted`'s bytes; a damaged zip raises (its CRCs are checked on read)."""
+    import openvino as ov
+
+    with zipfile.ZipFile(io.BytesIO(packed)) as archive:
+        graph, weights = archive.read(_IR_GRAPH).decode(), archive.read(_IR_WEIGHTS)
+    return ov.Core().read_model(graph, ov.Tensor(np.frombuffer(weights, np.uint8)))
+
+
+_IR_GRAPH, _IR_WEIGHTS = "model.xml", "model.bin"
+
+
+def _conversion_key(image_shape: tuple[int, int, int]) -> str:
+    return stable_hash({"image_shape": list(image_shape), "versions": library_versions()}, 16)
+
+
+_extractors: dict[tuple[str, tuple[int, ...]], Extractor] = {}
+
+_build_lock = threading.Lock()
+
+
+def built_extractors() -> list[str]:
+    """Fingerprints of the extractors built in this process (so tests can see builds)."""
+    return [fingerprint for fingerprint, _ in _extractors]
+
+
+def release_extractors() -> None:
+    """Drop this process's extractors (once its shards are done, the memory goes to t-SNE and the heads)."""
+    with _build_lock:
+        _extractors.clear()
+
+
+def get_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], storage_url: str | None = None) -> Extractor:
+    """The compiled extractor for `spec`, built on first use in this process, then reused; with `storage_url`, an
+    OpenVINO backbone converted by an earlier run is read from there (see `openvino_model`)."""
+    with _build_lock:
+        key = (spec.fingerprint, tuple(image_shape))  # one model per input shape: an archive's 32px, a collection's S
+        if key not in _extractors:
+            started = time.perf_counter()
+            _extractors[key] = build_engine_extractor(spec, image_shape, Storage(storage_url) if storage_url else None)
+            log.info(
+                "built %s at %dpx on %s %s in %.1f s",
+                spec.backbone,
+                spec.input_size,
+                spec.engine,
+                spec.precision,
+                time.perf_counter() - started,
+            )
+        return _extractors[key]
+
+
+def build_engine_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], storage: Storage | None = None) -> Extractor:
+    """A new extractor for `spec` on images of `image_shape` (uncached: benchmarks build their own)."""
+    if spec.engine == "openvino":
+        model, source = openvino_model(spec, image_shape, storage)
+        return OpenVINOExtractor(model, spec.precision, source)
+    return KerasExtractor(_keras_extractor(spec, image_shape, spec.precision))
+
+
+def _keras_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], precision: str):
+    return build_extractor(
+        spec.backbone,
+        weights=spec.weights,
+        input_size=spec.input_size,
+        pooling=spec.pooling,
+        precision=precision,
+        seed=spec.seed,
+        image_shape=image_shape,
+    )
+
+
+def forget_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> None:
+    """Drop one built extractor (a precision that failed its calibration: the run builds another, and this one's
+    memory goes back)."""
+    with _build_lock:
+        _extractors.pop((spec.fingerprint, tuple(image_shape)), None)

@@ -1,0 +1,88 @@
+"""What this machine offers the engine choice: CPU flags and model, cores, GPUs, OpenVINO."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import platform
+import sys
+
+from cifar_transfer.native import load_tensorflow
+
+
+@functools.cache
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("" where there is none, e.g. off Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def gpus() -> list[dict]:
+    """Visible GPUs with their compute capability (empty on a CPU machine).
+
+    Memory growth is switched on first, so several workers can share a GPU. A Linux machine without NVIDIA
+    device files has nothing TensorFlow could use, so it is not loaded just to find that out (a rerun with
+    nothing to compute then never imports it).
+    """
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*"):
+        return []
+    tf = load_tensorflow()
+    found = []
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except RuntimeError:  # the GPU is already initialised in this process
+            pass
+        details = tf.config.experimental.get_device_details(device)
+        found.append({"name": details.get("device_name", device.name), "compute_capability": details.get("compute_capability")})
+    return found
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def machine_description() -> dict:
+    """What the engine choice depends on; also quoted by benchmarks."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": len(_affinity()),
+        "native_bf16": cpu_has_native_bf16(),
+        "gpus": gpus(),
+        "openvino": _openvino_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def _affinity() -> set[int]:
+    import os
+
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def _openvino_version() -> str | None:
+    if not openvino_available():
+        return None
+    import openvino
+
+    return openvino.get_version()
