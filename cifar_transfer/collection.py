@@ -187,12 +187,15 @@ def _plan_view(storage: Storage, folder: str, split: str, items: list[Item], sha
     unchanged = {(item.key, item.version, item.label): item for item in items}  # what a kept shard's footer must list
     manifest = read_manifest(storage, folder, split)
     records = manifest.shards if manifest else []
-    planned, retired, placed = [], [], set()
+    planned: list[Shard] = []
+    retired: list[str] = []
+    placed: set[str] = set()
     next_number = max((record.number + 1 for record in records), default=0)
     for record in records:
         held = _held_items(storage, layout.shard_file(folder, split, record.file))
-        kept = [unchanged.get(entry) for entry in held or []]
-        if held is not None and None not in kept:
+        found = [unchanged.get(entry) for entry in held or []]
+        kept = [item for item in found if item is not None]
+        if held is not None and len(kept) == len(found):
             planned.append(Shard(split=split, number=record.number, start=record.start, stop=record.stop, items=kept))
             placed.update(item.key for item in kept)
             continue
@@ -244,7 +247,8 @@ def collection_images(dataset: CollectionDataset, shard: Shard, size: int) -> Co
 
     items = shard.items or []
     pixels = np.empty((len(items), size, size, 3), np.uint8)
-    decoded, skipped = [], []
+    decoded: list[Item] = []
+    skipped: list[UnreadableItem] = []
     for item, data, reason in open_collection(dataset.settings).read_items(items):
         if data is None:
             skipped.append(UnreadableItem(key=item.key, reason=reason or "unreadable"))

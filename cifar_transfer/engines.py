@@ -63,10 +63,10 @@ def _choice_path(storage: Storage, spec: FeatureSpec) -> str:
     return layout.engine_choice(storage, key)
 
 
-def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
+def choose_engine(config: PipelineConfig, dataset_md5: str, read_calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
     """The engine and precision of this run, logged; a reduced precision must earn its place.
 
-    When `auto` proposes bfloat16/float16, the features of `calibration_images`
+    When `auto` proposes bfloat16/float16, the features of `read_calibration_images()`
     in that precision are compared with float32's; below `BF16_MIN_COSINE` the
     run falls back to float32. The verdict is stored, so reruns don't rebuild.
     """
@@ -81,7 +81,7 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
     reduced_spec = config.feature_spec(dataset_md5, choice.engine, choice.precision)
-    calibration_images = calibration_images()
+    calibration_images = read_calibration_images()
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
     exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
     batch = config.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak

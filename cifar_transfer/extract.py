@@ -27,6 +27,7 @@ from cifar_transfer.shards import Shard
 from cifar_transfer.sources.kinds import SourceDataset
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import (
+    SHARD_MISSING,
     ShardRecord,
     existing_shard_record,
     features_folder,
@@ -71,10 +72,10 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, s
         problem = shard_problem(storage, path, spec, shard, listed)
         if problem is None:
             return _reused(storage, path, shard, listed, "done by another run meanwhile")
-        conflict = shard_size_conflict(storage, path, spec, shard) if problem != "missing" and shard.items is None else None
+        conflict = shard_size_conflict(storage, path, spec, shard) if problem != SHARD_MISSING and shard.items is None else None
         if conflict:
             raise FeatureSetError(conflict)
-        if problem != "missing":
+        if problem != SHARD_MISSING:
             log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
         images, rows = dataset.shard_rows(storage_url, shard, spec.input_size)
         extractor = get_extractor(spec, images.shape[1:], storage_url)

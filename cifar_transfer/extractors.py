@@ -98,7 +98,7 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
     import openvino as ov
 
     path = layout.converted_extractor(features_folder(storage, spec), _conversion_key(image_shape)) if storage else None
-    if path is not None and storage.exists(path):
+    if storage is not None and path is not None and storage.exists(path):
         try:
             return _read_converted(storage.read_bytes(path)), None
         except (zipfile.BadZipFile, KeyError, OSError, RuntimeError) as exc:
@@ -106,7 +106,7 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
     source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
     _mend_openvino_tensorflow_frontend()
     model = ov.convert_model(source)
-    if path is not None:
+    if storage is not None and path is not None:
         try:
             storage.write_atomic(path, _packed_converted(model))
         except (OSError, StorageNotWritable) as exc:  # a read-only storage (a predict job's): the next run converts again

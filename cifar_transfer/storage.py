@@ -180,6 +180,16 @@ class Storage:
         return f"Storage({self.url!r})"
 
 
+# Where filesystems put what changes when a file is rewritten: local and SFTP (mtime), S3 and Azure (ETag,
+# LastModified), GCS (etag, updated), memory (created: a rewrite is a new file).
+STAMP_FIELDS = ("mtime", "ETag", "etag", "LastModified", "last_modified", "updated", "created")
+
+
+def file_stamp(entry: dict) -> str:
+    """What changes whenever the file of an fsspec info/listing entry is rewritten, on any filesystem ("" if none)."""
+    return str(next((entry[field] for field in STAMP_FIELDS if entry.get(field)), ""))
+
+
 def modified_time(entry: dict) -> float | None:
     """An fsspec info/listing entry's modification time in seconds since the epoch (local disks give `mtime`,
     object stores a date), or None where the filesystem gives none."""

@@ -234,13 +234,16 @@ def shard_metadata(storage: Storage, path: str) -> tuple[int, dict]:
     return footer.num_rows, json.loads(raw) if raw else {}
 
 
+SHARD_MISSING = "missing"  # the one `shard_problem` callers tell apart: nothing there yet, so nothing to warn about
+
+
 def shard_problem(storage: Storage, path: str, spec: FeatureSpec, shard: Shard, listed: ShardRecord | None = None) -> str | None:
     """Why the file at `path` is not this finished shard, or None when it is.
 
     Checks what is cheap: the footer's fingerprint and rows, and the size the manifest lists (`listed`), if any.
     """
     if not storage.exists(path):
-        return "missing"
+        return SHARD_MISSING
     if listed is not None and storage.fs.size(path) != listed.bytes:
         return f"{storage.fs.size(path)} bytes, the manifest says {listed.bytes}"
     try:

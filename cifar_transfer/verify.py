@@ -27,7 +27,7 @@ from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadF
 from cifar_transfer.shards import SPLITS, VIEWS, Shard
 from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_description, read_manifest, shard_problem
+from cifar_transfer.store import SHARD_MISSING, read_description, read_manifest, shard_problem
 from cifar_transfer.tsne import finished_tsne, tsne_map
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
     spec = description.feature_spec()
     problems = _derived_problems(storage, folder)
     for split in VIEWS:
-        split_folder = posixpath.join(folder, split)
+        split_folder = layout.view_folder(folder, split)
         if split not in SPLITS and not storage.exists(split_folder):
             continue  # mirrored views exist only when --flip asked for them
         on_disk = (
@@ -68,7 +68,7 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
             if name not in {record.file for record in manifest.shards}:
                 problems.setdefault(f"{split}/{name}", []).append(UNLISTED)
         for record in manifest.shards:
-            path = posixpath.join(split_folder, record.file)
+            path = layout.shard_file(folder, split, record.file)
             found = _shard_content_problems(storage, path, spec, record)
             if found:
                 problems[f"{split}/{record.file}"] = found
@@ -178,7 +178,7 @@ def _recorded_settings(storage: Storage, files: DerivedFiles, settings_type):
 
 def _shard_content_problems(storage: Storage, path: str, spec: FeatureSpec, record) -> list[str]:
     if not storage.exists(path):
-        return ["missing"]
+        return [SHARD_MISSING]
     payload = storage.read_bytes(path)
     found = []
     if len(payload) != record.bytes:

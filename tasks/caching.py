@@ -19,7 +19,7 @@ from prefect.results import get_result_store
 from pydantic import BaseModel
 
 from cifar_transfer.config import stable_hash
-from cifar_transfer.storage import Storage
+from cifar_transfer.storage import Storage, file_stamp
 
 
 def committed_files_key(storage: Storage, paths: list[str]) -> str | None:
@@ -29,8 +29,7 @@ def committed_files_key(storage: Storage, paths: list[str]) -> str | None:
         if not storage.exists(path):
             return None
         info = storage.fs.info(path)
-        version = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-        identities.append({"url": storage.uri(path), "size": info.get("size"), "version": str(version)})
+        identities.append({"url": storage.uri(path), "size": info.get("size"), "version": file_stamp(info)})
     return stable_hash({"files": identities}, 32)
 
 

@@ -28,12 +28,10 @@ from cifar_transfer.errors import ConfigError, SourceError, is_transient
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing
 from cifar_transfer.sources.files import GONE, MAX_FILE_MB, fetch, fetch_error, file_limit, read_bounded, walk
+from cifar_transfer.storage import file_stamp
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 LAYOUTS = "expected ROOT/<class>/<image>, or ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
-# Where filesystems put what changes when a file is rewritten: local and SFTP (mtime), S3 and Azure (ETag,
-# LastModified), GCS (etag, updated), memory (created: a rewrite is a new file).
-STAMP_FIELDS = ("mtime", "ETag", "etag", "LastModified", "last_modified", "updated", "created")
 
 
 class FolderSource:
@@ -73,11 +71,10 @@ class FolderSource:
         if not classes:
             raise SourceError(f"{self._shown_root} holds no images in class folders ({len(skipped)} other files): {LAYOUTS}")
         labels = {name: label for label, name in enumerate(classes)}
-        stamp = next((field for field in STAMP_FIELDS if field in files[placed[0][0]]), None)  # one filesystem, one field
         splits: dict[str, list[Item]] = {split: [] for split in SPLITS}
         for key, split, name in placed:
             info = files[key]
-            splits[split].append(Item(key=key, label=labels[name], version=f"{info.get('size')}-{info.get(stamp, '')}"))
+            splits[split].append(Item(key=key, label=labels[name], version=f"{info.get('size')}-{file_stamp(info)}"))
 
         identity = {"format": "folder", "root": self._shown_root, "layout": layout}
         if layout == "class-folders":

@@ -166,8 +166,10 @@ class CollectionKind:
     name = "collection"
     incremental = True
     index_meaning = "a stable id of the image within its split"
-    item_columns = (("key", "string"), ("version", "string"))
-    item_columns_note = ("- `key` (string), `version` (string): the image's name in the collection and the version it was read at.",)
+    item_columns: tuple[tuple[str, str], ...] = (("key", "string"), ("version", "string"))
+    item_columns_note: tuple[str, ...] = (
+        "- `key` (string), `version` (string): the image's name in the collection and the version it was read at.",
+    )
 
     def check(self, config: PipelineConfig) -> None:
         return None  # every option of a collection is checked where it is declared
@@ -180,6 +182,7 @@ class CollectionKind:
         from cifar_transfer.store import read_keys
 
         keys = read_keys(storage, features.folder, split)
+        assert features.collection is not None, "a collection's feature set records how to read it"
         return thumbnails(features.collection, [keys[int(number)] for number in ids], size)
 
     def stored_problems(self, storage_url: str, dataset_id: str) -> dict[str, list[str]]:
@@ -189,6 +192,7 @@ class CollectionKind:
         return None
 
     def rebuild_options(self, storage: Storage, spec: FeatureSpec, collection: CollectionSettings | None) -> dict:
+        assert collection is not None, "a collection's feature set records how to read it"
         return collection.model_dump()  # read the collection again: unchanged images give the same features
 
     def predict_size(self, spec: FeatureSpec) -> int:

@@ -36,6 +36,7 @@ from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing, UnreadableItem
 from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, not_a_regular_file, over_limit, read_bounded
+from cifar_transfer.storage import file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ _SPLIT_WORDS = {"train": "train", "test": "test", "validation": "validation", "v
 # A split word that starts a file name, followed by anything but a letter ("train-00000-of-00002", "test.parquet"),
 # so "trainer.parquet" or "validated.parquet" name no split.
 _SPLIT_NAME = re.compile(r"^(train|test|validation|valid)(?![a-z])", re.IGNORECASE)
-# Where a file's identity is in `fs.info` across filesystems: content hashes first, then modification times.
-_VERSION_FIELDS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 @dataclass(frozen=True)
@@ -316,8 +315,7 @@ def row_group_over_cap(parquet: pq.ParquetFile, group: int, image_column: str, l
 
 def _file_version(info: dict) -> str:
     """size-ETag (or size-mtime): changes whenever the file is rewritten."""
-    stamp = str(next((info[field] for field in _VERSION_FIELDS if info.get(field)), "")).strip('"')
-    return f"{info.get('size')}-{stamp}"
+    return f"{info.get('size')}-{file_stamp(info).strip(chr(34))}"
 
 
 def _split_of(relative: str) -> str | None:
