@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class CollectionDataset(BaseModel):
     """A listed collection: what planning and reading its shards need (the items themselves go into the shards)."""
 
-    id: str  # names the collection in the features' fingerprint (`FeatureSpec.dataset_md5`)
+    id: str  # names the collection in the features' fingerprint (`FeatureSpec.dataset_id`)
     settings: CollectionSettings
     format: str  # "folder" or "parquet"
     classes: list[str]

@@ -324,7 +324,7 @@ class PipelineConfig(BaseModel):
     def resolved_batch_size(self) -> int:
         return self.batch_size or batch_size_for(self.resolved_input_size)
 
-    def feature_spec(self, dataset_md5: str, engine: str | None = None, precision: str | None = None) -> "FeatureSpec":
+    def feature_spec(self, dataset_id: str, engine: str | None = None, precision: str | None = None) -> "FeatureSpec":
         """The spec of these features; `engine`/`precision` resolve 'auto' (see `tasks.engines.choose_engine`)."""
         engine, precision = engine or self.engine, precision or self.precision
         if "auto" in (engine, precision):
@@ -334,7 +334,7 @@ class PipelineConfig(BaseModel):
         else:
             weights_id = f"file-md5-{file_md5(self.weights)}"
         return FeatureSpec(
-            dataset_md5=dataset_md5,
+            dataset_id=dataset_id,
             backbone=self.backbone_name,
             weights_id=weights_id,
             weights=self.weights,
@@ -395,9 +395,11 @@ def _check_storage_scheme(storage: str) -> None:
 class FeatureSpec(BaseModel):
     """Everything that changes the features; its fingerprint names their folder."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True, validate_by_name=True, validate_by_alias=True)
 
-    dataset_md5: str
+    # What the images are: an archive's `dataset.dataset_id`, a collection's listing identity. Stored (and
+    # fingerprinted) under its first name, so every feature set keeps its fingerprint.
+    dataset_id: str = Field(alias="dataset_md5")
     backbone: str
     weights_id: str
     weights: str = Field(exclude=True)  # where the weights come from; their identity is weights_id

@@ -63,7 +63,7 @@ def _choice_path(storage: Storage, spec: FeatureSpec) -> str:
     return layout.engine_choice(storage, key)
 
 
-def choose_engine(config: PipelineConfig, dataset_md5: str, read_calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
+def choose_engine(config: PipelineConfig, dataset_id: str, read_calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
     """The engine and precision of this run, logged; a reduced precision must earn its place.
 
     When `auto` proposes bfloat16/float16, the features of `read_calibration_images()`
@@ -75,12 +75,12 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, read_calibration_ima
         log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
         return choice
     storage = Storage(config.storage)
-    path = _choice_path(storage, config.feature_spec(dataset_md5, choice.engine, choice.precision))
+    path = _choice_path(storage, config.feature_spec(dataset_id, choice.engine, choice.precision))
     if storage.exists(path):
         remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    reduced_spec = config.feature_spec(dataset_md5, choice.engine, choice.precision)
+    reduced_spec = config.feature_spec(dataset_id, choice.engine, choice.precision)
     calibration_images = read_calibration_images()
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
     exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])

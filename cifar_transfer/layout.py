@@ -114,7 +114,7 @@ def archive_of_record(record_path: str) -> str:
 
 
 def dataset_files(storage: Storage, dataset_id: str) -> DatasetFiles:
-    """The decoded archive a feature set names in `FeatureSpec.dataset_md5`: a CIFAR-10 archive's MD5 (its folder is
+    """The decoded archive a feature set names in `FeatureSpec.dataset_id`: a CIFAR-10 archive's MD5 (its folder is
     `cifar10-<md5>`, as it always was), or the folder name itself for other archives (`cifar100-fine-<md5>`)."""
     is_md5 = len(dataset_id) == 32 and all(char in "0123456789abcdef" for char in dataset_id)
     return dataset_files_in(storage.path(DATASETS, f"cifar10-{dataset_id}" if is_md5 else dataset_id))

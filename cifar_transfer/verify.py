@@ -101,11 +101,11 @@ def _derived_problems(storage: Storage, folder: str) -> dict[str, list[str]]:
     return problems
 
 
-def verify_dataset(storage_url: str, dataset_md5: str) -> dict[str, list[str]]:
+def verify_dataset(storage_url: str, dataset_id: str) -> dict[str, list[str]]:
     """Problems of the decoded dataset a feature set was made from (paths relative to the storage root)."""
     storage = Storage(storage_url)
-    files = layout.dataset_files(storage, dataset_md5)
-    if not storage.exists(files.marker) or finished_dataset(storage_url, dataset_md5) is not None:
+    files = layout.dataset_files(storage, dataset_id)
+    if not storage.exists(files.marker) or finished_dataset(storage_url, dataset_id) is not None:
         return {}  # never decoded here (features may come from elsewhere), or complete
     problems = {}
     info = DatasetInfo.model_validate_json(storage.read_bytes(files.marker))
@@ -118,10 +118,10 @@ def verify_dataset(storage_url: str, dataset_md5: str) -> dict[str, list[str]]:
     return problems
 
 
-def remove_damaged_dataset(storage_url: str, dataset_md5: str, problems: dict[str, list[str]]) -> None:
+def remove_damaged_dataset(storage_url: str, dataset_id: str, problems: dict[str, list[str]]) -> None:
     """Delete the damaged arrays and the dataset's marker, so the next extraction decodes the archive again."""
     storage = Storage(storage_url)
-    files = layout.dataset_files(storage, dataset_md5)
+    files = layout.dataset_files(storage, dataset_id)
     for relative in problems:
         path = storage.path(relative)
         if path in files.paths() and storage.exists(path):

@@ -198,17 +198,17 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
     for info in feature_sets:
         source = kind_of(info.collection)
         problems = verify_feature_set(storage_url, info.folder)
-        dataset_problems = source.stored_problems(storage_url, info.spec.dataset_md5)
+        dataset_problems = source.stored_problems(storage_url, info.spec.dataset_id)
         not_rebuilt = []
         if (problems or dataset_problems) and repair:
             from cifar_transfer.flows.pipeline import extract_features
 
             remove_damaged(storage_url, info.folder, problems)
-            source.remove_damaged(storage_url, info.spec.dataset_md5, dataset_problems)
+            source.remove_damaged(storage_url, info.spec.dataset_id, dataset_problems)
             extract_features(repair_config(storage_url, info.folder))
             not_rebuilt = rebuild_derived(storage_url, info.folder)
             problems = verify_feature_set(storage_url, info.folder)
-            dataset_problems = source.stored_problems(storage_url, info.spec.dataset_md5)
+            dataset_problems = source.stored_problems(storage_url, info.spec.dataset_id)
         for relative, found in problems.items():
             print(printable(f"{info.folder}/{relative}: {'; '.join(found)}"))
         for relative, found in dataset_problems.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, batch_size_for, load_config
+from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, FeatureSpec, batch_size_for, load_config
 from cifar_transfer.errors import ConfigError
 from conftest import MOBILENET_WEIGHTS
 
@@ -127,3 +127,13 @@ def test_blog_2017_preset_reproduces_the_post_and_explicit_options_win():
     assert load_config(preset="blog-2017", epochs=5, **LOCAL).epochs == 5
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="blog-2018", **LOCAL)
+
+
+def test_a_feature_sets_fingerprint_and_stored_names_stay_what_they_were():
+    """Every stored feature set is found by its fingerprint: renaming a field in code must not change either."""
+    config = load_config(source="x.tar.gz", md5="none", backbone="MobileNetV2", weights="none", input_size=32)
+    spec = config.feature_spec("ab" * 16, "openvino", "float32")
+    assert spec.fingerprint == "d3ceefb79f540d2e"  # computed before `dataset_md5` was read as `dataset_id`
+    stored = spec.model_dump()
+    assert stored["dataset_md5"] == "ab" * 16 and "dataset_id" not in stored
+    assert FeatureSpec(**stored, weights="none", seed=0) == spec

@@ -182,7 +182,7 @@ def test_damaged_or_foreign_shards_are_detected_and_recomputed(one_shard, tmp_pa
     assert extract_shard(storage_url, spec, dataset, shard, batch_size=16).record == good
 
     other = load_config(source="x", md5="none", backbone="MobileNetV2", weights="none", input_size=32, seed=7).feature_spec(
-        spec.dataset_md5, "tensorflow", "float32"
+        spec.dataset_id, "tensorflow", "float32"
     )
     foreign_dir = tmp_path / "foreign"
     extract_shard(str(foreign_dir), other, dataset, shard, batch_size=16)

@@ -41,7 +41,7 @@ class SourceDataset(Protocol):
 
     @property
     def id(self) -> str:
-        """Names the images in the features' fingerprint (`FeatureSpec.dataset_md5`)."""
+        """Names the images in the features' fingerprint (`FeatureSpec.dataset_id`)."""
         ...
 
     @property
@@ -121,13 +121,13 @@ class ArchiveKind:
             raise ValueError(f"source {config.source!r} is not the official URL: pass its MD5 (--md5 HEX) or --md5 none to skip the check")
 
     def title(self, spec: dict, collection: CollectionSettings | None) -> str:
-        return f"the archive `{spec['dataset_md5']}`"
+        return f"the archive `{spec['dataset_md5']}`"  # a stored spec: its fields under their stored names
 
     def pictures(self, storage: Storage, features: FeatureSetInfo, split: str, ids: np.ndarray, size: int) -> np.ndarray:
         from cifar_transfer import layout
         from cifar_transfer.dataset import stored_rows
 
-        return stored_rows(storage, layout.dataset_files(storage, features.spec.dataset_md5).array(split, "images"), ids)
+        return stored_rows(storage, layout.dataset_files(storage, features.spec.dataset_id).array(split, "images"), ids)
 
     def stored_problems(self, storage_url: str, dataset_id: str) -> dict[str, list[str]]:
         from cifar_transfer.verify import verify_dataset
@@ -143,7 +143,7 @@ class ArchiveKind:
         from cifar_transfer import layout
         from cifar_transfer.dataset import parse_dataset_id
 
-        archive_format, label_mode, md5 = parse_dataset_id(spec.dataset_md5)
+        archive_format, label_mode, md5 = parse_dataset_id(spec.dataset_id)
         records = {path: json.loads(storage.read_bytes(path)) for path in layout.source_records(storage)}
         archives = [path for path, record in records.items() if record.get("md5") == md5]
         if not archives:
