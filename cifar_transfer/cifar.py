@@ -24,6 +24,7 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal, cast
 
 import numpy as np
 
@@ -186,7 +187,8 @@ class _PendingDtype:
     __slots__ = ("name", "dtype")
 
     def __init__(self, name: str):
-        self.name, self.dtype = name, None
+        self.name = name
+        self.dtype: np.dtype | None = None
 
     def __setstate__(self, state) -> None:
         if self.dtype is not None:
@@ -198,7 +200,7 @@ class _PendingDtype:
         dtype = np.dtype(self.name)
         if byte_order not in (("|",) if dtype.itemsize == 1 else ("<", ">")):
             raise pickle.UnpicklingError(f"dtype {self.name} has byte order {_shown(byte_order)}")
-        self.dtype = dtype.newbyteorder(byte_order)
+        self.dtype = dtype.newbyteorder(cast(Literal["<", ">", "|"], byte_order))  # one of these, checked above
 
 
 class _PendingArray:
@@ -207,7 +209,8 @@ class _PendingArray:
     __slots__ = ("array", "max_size")
 
     def __init__(self, max_size: int):
-        self.array, self.max_size = None, max_size
+        self.array: np.ndarray | None = None
+        self.max_size = max_size
 
     def __setstate__(self, state) -> None:
         if self.array is not None:
@@ -286,7 +289,7 @@ def _check_operations(payload: bytes, max_operations: int) -> None:
     for count, (opcode, argument, _) in enumerate(pickletools.genops(payload), 1):
         if count > max_operations:
             raise pickle.UnpicklingError(f"more than {max_operations} pickle operations")
-        if opcode.name in _MEMO_PUTS and argument >= max_operations:
+        if opcode.name in _MEMO_PUTS and isinstance(argument, int) and argument >= max_operations:
             raise pickle.UnpicklingError(f"memo slot {argument} is beyond what a batch uses")
 
 
@@ -431,8 +434,11 @@ def _members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int, what: str, use_official: str) -> bytes:
     """The member's bytes; one larger than `limit` is refused before it is inflated (a gzip bomb)."""
+    stream = archive.extractfile(member)
+    if stream is None:
+        raise ArchiveError(f"member {member.name} is not a regular file: {use_official}")
     if member.size <= limit:
-        payload = archive.extractfile(member).read(limit + 1)  # bounded whatever the header says
+        payload = stream.read(limit + 1)  # bounded whatever the header says
         if len(payload) <= limit:
             return payload
     raise ArchiveError(f"member {member.name} declares {member.size} bytes, more than {what} can be ({limit}): {use_official}")
@@ -505,6 +511,7 @@ def read_archive(stream, archive_format: str = "cifar10", label_mode: str | None
     missing = sorted(found.members - read)
     if missing:
         raise ArchiveError(f"archive lacks {', '.join(missing)}: it is not a complete {found.title} python archive")
+    assert classes is not None, "the meta member is one of found.members, all read"
     splits = {}
     for split, members in found.split_members.items():
         rows = np.concatenate([batches[member][0] for member in members])

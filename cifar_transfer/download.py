@@ -20,7 +20,7 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import closing
 
 import fsspec
@@ -67,7 +67,7 @@ def archive_name(source: str) -> str:
     return name if name and not re.search(r"://[^/]*$", path) else "cifar-10-python.tar.gz"
 
 
-def source_chunks(source: str, max_bytes: int = MAX_ARCHIVE_BYTES) -> Iterator[bytes]:
+def source_chunks(source: str, max_bytes: int = MAX_ARCHIVE_BYTES) -> Generator[bytes, None, None]:
     """The bytes of `source` in chunks: HTTP(S) streamed with httpx, anything else through fsspec.
 
     HTTP chunks are whatever each network read returns (up to 64 KiB), not a fixed size, so even a trickle

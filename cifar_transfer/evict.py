@@ -149,9 +149,10 @@ def _live_writer(storage: Storage, folder: str, files: list[str]) -> str | None:
 def _fresh(files: dict[str, dict], grace_seconds: float) -> str | None:
     """Why the set counts as in use by its age (its newest file is within the grace period), or None."""
     times = [modified_time(entry) for entry in files.values()]
-    if None in times:
+    known = [seconds for seconds in times if seconds is not None]
+    if len(known) < len(times):
         return "in use? its storage gives no modification times (pass --force to delete anyway)"
-    age = time.time() - max(times, default=0.0)
+    age = time.time() - max(known, default=0.0)
     if age < grace_seconds:
         return f"written to {age / 60:.0f} min ago, within the {grace_seconds / 60:g} min grace period (a flow run may be using it)"
     return None

@@ -209,11 +209,12 @@ class ImageSource:
                 row = 0
                 for group in range(parquet.num_row_groups):
                     rows = parquet.metadata.row_group(group).num_rows
-                    if too_large := row_group_over_cap(parquet, group, self.image_column, self.limit, self._shown(name)):
+                    column = self.image_column or "image"  # set from the first table's columns
+                    if too_large := row_group_over_cap(parquet, group, column, self.limit, self._shown(name)):
                         yield from ((f"{self._shown(name)}#{number}", None, too_large) for number in range(row, row + rows))
                         row += rows
                         continue
-                    for batch in parquet.iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=[self.image_column]):
+                    for batch in parquet.iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=[column]):
                         for cell in batch.column(0).to_pylist():
                             yield f"{self._shown(name)}#{row}", *image_bytes(cell)
                             row += 1
@@ -288,6 +289,7 @@ class Predictor:
                         log.warning("predict: %s: %s", path, reason)
                         yield Prediction(path, None, None, None, error=reason)
                         continue
+                    assert probabilities is not None, "a row without a reason has pixels"
                     yield self._answer(path, probabilities[position], top_k)
                     position += 1
                 done += len(decoded.rows)

@@ -288,7 +288,8 @@ class ParquetSource:
                 if row + offset in wanted:
                     data, reason = image_bytes(column[offset].as_py())
                     if data is not None and len(data) > self.limit:
-                        data, reason = None, over_limit(len(data), self.limit)
+                        reason = over_limit(len(data), self.limit)
+                        data = None
                     yield wanted[row + offset], data, reason
             row += len(column)
             if row > last:
@@ -357,7 +358,7 @@ def image_bytes(value: bytes | dict | None) -> tuple[bytes | None, str | None]:
 def _hub_class_names(metadata: dict[bytes, bytes] | None, label_column: str) -> list[str] | None:
     """The class names `datasets` stored for a ClassLabel column, if it did."""
     try:
-        feature = json.loads(metadata[HF_METADATA_KEY])["info"]["features"][label_column]
+        feature = json.loads((metadata or {})[HF_METADATA_KEY])["info"]["features"][label_column]
     except (TypeError, KeyError, ValueError):
         return None
     if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
@@ -369,6 +370,8 @@ def _read_classes_file(url: str) -> list[str]:
     """Class names from a file: one per line, or a JSON list; never more than `CLASSES_FILE_BYTES` read (a FIFO or
     `/dev/zero` given as the file is refused, not read forever)."""
     fs, path = fsspec.core.url_to_fs(url)
+    data: bytes | None
+    problem: str | None
     if not (os.path.lexists(path) if isinstance(fs, LocalFileSystem) else fs.exists(path)):
         data, problem = None, "no such file"
     elif isinstance(fs, LocalFileSystem):
