@@ -127,3 +127,75 @@ def test_blog_2017_preset_reproduces_the_post_and_explicit_options_win():
     assert load_config(preset="blog-2017", epochs=5, **LOCAL).epochs == 5
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="blog-2018", **LOCAL)
+
+
+# Pinned on the code before options were declared once (8ac3e8e): stored feature sets, maps and heads are found
+# by these values, so a refactor of the configuration must leave every one of them as it is.
+PINNED_OPTIONS = {
+    "defaults": {},
+    "blog-2017": {"preset": "blog-2017"},
+    "collection": {
+        "source": "/data/photos",
+        "source_format": "folder",
+        "test_fraction": 0.3,
+        "seed": 7,
+        "backbone": "MobileNetV2",
+        "weights": "none",
+    },
+    "flip": {"flip": True, "pooling": "avg", "input_size": 160},
+    "head and t-SNE options": {
+        "head": "mlp",
+        "epochs": 7,
+        "head_batch_size": 64,
+        "learning_rate": 0.01,
+        "validation_split": 0.25,
+        "patience": 3,
+        "refit": False,
+        "seed": 5,
+        "tsne_sample": 100,
+        "tsne_perplexity": 12.5,
+        "tsne_test": True,
+        "batch_size": 16,
+    },
+}
+PINNED_KEYS = {  # (FeatureSpec.fingerprint, tsne_key, head_key)
+    "defaults": ("25de6171c10cf44d", "b48bbd3c92c8", "cbbca23d8584"),
+    "blog-2017": ("557eadc75364d01b", "b376793f56e8", "5b5bda206d3c"),
+    "collection": ("62ea27fdc14d11a9", "51fd6e8d269c", "c4942858d563"),
+    "flip": ("747da2dfab5a4ad2", "e63573af4aed", "468a271190c5"),
+    "head and t-SNE options": ("25de6171c10cf44d", "a185cf2c4ed8", "314e4b763cdb"),
+}
+
+
+@pytest.mark.parametrize("case", PINNED_OPTIONS)
+def test_fingerprints_and_keys_stay_what_stored_outputs_are_named_by(case):
+    config = load_config(**PINNED_OPTIONS[case])
+    content_version = "v3" if case == "collection" else None  # a collection's keys cover its content version
+    fingerprint = config.feature_spec(CIFAR10_MD5, "tensorflow", "float32").fingerprint
+    assert (fingerprint, config.tsne_key(fingerprint, content_version), config.head_key(fingerprint, content_version)) == PINNED_KEYS[case]
+
+
+def test_stage_settings_dump_as_stored_records_hold_them():
+    config = load_config(**PINNED_OPTIONS["collection"])
+    assert config.collection_settings.model_dump() == {
+        "source": "/data/photos",
+        "source_format": "folder",
+        "test_fraction": 0.3,
+        "image_column": "image",
+        "label_column": "label",
+        "classes": None,
+        "seed": 7,
+        "max_file_mb": 256.0,
+    }
+    assert config.tsne_settings.model_dump() == {"sample": 25000, "perplexity": 30.0, "seed": 7, "test": False}
+    assert config.head_settings.model_dump() == {
+        "head": "auto",
+        "epochs": 50,
+        "batch_size": 512,
+        "learning_rate": 0.001,
+        "validation_split": 0.1,
+        "patience": 10,
+        "seed": 7,
+        "flip": False,
+        "refit": True,
+    }
