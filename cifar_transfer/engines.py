@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor
 from cifar_transfer.collection import CollectionDataset, collection_images, listing_of
-from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
+from cifar_transfer.config import ExtractionSettings, FeatureSpec, stable_hash
 from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.errors import ConfigError, StorageNotWritable
 from cifar_transfer.native import load_tensorflow
@@ -137,9 +137,9 @@ def _openvino_version() -> str | None:
     return openvino.get_version()
 
 
-def candidate_choice(config: PipelineConfig) -> EngineChoice:
+def candidate_choice(settings: ExtractionSettings) -> EngineChoice:
     """Resolve `auto` from the hardware alone; a bf16 candidate is then checked by `choose_engine`."""
-    engine, precision = config.engine, config.precision
+    engine, precision = settings.engine, settings.precision
     on_gpu = bool(gpus())
     if engine == "openvino" and not openvino_available():
         raise ConfigError("engine 'openvino' is not installed: pip install openvino, or pass --engine tensorflow")
@@ -162,28 +162,30 @@ def _choice_path(storage: Storage, spec: FeatureSpec) -> str:
     return layout.engine_choice(storage, key)
 
 
-def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
+def choose_engine(
+    settings: ExtractionSettings, storage_url: str, dataset_md5: str, calibration_images: Callable[[], np.ndarray]
+) -> EngineChoice:
     """The engine and precision of this run, logged; a reduced precision must earn its place.
 
     When `auto` proposes bfloat16/float16, the features of `calibration_images`
     in that precision are compared with float32's; below `BF16_MIN_COSINE` the
     run falls back to float32. The verdict is stored, so reruns don't rebuild.
     """
-    choice = candidate_choice(config)
-    if config.precision != "auto" or choice.precision == "float32":
+    choice = candidate_choice(settings)
+    if settings.precision != "auto" or choice.precision == "float32":
         log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
         return choice
-    storage = Storage(config.storage)
-    path = _choice_path(storage, config.feature_spec(dataset_md5, choice.engine, choice.precision))
+    storage = Storage(storage_url)
+    path = _choice_path(storage, settings.feature_spec(dataset_md5, choice.engine, choice.precision))
     if storage.exists(path):
         remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    reduced_spec = config.feature_spec(dataset_md5, choice.engine, choice.precision)
+    reduced_spec = settings.feature_spec(dataset_md5, choice.engine, choice.precision)
     calibration_images = calibration_images()
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
     exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
-    batch = config.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
+    batch = settings.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
     cosine = float(mean_cosine(reduced(calibration_images, batch), exact(calibration_images, batch)))
     if cosine < BF16_MIN_COSINE:
         with _build_lock:  # the run will build its float32 extractor: this one's memory goes back
@@ -393,16 +395,16 @@ def _keras_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], preci
     )
 
 
-def choose_engine_for_dataset(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:
+def choose_engine_for_dataset(settings: ExtractionSettings, storage_url: str, dataset: DatasetInfo | CollectionDataset) -> EngineChoice:
     """`choose_engine`, calibrated on the first train images of the source (only listed and read when a reduced
     precision must be checked and no verdict is remembered)."""
-    return choose_engine(config, dataset.id, lambda: _first_train_images(config, dataset))
+    return choose_engine(settings, storage_url, dataset.id, lambda: _first_train_images(settings, storage_url, dataset))
 
 
-def _first_train_images(config: PipelineConfig, dataset: DatasetInfo | CollectionDataset) -> np.ndarray:
+def _first_train_images(settings: ExtractionSettings, storage_url: str, dataset: DatasetInfo | CollectionDataset) -> np.ndarray:
     if isinstance(dataset, DatasetInfo):
         first = Shard(split="train", number=0, start=0, stop=min(CALIBRATION_IMAGES, dataset.sizes["train"]))
-        return shard_images(config.storage, dataset, first)[0]
+        return shard_images(storage_url, dataset, first)[0]
     listing = listing_of(dataset)
     first = Shard(split="train", number=0, start=0, stop=CALIBRATION_IMAGES, items=listing.splits["train"][:CALIBRATION_IMAGES])
-    return collection_images(dataset, first, config.resolved_input_size).images
+    return collection_images(dataset, first, settings.resolved_input_size).images

@@ -13,7 +13,7 @@ import posixpath
 import sys
 import typing
 
-from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config
+from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config, option_stage
 from cifar_transfer.errors import PermanentError
 from cifar_transfer.export import FORMATS
 from cifar_transfer.flows import console  # first: it sets Prefect's settings before Prefect is imported
@@ -21,13 +21,9 @@ from cifar_transfer.predict import CHUNK
 from cifar_transfer.redact import printable, redact, refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB
 
-# The options that decide which features get extracted (the `extract` subcommand takes only these): the fields of the
-# extraction stages' settings, plus where the output goes and the preset that may set them.
-EXTRACTION_OPTIONS = [
-    name
-    for name in PipelineConfig.model_fields
-    if name in ("preset", "storage") or any(name in stage.model_fields for stage in EXTRACTION_STAGES)
-]
+# The options that decide which features get extracted (the `extract` subcommand takes only these): those the
+# extraction stages read, where the output goes and the preset that may set them.
+EXTRACTION_OPTIONS = [name for name in PipelineConfig.model_fields if set(option_stage(name).stages) & set(EXTRACTION_STAGES)]
 
 
 def _add_config_options(parser: argparse.ArgumentParser, names: list[str]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from prefect import flow, tags
 
-from cifar_transfer.config import FeatureSpec, PipelineConfig
+from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
 from cifar_transfer.engines import release_extractors
 from cifar_transfer.extract import SourceDataset
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
@@ -43,9 +43,10 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
         dataset = decode_archive_task(config.storage, archive.path, archive.md5, config.archive_format, config.label_mode)
     else:
         dataset = list_collection_task(config.collection_settings)
-    engine = choose_engine_task(config, dataset)
+    extraction = config.extraction_settings
+    engine = choose_engine_task(extraction, config.storage, dataset)
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
-    extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
+    extracted = extract_shards.with_options(task_runner=shard_runner(config.runner_settings))(config.storage, extraction, spec, dataset)
     collection, unusable = (None, None) if config.is_archive else (config.collection_settings, dataset.unusable)
     features = commit_feature_set_task(
         config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, collection, unusable
@@ -54,13 +55,13 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
 
 
 @flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
-def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: SourceDataset) -> ExtractedFeatures:
+def extract_shards(storage_url: str, settings: ExtractionSettings, spec: FeatureSpec, dataset: SourceDataset) -> ExtractedFeatures:
     """Every shard still to compute as its own task, on the task runner the config chose; finished ones are reused."""
-    plan = plan_extraction_task(config.storage, spec, dataset, config.shard_size, config.flip)
+    plan = plan_extraction_task(storage_url, spec, dataset, settings.shard_size, settings.flip)
     futures = []
     for shard in plan.to_compute:
         with tags(spec.backbone, shard.split):
-            futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.resolved_batch_size))
+            futures.append(extract_shard_task.submit(storage_url, spec, dataset, shard, settings.resolved_batch_size))
     records, stats = wait_for_shards(plan.reused, futures)
     release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
     return ExtractedFeatures(records=records, stats=stats, retired=plan.retired)
@@ -100,7 +101,8 @@ def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> RunSummary:
 @flow(name="watch-collection", flow_run_name="watch-{config.source_format}")
 def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
     """Whether the collection changed since the last watch (then the change event is out)."""
-    return watch_collection_task(config).changed
+    run_options = config.model_dump(mode="json", exclude_defaults=True)
+    return watch_collection_task(config.collection_settings, config.storage, run_options).changed
 
 
 @flow(name="predict-images", flow_run_name="predict-{head_key}")

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, batch_size_for, load_config
+from cifar_transfer.config import (
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    CollectionSettings,
+    ExtractionSettings,
+    HeadSettings,
+    PipelineConfig,
+    RunnerSettings,
+    TsneSettings,
+    batch_size_for,
+    load_config,
+    option_stage,
+)
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.sources.files import MAX_FILE_MB
 from conftest import MOBILENET_WEIGHTS
 
 LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "tensorflow", "precision": "float32"}
@@ -14,8 +28,12 @@ LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "ten
 def test_defaults_follow_the_post():
     config = load_config()
     assert (config.source, config.expected_md5) == (CIFAR10_URL, CIFAR10_MD5)
-    assert (config.backbone_name, config.resolved_input_size, config.pooling) == ("InceptionV3", 139, "stages")
-    assert load_config(backbone="mobilenetv2", **LOCAL).resolved_input_size == 224
+    assert (config.extraction_settings.backbone_name, config.extraction_settings.resolved_input_size, config.pooling) == (
+        "InceptionV3",
+        139,
+        "stages",
+    )
+    assert load_config(backbone="mobilenetv2", **LOCAL).extraction_settings.resolved_input_size == 224
 
 
 @pytest.mark.parametrize(
@@ -100,9 +118,9 @@ def test_fingerprint_covers_what_changes_features_and_nothing_else():
 
 def test_the_default_batch_keeps_its_pixels_as_inputs_grow_and_an_explicit_one_wins():
     assert [batch_size_for(size) for size in (32, 139, 160, 224, 299, 512, 1024)] == [64, 64, 64, 32, 18, 8, 8]
-    assert load_config(weights="none", backbone="MobileNetV2", **LOCAL).resolved_batch_size == 32  # its native 224 px
-    assert load_config(weights="none", **LOCAL).resolved_batch_size == 64  # InceptionV3 at the post's 139 px
-    assert load_config(weights="none", backbone="MobileNetV2", batch_size=100, **LOCAL).resolved_batch_size == 100
+    assert load_config(weights="none", backbone="MobileNetV2", **LOCAL).extraction_settings.resolved_batch_size == 32  # its native 224 px
+    assert load_config(weights="none", **LOCAL).extraction_settings.resolved_batch_size == 64  # InceptionV3 at the post's 139 px
+    assert load_config(weights="none", backbone="MobileNetV2", batch_size=100, **LOCAL).extraction_settings.resolved_batch_size == 100
 
 
 @pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
@@ -122,7 +140,12 @@ def test_head_and_tsne_keys_follow_their_settings():
 
 def test_blog_2017_preset_reproduces_the_post_and_explicit_options_win():
     config = load_config(preset="blog-2017", **LOCAL)
-    assert (config.backbone_name, config.resolved_input_size, config.pooling, config.head) == ("InceptionV3", 139, "none", "conv")
+    assert (config.extraction_settings.backbone_name, config.extraction_settings.resolved_input_size, config.pooling, config.head) == (
+        "InceptionV3",
+        139,
+        "none",
+        "conv",
+    )
     assert (config.head_batch_size, config.epochs, config.patience, config.validation_split) == (50, 50, 50, 0.2)
     assert load_config(preset="blog-2017", epochs=5, **LOCAL).epochs == 5
     with pytest.raises(ConfigError, match="preset"):
@@ -199,3 +222,29 @@ def test_stage_settings_dump_as_stored_records_hold_them():
         "flip": False,
         "refit": True,
     }
+
+
+def test_stage_settings_are_derived_from_the_option_declarations():
+    assert {name for name in PipelineConfig.model_fields if option_stage(name)} == set(PipelineConfig.model_fields)
+    assert TsneSettings.options == {"sample": "tsne_sample", "perplexity": "tsne_perplexity", "test": "tsne_test", "seed": "seed"}
+    assert HeadSettings.options["batch_size"] == "head_batch_size" and ExtractionSettings.options["batch_size"] == "batch_size"
+    for settings in (CollectionSettings, ExtractionSettings, RunnerSettings, TsneSettings, HeadSettings):
+        for name, option in settings.options.items():  # the option's own type (Literals kept) and description
+            field, declared = settings.model_fields[name], PipelineConfig.model_fields[option]
+            assert (field.annotation, field.description) == (declared.annotation, declared.description), (settings, name)
+    head = load_config(**LOCAL).head_settings.model_dump()
+    with pytest.raises(ValidationError, match="head\n  Input should be 'auto', 'all'"):
+        HeadSettings(**{**head, "head": "forest"})
+    with pytest.raises(ValidationError, match="batch_size\n  Input should be greater than or equal to 1"):
+        HeadSettings(**{**head, "batch_size": 0})
+
+
+def test_stored_settings_read_as_before():
+    """A stored record missing a field fails (a map or head is not rebuilt from guessed settings), except an option
+    that records made before it existed read as its default."""
+    head = load_config(**LOCAL).head_settings.model_dump()
+    with pytest.raises(ValidationError, match="refit\n  Field required"):
+        HeadSettings(**{name: value for name, value in head.items() if name != "refit"})
+    collection = load_config(source="/data/photos", source_format="folder").collection_settings.model_dump()
+    del collection["max_file_mb"]
+    assert CollectionSettings(**collection).max_file_mb == MAX_FILE_MB
