@@ -135,9 +135,13 @@ class PipelineConfig(BaseModel):
         "(default: the official MD5 for the official URL; required for any other source)",
     )
     storage: Annotated[str, Stage("run")] = Field("storage", description="output root: local path or fsspec URL")
-    backbone: Annotated[str, Stage("extraction")] = Field("InceptionV3", description="keras.applications model name")
+    backbone: Annotated[str, Stage("extraction")] = Field(
+        "InceptionV3", description="keras.applications model name (case-insensitive), e.g. MobileNetV2, ResNet50, EfficientNetB0"
+    )
     weights: Annotated[str, Stage("extraction")] = Field(
-        "imagenet", description="'imagenet' (Keras download), 'none' (seeded random init) or a weights file path"
+        "imagenet",
+        description="'imagenet' (Keras download), 'none' (random init seeded by --seed, for tests and timing) "
+        "or a no-top weights file path",
     )
     input_size: Annotated[int | None, Stage("extraction")] = Field(
         None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
@@ -176,7 +180,7 @@ class PipelineConfig(BaseModel):
         "or 'ray' (a local Ray, or --ray-address)",
     )
     workers: Annotated[int, Stage("runner")] = Field(
-        2, ge=1, le=1024, description="worker processes of the local Dask cluster or CPUs of the local Ray"
+        2, ge=1, le=1024, description="worker processes of the local Dask cluster or CPUs of the local Ray (at least one per GPU)"
     )
     dask_address: Annotated[str | None, Stage("runner")] = Field(
         None, description="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786"
@@ -204,7 +208,7 @@ class PipelineConfig(BaseModel):
     head_batch_size: Annotated[int, Stage("head", name="batch_size")] = Field(512, ge=1, le=65_536, description="head training batch size")
     learning_rate: Annotated[float, Stage("head")] = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
     validation_split: Annotated[float, Stage("head")] = Field(
-        0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch"
+        0.1, gt=0, lt=0.9, description="share of the train images held out to choose the head, its strength and its epoch"
     )
     patience: Annotated[int, Stage("head")] = Field(
         10, ge=1, description="epochs without validation improvement before head training stops"
@@ -215,7 +219,11 @@ class PipelineConfig(BaseModel):
         "with the chosen strength / epochs (free for ridge: one more solve; one more training for network heads)",
     )
     seed: Annotated[int, Stage("collection", "extraction", "tsne", "head")] = Field(
-        0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head"
+        0,
+        ge=0,
+        lt=2**31,
+        description="seed for random weights, the t-SNE sample and map, the validation split, the head, "
+        "and a collection's train/test split",
     )
 
     @model_validator(mode="before")

@@ -1,7 +1,8 @@
 """`cifar-transfer`: the command line for people.
 
 Options are generated from `PipelineConfig`, so `--help` always documents
-every field with its default, and the CLI cannot drift from the flow.
+every field with its default, and the CLI cannot drift from the flow
+(`docs/options.md` is generated from the same declarations: `flows/options_reference.py`).
 """
 
 from __future__ import annotations
@@ -26,19 +27,29 @@ from cifar_transfer.sources.files import MAX_FILE_MB
 EXTRACTION_OPTIONS = [name for name in PipelineConfig.model_fields if set(option_stage(name).stages) & set(EXTRACTION_STAGES)]
 
 
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_kind(name: str) -> tuple[type, list | None]:
+    """What the flag of the config option `name` parses to (bool: an on/off flag), and its choices when it has a fixed set."""
+    annotation = PipelineConfig.model_fields[name].annotation
+    arguments = typing.get_args(annotation)
+    if annotation is bool:
+        return bool, None
+    kind = next((candidate for candidate in (int, float) if candidate in (annotation, *arguments)), str)
+    return kind, list(arguments) if typing.get_origin(annotation) is typing.Literal else None
+
+
 def _add_config_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
     for name in names:
         field = PipelineConfig.model_fields[name]
-        annotation = field.annotation
-        arguments = typing.get_args(annotation)
-        flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} (default: {field.default})"
-        if annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        kind = next((candidate for candidate in (int, float) if candidate in (annotation, *arguments)), str)
-        choices = list(arguments) if typing.get_origin(annotation) is typing.Literal else None
-        parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+        kind, choices = option_kind(name)
+        if kind is bool:
+            parser.add_argument(option_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(option_flag(name), dest=name, type=kind, choices=choices, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

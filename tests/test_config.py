@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -248,3 +250,13 @@ def test_stored_settings_read_as_before():
     collection = load_config(source="/data/photos", source_format="folder").collection_settings.model_dump()
     del collection["max_file_mb"]
     assert CollectionSettings(**collection).max_file_mb == MAX_FILE_MB
+
+
+def test_the_committed_options_reference_is_what_the_declarations_say():
+    from cifar_transfer.flows import options_reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+    assert page.read_text() == options_reference.markdown(), (
+        "docs/options.md is out of date: run .venv/bin/python -m cifar_transfer.flows.options_reference"
+    )
+    assert "| `--tsne-sample`<br>`tsne_sample` | tsne (as `sample`) | integer, >= 0 | `25000` |" in page.read_text()
