@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -82,6 +82,10 @@ class Stage:
 
     def __init__(self, *stages: StageName, name: str | None = None, old_records_default: bool = False):
         self.stages, self.name, self.old_records_default = stages, name, old_records_default
+
+    def __repr__(self) -> str:
+        keywords = [f"name={self.name!r}"] * bool(self.name) + ["old_records_default=True"] * self.old_records_default
+        return f"Stage({', '.join([*map(repr, self.stages), *keywords])})"
 
 
 class StageSettings(BaseModel):
@@ -334,7 +338,8 @@ def option_stage(name: str) -> Stage:
 
 def settings_of(stage: StageName) -> type[StageSettings]:
     """The fields of `stage`'s settings, from the options that stage reads: same types (Literals, bounds), descriptions."""
-    fields, options = {}, {}
+    fields: dict[str, Any] = {}
+    options: dict[str, str] = {}
     for option, field in PipelineConfig.model_fields.items():
         where = option_stage(option)
         if stage not in where.stages:
