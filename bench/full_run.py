@@ -33,8 +33,8 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     extraction, spec = summary.extraction, summary.features.spec
     result = {
-        "backbone": config.backbone_name,
-        "input_size": config.resolved_input_size,
+        "backbone": config.extraction_settings.backbone_name,
+        "input_size": config.extraction_settings.resolved_input_size,
         "pooling": config.pooling,
         "weights": config.weights,
         "engine": f"{spec.engine} {spec.precision}",

@@ -190,7 +190,7 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path) -> d
         "task_runner": f"dask x{workers}",
         "images": stats.images,
         "shards": stats.shards,
-        "input_size": config.resolved_input_size,
+        "input_size": config.extraction_settings.resolved_input_size,
         "batch_size": config.batch_size,
         "precision": features.spec.precision,
         "worker_processes": len(stats.processes),

@@ -100,14 +100,15 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     size = spec.input_size
     resized = tf.cast(tf.round(tf.image.resize(images[:CEILING_IMAGES], (size, size))), tf.uint8).numpy()
     bare = build_engine_extractor(spec, (size, size, 3))
-    bare(resized[: config.resolved_batch_size], config.resolved_batch_size)  # warm-up: compilation and first allocations
-    get_extractor(spec, images.shape[1:])(images[: config.resolved_batch_size], config.resolved_batch_size)
+    batch = config.extraction_settings.resolved_batch_size
+    bare(resized[:batch], batch)  # warm-up: compilation and first allocations
+    get_extractor(spec, images.shape[1:])(images[:batch], batch)
     test_only = dataset.model_copy(update={"sizes": {"test": test_images}})
-    rates = ceiling_passes(bare, resized, config.resolved_batch_size)
+    rates = ceiling_passes(bare, resized, batch)
     started = time.perf_counter()
-    extract_shards(config, spec, test_only)
+    extract_shards(config.storage, config.extraction_settings, spec, test_only)
     pipeline = test_images / (time.perf_counter() - started)
-    rates += ceiling_passes(bare, resized, config.resolved_batch_size)
+    rates += ceiling_passes(bare, resized, batch)
     ceiling, typical = max(rates), statistics.median(rates)
     return {
         "engine": engine,
@@ -139,10 +140,10 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
 
     start_prefect()
     config, dataset, test_images = prepared(options, storage)
-    choice = choose_engine(config, dataset.md5, lambda: test_images[:64])
+    choice = choose_engine(config.extraction_settings, config.storage, dataset.md5, lambda: test_images[:64])
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
     started = time.perf_counter()
-    extract_shards(config, spec, dataset.model_copy(update={"sizes": {"train": images}}))
+    extract_shards(config.storage, config.extraction_settings, spec, dataset.model_copy(update={"sizes": {"train": images}}))
     seconds = time.perf_counter() - started
     return {
         "images": images,
@@ -185,7 +186,7 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
 
     config, dataset, images = prepared(options, storage)
     backbone = get_backbone(config.backbone)
-    size = config.resolved_input_size
+    size = config.extraction_settings.resolved_input_size
     keras.utils.set_random_seed(config.seed)
     model = backbone.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
     started = time.perf_counter()
@@ -193,7 +194,7 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
     resize_seconds = time.perf_counter() - started
     model.predict(resized[:32], verbose=0)
     started = time.perf_counter()
-    maps = model.predict(resized, batch_size=config.resolved_batch_size, verbose=0)
+    maps = model.predict(resized, batch_size=config.extraction_settings.resolved_batch_size, verbose=0)
     predict_seconds = time.perf_counter() - started
     total_images = sum(dataset.sizes.values())
     train_images = dataset.sizes["train"]

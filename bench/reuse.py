@@ -14,6 +14,7 @@ the new run's own account of its extraction plan, map and head, to bench/results
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import pickle
@@ -49,20 +50,25 @@ def checkout_python(checkout: Path) -> str:
     return str(python)
 
 
-def cifar_rows(member: str, count: int) -> tuple[np.ndarray, list[int]]:
+@functools.cache
+def _batch(member: str) -> dict:
     with tarfile.open(SHARED / "cifar-10-python.tar.gz") as archive:
-        batch = pickle.load(archive.extractfile(f"cifar-10-batches-py/{member}"), encoding="bytes")
+        return pickle.load(archive.extractfile(f"cifar-10-batches-py/{member}"), encoding="bytes")
+
+
+def cifar_rows(member: str, count: int) -> tuple[np.ndarray, list[int]]:
+    batch = _batch(member)
     return batch[b"data"][:count], list(batch[b"labels"][:count])
 
 
 def write_archive(path: Path) -> None:
-    """600 images in the official layout (500 train in data_batch_1, 100 test; the other batches empty)."""
+    """600 images in the official layout: 100 in each training batch, 100 in the test batch."""
     with tarfile.open(SHARED / "cifar-10-python.tar.gz") as archive:
-        meta = archive.extractfile("cifar-10-batches-py/batches.meta").read()
-    members = {"batches.meta": meta}
-    for name, count in [("data_batch_1", 500), ("data_batch_2", 0), ("data_batch_3", 0), ("data_batch_4", 0), ("data_batch_5", 0)]:
-        data, labels = cifar_rows("data_batch_1", count)
-        members[name] = pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
+        members = {"batches.meta": archive.extractfile("cifar-10-batches-py/batches.meta").read()}
+    data, labels = cifar_rows("data_batch_1", 500)
+    for number in range(5):
+        rows = slice(100 * number, 100 * (number + 1))
+        members[f"data_batch_{number + 1}"] = pickle.dumps({b"data": data[rows], b"labels": labels[rows]}, protocol=2)
     data, labels = cifar_rows("test_batch", 100)
     members["test_batch"] = pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
     with tarfile.open(path, "w:gz") as archive:
@@ -108,6 +114,7 @@ def main() -> None:
     old_commit = subprocess.run(["git", "-C", str(arguments.old), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     new_commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     work = arguments.work or Path(tempfile.mkdtemp(prefix="cifar-transfer-reuse-"))
+    work.mkdir(parents=True, exist_ok=True)
     write_archive(work / "small.tar.gz")
     write_folder(work / "folder")
     sources = {"archive": ["--source", str(work / "small.tar.gz"), "--md5", "none"], "folder": ["--source", str(work / "folder")]}

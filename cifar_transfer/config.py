@@ -1,9 +1,10 @@
 """The one typed configuration of a run, validated at the edge, and the fingerprints.
 
-`PipelineConfig` holds every option a user can set. `FeatureSpec` is the part
-that changes the features (plus the archive checksum and weights identity); its
-fingerprint names the feature folder and is written into every Parquet file, so
-runs with different settings never mix.
+`PipelineConfig` holds every option a user can set, each declared once: type, default, bounds, description, and
+(its `Stage` annotation) the stages that read it. Each stage's settings (`TsneSettings`, `HeadSettings`, ...) are
+derived from those declarations, so a task gets just what its stage reads, typed as the option is. `FeatureSpec`
+is the part that changes the features (plus the archive checksum and weights identity); its fingerprint names
+the feature folder and is written into every Parquet file, so runs with different settings never mix.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.redact import refuse_secrets
@@ -69,79 +70,35 @@ def batch_size_for(input_size: int) -> int:
     return max(8, min(64, BATCH_PIXELS // input_size**2))
 
 
+StageName = Literal["run", "source", "collection", "extraction", "runner", "tsne", "head"]
+
+# The stages the `cifar-transfer extract` subcommand runs: it takes only the options these read.
+EXTRACTION_STAGES: tuple[StageName, ...] = ("run", "source", "collection", "extraction", "runner")
+
+
+class Stage:
+    """Where an option of `PipelineConfig` is read (its `Annotated` metadata): the stages whose settings hold it, as
+    `name` there when that differs from the flat option's (`tsne_sample` is `TsneSettings.sample`). A stage's settings
+    require every field, as the records stored with a map or head hold them all; `old_records_default` lets records
+    made before the option existed read as its default. "run" marks what every stage shares (storage, preset)."""
+
+    def __init__(self, *stages: StageName, name: str | None = None, old_records_default: bool = False):
+        self.stages, self.name, self.old_records_default = stages, name, old_records_default
+
+    def __repr__(self) -> str:
+        keywords = [f"name={self.name!r}"] * bool(self.name) + ["old_records_default=True"] * self.old_records_default
+        return f"Stage({', '.join([*map(repr, self.stages), *keywords])})"
+
+
 class StageSettings(BaseModel):
-    """The part of the configuration one stage reads; built from `PipelineConfig`, never by hand."""
+    """The part of the configuration one stage reads; derived from `PipelineConfig`'s declarations, built by `stage()`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class SourceSettings(StageSettings):
-    source: str
-    md5: str | None
-    source_format: str
-    label_mode: str
+    options: ClassVar[dict[str, str]] = {}  # each field's flat option in `PipelineConfig`
 
 
-class CollectionSettings(StageSettings):
-    """How to read a collection (an image folder or a Parquet table): everything its listing depends on."""
-
-    source: str
-    source_format: str
-    test_fraction: float
-    image_column: str
-    label_column: str
-    classes: str | None
-    seed: int
-    max_file_mb: float = MAX_FILE_MB  # records made before the option read as its default
-
-
-class ExtractionSettings(StageSettings):
-    """What decides which features are extracted and how they are cut into shards."""
-
-    backbone: str
-    weights: str
-    input_size: int | None
-    pooling: str
-    engine: str
-    precision: str
-    flip: bool
-    shard_size: int
-    batch_size: int | None
-    seed: int
-
-
-class RunnerSettings(StageSettings):
-    task_runner: str
-    workers: int
-    dask_address: str | None
-    ray_address: str | None
-
-
-class TsneSettings(StageSettings):
-    """The map's settings; their hash (with the features' fingerprint) names the map's folder."""
-
-    sample: int
-    perplexity: float
-    seed: int
-    test: bool
-
-
-class HeadSettings(StageSettings):
-    """The head stage's settings; their hash (with the features' fingerprint) names the head's folder."""
-
-    head: str
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    validation_split: float
-    patience: int
-    seed: int
-    flip: bool
-    refit: bool
-
-
-# The options of `cifar-transfer extract`: everything that decides the features, and where they go.
-EXTRACTION_STAGES = (SourceSettings, CollectionSettings, ExtractionSettings, RunnerSettings)
+Settings = TypeVar("Settings", bound=StageSettings)
 
 
 class PipelineConfig(BaseModel):
@@ -149,97 +106,131 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["blog-2017"] | None = Field(
+    preset: Annotated[Literal["blog-2017"] | None, Stage("run")] = Field(
         None, description="a named bundle of settings: 'blog-2017' reproduces the post (InceptionV3 139px maps, conv head, 50 epochs)"
     )
-    source: str = Field(
+    source: Annotated[str, Stage("source", "collection")] = Field(
         CIFAR10_URL,
         description="labelled images: a CIFAR-10/100 python archive, an image folder tree (ROOT/train/<class>/*, ROOT/test/<class>/* "
         "or ROOT/<class>/*) or a Parquet table of encoded images (file, folder or glob); URL, local path or any fsspec URL",
     )
-    source_format: SourceFormat = Field(
+    source_format: Annotated[SourceFormat, Stage("source", "collection")] = Field(
         "auto", description="what --source is; 'auto': an archive by its name (.tar.gz), a table by .parquet files, else a folder tree"
     )
-    label_mode: Literal["fine", "coarse"] = Field("fine", description="CIFAR-100 labels: 'fine' (100 classes) or 'coarse' (20)")
-    test_fraction: float = Field(
+    label_mode: Annotated[Literal["fine", "coarse"], Stage("source")] = Field(
+        "fine", description="CIFAR-100 labels: 'fine' (100 classes) or 'coarse' (20)"
+    )
+    test_fraction: Annotated[float, Stage("collection")] = Field(
         0.2, gt=0, lt=1, description="share of a collection's images held out for test when it does not name its splits (seeded, stable)"
     )
-    image_column: str = Field("image", description="Parquet sources: the column of encoded images (a struct with 'bytes', or binary)")
-    label_column: str = Field("label", description="Parquet sources: the integer label column")
-    classes: str | None = Field(None, description="Parquet sources: a file of class names (one per line) when the table names none")
-    max_file_mb: float = Field(
+    image_column: Annotated[str, Stage("collection")] = Field(
+        "image", description="Parquet sources: the column of encoded images (a struct with 'bytes', or binary)"
+    )
+    label_column: Annotated[str, Stage("collection")] = Field("label", description="Parquet sources: the integer label column")
+    classes: Annotated[str | None, Stage("collection")] = Field(
+        None, description="Parquet sources: a file of class names (one per line) when the table names none"
+    )
+    max_file_mb: Annotated[float, Stage("collection", old_records_default=True)] = Field(
         MAX_FILE_MB,
         gt=0,
         description="collections and predict: a file (or table cell) larger than this many MiB is skipped and listed, never read",
     )
-    md5: str | None = Field(
+    md5: Annotated[str | None, Stage("source")] = Field(
         None,
         description="expected MD5 of the archive, or 'none' to skip the check "
         "(default: the official MD5 for the official URL; required for any other source)",
     )
-    storage: str = Field("storage", description="output root: local path or fsspec URL")
-    backbone: str = Field("InceptionV3", description="keras.applications model name")
-    weights: str = Field("imagenet", description="'imagenet' (Keras download), 'none' (seeded random init) or a weights file path")
-    input_size: int | None = Field(
+    storage: Annotated[str, Stage("run")] = Field("storage", description="output root: local path or fsspec URL")
+    backbone: Annotated[str, Stage("extraction")] = Field(
+        "InceptionV3", description="keras.applications model name (case-insensitive), e.g. MobileNetV2, ResNet50, EfficientNetB0"
+    )
+    weights: Annotated[str, Stage("extraction")] = Field(
+        "imagenet",
+        description="'imagenet' (Keras download), 'none' (random init seeded by --seed, for tests and timing) "
+        "or a no-top weights file path",
+    )
+    input_size: Annotated[int | None, Stage("extraction")] = Field(
         None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
     )
-    pooling: Literal["stages", "avg", "none"] = Field(
+    pooling: Annotated[Literal["stages", "avg", "none"], Stage("extraction")] = Field(
         "stages",
         description="'stages': the average-pooled end of the stage before the last, widest point of the last stage and final "
         "features, concatenated (MobileNetV2: block_13_expand_relu, block_16_expand_relu, out_relu): +5.6 points of head "
         "accuracy at the same extraction cost; 'avg': the pooled final features only (the default of feature sets made "
         "before); 'none': the spatial map, flattened",
     )
-    engine: Literal["auto", "tensorflow", "openvino"] = Field(
+    engine: Annotated[Literal["auto", "tensorflow", "openvino"], Stage("extraction")] = Field(
         "auto", description="inference engine; 'auto': TensorFlow on a GPU, OpenVINO on a CPU when installed"
     )
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    precision: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Stage("extraction")] = Field(
         "auto",
         description="backbone compute precision; 'auto': mixed precision on a GPU, bfloat16 on a CPU with native bf16 "
         "when its features stay at cosine >= 0.9999 to float32, else float32",
     )
-    flip: bool = Field(
+    flip: Annotated[bool, Stage("extraction", "head")] = Field(
         False,
         description="also extract left-right mirrored images (stored as train-flipped/test-flipped beside the originals); "
         "heads then train on both and average both at validation and test",
     )
-    shard_size: int = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
-    batch_size: int | None = Field(
+    shard_size: Annotated[int, Stage("extraction")] = Field(1000, ge=1, le=100_000, description="images per Parquet shard")
+    batch_size: Annotated[int | None, Stage("extraction")] = Field(
         None,
         ge=1,
         le=4096,
         description="images per backbone forward pass (default: 64 up to 160 px inputs, fewer above so a batch keeps the "
         "same number of pixels: 32 at 224 px; the features do not depend on it)",
     )
-    task_runner: Literal["thread", "dask", "ray"] = Field(
+    task_runner: Annotated[Literal["thread", "dask", "ray"], Stage("runner")] = Field(
         "thread",
         description="where shards run: 'thread' (this process), 'dask' (a local Dask cluster, or --dask-address) "
         "or 'ray' (a local Ray, or --ray-address)",
     )
-    workers: int = Field(2, ge=1, le=1024, description="worker processes of the local Dask cluster or CPUs of the local Ray")
-    dask_address: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    ray_address: str | None = Field(None, description="address of an existing Ray cluster, e.g. ray://10.0.0.5:10001 (task_runner ray)")
-    tsne_sample: int = Field(25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)")
-    tsne_perplexity: float = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
-    tsne_test: bool = Field(False, description="also place the test images into the map (openTSNE transform)")
-    head: HeadKind = Field(
+    workers: Annotated[int, Stage("runner")] = Field(
+        2, ge=1, le=1024, description="worker processes of the local Dask cluster or CPUs of the local Ray (at least one per GPU)"
+    )
+    dask_address: Annotated[str | None, Stage("runner")] = Field(
+        None, description="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786"
+    )
+    ray_address: Annotated[str | None, Stage("runner")] = Field(
+        None, description="address of an existing Ray cluster, e.g. ray://10.0.0.5:10001 (task_runner ray)"
+    )
+    tsne_sample: Annotated[int, Stage("tsne", name="sample")] = Field(
+        25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)"
+    )
+    tsne_perplexity: Annotated[float, Stage("tsne", name="perplexity")] = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
+    tsne_test: Annotated[bool, Stage("tsne", name="test")] = Field(
+        False, description="also place the test images into the map (openTSNE transform)"
+    )
+    head: Annotated[HeadKind, Stage("head")] = Field(
         "auto",
         description="classifier head: 'ridge' (closed form from streamed moments, strength chosen on validation), "
         "'logistic', 'mlp' (trained from the shards, best epoch on validation), 'conv' (spatial maps), "
         "'auto': ridge, plus conv and their ensemble on spatial maps; or 'all': every head that fits the features and "
         "their ensemble (minutes instead of seconds, a point or two more); the best on validation wins",
     )
-    epochs: int = Field(50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept")
-    head_batch_size: int = Field(512, ge=1, le=65_536, description="head training batch size")
-    learning_rate: float = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
-    validation_split: float = Field(0.1, gt=0, lt=0.9, description="fraction of train images held out to pick the best epoch")
-    patience: int = Field(10, ge=1, description="epochs without validation improvement before head training stops")
-    refit: bool = Field(
+    epochs: Annotated[int, Stage("head")] = Field(
+        50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept"
+    )
+    head_batch_size: Annotated[int, Stage("head", name="batch_size")] = Field(512, ge=1, le=65_536, description="head training batch size")
+    learning_rate: Annotated[float, Stage("head")] = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
+    validation_split: Annotated[float, Stage("head")] = Field(
+        0.1, gt=0, lt=0.9, description="share of the train images held out to choose the head, its strength and its epoch"
+    )
+    patience: Annotated[int, Stage("head")] = Field(
+        10, ge=1, description="epochs without validation improvement before head training stops"
+    )
+    refit: Annotated[bool, Stage("head")] = Field(
         True,
         description="after choosing on validation, train the chosen head again on all train images (validation part included) "
         "with the chosen strength / epochs (free for ridge: one more solve; one more training for network heads)",
     )
-    seed: int = Field(0, ge=0, lt=2**31, description="seed for random weights, t-SNE sampling and the head")
+    seed: Annotated[int, Stage("collection", "extraction", "tsne", "head")] = Field(
+        0,
+        ge=0,
+        lt=2**31,
+        description="seed for random weights, the t-SNE sample and map, the validation split, the head, "
+        "and a collection's train/test split",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -304,9 +295,76 @@ class PipelineConfig(BaseModel):
         """ "cifar10", "cifar100", or "auto" (read from the archive's members)."""
         return self.source_format if self.source_format in ("cifar10", "cifar100") else OFFICIAL_ARCHIVES.get(self.source, ("auto",))[0]
 
+    def stage(self, settings: type[Settings]) -> Settings:
+        """This configuration's settings of one stage, as that stage's own typed model."""
+        return settings(**{name: getattr(self, option) for name, option in settings.options.items()})
+
     @property
     def collection_settings(self) -> CollectionSettings:
         return self.stage(CollectionSettings)
+
+    @property
+    def extraction_settings(self) -> ExtractionSettings:
+        return self.stage(ExtractionSettings)
+
+    @property
+    def runner_settings(self) -> RunnerSettings:
+        return self.stage(RunnerSettings)
+
+    @property
+    def tsne_settings(self) -> TsneSettings:
+        return self.stage(TsneSettings)
+
+    @property
+    def head_settings(self) -> HeadSettings:
+        return self.stage(HeadSettings)
+
+    def feature_spec(self, dataset_id: str, engine: str | None = None, precision: str | None = None) -> FeatureSpec:
+        return self.extraction_settings.feature_spec(dataset_id, engine, precision)
+
+    def tsne_key(self, fingerprint: str, content_version: str | None = None) -> str:
+        """Names the t-SNE output of these features (a collection's: of this version of them) and settings."""
+        return stable_hash({"features": fingerprint, **_content(content_version), **self.tsne_settings.model_dump()}, 12)
+
+    def head_key(self, fingerprint: str, content_version: str | None = None) -> str:
+        """Names the head output of these features (a collection's: of this version of them) and settings."""
+        return stable_hash({"features": fingerprint, **_content(content_version), **self.head_settings.model_dump()}, 12)
+
+
+def option_stage(name: str) -> Stage:
+    """The `Stage` annotation of the option `name`: which stages read it."""
+    found = next((entry for entry in PipelineConfig.model_fields[name].metadata if isinstance(entry, Stage)), None)
+    if found is None:
+        raise TypeError(f"option {name!r} declares no stage: annotate it with the stages that read it, Annotated[type, Stage(...)]")
+    return found
+
+
+def settings_of(stage: StageName) -> type[StageSettings]:
+    """The fields of `stage`'s settings, from the options that stage reads: same types (Literals, bounds), descriptions."""
+    fields: dict[str, Any] = {}
+    options: dict[str, str] = {}
+    for option, field in PipelineConfig.model_fields.items():
+        where = option_stage(option)
+        if stage not in where.stages:
+            continue
+        name = where.name or option
+        if name in fields:
+            raise TypeError(f"options {options[name]!r} and {option!r} are both {name!r} in stage {stage!r}: give one Stage(name=...)")
+        bounds = [entry for entry in field.metadata if not isinstance(entry, Stage)]
+        annotation = Annotated[(field.annotation, *bounds)] if bounds else field.annotation
+        fields[name] = (annotation, Field(field.default if where.old_records_default else ..., description=field.description))
+        options[name] = option
+    settings = create_model(f"{stage}-options", __base__=StageSettings, **fields)
+    settings.options = options
+    return settings
+
+
+class CollectionSettings(settings_of("collection")):
+    """How to read a collection (an image folder or a Parquet table): everything its listing depends on."""
+
+
+class ExtractionSettings(settings_of("extraction")):
+    """What decides which features are extracted and how they are cut into shards."""
 
     @property
     def backbone_name(self) -> str:
@@ -324,11 +382,11 @@ class PipelineConfig(BaseModel):
     def resolved_batch_size(self) -> int:
         return self.batch_size or batch_size_for(self.resolved_input_size)
 
-    def feature_spec(self, dataset_id: str, engine: str | None = None, precision: str | None = None) -> "FeatureSpec":
-        """The spec of these features; `engine`/`precision` resolve 'auto' (see `tasks.engines.choose_engine`)."""
+    def feature_spec(self, dataset_id: str, engine: str | None = None, precision: str | None = None) -> FeatureSpec:
+        """The spec of these features; `engine`/`precision` resolve 'auto' (see `engines.choose_engine`)."""
         engine, precision = engine or self.engine, precision or self.precision
         if "auto" in (engine, precision):
-            raise ValueError("engine and precision must be resolved before the features are named: use tasks.engines.choose_engine")
+            raise ValueError("engine and precision must be resolved before the features are named: use engines.choose_engine")
         if self.weights in ("imagenet", "none"):
             weights_id = "imagenet" if self.weights == "imagenet" else f"random-init-seed{self.seed}"
         else:
@@ -345,33 +403,17 @@ class PipelineConfig(BaseModel):
             precision=precision,
         )
 
-    def stage(self, settings: type[StageSettings]) -> StageSettings:
-        """This configuration's settings of one stage, as that stage's own typed model."""
-        return settings(**self.model_dump(include=set(settings.model_fields)))
 
-    @property
-    def source_settings(self) -> SourceSettings:
-        return self.stage(SourceSettings)
+class RunnerSettings(settings_of("runner")):
+    """Where the shard tasks run."""
 
-    @property
-    def runner_settings(self) -> RunnerSettings:
-        return self.stage(RunnerSettings)
 
-    @property
-    def tsne_settings(self) -> TsneSettings:
-        return TsneSettings(sample=self.tsne_sample, perplexity=self.tsne_perplexity, seed=self.seed, test=self.tsne_test)
+class TsneSettings(settings_of("tsne")):
+    """The map's settings; their hash (with the features' fingerprint) names the map's folder."""
 
-    @property
-    def head_settings(self) -> HeadSettings:
-        return HeadSettings(**self.model_dump(include=set(HeadSettings.model_fields) - {"batch_size"}), batch_size=self.head_batch_size)
 
-    def tsne_key(self, fingerprint: str, content_version: str | None = None) -> str:
-        """Names the t-SNE output of these features (a collection's: of this version of them) and settings."""
-        return stable_hash({"features": fingerprint, **_content(content_version), **self.tsne_settings.model_dump()}, 12)
-
-    def head_key(self, fingerprint: str, content_version: str | None = None) -> str:
-        """Names the head output of these features (a collection's: of this version of them) and settings."""
-        return stable_hash({"features": fingerprint, **_content(content_version), **self.head_settings.model_dump()}, 12)
+class HeadSettings(settings_of("head")):
+    """The head stage's settings; their hash (with the features' fingerprint) names the head's folder."""
 
 
 def _content(content_version: str | None) -> dict:

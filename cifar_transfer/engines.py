@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from cifar_transfer import layout
-from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
+from cifar_transfer.config import ExtractionSettings, FeatureSpec, stable_hash
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.extractors import float32_reference, forget_extractor, get_extractor
 from cifar_transfer.hardware import cpu_has_native_bf16, gpus, machine_description, openvino_available
@@ -38,9 +38,9 @@ class EngineChoice(BaseModel):
     reason: str
 
 
-def candidate_choice(config: PipelineConfig) -> EngineChoice:
+def candidate_choice(settings: ExtractionSettings) -> EngineChoice:
     """Resolve `auto` from the hardware alone; a bf16 candidate is then checked by `choose_engine`."""
-    engine, precision = config.engine, config.precision
+    engine, precision = settings.engine, settings.precision
     on_gpu = bool(gpus())
     if engine == "openvino" and not openvino_available():
         raise ConfigError("engine 'openvino' is not installed: pip install openvino, or pass --engine tensorflow")
@@ -63,28 +63,30 @@ def _choice_path(storage: Storage, spec: FeatureSpec) -> str:
     return layout.engine_choice(storage, key)
 
 
-def choose_engine(config: PipelineConfig, dataset_id: str, read_calibration_images: Callable[[], np.ndarray]) -> EngineChoice:
+def choose_engine(
+    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_images: Callable[[], np.ndarray]
+) -> EngineChoice:
     """The engine and precision of this run, logged; a reduced precision must earn its place.
 
     When `auto` proposes bfloat16/float16, the features of `read_calibration_images()`
     in that precision are compared with float32's; below `BF16_MIN_COSINE` the
     run falls back to float32. The verdict is stored, so reruns don't rebuild.
     """
-    choice = candidate_choice(config)
-    if config.precision != "auto" or choice.precision == "float32":
+    choice = candidate_choice(settings)
+    if settings.precision != "auto" or choice.precision == "float32":
         log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
         return choice
-    storage = Storage(config.storage)
-    path = _choice_path(storage, config.feature_spec(dataset_id, choice.engine, choice.precision))
+    storage = Storage(storage_url)
+    path = _choice_path(storage, settings.feature_spec(dataset_id, choice.engine, choice.precision))
     if storage.exists(path):
         remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    reduced_spec = config.feature_spec(dataset_id, choice.engine, choice.precision)
+    reduced_spec = settings.feature_spec(dataset_id, choice.engine, choice.precision)
     calibration_images = read_calibration_images()
     reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
     exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
-    batch = config.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
+    batch = settings.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
     cosine = float(mean_cosine(reduced(calibration_images, batch), exact(calibration_images, batch)))
     if cosine < BF16_MIN_COSINE:
         forget_extractor(reduced_spec, calibration_images.shape[1:])
@@ -113,9 +115,12 @@ def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(np.sum(unit(features) * unit(reference), axis=1)))
 
 
-def choose_engine_for_dataset(config: PipelineConfig, dataset: SourceDataset) -> EngineChoice:
+def choose_engine_for_dataset(settings: ExtractionSettings, storage_url: str, dataset: SourceDataset) -> EngineChoice:
     """`choose_engine`, calibrated on the first train images of the source (only read when a reduced precision must
     be checked and no verdict is remembered)."""
     return choose_engine(
-        config, dataset.id, lambda: dataset.calibration_images(config.storage, CALIBRATION_IMAGES, config.resolved_input_size)
+        settings,
+        storage_url,
+        dataset.id,
+        lambda: dataset.calibration_images(storage_url, CALIBRATION_IMAGES, settings.resolved_input_size),
     )

@@ -1,7 +1,8 @@
 """`cifar-transfer`: the command line for people.
 
 Options are generated from `PipelineConfig`, so `--help` always documents
-every field with its default, and the CLI cannot drift from the flow.
+every field with its default, and the CLI cannot drift from the flow
+(`docs/options.md` is generated from the same declarations: `flows/options_reference.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import posixpath
 import sys
 import typing
 
-from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config
+from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config, option_stage
 from cifar_transfer.errors import PermanentError
 from cifar_transfer.export import FORMATS
 from cifar_transfer.flows import console  # first: it sets Prefect's settings before Prefect is imported
@@ -21,28 +22,34 @@ from cifar_transfer.predict import CHUNK
 from cifar_transfer.redact import printable, redact, refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB
 
-# The options that decide which features get extracted (the `extract` subcommand takes only these): the fields of the
-# extraction stages' settings, plus where the output goes and the preset that may set them.
-EXTRACTION_OPTIONS = [
-    name
-    for name in PipelineConfig.model_fields
-    if name in ("preset", "storage") or any(name in stage.model_fields for stage in EXTRACTION_STAGES)
-]
+# The options that decide which features get extracted (the `extract` subcommand takes only these): those the
+# extraction stages read, where the output goes and the preset that may set them.
+EXTRACTION_OPTIONS = [name for name in PipelineConfig.model_fields if set(option_stage(name).stages) & set(EXTRACTION_STAGES)]
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_kind(name: str) -> tuple[type, list | None]:
+    """What the flag of the config option `name` parses to (bool: an on/off flag), and its choices when it has a fixed set."""
+    annotation = PipelineConfig.model_fields[name].annotation
+    arguments = typing.get_args(annotation)
+    if annotation is bool:
+        return bool, None
+    kind = next((candidate for candidate in (int, float) if candidate in (annotation, *arguments)), str)
+    return kind, list(arguments) if typing.get_origin(annotation) is typing.Literal else None
 
 
 def _add_config_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
     for name in names:
         field = PipelineConfig.model_fields[name]
-        annotation = field.annotation
-        arguments = typing.get_args(annotation)
-        flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} (default: {field.default})"
-        if annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        kind = next((candidate for candidate in (int, float) if candidate in (annotation, *arguments)), str)
-        choices = list(arguments) if typing.get_origin(annotation) is typing.Literal else None
-        parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+        kind, choices = option_kind(name)
+        if kind is bool:
+            parser.add_argument(option_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(option_flag(name), dest=name, type=kind, choices=choices, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

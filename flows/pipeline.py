@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from prefect import flow, tags
 
-from cifar_transfer.config import FeatureSpec, PipelineConfig
+from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
 from cifar_transfer.extractors import release_extractors
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
@@ -37,9 +37,10 @@ DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is 
 @flow(name="extract-features", flow_run_name="extract-{config.backbone}")
 def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
     dataset = prepare_source(config)
-    engine = choose_engine_task(config, dataset)
+    extraction = config.extraction_settings
+    engine = choose_engine_task(extraction, config.storage, dataset)
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
-    extracted = extract_shards.with_options(task_runner=shard_runner(config))(config, spec, dataset)
+    extracted = extract_shards.with_options(task_runner=shard_runner(config.runner_settings))(config.storage, extraction, spec, dataset)
     features = commit_feature_set_task(
         config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, dataset.collection, dataset.unusable
     )
@@ -47,13 +48,13 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
 
 
 @flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
-def extract_shards(config: PipelineConfig, spec: FeatureSpec, dataset: PreparedSource) -> ExtractedFeatures:
+def extract_shards(storage_url: str, settings: ExtractionSettings, spec: FeatureSpec, dataset: PreparedSource) -> ExtractedFeatures:
     """Every shard still to compute as its own task, on the task runner the config chose; finished ones are reused."""
-    plan = plan_extraction_task(config.storage, spec, dataset, config.shard_size, config.flip)
+    plan = plan_extraction_task(storage_url, spec, dataset, settings.shard_size, settings.flip)
     futures = []
     for shard in plan.to_compute:
         with tags(spec.backbone, shard.split):
-            futures.append(extract_shard_task.submit(config.storage, spec, dataset, shard, config.resolved_batch_size))
+            futures.append(extract_shard_task.submit(storage_url, spec, dataset, shard, settings.resolved_batch_size))
     records, stats = wait_for_shards(plan.reused, futures)
     release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
     return ExtractedFeatures(records=records, stats=stats, retired=plan.retired)
@@ -93,7 +94,8 @@ def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> RunSummary:
 @flow(name="watch-collection", flow_run_name="watch-{config.source_format}")
 def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
     """Whether the collection changed since the last watch (then the change event is out)."""
-    return watch_collection_task(config).changed
+    run_options = config.model_dump(mode="json", exclude_defaults=True)
+    return watch_collection_task(config.collection_settings, config.storage, run_options).changed
 
 
 @flow(name="predict-images", flow_run_name="predict-{head_key}")

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.events import emit_event
 
 from cifar_transfer.collection import CollectionDataset, WatchResult, list_collection, watch_collection
-from cifar_transfer.config import CollectionSettings, PipelineConfig
+from cifar_transfer.config import CollectionSettings
 from cifar_transfer.redact import redact
 from cifar_transfer.tasks.retries import transient_retries
 
@@ -21,10 +21,9 @@ COLLECTION_CHANGED_EVENT = "cifar-transfer.collection.changed"
 
 
 @task(name="watch-collection", **transient_retries(2, backoff_factor=2))
-def watch_collection_task(config: PipelineConfig) -> WatchResult:
+def watch_collection_task(settings: CollectionSettings, storage_url: str, run_options: dict) -> WatchResult:
     """List the collection; when it changed since the last watch, emit the event the extraction deployment triggers on,
-    with the watched configuration (so the extraction it starts is the one this watch stands for)."""
-    settings, storage_url = config.collection_settings, config.storage
+    with `run_options` (the watched run's flat `config`, so the extraction it starts is the one this watch stands for)."""
     result = watch_collection(settings, storage_url)
     if result.changed:
         emit_event(
@@ -37,7 +36,7 @@ def watch_collection_task(config: PipelineConfig) -> WatchResult:
             payload={
                 "sizes": result.dataset.sizes,
                 "listing_digest": result.dataset.listing_digest,
-                "config": config.model_dump(mode="json", exclude_defaults=True),
+                "config": run_options,
             },
         )
     return result

@@ -17,25 +17,25 @@ import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cifar_transfer.config import PipelineConfig
+from cifar_transfer.config import RunnerSettings
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.hardware import gpus
 
 
-def shard_runner(config: PipelineConfig):
+def shard_runner(settings: RunnerSettings):
     """The Prefect task runner the shard tasks of this run go to."""
-    if config.task_runner == "dask":
+    if settings.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
-        if config.dask_address:
-            return DaskTaskRunner(address=config.dask_address)
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
         devices = visible_gpu_ids()
         if len(devices) > 1:
-            return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=gpu_cluster_spec(devices, config.workers))
+            return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=gpu_cluster_spec(devices, settings.workers))
         # One single-threaded Dask worker per process: TensorFlow brings its own threads.
-        return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1, "processes": True})
-    if config.task_runner == "ray":
-        return ray_runner(config)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": settings.workers, "threads_per_worker": 1, "processes": True})
+    if settings.task_runner == "ray":
+        return ray_runner(settings)
     # Two threads: while one shard runs the backbone, the other reads its rows or writes Parquet.
     return ThreadPoolTaskRunner(max_workers=2)
 
@@ -63,7 +63,7 @@ def gpu_cluster_spec(devices: list[str], workers: int) -> dict:
     }
 
 
-def ray_runner(config: PipelineConfig):
+def ray_runner(settings: RunnerSettings):
     """A Ray task runner: the cluster at --ray-address, or a local Ray with --workers CPUs."""
     try:
         import ray
@@ -83,6 +83,6 @@ def ray_runner(config: PipelineConfig):
             with remote_options(**({"num_gpus": 1, "max_calls": 0} if ray.cluster_resources().get("GPU", 0) >= 1 else {})):
                 return super().submit(task, parameters, wait_for, dependencies)
 
-    if config.ray_address:
-        return ShardRayTaskRunner(address=config.ray_address)
-    return ShardRayTaskRunner(init_kwargs={"num_cpus": config.workers, "include_dashboard": False})
+    if settings.ray_address:
+        return ShardRayTaskRunner(address=settings.ray_address)
+    return ShardRayTaskRunner(init_kwargs={"num_cpus": settings.workers, "include_dashboard": False})

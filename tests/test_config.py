@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from cifar_transfer.config import CIFAR10_MD5, CIFAR10_URL, FeatureSpec, batch_size_for, load_config
+import pytest
+from pydantic import ValidationError
+
+from cifar_transfer.config import (
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    CollectionSettings,
+    ExtractionSettings,
+    FeatureSpec,
+    HeadSettings,
+    PipelineConfig,
+    RunnerSettings,
+    TsneSettings,
+    batch_size_for,
+    load_config,
+    option_stage,
+)
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.sources.files import MAX_FILE_MB
 from conftest import MOBILENET_WEIGHTS
 
 LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "tensorflow", "precision": "float32"}
@@ -14,8 +31,12 @@ LOCAL = {"source": "/data/cifar-10-python.tar.gz", "md5": "none", "engine": "ten
 def test_defaults_follow_the_post():
     config = load_config()
     assert (config.source, config.expected_md5) == (CIFAR10_URL, CIFAR10_MD5)
-    assert (config.backbone_name, config.resolved_input_size, config.pooling) == ("InceptionV3", 139, "stages")
-    assert load_config(backbone="mobilenetv2", **LOCAL).resolved_input_size == 224
+    assert (config.extraction_settings.backbone_name, config.extraction_settings.resolved_input_size, config.pooling) == (
+        "InceptionV3",
+        139,
+        "stages",
+    )
+    assert load_config(backbone="mobilenetv2", **LOCAL).extraction_settings.resolved_input_size == 224
 
 
 @pytest.mark.parametrize(
@@ -100,9 +121,9 @@ def test_fingerprint_covers_what_changes_features_and_nothing_else():
 
 def test_the_default_batch_keeps_its_pixels_as_inputs_grow_and_an_explicit_one_wins():
     assert [batch_size_for(size) for size in (32, 139, 160, 224, 299, 512, 1024)] == [64, 64, 64, 32, 18, 8, 8]
-    assert load_config(weights="none", backbone="MobileNetV2", **LOCAL).resolved_batch_size == 32  # its native 224 px
-    assert load_config(weights="none", **LOCAL).resolved_batch_size == 64  # InceptionV3 at the post's 139 px
-    assert load_config(weights="none", backbone="MobileNetV2", batch_size=100, **LOCAL).resolved_batch_size == 100
+    assert load_config(weights="none", backbone="MobileNetV2", **LOCAL).extraction_settings.resolved_batch_size == 32  # its native 224 px
+    assert load_config(weights="none", **LOCAL).extraction_settings.resolved_batch_size == 64  # InceptionV3 at the post's 139 px
+    assert load_config(weights="none", backbone="MobileNetV2", batch_size=100, **LOCAL).extraction_settings.resolved_batch_size == 100
 
 
 @pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/data weights not present")
@@ -122,11 +143,124 @@ def test_head_and_tsne_keys_follow_their_settings():
 
 def test_blog_2017_preset_reproduces_the_post_and_explicit_options_win():
     config = load_config(preset="blog-2017", **LOCAL)
-    assert (config.backbone_name, config.resolved_input_size, config.pooling, config.head) == ("InceptionV3", 139, "none", "conv")
+    assert (config.extraction_settings.backbone_name, config.extraction_settings.resolved_input_size, config.pooling, config.head) == (
+        "InceptionV3",
+        139,
+        "none",
+        "conv",
+    )
     assert (config.head_batch_size, config.epochs, config.patience, config.validation_split) == (50, 50, 50, 0.2)
     assert load_config(preset="blog-2017", epochs=5, **LOCAL).epochs == 5
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="blog-2018", **LOCAL)
+
+
+# Pinned on the code before options were declared once (8ac3e8e): stored feature sets, maps and heads are found
+# by these values, so a refactor of the configuration must leave every one of them as it is.
+PINNED_OPTIONS = {
+    "defaults": {},
+    "blog-2017": {"preset": "blog-2017"},
+    "collection": {
+        "source": "/data/photos",
+        "source_format": "folder",
+        "test_fraction": 0.3,
+        "seed": 7,
+        "backbone": "MobileNetV2",
+        "weights": "none",
+    },
+    "flip": {"flip": True, "pooling": "avg", "input_size": 160},
+    "head and t-SNE options": {
+        "head": "mlp",
+        "epochs": 7,
+        "head_batch_size": 64,
+        "learning_rate": 0.01,
+        "validation_split": 0.25,
+        "patience": 3,
+        "refit": False,
+        "seed": 5,
+        "tsne_sample": 100,
+        "tsne_perplexity": 12.5,
+        "tsne_test": True,
+        "batch_size": 16,
+    },
+}
+PINNED_KEYS = {  # (FeatureSpec.fingerprint, tsne_key, head_key)
+    "defaults": ("25de6171c10cf44d", "b48bbd3c92c8", "cbbca23d8584"),
+    "blog-2017": ("557eadc75364d01b", "b376793f56e8", "5b5bda206d3c"),
+    "collection": ("62ea27fdc14d11a9", "51fd6e8d269c", "c4942858d563"),
+    "flip": ("747da2dfab5a4ad2", "e63573af4aed", "468a271190c5"),
+    "head and t-SNE options": ("25de6171c10cf44d", "a185cf2c4ed8", "314e4b763cdb"),
+}
+
+
+@pytest.mark.parametrize("case", PINNED_OPTIONS)
+def test_fingerprints_and_keys_stay_what_stored_outputs_are_named_by(case):
+    config = load_config(**PINNED_OPTIONS[case])
+    content_version = "v3" if case == "collection" else None  # a collection's keys cover its content version
+    fingerprint = config.feature_spec(CIFAR10_MD5, "tensorflow", "float32").fingerprint
+    assert (fingerprint, config.tsne_key(fingerprint, content_version), config.head_key(fingerprint, content_version)) == PINNED_KEYS[case]
+
+
+def test_stage_settings_dump_as_stored_records_hold_them():
+    config = load_config(**PINNED_OPTIONS["collection"])
+    assert config.collection_settings.model_dump() == {
+        "source": "/data/photos",
+        "source_format": "folder",
+        "test_fraction": 0.3,
+        "image_column": "image",
+        "label_column": "label",
+        "classes": None,
+        "seed": 7,
+        "max_file_mb": 256.0,
+    }
+    assert config.tsne_settings.model_dump() == {"sample": 25000, "perplexity": 30.0, "seed": 7, "test": False}
+    assert config.head_settings.model_dump() == {
+        "head": "auto",
+        "epochs": 50,
+        "batch_size": 512,
+        "learning_rate": 0.001,
+        "validation_split": 0.1,
+        "patience": 10,
+        "seed": 7,
+        "flip": False,
+        "refit": True,
+    }
+
+
+def test_stage_settings_are_derived_from_the_option_declarations():
+    assert {name for name in PipelineConfig.model_fields if option_stage(name)} == set(PipelineConfig.model_fields)
+    assert TsneSettings.options == {"sample": "tsne_sample", "perplexity": "tsne_perplexity", "test": "tsne_test", "seed": "seed"}
+    assert HeadSettings.options["batch_size"] == "head_batch_size" and ExtractionSettings.options["batch_size"] == "batch_size"
+    for settings in (CollectionSettings, ExtractionSettings, RunnerSettings, TsneSettings, HeadSettings):
+        for name, option in settings.options.items():  # the option's own type (Literals kept) and description
+            field, declared = settings.model_fields[name], PipelineConfig.model_fields[option]
+            assert (field.annotation, field.description) == (declared.annotation, declared.description), (settings, name)
+    head = load_config(**LOCAL).head_settings.model_dump()
+    with pytest.raises(ValidationError, match="head\n  Input should be 'auto', 'all'"):
+        HeadSettings(**{**head, "head": "forest"})
+    with pytest.raises(ValidationError, match="batch_size\n  Input should be greater than or equal to 1"):
+        HeadSettings(**{**head, "batch_size": 0})
+
+
+def test_stored_settings_read_as_before():
+    """A stored record missing a field fails (a map or head is not rebuilt from guessed settings), except an option
+    that records made before it existed read as its default."""
+    head = load_config(**LOCAL).head_settings.model_dump()
+    with pytest.raises(ValidationError, match="refit\n  Field required"):
+        HeadSettings(**{name: value for name, value in head.items() if name != "refit"})
+    collection = load_config(source="/data/photos", source_format="folder").collection_settings.model_dump()
+    del collection["max_file_mb"]
+    assert CollectionSettings(**collection).max_file_mb == MAX_FILE_MB
+
+
+def test_the_committed_options_reference_is_what_the_declarations_say():
+    from cifar_transfer.flows import options_reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+    assert page.read_text() == options_reference.markdown(), (
+        "docs/options.md is out of date: run .venv/bin/python -m cifar_transfer.flows.options_reference"
+    )
+    assert "| `--tsne-sample`<br>`tsne_sample` | tsne (as `sample`) | integer, >= 0 | `25000` |" in page.read_text()
 
 
 def test_a_feature_sets_fingerprint_and_stored_names_stay_what_they_were():

@@ -102,17 +102,17 @@ def test_engine_and_precision_name_different_feature_sets():
 
 
 def test_auto_on_this_cpu_picks_openvino_and_bf16_only_with_native_support():
-    choice = candidate_choice(load_config(**TINY))
+    choice = candidate_choice(load_config(**TINY).extraction_settings)
     assert choice.engine == "openvino"
     assert choice.precision == ("bfloat16" if cpu_has_native_bf16() else "float32")
-    explicit = candidate_choice(load_config(**TINY, engine="tensorflow", precision="float16"))
+    explicit = candidate_choice(load_config(**TINY, engine="tensorflow", precision="float16").extraction_settings)
     assert (explicit.engine, explicit.precision, explicit.reason) == ("tensorflow", "float16", "chosen in the configuration")
 
 
 @pytest.mark.slow
 def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     config = load_config(**TINY, storage=str(tmp_path))
-    first = choose_engine(config, "a" * 32, lambda: images)
+    first = choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda: images)
     stored = list(tmp_path.glob("engine-choices/*.json"))
     if not cpu_has_native_bf16():
         assert (first.precision, stored) == ("float32", [])
@@ -124,7 +124,9 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     assert f"{measured:.6f}" in first.reason
     assert len(stored) == 1 and json.loads(stored[0].read_text())["precision"] == first.precision
     extractors.release_extractors()
-    assert choose_engine(config, "a" * 32, lambda: pytest.fail("a remembered choice read images")) == first
+    assert (
+        choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda: pytest.fail("a remembered choice read images")) == first
+    )
     assert extractors.built_extractors() == [], "a remembered choice must not rebuild the backbone"
 
 

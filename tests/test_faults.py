@@ -90,7 +90,7 @@ def test_every_numeric_option_is_accepted_exactly_within_its_range(field, value)
 def test_input_size_is_checked_against_each_backbones_minimum(input_size, backbone):
     minimum = {"InceptionV3": 75, "MobileNetV2": 32, "Xception": 71}[backbone]
     if input_size >= minimum:
-        assert load_config(**LOCAL, backbone=backbone, input_size=input_size).resolved_input_size == input_size
+        assert load_config(**LOCAL, backbone=backbone, input_size=input_size).extraction_settings.resolved_input_size == input_size
     else:
         with pytest.raises(ConfigError, match=f"below {backbone}'s minimum of {minimum}"):
             load_config(**LOCAL, backbone=backbone, input_size=input_size)
@@ -103,7 +103,7 @@ def test_any_backbone_name_is_either_a_keras_application_or_refused_in_one_line(
 
     known = {known.lower(): known for known in available_backbones()}
     if name.lower() in known:
-        assert load_config(**LOCAL, backbone=name).backbone_name == known[name.lower()]
+        assert load_config(**LOCAL, backbone=name).extraction_settings.backbone_name == known[name.lower()]
     else:
         with pytest.raises(ConfigError, match="unknown backbone") as error:
             load_config(**LOCAL, backbone=name)
