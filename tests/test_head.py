@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cifar_transfer import ridge
+from cifar_transfer import layout, ridge
 from cifar_transfer.config import FeatureSpec, HeadSettings
 from cifar_transfer.head import HeadData, candidate_heads, ensemble_head, fit_head, refit_head, stream_accuracy, train_head
 from cifar_transfer.shards import FLIPPED, Shard
@@ -236,3 +238,36 @@ def test_train_head_refits_the_chosen_ridge_and_writes_every_output(vector_set):
     assert result.metrics.chosen["head"] == "ridge" and result.metrics.chosen["refit"]
     assert result.metrics.sizes == {"train": 800, "validation": 200, "test": 400}
     assert result.test_accuracy > 0.85
+
+
+# Head records (metrics.json, settings.json) as earlier commits wrote them: 8ac3e8e, before heads moved into a registry,
+# and a98c73e, before ridge replaced the logistic path (its logistic head chose a C).
+OLD_HEADS = Path(__file__).parent / "fixtures" / "old-heads"
+
+
+@pytest.mark.parametrize(
+    "name, chosen, candidates",
+    [
+        (
+            "8ac3e8e-all-vectors",
+            "ridge (alpha=0.3)",
+            ["ridge (alpha=0.3)", "logistic (best epoch 4)", "mlp (best epoch 4)", "ensemble (ridge + logistic + mlp)"],
+        ),
+        ("8ac3e8e-auto-maps", "ensemble (conv + ridge)", ["conv (best epoch 3)", "ridge (alpha=0.1)", "ensemble (conv + ridge)"]),
+        ("8ac3e8e-mlp-vectors", "mlp (best epoch 3)", ["mlp (best epoch 3)"]),
+        ("a98c73e-logistic", "logistic (C=0.003)", ["logistic (C=0.003)"]),
+    ],
+)
+def test_heads_written_before_are_read_and_reused_without_training(tmp_path, name, chosen, candidates):
+    storage, files = Storage(str(tmp_path)), layout.head_files("features/set", name)
+    for record in ("metrics.json", "settings.json"):
+        storage.write_atomic(f"{files.folder}/{record}", (OLD_HEADS / name / record).read_bytes())
+    for path in (files.model, files.predictions, files.confusion_picture):  # not read to decide reuse: any bytes do
+        storage.write_atomic(path, b"as the old run left it")
+    written = {path: storage.read_bytes(path) for path in files.paths()}
+    settings = HeadSettings.model_validate_json(storage.read_bytes(files.settings))
+    result = train_head(storage.url, "features/set", name, settings, CLASSES)  # no feature set there: training would fail
+    assert {path: storage.read_bytes(path) for path in files.paths()} == written
+    assert result.metrics.chosen_candidate.description() == chosen
+    assert [candidate.description() for candidate in result.metrics.candidates] == candidates
+    assert result.metrics.settings == settings and result.kind == chosen.split()[0]
