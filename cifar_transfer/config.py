@@ -16,7 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cifar_transfer.backbones import backbone_option_help
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.heads import HEAD_CHOICES, HEADS, head_option_help, vector_heads
 from cifar_transfer.redact import refuse_secrets
 from cifar_transfer.sources.detect import is_archive
 from cifar_transfer.sources.files import MAX_FILE_MB
@@ -33,7 +35,7 @@ SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
 # The options that take a URL or a path: each goes through `redact.refuse_secrets`.
 URL_OPTIONS = ("source", "storage", "classes", "weights", "dask_address", "ray_address")
 
-HeadKind = Literal["auto", "all", "ridge", "logistic", "mlp", "conv"]
+HeadKind = Literal[HEAD_CHOICES]  # type: ignore[valid-type]  # the head registry's names, "auto" and "all"
 
 # Named bundles of settings; options given explicitly still win over a preset's.
 PRESETS = {
@@ -176,7 +178,7 @@ class PipelineConfig(BaseModel):
         "(default: the official MD5 for the official URL; required for any other source)",
     )
     storage: str = Field("storage", description="output root: local path or fsspec URL")
-    backbone: str = Field("InceptionV3", description="keras.applications model name")
+    backbone: str = Field("InceptionV3", description=backbone_option_help())
     weights: str = Field("imagenet", description="'imagenet' (Keras download), 'none' (seeded random init) or a weights file path")
     input_size: int | None = Field(
         None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
@@ -220,13 +222,7 @@ class PipelineConfig(BaseModel):
     tsne_sample: int = Field(25_000, ge=0, description="train images in the t-SNE map (0 skips t-SNE; more than the split uses all)")
     tsne_perplexity: float = Field(30.0, gt=0, le=500, description="t-SNE perplexity")
     tsne_test: bool = Field(False, description="also place the test images into the map (openTSNE transform)")
-    head: HeadKind = Field(
-        "auto",
-        description="classifier head: 'ridge' (closed form from streamed moments, strength chosen on validation), "
-        "'logistic', 'mlp' (trained from the shards, best epoch on validation), 'conv' (spatial maps), "
-        "'auto': ridge, plus conv and their ensemble on spatial maps; or 'all': every head that fits the features and "
-        "their ensemble (minutes instead of seconds, a point or two more); the best on validation wins",
-    )
+    head: HeadKind = Field("auto", description=head_option_help())
     epochs: int = Field(50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept")
     head_batch_size: int = Field(512, ge=1, le=65_536, description="head training batch size")
     learning_rate: float = Field(1e-3, gt=0, lt=10, description="head optimizer learning rate")
@@ -279,8 +275,8 @@ class PipelineConfig(BaseModel):
             )
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ValueError(f"weights file {self.weights!r} does not exist: pass 'imagenet', 'none' or a readable .weights.h5 path")
-        if self.head == "conv" and self.pooling != "none":
-            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head ridge/logistic/mlp")
+        if self.head in HEADS and HEADS[self.head].spatial_only and self.pooling != "none":
+            raise ValueError(f"head {self.head!r} needs spatial features: pass --pooling none, or choose --head {'/'.join(vector_heads())}")
         _check_storage_scheme(self.storage)
         return self
 

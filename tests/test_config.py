@@ -120,6 +120,21 @@ def test_head_and_tsne_keys_follow_their_settings():
     assert config.tsne_key("f") == load_config(epochs=3, **LOCAL).tsne_key("f")
 
 
+def test_head_choices_help_and_checks_come_from_the_head_registry():
+    from cifar_transfer.flows.cli import build_parser
+    from cifar_transfer.heads import HEADS
+
+    run = next(action for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions if action.dest == "head")
+    assert run.choices == ["auto", "all", *HEADS] and all(f"'{name}' ({head.summary})" in run.help for name, head in HEADS.items())
+    for name, head in HEADS.items():
+        assert load_config(head=name, pooling="none", **LOCAL).head == name
+        if head.spatial_only:
+            with pytest.raises(ConfigError, match=f"head '{name}' needs spatial features: pass --pooling none, or choose --head ridge/"):
+                load_config(head=name, **LOCAL)
+    with pytest.raises(ConfigError, match="head: Input should be 'auto', 'all', 'conv', 'ridge', 'logistic' or 'mlp'"):
+        load_config(head="knn", **LOCAL)
+
+
 # Computed on commit 8ac3e8e, before heads and backbones moved into registries: stored feature sets, maps and heads
 # are found by these names, so they must never change for the same options.
 @pytest.mark.parametrize(
