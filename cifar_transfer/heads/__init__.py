@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cifar_transfer.heads.base import Trainer
 
-SELECTIONS = ("auto", "all")  # the values of --head that choose among heads on validation
+SELECTIONS = {"auto": "in_auto", "all": "in_all"}  # the values of --head that choose among heads, by the flag they try
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def candidate_heads(kind: str, feature_shape: list[int]) -> list[HeadType]:
     """The heads a kind fits on features of `feature_shape`: itself, or what "auto" or "all" try there."""
     if kind not in SELECTIONS:
         return [HEADS[kind]]
-    return [head for head in HEADS.values() if (head.in_auto if kind == "auto" else head.in_all) and head.fits(feature_shape)]
+    return [head for head in HEADS.values() if getattr(head, SELECTIONS[kind]) and head.fits(feature_shape)]
 
 
 def vector_heads() -> list[str]:
