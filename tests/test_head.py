@@ -268,14 +268,16 @@ OLD_HEADS = Path(__file__).parent / "fixtures" / "old-heads"
     ],
 )
 def test_heads_written_before_are_read_and_reused_without_training(tmp_path, name, chosen, candidates):
-    storage, files = Storage(str(tmp_path)), layout.head_files("features/set", name)
+    storage = Storage(str(tmp_path))
+    folder = storage.path("features", "set")
+    files = layout.head_files(folder, name)
     for record in ("metrics.json", "settings.json"):
         storage.write_atomic(f"{files.folder}/{record}", (OLD_HEADS / name / record).read_bytes())
     for path in (files.model, files.predictions, files.confusion_picture):  # not read to decide reuse: any bytes do
         storage.write_atomic(path, b"as the old run left it")
     written = {path: storage.read_bytes(path) for path in files.paths()}
     settings = HeadSettings.model_validate_json(storage.read_bytes(files.settings))
-    result = train_head(storage.url, "features/set", name, settings, CLASSES)  # no feature set there: training would fail
+    result = train_head(storage.url, folder, name, settings, CLASSES)  # no feature set there: training would fail
     assert {path: storage.read_bytes(path) for path in files.paths()} == written
     assert result.metrics.chosen.description() == chosen
     assert [candidate.description() for candidate in result.metrics.candidates] == candidates
