@@ -39,7 +39,7 @@ started = time.perf_counter()
 result = train_head(storage, folder, "bench-" + str(abs(hash(json.dumps(options, sort_keys=True)))), settings, [str(n) for n in range(10)])
 seconds = time.perf_counter() - started
 print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "validation_accuracy": result.validation_accuracy, "test_accuracy": result.test_accuracy, "chosen": result.metrics.chosen.get("head"),
+      "validation_accuracy": result.validation_accuracy, "test_accuracy": result.test_accuracy, "chosen": result.kind,
       "candidates": {c.head: c.validation_accuracy for c in result.metrics.candidates}}))
 """
 

@@ -182,13 +182,13 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
     from sklearn.manifold import TSNE
 
     from cifar_transfer.backbones import get_backbone
-    from cifar_transfer.head import build_network_head
+    from cifar_transfer.heads.conv import NETWORK as CONV_HEAD
 
     config, dataset, images = prepared(options, storage)
     backbone = get_backbone(config.backbone)
     size = config.extraction_settings.resolved_input_size
     keras.utils.set_random_seed(config.seed)
-    model = backbone.constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+    model = backbone.build(weights="none", input_size=size, pooling="none")
     started = time.perf_counter()
     resized = backbone.preprocess_input(tf.image.resize(images[:sample].astype("float32"), (size, size)).numpy())
     resize_seconds = time.perf_counter() - started
@@ -207,7 +207,7 @@ def notebook_method(options: dict, storage: str, sample: int, tsne_sample: int, 
     tsne_seconds = time.perf_counter() - started
     tsne_target = 25_000
 
-    head = build_network_head("conv", list(maps.shape[1:]), 10, None, 1e-3)
+    head = CONV_HEAD.build(list(maps.shape[1:]), 10, None, 1e-3)
     flat = maps.reshape(len(maps), -1)
     labels = np.random.default_rng(0).integers(0, 10, len(maps))
     head.fit(flat[:50], labels[:50], batch_size=50, epochs=1, verbose=0)

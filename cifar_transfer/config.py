@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from cifar_transfer.backbones import backbone_option_help
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.heads import HEAD_CHOICES, HEADS, head_option_help, vector_heads
 from cifar_transfer.redact import refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB
 from cifar_transfer.storage import file_md5
@@ -36,7 +38,7 @@ SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
 # The options that take a URL or a path: each goes through `redact.refuse_secrets`.
 URL_OPTIONS = ("source", "storage", "classes", "weights", "dask_address", "ray_address")
 
-HeadKind = Literal["auto", "all", "ridge", "logistic", "mlp", "conv"]
+HeadKind = Literal[HEAD_CHOICES]  # type: ignore[valid-type]  # the head registry's names, "auto" and "all"
 
 # Named bundles of settings; options given explicitly still win over a preset's.
 PRESETS = {
@@ -141,9 +143,7 @@ class PipelineConfig(BaseModel):
         "(default: the official MD5 for the official URL; required for any other source)",
     )
     storage: Annotated[str, Stage("run")] = Field("storage", description="output root: local path or fsspec URL")
-    backbone: Annotated[str, Stage("extraction")] = Field(
-        "InceptionV3", description="keras.applications model name (case-insensitive), e.g. MobileNetV2, ResNet50, EfficientNetB0"
-    )
+    backbone: Annotated[str, Stage("extraction")] = Field("InceptionV3", description=backbone_option_help())
     weights: Annotated[str, Stage("extraction")] = Field(
         "imagenet",
         description="'imagenet' (Keras download), 'none' (random init seeded by --seed, for tests and timing) "
@@ -155,8 +155,8 @@ class PipelineConfig(BaseModel):
     pooling: Annotated[Literal["stages", "avg", "none"], Stage("extraction")] = Field(
         "stages",
         description="'stages': the average-pooled end of the stage before the last, widest point of the last stage and final "
-        "features, concatenated (MobileNetV2: block_13_expand_relu, block_16_expand_relu, out_relu): +5.6 points of head "
-        "accuracy at the same extraction cost; 'avg': the pooled final features only (the default of feature sets made "
+        "features, concatenated (MobileNetV2: block_13_expand_relu, block_16_expand_relu, out_relu): more accurate heads "
+        "at the same extraction cost (docs/benchmarks.md); 'avg': the pooled final features only (the default of feature sets made "
         "before); 'none': the spatial map, flattened",
     )
     engine: Annotated[Literal["auto", "tensorflow", "openvino"], Stage("extraction")] = Field(
@@ -201,13 +201,7 @@ class PipelineConfig(BaseModel):
     tsne_test: Annotated[bool, Stage("tsne", name="test")] = Field(
         False, description="also place the test images into the map (openTSNE transform)"
     )
-    head: Annotated[HeadKind, Stage("head")] = Field(
-        "auto",
-        description="classifier head: 'ridge' (closed form from streamed moments, strength chosen on validation), "
-        "'logistic', 'mlp' (trained from the shards, best epoch on validation), 'conv' (spatial maps), "
-        "'auto': ridge, plus conv and their ensemble on spatial maps; or 'all': every head that fits the features and "
-        "their ensemble (minutes instead of seconds, a point or two more); the best on validation wins",
-    )
+    head: Annotated[HeadKind, Stage("head")] = Field("auto", description=head_option_help())
     epochs: Annotated[int, Stage("head")] = Field(
         50, ge=1, le=10_000, description="maximum head training epochs; the best epoch on validation is kept"
     )
@@ -271,8 +265,8 @@ class PipelineConfig(BaseModel):
             )
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ValueError(f"weights file {self.weights!r} does not exist: pass 'imagenet', 'none' or a readable .weights.h5 path")
-        if self.head == "conv" and self.pooling != "none":
-            raise ValueError("head 'conv' needs spatial features: pass --pooling none, or choose --head ridge/logistic/mlp")
+        if self.head in HEADS and HEADS[self.head].spatial_only and self.pooling != "none":
+            raise ValueError(f"head {self.head!r} needs spatial features: pass --pooling none, or choose --head {'/'.join(vector_heads())}")
         _check_storage_scheme(self.storage)
         return self
 

@@ -124,7 +124,7 @@ def export_model(
         spec={**spec.model_dump(), "weights": spec.weights, "seed": spec.seed},
         fingerprint=trained.features.fingerprint,
         head_key=trained.key,
-        head_kind=trained.metrics.chosen["head"],
+        head_kind=trained.metrics.chosen.head,
         mirrored_average=trained.metrics.settings.flip,
         test_accuracy=trained.metrics.test_accuracy,
         seconds=time.perf_counter() - started,
@@ -217,7 +217,7 @@ def exported_model(trained: TrainedHead, head):
     outputs = probabilities(images)
     if trained.metrics.settings.flip:  # the run averaged each test image's two views
         outputs = keras.layers.Average()([outputs, probabilities(keras.ops.flip(images, axis=2))])
-    return keras.Model(images, outputs, name=f"{spec.backbone}_{trained.metrics.chosen['head']}_classifier")
+    return keras.Model(images, outputs, name=f"{spec.backbone}_{trained.metrics.chosen.head}_classifier")
 
 
 def _write_keras(model, classes: list[str], path: str) -> None:

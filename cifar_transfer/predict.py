@@ -243,7 +243,7 @@ class Predictor:
     def describe(self) -> str:
         spec, metrics = self.spec, self.head.metrics
         return (
-            f"head {self.head.key} ({metrics.chosen.get('head')}, test accuracy {metrics.test_accuracy:.2%}) on "
+            f"head {self.head.key} ({metrics.chosen.head}, test accuracy {metrics.test_accuracy:.2%}) on "
             f"{spec.backbone} {spec.input_size}px {spec.pooling} features ({spec.engine} {spec.precision}, {self.head.features.folder})"
         )
 

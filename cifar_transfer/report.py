@@ -48,7 +48,7 @@ class RunSummary(BaseModel):
     @property
     def head_description(self) -> str:
         """ "ridge (alpha=0.1)", "mlp (best epoch 12)": the chosen head and what validation chose for it."""
-        return self.head.metrics.chosen_candidate.description()
+        return self.head.metrics.chosen.description()
 
 
 def shown_config(config: PipelineConfig) -> dict:
@@ -150,7 +150,7 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         map_predicted = train.loc[embedding["index"], "predicted"].to_numpy()
         map_images = split_images(storage, features, "train", embedding["index"].to_numpy())
     spec = features.spec
-    chosen = head.metrics.chosen_candidate.description()
+    chosen = head.metrics.chosen.description()
     html = render_html_report(
         title=f"cifar-transfer: {spec.backbone} {spec.input_size}px {spec.pooling}, {chosen}",
         config=shown_config(config) | {"engine (resolved)": spec.engine, "precision (resolved)": spec.precision},

@@ -141,6 +141,64 @@ def test_head_and_tsne_keys_follow_their_settings():
     assert config.tsne_key("f") == load_config(epochs=3, **LOCAL).tsne_key("f")
 
 
+def test_head_choices_help_and_checks_come_from_the_head_registry():
+    from cifar_transfer.flows.cli import build_parser
+    from cifar_transfer.heads import HEADS
+
+    run = next(action for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions if action.dest == "head")
+    assert run.choices == ["auto", "all", *HEADS] and all(f"'{name}' ({head.summary})" in run.help for name, head in HEADS.items())
+    for name, head in HEADS.items():
+        assert load_config(head=name, pooling="none", **LOCAL).head == name
+        if head.spatial_only:
+            with pytest.raises(ConfigError, match=f"head '{name}' needs spatial features: pass --pooling none, or choose --head ridge/"):
+                load_config(head=name, **LOCAL)
+    with pytest.raises(ConfigError, match="head: Input should be 'auto', 'all', 'conv', 'ridge', 'logistic' or 'mlp'"):
+        load_config(head="knn", **LOCAL)
+
+
+# Computed on commit 8ac3e8e, before heads and backbones moved into registries: stored feature sets, maps and heads
+# are found by these names, so they must never change for the same options.
+@pytest.mark.parametrize(
+    "options, fingerprint, head_key, tsne_key, versioned_head_key, versioned_tsne_key",
+    [
+        ({}, "f266133442754e52", "633372e351c9", "9b126186a465", "adf904f22574", "b4a300cc165f"),
+        (
+            {"backbone": "mobilenetv2", "weights": "none", "seed": 3, "pooling": "avg"},
+            "e8332eacd39b3ac3",
+            "c6d97d0350dd",
+            "304106240738",
+            "597400d6f81e",
+            "4b9da5731ee7",
+        ),
+        ({"preset": "blog-2017"}, "97a1aa28c79792d2", "8e86e129d46d", "ec7a773f1a2d", "a65cf020453b", "ed1121ad75fe"),
+        (
+            {"head": "all", "epochs": 7, "flip": True, "refit": False, "tsne_perplexity": 12.5, "tsne_test": True},
+            "f266133442754e52",
+            "592f4a76dad0",
+            "49554d5ce0e4",
+            "ead97839971e",
+            "43e1a7d602d1",
+        ),
+        (
+            {"backbone": "efficientnetb3", "head": "mlp", "pooling": "none", "input_size": 96},
+            "5932da658dc4d6fb",
+            "2ec008b23d7b",
+            "98617413fdfa",
+            "86c497ac911b",
+            "155a3591b09a",
+        ),
+    ],
+)
+def test_fingerprints_and_keys_are_those_stored_sets_were_named_by(
+    options, fingerprint, head_key, tsne_key, versioned_head_key, versioned_tsne_key
+):
+    config = load_config(**{**LOCAL, **options})
+    spec = config.feature_spec("a" * 32)
+    assert spec.fingerprint == fingerprint
+    assert (config.head_key(fingerprint), config.tsne_key(fingerprint)) == (head_key, tsne_key)
+    assert (config.head_key(fingerprint, "v1"), config.tsne_key(fingerprint, "v1")) == (versioned_head_key, versioned_tsne_key)
+
+
 def test_blog_2017_preset_reproduces_the_post_and_explicit_options_win():
     config = load_config(preset="blog-2017", **LOCAL)
     assert (config.extraction_settings.backbone_name, config.extraction_settings.resolved_input_size, config.pooling, config.head) == (

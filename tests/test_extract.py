@@ -12,6 +12,7 @@ import pytest
 
 from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor, get_backbone
+from cifar_transfer.backbones.base import Backbone
 from cifar_transfer.config import load_config
 from cifar_transfer.dataset import decode_archive
 from cifar_transfer.errors import ConfigError
@@ -44,6 +45,53 @@ def test_registry_knows_every_keras_application_with_its_preprocessing():
         get_backbone("AlexNet")
 
 
+class TinyFamily:
+    """A second backbone family, as a Keras Hub family would register: names "tiny:<width>", a two-stage CNN."""
+
+    prefix = "tiny"
+    naming = "tiny:<width>"
+
+    def resolve(self, name):
+        width = name.removeprefix("tiny:")
+        return Backbone(f"tiny:{width}", self, min_input_size=8, default_input_size=16) if width.isdigit() else None
+
+    def valid_names(self):
+        return "tiny:<width>"
+
+    def build(self, backbone, *, weights, input_size, pooling):
+        import keras
+
+        from cifar_transfer.backbones.stages import pooled_stages
+
+        width = int(backbone.name.removeprefix("tiny:"))
+        pixels = keras.Input((input_size, input_size, 3))
+        early = keras.layers.Conv2D(width, 3, strides=2, activation="relu", name="early")(pixels)
+        late = keras.layers.Conv2D(2 * width, 3, strides=2, activation="relu", name="late")(early)
+        base = keras.Model(pixels, late, name="tiny")
+        return {"stages": pooled_stages, "avg": lambda model: keras.Model(pixels, keras.ops.mean(late, axis=(1, 2)))}.get(
+            pooling, lambda model: model
+        )(base)
+
+    def preprocessing(self, backbone):
+        return lambda pixels: pixels / 255.0
+
+
+def test_a_second_backbone_family_is_one_registration(monkeypatch):
+    from cifar_transfer import backbones
+
+    monkeypatch.setattr(backbones, "FAMILIES", (*backbones.FAMILIES, TinyFamily()))
+    config = load_config(backbone="tiny:4", weights="none", source="/data/c.tar.gz", md5="none")
+    assert (config.extraction_settings.backbone_name, config.extraction_settings.resolved_input_size) == ("tiny:4", 16)
+    with pytest.raises(ConfigError, match="input_size 4 is below tiny:4's minimum of 8"):
+        load_config(backbone="tiny:4", input_size=4, source="/data/c.tar.gz", md5="none")
+    with pytest.raises(ConfigError, match=r"unknown backbone 'tiny:x': use a keras.applications model name, one of .* or tiny:<width>"):
+        get_backbone("tiny:x")
+    assert get_backbone("mobilenetv2").name == "MobileNetV2"  # plain names stay keras.applications'
+    shapes = {pooling: features_of("tiny:4", input_size=16, pooling=pooling).shape for pooling in ("avg", "stages", "none")}
+    assert shapes == {"avg": (6, 8), "stages": (6, 4 + 8), "none": (6, 3, 3, 8)}
+    assert features_of("tiny:4", input_size=16, seed=1).tolist() != features_of("tiny:4", input_size=16, seed=2).tolist()
+
+
 @pytest.mark.slow
 def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
     assert features_of("InceptionV3", input_size=75).shape == (6, 2048)
@@ -62,7 +110,7 @@ def test_inception_pooled_and_spatial_features_have_the_posts_shapes():
 def test_stage_taps_are_the_stage_end_before_the_last_the_last_stages_widest_point_and_the_output(backbone, input_size, taps):
     import keras
 
-    from cifar_transfer.backbones import stage_taps
+    from cifar_transfer.backbones.stages import stage_taps
 
     model = getattr(keras.applications, backbone)(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
     found = stage_taps(model)

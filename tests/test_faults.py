@@ -99,9 +99,9 @@ def test_input_size_is_checked_against_each_backbones_minimum(input_size, backbo
 @settings(max_examples=40, deadline=None)
 @given(name=st.text(min_size=1, max_size=20))
 def test_any_backbone_name_is_either_a_keras_application_or_refused_in_one_line(name):
-    from cifar_transfer.backbones import available_backbones
+    from cifar_transfer.backbones.applications import available_models
 
-    known = {known.lower(): known for known in available_backbones()}
+    known = {known.lower(): known for known in available_models()}
     if name.lower() in known:
         assert load_config(**LOCAL, backbone=name).extraction_settings.backbone_name == known[name.lower()]
     else:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cifar_transfer import ridge
+from cifar_transfer import layout, ridge
 from cifar_transfer.config import FeatureSpec, HeadSettings
-from cifar_transfer.head import HeadData, candidate_heads, ensemble_head, fit_head, refit_head, stream_accuracy, train_head
+from cifar_transfer.head import refit_head, train_head
+from cifar_transfer.heads import HEADS, candidate_heads
+from cifar_transfer.heads.base import HeadData, stream_accuracy
+from cifar_transfer.heads.ensemble import EnsembleDetails, ensemble_head
 from cifar_transfer.shards import FLIPPED, Shard
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import ShardRows, commit_feature_set, features_folder, read_split, shard_path, shard_table, write_shard
@@ -61,12 +67,19 @@ def vector_set(tmp_path):
     return Storage(str(tmp_path)), folder
 
 
+def fit_head(kind: str, data: HeadData, settings: HeadSettings):
+    return HEADS[kind].trainer.fit(data, settings)
+
+
 def test_candidates_follow_the_feature_shape():
-    assert candidate_heads("auto", [1280]) == ["ridge"]
-    assert candidate_heads("auto", [3, 3, 2048]) == ["conv", "ridge"]
-    assert candidate_heads("mlp", [1280]) == ["mlp"]
-    assert candidate_heads("all", [1280]) == ["ridge", "logistic", "mlp"]
-    assert candidate_heads("all", [3, 3, 2048]) == ["conv", "ridge", "logistic", "mlp"]
+    def names(kind: str, shape: list[int]) -> list[str]:
+        return [head.name for head in candidate_heads(kind, shape)]
+
+    assert names("auto", [1280]) == ["ridge"]
+    assert names("auto", [3, 3, 2048]) == ["conv", "ridge"]
+    assert names("mlp", [1280]) == ["mlp"]
+    assert names("all", [1280]) == ["ridge", "logistic", "mlp"]
+    assert names("all", [3, 3, 2048]) == ["conv", "ridge", "logistic", "mlp"]
 
 
 def test_streams_read_every_selected_row_once_and_shuffle_reproducibly(vector_set):
@@ -118,13 +131,11 @@ def test_ridge_chooses_strength_and_temperature_on_validation_and_its_keras_mode
     storage, folder = vector_set
     data = HeadData.open(storage, folder, SETTINGS, 10)
     head = fit_head("ridge", data, SETTINGS)
-    curve = head.details["strengths"]
-    assert [point["strength"] for point in curve] == list(ridge.RIDGE_STRENGTHS)
-    assert head.validation_accuracy == max(point["validation_accuracy"] for point in curve)
-    assert head.details["strength"] == next(
-        point["strength"] for point in curve if point["validation_accuracy"] == head.validation_accuracy
-    )
-    assert head.details["temperature"] > 1  # raw ridge scores are far less confident than the truth
+    curve = head.details.strengths
+    assert [point.strength for point in curve] == list(ridge.RIDGE_STRENGTHS)
+    assert head.validation_accuracy == max(point.validation_accuracy for point in curve)
+    assert head.details.strength == next(point.strength for point in curve if point.validation_accuracy == head.validation_accuracy)
+    assert head.details.temperature > 1  # raw ridge scores are far less confident than the truth
     assert stream_accuracy(data.validation, head.model) == pytest.approx(head.validation_accuracy)
     probabilities = head.model.predict(read_split(storage, folder, "test")[2], verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
@@ -143,16 +154,16 @@ def test_network_heads_keep_the_best_epoch_and_repeat_with_the_seed(vector_set, 
     storage, folder = vector_set
     data = HeadData.open(storage, folder, SETTINGS, 10)
     first = fit_head("mlp", data, SETTINGS)
-    history = first.details["history"]["val_accuracy"]
-    assert first.validation_accuracy == max(history) and history[first.details["best_epoch"] - 1] == max(history)
+    history = first.details.history["val_accuracy"]
+    assert first.validation_accuracy == max(history) and history[first.details.best_epoch - 1] == max(history)
     assert stream_accuracy(data.validation, first.model) == pytest.approx(first.validation_accuracy, abs=1e-6)
     again = fit_head("mlp", data, SETTINGS)
-    assert again.details["history"] == first.details["history"]
+    assert again.details.history == first.details.history
     logistic = fit_head("logistic", data, SETTINGS)
-    assert logistic.details["epochs_run"] <= 30 and logistic.validation_accuracy > 0.8
+    assert logistic.details.epochs_run <= 30 and logistic.validation_accuracy > 0.8
     maps = write_feature_set(tmp_path / "maps", {"train": blobs(300, (2, 2, 8), 1.0, 0), "test": blobs(100, (2, 2, 8), 1.0, 1)}, (2, 2, 8))
     conv = fit_head("conv", HeadData.open(Storage(str(tmp_path / "maps")), maps, SETTINGS, 10), SETTINGS.model_copy(update={"epochs": 3}))
-    assert conv.details["epochs_run"] <= 3 and conv.model.input_shape == (None, 32)
+    assert conv.details.epochs_run <= 3 and conv.model.input_shape == (None, 32)
 
 
 def test_ensemble_averages_its_members_and_every_head_survives_a_save(vector_set, tmp_path):
@@ -166,9 +177,9 @@ def test_ensemble_averages_its_members_and_every_head_survives_a_save(vector_set
     validation = validation_mask(len(labels), SETTINGS.validation_split, SETTINGS.seed)
     averaged = sum(member.model.predict(features[validation], verbose=0) for member in members) / 2
     assert ensemble.validation_accuracy == pytest.approx(np.mean(averaged.argmax(axis=1) == labels[validation]))
-    assert ensemble.details == {"head": "ensemble", "of": ["ridge", "mlp"]}
+    assert ensemble.details.model_dump(exclude_none=True) == {"head": "ensemble", "of": ["ridge", "mlp"]}
     for head in (*members, ensemble):
-        path = tmp_path / f"{head.details['head']}.keras"
+        path = tmp_path / f"{head.details.head}.keras"
         head.model.save(path)
         np.testing.assert_allclose(
             keras.models.load_model(path).predict(features, verbose=0), head.model.predict(features, verbose=0), rtol=1e-5, atol=1e-6
@@ -218,10 +229,10 @@ def test_refit_learns_from_the_validation_rows_with_what_validation_chose(tmp_pa
     members = list(candidates)
     chosen = ensemble_head(candidates, data)
     refit = refit_head(chosen, data, SETTINGS)
-    assert refit.validation_accuracy == chosen.validation_accuracy and refit.details["refit"]
-    assert [member.details["refit"] for member in refit.members] == [True, True]
-    assert refit.members[0].details["strength"] == members[0].details["strength"]
-    assert refit.members[1].model.history.params["epochs"] == members[1].details["best_epoch"]  # not SETTINGS' 30
+    assert refit.validation_accuracy == chosen.validation_accuracy and refit.details.refit
+    assert [member.details.refit for member in refit.members] == [True, True]
+    assert refit.members[0].details.strength == members[0].details.strength
+    assert refit.members[1].model.history.params["epochs"] == members[1].details.best_epoch  # not SETTINGS' 30
     nines = test_labels == 9
     assert not np.any(chosen.model.predict(test_features, verbose=0).argmax(axis=1) == 9)
     assert np.mean(refit.model.predict(test_features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
@@ -233,6 +244,44 @@ def test_train_head_refits_the_chosen_ridge_and_writes_every_output(vector_set):
     storage, folder = vector_set
     result = train_head(storage.url, folder, "k", SETTINGS.model_copy(update={"refit": True}), CLASSES)
     assert not result.files.missing(storage)
-    assert result.metrics.chosen["head"] == "ridge" and result.metrics.chosen["refit"]
+    assert result.metrics.chosen.head == "ridge" and result.metrics.chosen.refit
     assert result.metrics.sizes == {"train": 800, "validation": 200, "test": 400}
     assert result.test_accuracy > 0.85
+
+
+# Head records (metrics.json, settings.json) as earlier commits wrote them: 8ac3e8e, before heads moved into a registry,
+# and a98c73e, before ridge replaced the logistic path (its logistic head chose a C).
+OLD_HEADS = Path(__file__).parent / "fixtures" / "old-heads"
+
+
+@pytest.mark.parametrize(
+    "name, chosen, candidates",
+    [
+        (
+            "8ac3e8e-all-vectors",
+            "ridge (alpha=0.3)",
+            ["ridge (alpha=0.3)", "logistic (best epoch 4)", "mlp (best epoch 4)", "ensemble (ridge + logistic + mlp)"],
+        ),
+        ("8ac3e8e-auto-maps", "ensemble (conv + ridge)", ["conv (best epoch 3)", "ridge (alpha=0.1)", "ensemble (conv + ridge)"]),
+        ("8ac3e8e-mlp-vectors", "mlp (best epoch 3)", ["mlp (best epoch 3)"]),
+        ("a98c73e-logistic", "logistic (C=0.003)", ["logistic (C=0.003)"]),
+    ],
+)
+def test_heads_written_before_are_read_and_reused_without_training(tmp_path, name, chosen, candidates):
+    storage = Storage(str(tmp_path))
+    folder = storage.path("features", "set")
+    files = layout.head_files(folder, name)
+    for record in ("metrics.json", "settings.json"):
+        storage.write_atomic(f"{files.folder}/{record}", (OLD_HEADS / name / record).read_bytes())
+    for path in (files.model, files.predictions, files.confusion_picture):  # not read to decide reuse: any bytes do
+        storage.write_atomic(path, b"as the old run left it")
+    written = {path: storage.read_bytes(path) for path in files.paths()}
+    settings = HeadSettings.model_validate_json(storage.read_bytes(files.settings))
+    result = train_head(storage.url, folder, name, settings, CLASSES)  # no feature set there: training would fail
+    assert {path: storage.read_bytes(path) for path in files.paths()} == written
+    assert result.metrics.chosen.description() == chosen
+    assert [candidate.description() for candidate in result.metrics.candidates] == candidates
+    assert result.metrics.settings == settings and result.kind == chosen.split()[0]
+    for details in (result.metrics.chosen, *result.metrics.candidates):  # typed by their kind
+        assert type(details) is (EnsembleDetails if details.head == "ensemble" else HEADS[details.head].trainer.details)
+    assert json.loads(result.metrics.model_dump_json(exclude_none=True)) == json.loads(written[files.metrics])  # nothing lost

@@ -1,0 +1,121 @@
+"""What every head is made of: the data it reads, what fitting it gives, what validation chose, how it is trained.
+
+A head reads `HeadData` (streams of the fit, validation, train and test rows, shard by shard) and gives a
+`FittedHead`: one Keras model taking the stored (flattened) features, its validation accuracy and its
+`HeadDetails`. Its `Trainer` (registered in `cifar_transfer.heads`) says how it is fitted and refit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from cifar_transfer.config import HeadSettings
+from cifar_transfer.native import load_tensorflow
+from cifar_transfer.storage import Storage
+from cifar_transfer.streams import FeatureStream, Moments, validation_mask
+
+PREDICT_BATCH = 1024
+
+
+class HeadDetails(BaseModel):
+    """What validation chose for one head and what it saw doing so, as `metrics.json` keeps it; each kind adds its
+    own fields. Fields this code no longer writes stay readable (and are kept): records outlive the code."""
+
+    model_config = ConfigDict(extra="allow")
+
+    head: str
+    validation_accuracy: float | None = None  # set on the candidates `metrics.json` lists
+    refit: bool | None = None  # True once trained again on every train row with what validation chose
+
+    def choice(self) -> str:
+        """What validation chose, in a few words: "alpha=0.1", "best epoch 12"."""
+        raise NotImplementedError
+
+    def description(self) -> str:
+        """ "ridge (alpha=0.1)", "mlp (best epoch 12)" or "ensemble (conv + ridge)"."""
+        return f"{self.head} ({self.choice()})"
+
+
+@dataclass(frozen=True)
+class HeadData:
+    """What every head reads: the train split's fit and validation parts, the whole train split, the test split."""
+
+    train: FeatureStream
+    fit: FeatureStream
+    validation: FeatureStream
+    test: FeatureStream
+    classes: int
+
+    @classmethod
+    def open(cls, storage: Storage, folder: str, settings: HeadSettings, classes: int) -> HeadData:
+        train = FeatureStream.open(storage, folder, "train", settings.flip)
+        held_out = validation_mask(train.rows, settings.validation_split, settings.seed)
+        return cls(
+            train, train.select(~held_out), train.select(held_out), FeatureStream.open(storage, folder, "test", settings.flip), classes
+        )
+
+    @property
+    def feature_shape(self) -> list[int]:
+        return list(self.train.feature_shape)
+
+
+@dataclass
+class FittedHead:
+    model: object  # a keras.Model taking the stored, flattened features
+    validation_accuracy: float
+    details: HeadDetails  # what was chosen on validation (strength, epochs) and the curve behind it
+    members: list[FittedHead] = field(default_factory=list)  # an ensemble's heads
+    moments: tuple[Moments, Moments] | None = None  # a ridge head's fit and validation moments, for its refit
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """How one kind of head is trained: `fit` chooses on the validation rows; `refit` trains the model again on every
+    train row with what `fit` chose (it returns the model; the stage keeps the validation accuracy and details)."""
+
+    details: type[HeadDetails]
+    fit: Callable[[HeadData, HeadSettings], FittedHead]
+    refit: Callable[[FittedHead, HeadData, HeadSettings], object]
+
+
+def spatial_mean(features: np.ndarray, feature_shape: list[int]) -> np.ndarray:
+    """Average a flattened spatial map over height and width (identity for vectors)."""
+    if len(feature_shape) == 1:
+        return features
+    return features.reshape(len(features), -1, feature_shape[-1]).mean(axis=1)
+
+
+def stream_moments(stream: FeatureStream, classes: int, feature_shape: list[int], with_gram: bool) -> Moments:
+    """The moments of a stream's training rows (both views when it has two), pooled for spatial maps."""
+    moments = Moments(classes, with_gram)
+    for batch in stream.batches():
+        features, labels = batch.training_rows()
+        moments.add(spatial_mean(features, feature_shape), labels)
+    return moments
+
+
+def predictor(model):
+    """A fast batch prediction function of a Keras head (no `predict` loop per call)."""
+    tf = load_tensorflow()
+    forward = tf.function(lambda rows: model(rows, training=False), reduce_retracing=True, autograph=False)
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        return (
+            np.concatenate([forward(rows[start : start + PREDICT_BATCH]).numpy() for start in range(0, len(rows), PREDICT_BATCH)])
+            if len(rows)
+            else np.zeros((0, model.output.shape[-1]), np.float32)
+        )
+
+    return predict
+
+
+def stream_accuracy(stream: FeatureStream, model) -> float:
+    """Accuracy of `model` on a stream, both views' probabilities averaged when it has two."""
+    predict, correct = predictor(model), 0
+    for batch in stream.batches():
+        correct += int(np.sum(batch.probabilities(predict).argmax(axis=1) == batch.labels))
+    return correct / stream.count

@@ -1,0 +1,61 @@
+"""'ridge' (the default): least squares onto one-hot classes from streamed moments (`cifar_transfer.ridge`), its
+strength and softmax temperature chosen on validation; its refit is one more solve on the summed moments."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from cifar_transfer import ridge
+from cifar_transfer.config import HeadSettings
+from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, Trainer, spatial_mean, stream_moments
+from cifar_transfer.streams import Moments
+
+
+class StrengthScore(BaseModel):
+    strength: float
+    validation_accuracy: float  # at the best temperature for this strength
+
+
+class RidgeDetails(HeadDetails):
+    strength: float  # the chosen alpha
+    temperature: float
+    strengths: list[StrengthScore]  # the validation curve along `ridge.RIDGE_STRENGTHS`
+
+    def choice(self) -> str:
+        return f"alpha={self.strength:g}"
+
+
+def fit(data: HeadData, settings: HeadSettings) -> FittedHead:
+    """Ridge along `RIDGE_STRENGTHS`: one pass for the fit moments, one solve, one validation pass judging all strengths."""
+    shape = data.feature_shape
+    fit_moments = stream_moments(data.fit, data.classes, shape, with_gram=True)
+    validation_moments = Moments(data.classes, with_gram=True)
+    scores = ridge.solve(fit_moments, ridge.RIDGE_STRENGTHS)
+    tally = ridge.ValidationTally.empty(len(ridge.RIDGE_STRENGTHS))
+    for batch in data.validation.batches():
+        tally.add([scores(spatial_mean(view, shape)) for view in batch.views], batch.labels)
+        features, labels = batch.training_rows()
+        validation_moments.add(spatial_mean(features, shape), labels)
+    strength, temperature = tally.best()
+    accuracies, _ = tally.curve()
+    details = RidgeDetails(
+        head="ridge",
+        strength=ridge.RIDGE_STRENGTHS[strength],
+        temperature=float(ridge.TEMPERATURES[temperature]),
+        strengths=[
+            StrengthScore(strength=value, validation_accuracy=float(accuracy))
+            for value, accuracy in zip(ridge.RIDGE_STRENGTHS, accuracies, strict=True)
+        ],
+    )
+    model = ridge.ridge_model(scores.strength(strength), ridge.TEMPERATURES[temperature], shape)
+    return FittedHead(model, tally.accuracy(strength, temperature), details, moments=(fit_moments, validation_moments))
+
+
+def refit(chosen: FittedHead, data: HeadData, settings: HeadSettings):
+    """The fit and validation moments summed: the moments of every train row, solved at the chosen strength."""
+    fit_moments, validation_moments = chosen.moments
+    scores = ridge.solve(fit_moments + validation_moments, (chosen.details.strength,))
+    return ridge.ridge_model(scores, chosen.details.temperature, data.feature_shape)
+
+
+TRAINER = Trainer(RidgeDetails, fit, refit)
