@@ -24,8 +24,8 @@ from cifar_transfer.redact import redact
 from cifar_transfer.shards import FLIPPED, SPLITS
 
 if TYPE_CHECKING:
+    from cifar_transfer.feature_records import FeatureSetDescription, ShardRecord
     from cifar_transfer.storage import Storage
-    from cifar_transfer.store import FeatureSetDescription, ShardRecord
 
 DEFAULT_CONFIG = "default"
 MIRRORED_CONFIG = "mirrored"

@@ -36,10 +36,11 @@ from cifar_transfer.collection import CollectionDataset, collection_images, list
 from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
 from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.errors import ConfigError, StorageNotWritable
+from cifar_transfer.feature_records import library_versions
 from cifar_transfer.native import load_tensorflow
+from cifar_transfer.shard_files import features_folder
 from cifar_transfer.shards import Shard
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import features_folder, library_versions
 
 log = logging.getLogger(__name__)
 

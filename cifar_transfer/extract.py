@@ -26,22 +26,21 @@ from cifar_transfer.config import FeatureSpec
 from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.engines import get_extractor
 from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.feature_records import ShardRecord, read_manifest
 from cifar_transfer.progress import ExtractedShard
-from cifar_transfer.shards import Shard, plan_shards
-from cifar_transfer.storage import Storage
-from cifar_transfer.store import (
-    ShardRecord,
+from cifar_transfer.shard_files import (
     ShardRows,
     existing_shard_record,
     features_folder,
     listed_record,
-    read_manifest,
     shard_path,
     shard_problem,
     shard_size_conflict,
     shard_table,
     write_shard,
 )
+from cifar_transfer.shards import Shard, plan_shards
+from cifar_transfer.storage import Storage
 
 log = logging.getLogger(__name__)
 

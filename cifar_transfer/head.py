@@ -39,11 +39,12 @@ from pydantic import BaseModel, ConfigDict
 from cifar_transfer import layout, ridge
 from cifar_transfer.config import HeadSettings
 from cifar_transfer.evaluation import confusion_matrix, per_class_accuracy
+from cifar_transfer.feature_records import Lineage
 from cifar_transfer.layout import HeadFiles
 from cifar_transfer.native import load_keras, load_tensorflow
 from cifar_transfer.plots import confusion_figure, save_png
+from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import Lineage, parquet_bytes
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
 log = logging.getLogger(__name__)

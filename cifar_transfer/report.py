@@ -17,12 +17,13 @@ from cifar_transfer.collection import thumbnails
 from cifar_transfer.config import PipelineConfig
 from cifar_transfer.dataset import stored_rows
 from cifar_transfer.evaluation import sample_rows
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadResult
 from cifar_transfer.html_report import render_html_report
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import FeatureSetInfo, read_keys
+from cifar_transfer.store import read_keys
 from cifar_transfer.tsne import TsneResult
 
 log = logging.getLogger(__name__)

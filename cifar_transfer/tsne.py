@@ -30,9 +30,11 @@ from pydantic import BaseModel
 from cifar_transfer import layout
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
+from cifar_transfer.feature_records import Lineage, split_manifest
 from cifar_transfer.plots import save_png, scatter_figure
+from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import Lineage, parquet_bytes, read_split, split_manifest
+from cifar_transfer.store import read_split
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, TsneSettings
 from cifar_transfer.dataset import DatasetInfo, finished_dataset, parse_dataset_id
 from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.feature_records import read_description, read_manifest
 from cifar_transfer.head import finished_head, train_head
 from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
+from cifar_transfer.shard_files import shard_problem
 from cifar_transfer.shards import SPLITS, VIEWS, Shard
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_description, read_manifest, shard_problem
 from cifar_transfer.tsne import finished_tsne, tsne_map
 
 log = logging.getLogger(__name__)

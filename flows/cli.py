@@ -186,7 +186,7 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
     """Print each feature set's problems (and its decoded dataset's); with `repair`, fix them and check again.
 
     0 when all is well."""
-    from cifar_transfer.store import list_feature_sets
+    from cifar_transfer.catalogue import list_feature_sets
     from cifar_transfer.verify import (
         rebuild_derived,
         remove_damaged,
@@ -228,7 +228,7 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
 
 def list_command(storage_url: str, as_json: bool) -> int:
     """Print the feature sets, newest first: a table for people, or their full descriptions as JSON."""
-    from cifar_transfer.store import list_feature_sets
+    from cifar_transfer.catalogue import list_feature_sets
 
     found = list_feature_sets(storage_url)
     if as_json:

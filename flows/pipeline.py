@@ -17,9 +17,9 @@ from prefect import flow, tags
 from cifar_transfer.config import FeatureSpec, PipelineConfig
 from cifar_transfer.engines import release_extractors
 from cifar_transfer.extract import SourceDataset
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
-from cifar_transfer.store import FeatureSetInfo
 from cifar_transfer.tasks.collection import list_collection_task, watch_collection_task
 from cifar_transfer.tasks.decode import decode_archive_task
 from cifar_transfer.tasks.download import fetch_archive_task

@@ -19,10 +19,12 @@ from PIL import Image
 from prefect.settings import PREFECT_API_URL
 from test_flow import task_states_since
 
+from cifar_transfer.catalogue import find_feature_set
 from cifar_transfer.config import load_config
+from cifar_transfer.feature_records import read_manifest
 from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import find_feature_set, load_features, read_keys, read_manifest
+from cifar_transfer.store import load_features, read_keys
 from cifar_transfer.verify import verify_feature_set
 from conftest import cifar_images
 

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from cifar_transfer import ridge
+from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.config import FeatureSpec, HeadSettings
 from cifar_transfer.head import HeadData, candidate_heads, ensemble_head, fit_head, refit_head, stream_accuracy, train_head
+from cifar_transfer.shard_files import ShardRows, features_folder, shard_path, shard_table, write_shard
 from cifar_transfer.shards import FLIPPED, Shard
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import ShardRows, commit_feature_set, features_folder, read_split, shard_path, shard_table, write_shard
+from cifar_transfer.store import read_split
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
 SETTINGS = HeadSettings(
