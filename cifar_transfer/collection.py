@@ -11,14 +11,13 @@ lists old and new shards at once (see `store.write_manifest`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import CollectionSettings, stable_hash
 from cifar_transfer.errors import SourceError
 from cifar_transfer.feature_records import read_manifest
@@ -121,9 +120,10 @@ def watch_collection(settings: CollectionSettings, storage_url: str) -> WatchRes
     dataset, _ = list_collection(settings)
     storage = Storage(storage_url)
     record = layout.watch_record(storage, dataset.id)
-    previous = json.loads(storage.read_bytes(record)).get("listing_digest") if storage.exists(record) else None
+    seen = records.WATCH.read(storage.read_bytes(record), storage.uri(record)) if storage.exists(record) else {}
+    previous = seen.get("listing_digest")
     if previous != dataset.listing_digest:
-        storage.write_atomic(record, json.dumps({"listing_digest": dataset.listing_digest, "sizes": dataset.sizes}).encode())
+        storage.write_atomic(record, records.WATCH.dump({"listing_digest": dataset.listing_digest, "sizes": dataset.sizes}))
     return WatchResult(dataset=dataset, changed=previous != dataset.listing_digest, previous_digest=previous)
 
 

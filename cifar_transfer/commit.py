@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
 
@@ -21,6 +20,7 @@ from cifar_transfer.feature_records import (
     read_description,
     read_manifest,
 )
+from cifar_transfer.records import FEATURE_SET, MANIFEST, SKIPPED
 from cifar_transfer.shard_files import features_folder, shard_metadata
 from cifar_transfer.shards import FLIPPED, VIEWS
 from cifar_transfer.sources.base import UnreadableItem
@@ -54,7 +54,7 @@ def write_manifest(
         version=existing.version + 1 if existing else 1,
         retired=sorted(set(retired) - {record.file for record in records}),
     )
-    storage.write_atomic(layout.manifest(folder, split), manifest.model_dump_json(indent=2).encode())
+    storage.write_atomic(layout.manifest(folder, split), MANIFEST.dump(manifest))
     listed = {record.file for record in records} | set(manifest.retired)
     for file in existing.retired if existing else []:
         path = layout.shard_file(folder, split, file)
@@ -104,7 +104,7 @@ def commit_feature_set(
         extraction=extraction or (earlier.extraction if earlier else None),
         made_by=lineage if extraction else (earlier.made_by if earlier else lineage),
     )
-    storage.write_atomic(layout.feature_set_description(folder), description.model_dump_json(indent=2).encode())
+    storage.write_atomic(layout.feature_set_description(folder), FEATURE_SET.dump(description))
     card.write_card(storage, folder, description, view_shards(storage, folder, records))
     for split in sorted({record.split for record in records}):
         view_records = [record for record in records if record.split == split]
@@ -146,7 +146,7 @@ def write_skipped(storage: Storage, folder: str, split: str, records: list[Shard
     for record in records:
         _, metadata = shard_metadata(storage, layout.shard_file(folder, split, record.file))
         skipped += metadata.get("skipped", [])
-    storage.write_if_changed(layout.skipped_record(folder, split), json.dumps(skipped, indent=2).encode())
+    storage.write_if_changed(layout.skipped_record(folder, split), SKIPPED.dump({"skipped": skipped}))
     if skipped:
         log.warning("%s: %d images could not be used (listed in %s)", split, len(skipped), layout.SKIPPED_NAME)
     return skipped

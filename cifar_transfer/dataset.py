@@ -12,7 +12,7 @@ import logging
 import numpy as np
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.cifar import archive_format_named, archive_format_of, read_archive
 from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError
@@ -29,13 +29,17 @@ class DatasetInfo(BaseModel):
     md5: str
     sizes: dict[str, int]
     classes: list[str]
-    bytes: dict[str, int] = {}  # each array file's size (absent in markers written before it was recorded)
-    format: str = "cifar10"  # the archive format (absent in markers written before CIFAR-100 was read)
-    label_mode: str | None = None  # the label set, where the format has several (CIFAR-100: "fine" or "coarse")
+    bytes: dict[str, int]  # each array file's size
+    format: str  # the archive format
+    label_mode: str | None  # the label set, where the format has several (CIFAR-100: "fine" or "coarse")
 
     @property
     def id(self) -> str:
         return dataset_id(self.md5, self.format, self.label_mode)
+
+
+def read_marker(storage: Storage, path: str) -> DatasetInfo:
+    return records.DATASET.load(DatasetInfo, storage.read_bytes(path), storage.uri(path))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -83,7 +87,7 @@ def finished_dataset(
     files = _dataset_files(storage, archive_md5, archive_format, label_mode)
     if not storage.exists(files.marker):
         return None
-    info = DatasetInfo.model_validate_json(storage.read_bytes(files.marker))
+    info = read_marker(storage, files.marker)
     for path in files.paths():
         if path == files.marker:
             continue
@@ -135,7 +139,7 @@ def _decode(
         format=content.format,
         label_mode=content.label_mode,
     )
-    storage.write_atomic(files.marker, info.model_dump_json(indent=2).encode())
+    storage.write_atomic(files.marker, records.DATASET.dump(info))
     log.info("decoded archive %s: %s", archive_md5, ", ".join(f"{k} {v} images" for k, v in info.sizes.items()))
     return info
 

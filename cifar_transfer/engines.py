@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.backbones import build_extractor
 from cifar_transfer.collection import CollectionDataset, collection_images, listing_of
 from cifar_transfer.config import FeatureSpec, PipelineConfig, stable_hash
@@ -177,7 +177,7 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
     storage = Storage(config.storage)
     path = _choice_path(storage, config.feature_spec(dataset_md5, choice.engine, choice.precision))
     if storage.exists(path):
-        remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
+        remembered = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
     reduced_spec = config.feature_spec(dataset_md5, choice.engine, choice.precision)
@@ -199,7 +199,7 @@ def choose_engine(config: PipelineConfig, dataset_md5: str, calibration_images: 
             precision="float32",
             reason=f"{choice.precision} features were at cosine {cosine:.6f} < {BF16_MIN_COSINE} to float32 on this backbone",
         )
-    storage.write_atomic(path, choice.model_dump_json().encode())
+    storage.write_atomic(path, records.ENGINE_CHOICE.dump(choice))
     log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
     return choice
 

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import CollectionSettings, FeatureSpec
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.shards import VIEWS
@@ -66,8 +66,8 @@ class Manifest(BaseModel):
     feature_shape: list[int]
     shards: list[ShardRecord]
     created_at: str
-    version: int = 1
-    retired: list[str] = []
+    version: int  # 1 for a view's first manifest
+    retired: list[str]
 
     @field_validator("retired")
     @classmethod
@@ -134,8 +134,8 @@ class RebuildRecord(BaseModel):
     weights: str
     seed: int
     shard_size: int
-    flip: bool = False  # the mirrored views were extracted too (absent in sets written before it was recorded)
-    collection: CollectionSettings | None = None  # how to read the collection the set was made from (None: an archive)
+    flip: bool  # the mirrored views were extracted too
+    collection: CollectionSettings | None  # how to read the collection the set was made from (None: an archive)
 
 
 class FeatureSetDescription(BaseModel):
@@ -147,8 +147,8 @@ class FeatureSetDescription(BaseModel):
     classes: list[str]
     rebuild: RebuildRecord
     versions: dict
-    extraction: ExtractionRecord | None = None
-    made_by: Lineage | None = None
+    extraction: ExtractionRecord | None
+    made_by: Lineage | None
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(**self.spec, weights=self.rebuild.weights, seed=self.rebuild.seed)
@@ -160,7 +160,7 @@ def read_description(storage: Storage, folder: str) -> FeatureSetDescription | N
     if not storage.exists(path):
         return None
     try:
-        return FeatureSetDescription.model_validate_json(storage.read_bytes(path))
+        return records.FEATURE_SET.load(FeatureSetDescription, storage.read_bytes(path), storage.uri(path))
     except ValueError as exc:
         log.warning("skipping %s: unreadable %s (%s)", storage.uri(folder), layout.FEATURE_SET_NAME, str(exc).splitlines()[0])
         return None
@@ -172,7 +172,7 @@ def read_manifest(storage: Storage, folder: str, split: str) -> Manifest | None:
     if not storage.exists(path):
         return None
     try:
-        return Manifest.model_validate_json(storage.read_bytes(path))
+        return records.MANIFEST.load(Manifest, storage.read_bytes(path), storage.uri(path))
     except ValueError as exc:
         log.warning("ignoring %s: not a valid manifest (%s)", storage.uri(path), str(exc).splitlines()[0])
         return None

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from cifar_transfer import layout, ridge
+from cifar_transfer import layout, records, ridge
 from cifar_transfer.config import HeadSettings
 from cifar_transfer.evaluation import confusion_matrix, per_class_accuracy
 from cifar_transfer.feature_records import Lineage
@@ -94,7 +94,7 @@ class HeadMetrics(BaseModel):
     settings: HeadSettings
     features: str
     seconds: float
-    made_by: Lineage | None = None  # the flow run that trained it (absent in heads trained before it was recorded)
+    made_by: Lineage | None = None  # the flow run that trained it (absent: not trained by a flow run)
 
     @property
     def chosen_candidate(self) -> CandidateScore:
@@ -130,7 +130,7 @@ def finished_head(storage: Storage, folder: str, key: str) -> HeadResult | None:
     if files.missing(storage):
         return None
     try:
-        metrics = HeadMetrics.model_validate_json(storage.read_bytes(files.metrics))
+        metrics = records.HEAD_METRICS.load(HeadMetrics, storage.read_bytes(files.metrics), storage.uri(files.metrics))
     except ValueError as exc:
         log.warning("head metrics %s are unreadable (%s): training the head again", storage.uri(files.metrics), str(exc).splitlines()[0])
         return None
@@ -420,7 +420,7 @@ def train_head(
         return done
     started = time.perf_counter()
     files = layout.head_files(folder, key)
-    storage.write_atomic(files.settings, settings.model_dump_json(indent=2).encode())
+    storage.write_atomic(files.settings, records.HEAD_SETTINGS.dump(settings))
     data = HeadData.open(storage, folder, settings, len(classes))
     candidates = []
     for kind in candidate_heads(settings.head, data.feature_shape):
@@ -466,7 +466,7 @@ def train_head(
     storage.write_atomic(files.predictions, parquet_bytes(pa.concat_tables([train.table, test.table])))
     title = f"{chosen.details['head']} head: test accuracy {metrics.test_accuracy:.2%}"
     storage.write_atomic(files.confusion_picture, save_png(confusion_figure(matrix, classes, title)))
-    storage.write_atomic(files.metrics, metrics.model_dump_json(indent=2, exclude_none=True).encode())
+    storage.write_atomic(files.metrics, records.HEAD_METRICS.dump(metrics, exclude_none=True))
     log.info(
         "chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)",
         chosen.details["head"],

@@ -42,6 +42,7 @@ class Root(Protocol):
 
     def exists(self, path: str) -> bool: ...
 
+
 RAW = "raw"
 DATASETS = "datasets"
 FEATURES = "features"

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cifar_transfer import records
 from cifar_transfer.cifar import IMAGE_SHAPE
 from cifar_transfer.engines import KerasExtractor, get_extractor
 from cifar_transfer.errors import ConfigError, SourceError
@@ -377,7 +378,7 @@ def write_predictions(rows: Iterable[Prediction], destination: str, metadata: di
                 stream.write((",\n " if count > 1 else "\n ").encode() + json.dumps(row.record()).encode())
             stream.write(b"\n]\n" if count else b"]\n")
             return count
-        schema = SCHEMA.with_metadata({"cifar_transfer": json.dumps(metadata or {})})
+        schema = SCHEMA.with_metadata({"cifar_transfer": records.PREDICTIONS.dump(metadata or {}, indent=None)})
         with pq.ParquetWriter(stream, schema) as writer:
             group: list[dict] = []
             for row in rows:

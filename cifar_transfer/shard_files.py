@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 from typing import NamedTuple
 
@@ -11,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.feature_records import Manifest, ShardRecord, library_versions
 from cifar_transfer.shards import Shard
@@ -67,7 +66,7 @@ def shard_table(spec: FeatureSpec, shard: Shard, rows: ShardRows, features: np.n
             "key": pa.array([item.key for item in rows.items], pa.string()),
             "version": pa.array([item.version for item in rows.items], pa.string()),
         }
-    return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    return pa.table(columns).replace_schema_metadata({METADATA_KEY: records.SHARD.dump(metadata, indent=None)})
 
 
 def shard_items_from_metadata(metadata: dict) -> list[tuple[str, str, int]] | None:
@@ -113,7 +112,7 @@ def shard_metadata(storage: Storage, path: str) -> tuple[int, dict]:
     with storage.fs.open(path, "rb") as stream:
         footer = pq.read_metadata(stream)
     raw = (footer.metadata or {}).get(METADATA_KEY)
-    return footer.num_rows, json.loads(raw) if raw else {}
+    return footer.num_rows, records.SHARD.read(raw, storage.uri(path)) if raw else {}
 
 
 def shard_problem(storage: Storage, path: str, spec: FeatureSpec, shard: Shard, listed: ShardRecord | None = None) -> str | None:

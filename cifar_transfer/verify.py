@@ -14,18 +14,18 @@ gone; a map or head is made again from the settings recorded beside it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, TsneSettings
-from cifar_transfer.dataset import DatasetInfo, finished_dataset, parse_dataset_id
+from cifar_transfer.dataset import finished_dataset, parse_dataset_id, read_marker
+from cifar_transfer.download import read_source_record
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.feature_records import read_description, read_manifest
 from cifar_transfer.head import finished_head, train_head
-from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
+from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, TsneFiles
 from cifar_transfer.shard_files import shard_problem
 from cifar_transfer.shards import SPLITS, VIEWS, Shard
 from cifar_transfer.storage import Storage
@@ -109,7 +109,7 @@ def verify_dataset(storage_url: str, dataset_md5: str) -> dict[str, list[str]]:
     if not storage.exists(files.marker) or finished_dataset(storage_url, dataset_md5) is not None:
         return {}  # never decoded here (features may come from elsewhere), or complete
     problems = {}
-    info = DatasetInfo.model_validate_json(storage.read_bytes(files.marker))
+    info = read_marker(storage, files.marker)
     for path in files.paths()[:-1]:
         name = posixpath.basename(path)
         if not storage.exists(path):
@@ -165,13 +165,14 @@ def rebuild_derived(storage_url: str, folder: str) -> list[str]:
 
 def _recorded_settings(storage: Storage, files: DerivedFiles, settings_type):
     """The settings a map or head was made with: its settings record, else (heads) what its metrics recorded."""
-    sources = [(files.settings, lambda raw: settings_type.model_validate_json(raw))]
-    if isinstance(files, HeadFiles):
-        sources.append((files.metrics, lambda raw: settings_type.model_validate(json.loads(raw)["settings"])))
-    for path, parse in sources:
+    is_map = isinstance(files, TsneFiles)
+    sources = [(files.settings, records.TSNE_SETTINGS if is_map else records.HEAD_SETTINGS, lambda content: content)]
+    if not is_map:
+        sources.append((files.metrics, records.HEAD_METRICS, lambda content: content["settings"]))
+    for path, record, settings_of in sources:
         if storage.exists(path):
             try:
-                return parse(storage.read_bytes(path))
+                return settings_type.model_validate(settings_of(record.read(storage.read_bytes(path), storage.uri(path))))
             except (ValueError, KeyError, TypeError):
                 continue
     return None
@@ -216,8 +217,7 @@ def repair_config(storage_url: str, folder: str) -> PipelineConfig:
     archive_format, label_mode, md5 = parse_dataset_id(spec.dataset_md5)
     if archive_format != "cifar10":
         same_features |= {"source_format": archive_format, "label_mode": label_mode}
-    records = {path: json.loads(storage.read_bytes(path)) for path in layout.source_records(storage)}
-    archives = [path for path, record in records.items() if record.get("md5") == md5]
+    archives = [path for path in layout.source_records(storage) if read_source_record(storage, path).get("md5") == md5]
     if not archives:
         raise FeatureSetError(
             f"the archive with MD5 {md5} is no longer in {storage.uri(storage.path('raw'))}: "

@@ -32,19 +32,24 @@ def blobs(count: int, shape: tuple[int, ...], noise: float, seed: int, labels: n
     return (features * scale + 5).reshape(count, -1), labels
 
 
-def write_feature_set(root, splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_shape: tuple[int, ...], shard_size: int = 100) -> str:
-    """A real feature set (Parquet shards, manifests) holding `splits` (view name -> flattened features, labels)."""
-    spec = FeatureSpec(
-        dataset_md5="0" * 32,
+def synthetic_spec(pooling: str = "avg", dataset_md5: str = "0" * 32) -> FeatureSpec:
+    """The spec of a feature set written by a test, not by a backbone."""
+    return FeatureSpec(
+        dataset_md5=dataset_md5,
         backbone="MobileNetV2",
         weights_id="test",
         weights="none",
         seed=0,
         input_size=32,
-        pooling="avg" if len(feature_shape) == 1 else "none",
+        pooling=pooling,
         engine="tensorflow",
         precision="float32",
     )
+
+
+def write_feature_set(root, splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_shape: tuple[int, ...], shard_size: int = 100) -> str:
+    """A real feature set (Parquet shards, manifests) holding `splits` (view name -> flattened features, labels)."""
+    spec = synthetic_spec("avg" if len(feature_shape) == 1 else "none")
     storage, records = Storage(str(root)), []
     for view, (features, labels) in splits.items():
         for number, start in enumerate(range(0, len(labels), shard_size)):
