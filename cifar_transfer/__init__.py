@@ -1,8 +1,9 @@
 """cifar_transfer: transfer learning on labelled images as plain, Prefect-free functions.
 
 Stages (one module each; see docs/architecture.md): `download` -> `dataset` (decode) -> `engines` + `extract`
-(one shard) -> `shard_files`, `commit` (Parquet shards, manifests), `store` and `catalogue` (the reading API) -> `tsne`, `head` -> `report`.
-`layout` owns every path under a storage root, `config` the one typed configuration and its fingerprints.
+(one shard, written by `shard_files`) -> `commit` (manifests) -> `tsne`, `head` -> `report`; `store` and
+`catalogue` are the reading API. `layout` owns every path under a storage root, `config` the one typed
+configuration and its fingerprints, `records` the stored records' format versions.
 The Prefect layer lives in `cifar_transfer.tasks` and `cifar_transfer.flows`; importing this package, or reading
 features, imports neither Prefect nor TensorFlow:
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,15 @@ import pytest
 from test_flow import tiny_config
 from test_head import CLASSES, SETTINGS, blobs, synthetic_spec, write_feature_set
 
-from cifar_transfer import engines, records
+from cifar_transfer import engines, layout, records
 from cifar_transfer.catalogue import describe_feature_set
 from cifar_transfer.commit import commit_feature_set
-from cifar_transfer.config import CollectionSettings, TsneSettings, load_config
-from cifar_transfer.dataset import DatasetInfo
+from cifar_transfer.config import CollectionSettings, HeadSettings, TsneSettings, load_config
+from cifar_transfer.dataset import DatasetInfo, read_marker
+from cifar_transfer.download import read_source_record
 from cifar_transfer.errors import NewerFormatError
 from cifar_transfer.feature_records import FeatureSetDescription, Manifest, read_description, read_manifest
-from cifar_transfer.head import finished_head, train_head
+from cifar_transfer.head import HeadMetrics, finished_head, train_head
 from cifar_transfer.shard_files import METADATA_KEY, ShardRows, shard_path, shard_problem, shard_table, write_shard
 from cifar_transfer.shards import Shard
 from cifar_transfer.sources.base import Item, UnreadableItem
@@ -198,6 +200,50 @@ def test_a_map_written_before_versions_is_reused(tmp_path):
     assert finished_tsne(storage, folder, "m") == made
     assert tsne_map(storage.url, folder, "m", settings, CLASSES) == made
     assert file_identities(Path(folder)) == before
+
+
+WRITTEN_BY_BASE = Path(__file__).parent / "fixtures" / "written-by-8ac3e8e"  # `cifar-transfer run` of the code before versions
+
+
+def test_records_written_by_the_code_before_versions_read_and_name_the_same_folders(tmp_path):
+    """The JSON records and a map's footer as commit 8ac3e8e wrote them (a tiny MobileNetV2 run): each reads, and this
+    code's fingerprint and keys for the same options name the folders that code made."""
+    shutil.copytree(WRITTEN_BY_BASE, tmp_path / "storage")
+    storage = Storage(str(tmp_path / "storage"))
+    (folder,) = storage.fs.ls(storage.path("features"), detail=False)
+    description = read_description(storage, folder)
+    assert description.fingerprint == description.feature_spec().fingerprint == folder.rsplit("-", 1)[1]
+    assert description.rebuild.flip is False and description.extraction.images == 300
+    assert {view: read_manifest(storage, folder, view).rows for view in ("train", "test")} == {"train": 200, "test": 100}
+    (archive_record,) = layout.source_records(storage)
+    md5 = read_source_record(storage, archive_record)["md5"]
+    marker = read_marker(storage, layout.dataset_files(storage, md5).marker)
+    assert (marker.md5, marker.format, marker.sizes) == (md5, "cifar10", {"train": 200, "test": 100})
+    config = load_config(
+        source=layout.archive_of_record(archive_record),
+        md5=md5,
+        storage=storage.url,
+        backbone="MobileNetV2",
+        weights="none",
+        input_size=32,
+        shard_size=50,
+        tsne_sample=150,
+        epochs=3,
+        head_batch_size=32,
+        engine="tensorflow",
+        precision="float32",
+    )
+    fingerprint = config.feature_spec(md5).fingerprint
+    assert config.feature_spec(md5).folder_name == Path(folder).name
+    (map_folder,) = (Path(folder) / "tsne").iterdir()
+    (head_folder,) = (Path(folder) / "heads").iterdir()
+    assert (config.tsne_key(fingerprint), config.head_key(fingerprint)) == (map_folder.name, head_folder.name)
+    assert records.TSNE_SETTINGS.load(TsneSettings, (map_folder / "settings.json").read_bytes(), "x") == config.tsne_settings
+    assert records.HEAD_SETTINGS.load(HeadSettings, (head_folder / "settings.json").read_bytes(), "x") == config.head_settings
+    metrics = records.HEAD_METRICS.load(HeadMetrics, (head_folder / "metrics.json").read_bytes(), "x")
+    assert metrics.settings == config.head_settings and metrics.test_accuracy == 0.67
+    footer = pq.read_schema(map_folder / "embedding.parquet").metadata[b"tsne"]
+    assert records.TSNE_RESULT.load(TsneResult, footer, "x").points == 150
 
 
 def test_a_feature_set_map_and_head_written_before_versions_are_reused_with_the_same_keys(tiny_archive, tmp_path, prefect_api):
