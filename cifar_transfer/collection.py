@@ -5,7 +5,7 @@ the source, resized once from their original size to the backbone's input. Its f
 the collection (format, root, split rule, classes: `Listing.identity`), not its content, so when images are
 added, removed or changed the next run keeps every shard whose images are all unchanged, replaces each
 shard that held a removed or changed image, and puts new images in new shards; a new manifest version then
-lists old and new shards at once (see `store.write_manifest`).
+lists old and new shards at once (see `commit.write_manifest`).
 """
 
 from __future__ import annotations
