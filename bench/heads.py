@@ -47,8 +47,8 @@ print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mib": resource.getru
 def subset(features: str, rows: int, scratch: str, flip: bool) -> str:
     """A feature set of the first `rows` train rows (whole shards) and the whole test split, files hard-linked."""
     from cifar_transfer import layout
+    from cifar_transfer.feature_records import Manifest, read_manifest
     from cifar_transfer.storage import Storage
-    from cifar_transfer.store import Manifest, read_manifest
 
     storage = Storage(str(Path(features).parent))
     folder = os.path.join(scratch, f"rows-{rows}", "features", os.path.basename(features))

@@ -156,8 +156,8 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
 
 def tsne_point(storage: str, points: int) -> dict:
     """The t-SNE stage (read, PCA, openTSNE, 10-NN quality, plot, write) on `points` train images of the full run."""
+    from cifar_transfer.catalogue import find_feature_set
     from cifar_transfer.config import TsneSettings
-    from cifar_transfer.store import find_feature_set
     from cifar_transfer.tsne import tsne_map
 
     features = find_feature_set(storage)
@@ -322,8 +322,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if quick:
         options |= {"input_size": 75, "tsne_sample": 500, "epochs": 2}
+    from cifar_transfer.feature_records import library_versions
     from cifar_transfer.hardware import machine_description
-    from cifar_transfer.store import library_versions
 
     result = {"options": options, "machine": machine_description() | {"versions": library_versions()}}
     with tempfile.TemporaryDirectory(prefix="perf-") as scratch:

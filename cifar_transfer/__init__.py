@@ -1,8 +1,9 @@
 """cifar_transfer: transfer learning on labelled images as plain, Prefect-free functions.
 
 Stages (one module each; see docs/architecture.md): `download` -> `dataset` (decode) -> `engines` + `extract`
-(one shard) -> `store` (Parquet shards, manifests, the reading API) -> `tsne`, `head` -> `report`.
-`layout` owns every path under a storage root, `config` the one typed configuration and its fingerprints.
+(one shard, written by `shard_files`) -> `commit` (manifests) -> `tsne`, `head` -> `report`; `store` and
+`catalogue` are the reading API. `layout` owns every path under a storage root, `config` the one typed
+configuration and its fingerprints, `records` the stored records' format versions.
 The Prefect layer lives in `cifar_transfer.tasks` and `cifar_transfer.flows`; importing this package, or reading
 features, imports neither Prefect nor TensorFlow:
 
@@ -21,13 +22,14 @@ import sys
 if os.environ.get("CIFAR_TRANSFER_OPENVINO_TELEMETRY") != "1":
     sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
-__all__ = ["find_feature_set", "list_feature_sets", "load_features"]
+# The reading API, by the module that holds each name: imported on first use (so `import cifar_transfer` stays cheap).
+_READING_API = {"find_feature_set": "catalogue", "list_feature_sets": "catalogue", "load_features": "store"}
+__all__ = sorted(_READING_API)
 
 
 def __getattr__(name: str):
-    """The reading API, imported on first use (so `import cifar_transfer` stays cheap)."""
-    if name in __all__:
-        from cifar_transfer import store
+    if name in _READING_API:
+        from importlib import import_module
 
-        return getattr(store, name)
+        return getattr(import_module(f"cifar_transfer.{_READING_API[name]}"), name)
     raise AttributeError(f"module 'cifar_transfer' has no attribute {name!r}")

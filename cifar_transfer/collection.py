@@ -5,13 +5,12 @@ the source, resized once from their original size to the backbone's input. Its f
 the collection (format, root, split rule, classes: `Listing.identity`), not its content, so when images are
 added, removed or changed the next run keeps every shard whose images are all unchanged, replaces each
 shard that held a removed or changed image, and puts new images in new shards; a new manifest version then
-lists old and new shards at once (see `store.write_manifest`).
+lists old and new shards at once (see `commit.write_manifest`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 
@@ -19,17 +18,18 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import CollectionSettings, stable_hash
 from cifar_transfer.errors import SourceError
+from cifar_transfer.feature_records import read_manifest
 from cifar_transfer.redact import printable, redact
+from cifar_transfer.shard_files import ShardRows, shard_items_from_metadata, shard_metadata
 from cifar_transfer.shards import FLIPPED, SPLITS, Shard
 from cifar_transfer.sources import detect
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
 from cifar_transfer.sources.folder import FolderSource
 from cifar_transfer.sources.parquet import ParquetSource
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import ShardRows, read_manifest, shard_items_from_metadata, shard_metadata
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,10 @@ def watch_collection(settings: CollectionSettings, storage_url: str) -> WatchRes
     dataset, _ = list_collection(settings)
     storage = Storage(storage_url)
     record = layout.watch_record(storage, dataset.id)
-    previous = json.loads(storage.read_bytes(record)).get("listing_digest") if storage.exists(record) else None
+    seen = records.WATCH.read(storage.read_bytes(record), storage.uri(record)) if storage.exists(record) else {}
+    previous = seen.get("listing_digest")
     if previous != dataset.listing_digest:
-        storage.write_atomic(record, json.dumps({"listing_digest": dataset.listing_digest, "sizes": dataset.sizes}).encode())
+        storage.write_atomic(record, records.WATCH.dump({"listing_digest": dataset.listing_digest, "sizes": dataset.sizes}))
     return WatchResult(dataset=dataset, changed=previous != dataset.listing_digest, previous_digest=previous)
 
 

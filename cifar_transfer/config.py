@@ -13,24 +13,21 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from cifar_transfer.backbones import backbone_option_help
+from cifar_transfer.cifar import ARCHIVE_FORMATS
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.heads import HEAD_CHOICES, HEADS, head_option_help, vector_heads
 from cifar_transfer.redact import refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB
+from cifar_transfer.sources.kinds import SourceKind, kind_for
 from cifar_transfer.storage import file_md5
 
-if TYPE_CHECKING:
-    from cifar_transfer.sources.kinds import SourceKind
-
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR10_URL, CIFAR10_MD5 = ARCHIVE_FORMATS["cifar10"].official_url, ARCHIVE_FORMATS["cifar10"].official_md5
+CIFAR100_URL, CIFAR100_MD5 = ARCHIVE_FORMATS["cifar100"].official_url, ARCHIVE_FORMATS["cifar100"].official_md5
 OFFICIAL_ARCHIVES = {CIFAR10_URL: ("cifar10", CIFAR10_MD5), CIFAR100_URL: ("cifar100", CIFAR100_MD5)}
 
 SourceFormat = Literal["auto", "cifar10", "cifar100", "folder", "parquet"]
@@ -256,7 +253,7 @@ class PipelineConfig(BaseModel):
 
         if self.md5 is not None and self.md5 != "none" and not re.fullmatch(r"[0-9a-fA-F]{32}", self.md5):
             raise ValueError(f"md5 {self.md5!r} is not 32 hex digits: pass the archive's MD5 or 'none'")
-        self.source_kind.check(self)
+        self.source_kind.check(self.source, self.md5)
         backbone = get_backbone(self.backbone)
         if self.input_size is not None and self.input_size < backbone.min_input_size:
             raise ValueError(
@@ -280,8 +277,6 @@ class PipelineConfig(BaseModel):
     @property
     def source_kind(self) -> SourceKind:
         """How the source's images are read: an archive decoded once, or a collection read image by image."""
-        from cifar_transfer.sources.kinds import kind_for
-
         return kind_for(self.source, self.source_format)
 
     @property

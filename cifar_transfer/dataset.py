@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 
 import numpy as np
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.cifar import archive_format_named, archive_format_of, read_archive
 from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError
+from cifar_transfer.shard_files import ShardRows
 from cifar_transfer.shards import Shard, plan_shards
 from cifar_transfer.sources.base import UnreadableItem
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import ShardRows
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ class DatasetInfo(BaseModel):
     md5: str
     sizes: dict[str, int]
     classes: list[str]
-    bytes: dict[str, int] = {}  # each array file's size (absent in markers written before it was recorded)
-    format: str = "cifar10"  # the archive format (absent in markers written before CIFAR-100 was read)
-    label_mode: str | None = None  # the label set, where the format has several (CIFAR-100: "fine" or "coarse")
+    bytes: dict[str, int]  # each array file's size
+    format: str  # the archive format
+    label_mode: str | None  # the label set, where the format has several (CIFAR-100: "fine" or "coarse")
 
     @property
     def id(self) -> str:
@@ -58,6 +59,10 @@ class DatasetInfo(BaseModel):
     def calibration_images(self, storage_url: str, count: int, input_size: int) -> np.ndarray:
         first = Shard(split="train", number=0, start=0, stop=min(count, self.sizes["train"]))
         return shard_images(storage_url, self, first)[0]
+
+
+def read_marker(storage: Storage, path: str) -> DatasetInfo:
+    return records.DATASET.load(DatasetInfo, storage.read_bytes(path), storage.uri(path))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -105,7 +110,7 @@ def finished_dataset(
     files = _dataset_files(storage, archive_md5, archive_format, label_mode)
     if not storage.exists(files.marker):
         return None
-    info = DatasetInfo.model_validate_json(storage.read_bytes(files.marker))
+    info = read_marker(storage, files.marker)
     for path in files.paths():
         if path == files.marker:
             continue
@@ -157,7 +162,7 @@ def _decode(
         format=content.format,
         label_mode=content.label_mode,
     )
-    storage.write_atomic(files.marker, info.model_dump_json(indent=2).encode())
+    storage.write_atomic(files.marker, records.DATASET.dump(info))
     log.info("decoded archive %s: %s", archive_md5, ", ".join(f"{k} {v} images" for k, v in info.sizes.items()))
     return info
 
@@ -194,3 +199,33 @@ def shard_images(storage_url: str, dataset: DatasetInfo, shard: Shard) -> tuple[
     if shard.flipped:
         images = np.ascontiguousarray(images[:, :, ::-1])  # (row, column, channel): mirror the columns
     return images, labels
+
+
+def decoded_problems(storage_url: str, dataset_id: str) -> dict[str, list[str]]:
+    """Problems of the decoded dataset a feature set was made from (paths relative to the storage root)."""
+    storage = Storage(storage_url)
+    files = layout.dataset_files(storage, dataset_id)
+    if not storage.exists(files.marker) or finished_dataset(storage_url, dataset_id) is not None:
+        return {}  # never decoded here (features may come from elsewhere), or complete
+    problems = {}
+    info = read_marker(storage, files.marker)
+    for path in files.paths()[:-1]:
+        name = posixpath.basename(path)
+        if not storage.exists(path):
+            problems[posixpath.relpath(path, storage.root)] = ["missing: decoded again by `verify --repair` or the next run"]
+        elif name in info.bytes and storage.fs.size(path) != info.bytes[name]:
+            problems[posixpath.relpath(path, storage.root)] = [f"{storage.fs.size(path)} bytes, decoded it had {info.bytes[name]}"]
+    return problems
+
+
+def remove_damaged_decoded(storage_url: str, dataset_id: str, problems: dict[str, list[str]]) -> None:
+    """Delete the damaged arrays and the dataset's marker, so the next extraction decodes the archive again."""
+    storage = Storage(storage_url)
+    files = layout.dataset_files(storage, dataset_id)
+    for relative in problems:
+        path = storage.path(relative)
+        if path in files.paths() and storage.exists(path):
+            storage.fs.rm(path)
+            log.warning("removed damaged %s", storage.uri(path))
+    if problems and storage.exists(files.marker):
+        storage.fs.rm(files.marker)

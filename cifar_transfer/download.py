@@ -15,7 +15,6 @@ stored: logs, error messages, the `raw/*.source.json` record.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 import re
@@ -27,7 +26,7 @@ import fsspec
 import httpx
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError, ChecksumMismatch, FetchDeadlineExceeded, SourceUnreachable
 from cifar_transfer.redact import redact
@@ -162,12 +161,17 @@ def stored_archive(storage: Storage, destination: str, source: str, expected_md5
         return None
     found_md5 = file_md5(destination, storage.fs)
     record_path = layout.source_record(destination)
-    recorded = json.loads(storage.read_bytes(record_path)) if storage.exists(record_path) else {}
+    recorded = read_source_record(storage, record_path) if storage.exists(record_path) else {}
     if found_md5 == expected_md5 or (expected_md5 is None and redact(recorded.get("source", "")) == redact(source)):
         log.info("archive already in storage and verified: %s (md5 %s)", redact(storage.uri(destination)), found_md5)
         return ArchiveInfo(path=destination, md5=found_md5, bytes=storage.fs.size(destination))
     log.warning("archive in storage has md5 %s, not the one asked for: fetching %s again", found_md5, redact(source))
     return None
+
+
+def read_source_record(storage: Storage, path: str) -> dict:
+    """Where an archive in storage came from (redacted), its MD5 and size."""
+    return records.SOURCE.read(storage.read_bytes(path), storage.uri(path))
 
 
 def _fetch(storage: Storage, destination: str, source: str, expected_md5: str | None, max_bytes: int, deadline_s: float) -> ArchiveInfo:
@@ -196,7 +200,7 @@ def _fetch(storage: Storage, destination: str, source: str, expected_md5: str | 
             )
     for leftover in storage.stale_temp_files(destination):
         storage.fs.rm(leftover)
-    storage.write_atomic(layout.source_record(destination), json.dumps({"source": shown, "md5": found_md5, "bytes": size}).encode())
+    storage.write_atomic(layout.source_record(destination), records.SOURCE.dump({"source": shown, "md5": found_md5, "bytes": size}))
     elapsed = max(time.monotonic() - started, 1e-9)
     log.info("fetched %s: %.1f MB in %.1f s (%.1f MB/s), md5 %s", shown, size / 1e6, elapsed, size / 1e6 / elapsed, found_md5)
     return ArchiveInfo(path=destination, md5=found_md5, bytes=size)

@@ -15,12 +15,12 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, stable_hash
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.extractors import float32_reference, forget_extractor, get_extractor
 from cifar_transfer.hardware import cpu_has_native_bf16, gpus, machine_description, openvino_available
-from cifar_transfer.sources.kinds import SourceDataset
+from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def choose_engine(
     storage = Storage(storage_url)
     path = _choice_path(storage, settings.feature_spec(dataset_id, choice.engine, choice.precision))
     if storage.exists(path):
-        remembered = EngineChoice.model_validate_json(storage.read_bytes(path))
+        remembered = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
     reduced_spec = settings.feature_spec(dataset_id, choice.engine, choice.precision)
@@ -100,7 +100,7 @@ def choose_engine(
             precision="float32",
             reason=f"{choice.precision} features were at cosine {cosine:.6f} < {BF16_MIN_COSINE} to float32 on this backbone",
         )
-    storage.write_atomic(path, choice.model_dump_json().encode())
+    storage.write_atomic(path, records.ENGINE_CHOICE.dump(choice))
     log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
     return choice
 

@@ -51,6 +51,11 @@ class FeatureSetError(PermanentError):
     """A feature set on storage is incomplete or belongs to another configuration."""
 
 
+class NewerFormatError(PermanentError):
+    """A stored record was written by a newer cifar-transfer than this one (`records`): never read as unreadable, so
+    nothing newer is overwritten."""
+
+
 _RETRYABLE_HTTP_STATUS = {408, 425, 429}
 # What a local file or folder itself answers: the same on every retry.
 _LOCAL_ERRNOS = frozenset(

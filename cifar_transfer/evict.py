@@ -22,11 +22,12 @@ import time
 from pydantic import BaseModel
 
 from cifar_transfer import layout
+from cifar_transfer.catalogue import list_feature_sets
 from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.feature_records import FeatureSetInfo, read_manifest
 from cifar_transfer.shards import VIEWS
 from cifar_transfer.storage import Storage, modified_time
-from cifar_transfer.store import FeatureSetInfo, list_feature_sets, read_manifest
 
 GRACE_SECONDS = 600.0
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from cifar_transfer import records
 from cifar_transfer.errors import ConfigError, FeatureSetError
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
@@ -138,7 +139,7 @@ def export_model(
     }
     if "openvino" in formats:
         description["openvino_compile_config"] = OPENVINO_COMPILE_CONFIG
-    target.write_atomic(target.path(DESCRIPTION_NAME), json.dumps(description, indent=2).encode())
+    target.write_atomic(target.path(DESCRIPTION_NAME), records.EXPORT.dump(description))
     return result
 
 

@@ -22,23 +22,22 @@ from cifar_transfer.claims import claim
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.extractors import get_extractor
+from cifar_transfer.feature_records import ShardRecord, read_manifest
 from cifar_transfer.progress import ExtractedShard
-from cifar_transfer.shards import Shard
-from cifar_transfer.sources.kinds import SourceDataset
-from cifar_transfer.storage import Storage
-from cifar_transfer.store import (
+from cifar_transfer.shard_files import (
     SHARD_MISSING,
-    ShardRecord,
     existing_shard_record,
     features_folder,
     listed_record,
-    read_manifest,
     shard_path,
     shard_problem,
     shard_size_conflict,
     shard_table,
     write_shard,
 )
+from cifar_transfer.shards import Shard
+from cifar_transfer.sources.prepared import SourceDataset
+from cifar_transfer.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor
 from cifar_transfer.config import FeatureSpec, stable_hash
 from cifar_transfer.errors import StorageNotWritable
+from cifar_transfer.feature_records import library_versions
 from cifar_transfer.native import load_tensorflow
+from cifar_transfer.shard_files import features_folder
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import features_folder, library_versions
 
 log = logging.getLogger(__name__)
 

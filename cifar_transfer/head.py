@@ -25,16 +25,17 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SerializeAsAny
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import HeadSettings
 from cifar_transfer.evaluation import confusion_matrix, per_class_accuracy
+from cifar_transfer.feature_records import Lineage
 from cifar_transfer.heads import HEADS, candidate_heads
 from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, predictor
 from cifar_transfer.heads.ensemble import EnsembleDetails, average_model, ensemble_head
 from cifar_transfer.layout import HeadFiles
 from cifar_transfer.plots import confusion_figure, save_png
+from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import Lineage, parquet_bytes
 from cifar_transfer.streams import FeatureStream
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class HeadMetrics(BaseModel):
     settings: HeadSettings
     features: str
     seconds: float
-    made_by: Lineage | None = None  # the flow run that trained it (absent in heads trained before it was recorded)
+    made_by: Lineage | None = None  # the flow run that trained it (absent: not trained by a flow run)
 
 
 class HeadResult(BaseModel):
@@ -102,7 +103,7 @@ def finished_head(storage: Storage, folder: str, key: str) -> HeadResult | None:
     if files.missing(storage):
         return None
     try:
-        metrics = HeadMetrics.model_validate_json(storage.read_bytes(files.metrics))
+        metrics = records.HEAD_METRICS.load(HeadMetrics, storage.read_bytes(files.metrics), storage.uri(files.metrics))
     except ValueError as exc:
         log.warning("head metrics %s are unreadable (%s): training the head again", storage.uri(files.metrics), str(exc).splitlines()[0])
         return None
@@ -159,7 +160,7 @@ def train_head(
         return done
     started = time.perf_counter()
     files = layout.head_files(folder, key)
-    storage.write_atomic(files.settings, settings.model_dump_json(indent=2).encode())
+    storage.write_atomic(files.settings, records.HEAD_SETTINGS.dump(settings))
     data = HeadData.open(storage, folder, settings, len(classes))
     candidates = []
     for head in candidate_heads(settings.head, data.feature_shape):
@@ -200,7 +201,7 @@ def train_head(
     storage.write_atomic(files.predictions, parquet_bytes(pa.concat_tables([train.table, test.table])))
     title = f"{chosen.details.head} head: test accuracy {metrics.test_accuracy:.2%}"
     storage.write_atomic(files.confusion_picture, save_png(confusion_figure(matrix, classes, title)))
-    storage.write_atomic(files.metrics, metrics.model_dump_json(indent=2, exclude_none=True).encode())
+    storage.write_atomic(files.metrics, records.HEAD_METRICS.dump(metrics, exclude_none=True))
     log.info(
         "chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)",
         chosen.details.head,

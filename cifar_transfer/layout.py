@@ -27,12 +27,21 @@ from __future__ import annotations
 
 import posixpath
 import uuid
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-if TYPE_CHECKING:  # storage imports this module for the hidden names below
-    from cifar_transfer.storage import Storage
+
+class Root(Protocol):
+    """What the layout asks of a storage root (`storage.Storage` is one): paths under it, and whether they exist.
+    Named here, not imported: `storage` imports this module for the hidden names below."""
+
+    fs: Any
+
+    def path(self, *parts: str) -> str: ...
+
+    def exists(self, path: str) -> bool: ...
+
 
 RAW = "raw"
 DATASETS = "datasets"
@@ -57,7 +66,7 @@ class OutputFiles(BaseModel):
     def paths(self) -> list[str]:
         return [value for name, value in self.model_dump().items() if name != "folder"]
 
-    def missing(self, storage: Storage) -> list[str]:
+    def missing(self, storage: Root) -> list[str]:
         return [path for path in self.paths() if not storage.exists(path)]
 
 
@@ -97,7 +106,7 @@ class HeadFiles(DerivedFiles):
     metrics: str
 
 
-def raw_archive(storage: Storage, name: str) -> str:
+def raw_archive(storage: Root, name: str) -> str:
     return storage.path(RAW, name)
 
 
@@ -105,7 +114,7 @@ def source_record(archive_path: str) -> str:
     return archive_path + SOURCE_RECORD_SUFFIX
 
 
-def source_records(storage: Storage) -> list[str]:
+def source_records(storage: Root) -> list[str]:
     return storage.fs.glob(storage.path(RAW, "*" + SOURCE_RECORD_SUFFIX))
 
 
@@ -113,7 +122,7 @@ def archive_of_record(record_path: str) -> str:
     return record_path.removesuffix(SOURCE_RECORD_SUFFIX)
 
 
-def dataset_files(storage: Storage, dataset_id: str) -> DatasetFiles:
+def dataset_files(storage: Root, dataset_id: str) -> DatasetFiles:
     """The decoded archive a feature set names in `FeatureSpec.dataset_id`: a CIFAR-10 archive's MD5 (its folder is
     `cifar10-<md5>`, as it always was), or the folder name itself for other archives (`cifar100-fine-<md5>`)."""
     is_md5 = len(dataset_id) == 32 and all(char in "0123456789abcdef" for char in dataset_id)
@@ -127,25 +136,25 @@ def dataset_files_in(folder: str) -> DatasetFiles:
     return DatasetFiles(folder=folder, marker=posixpath.join(folder, DATASET_MARKER), **arrays)
 
 
-def watch_record(storage: Storage, collection_id: str) -> str:
+def watch_record(storage: Root, collection_id: str) -> str:
     """The last listing a watch saw of a collection (its digest), to tell when the collection changed."""
     return storage.path(WATCH, f"{collection_id}.json")
 
 
-def batch_predictions(storage: Storage, head_key: str, source_name: str) -> str:
+def batch_predictions(storage: Root, head_key: str, source_name: str) -> str:
     """Where a batch prediction run writes its table: by head, then by a name for the source."""
     return storage.path("predictions", head_key, f"{source_name}.parquet")
 
 
-def engine_choice(storage: Storage, key: str) -> str:
+def engine_choice(storage: Root, key: str) -> str:
     return storage.path(ENGINE_CHOICES, f"{key}.json")
 
 
-def features_root(storage: Storage) -> str:
+def features_root(storage: Root) -> str:
     return storage.path(FEATURES)
 
 
-def feature_set_folder(storage: Storage, folder_name: str) -> str:
+def feature_set_folder(storage: Root, folder_name: str) -> str:
     return storage.path(FEATURES, folder_name)
 
 

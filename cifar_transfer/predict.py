@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cifar_transfer import records
 from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.extractors import KerasExtractor, get_extractor
 from cifar_transfer.progress import duration
@@ -236,7 +237,7 @@ class Predictor:
         self.spec = head.features.spec
         self.classes = head.metrics.classes
         self.flip = head.metrics.settings.flip
-        self.size = kind_of(head.features.collection).predict_size(self.spec)
+        self.size = kind_of(head.features.collection).predict_size(self.spec.input_size)
         self.extractor = get_extractor(self.spec, (self.size, self.size, 3), storage_url)
         self.model = KerasExtractor(_load_head_model(head))
 
@@ -379,7 +380,7 @@ def write_predictions(rows: Iterable[Prediction], destination: str, metadata: di
                 stream.write((",\n " if count > 1 else "\n ").encode() + json.dumps(row.record()).encode())
             stream.write(b"\n]\n" if count else b"]\n")
             return count
-        schema = SCHEMA.with_metadata({"cifar_transfer": json.dumps(metadata or {})})
+        schema = SCHEMA.with_metadata({"cifar_transfer": records.PREDICTIONS.dump(metadata or {}, indent=None)})
         with pq.ParquetWriter(stream, schema) as writer:
             group: list[dict] = []
             for row in rows:

@@ -7,7 +7,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from cifar_transfer.store import ShardRecord
+from cifar_transfer.feature_records import ShardRecord
 
 
 class ExtractedShard(BaseModel):

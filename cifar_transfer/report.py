@@ -15,13 +15,13 @@ from pydantic import BaseModel
 from cifar_transfer import layout
 from cifar_transfer.config import PipelineConfig
 from cifar_transfer.evaluation import sample_rows
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadResult
 from cifar_transfer.html_report import render_html_report
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
-from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import FeatureSetInfo
+from cifar_transfer.stored import stored_source
 from cifar_transfer.tsne import TsneResult
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def map_name(tsne: TsneResult | None) -> str:
 
 def split_images(storage: Storage, features: FeatureSetInfo, split: str, ids: np.ndarray) -> np.ndarray:
     """The pictures of a split's rows, from wherever the feature set's source keeps them."""
-    return kind_of(features.collection).pictures(storage, features, split, ids, THUMBNAIL_SIZE)
+    return stored_source(features.collection).pictures(storage, features, split, ids, THUMBNAIL_SIZE)
 
 
 def _stored_frame(storage: Storage, path: str):

@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.feature_records import ShardRecord, read_manifest, split_manifest
 from cifar_transfer.shards import FLIPPED
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import ShardRecord, read_manifest, read_shard, split_manifest
+from cifar_transfer.store import read_shard
 
 SHUFFLE_WINDOW = 4  # shards mixed together when training rows are shuffled
 

@@ -7,12 +7,13 @@ import posixpath
 from pydantic import BaseModel
 
 from cifar_transfer import layout
+from cifar_transfer.catalogue import list_feature_sets
 from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadMetrics, finished_head
 from cifar_transfer.layout import HeadFiles
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage, modified_time
-from cifar_transfer.store import FeatureSetInfo, list_feature_sets
 
 
 class TrainedHead(BaseModel):

@@ -27,12 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
+from cifar_transfer.feature_records import Lineage, split_manifest
 from cifar_transfer.plots import save_png, scatter_figure
+from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import Lineage, parquet_bytes, read_split, split_manifest
+from cifar_transfer.store import read_split
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class TsneResult(BaseModel):
     seconds: float
     map_knn_accuracy: float  # 10-NN class accuracy of the train points in 2-D
     feature_knn_accuracy: float  # the same in the PCA space the map was made from
-    made_by: Lineage | None = None  # the flow run that made it (absent in maps made before it was recorded)
+    made_by: Lineage | None  # the flow run that made it (None: not made by a flow run)
 
 
 def finished_tsne(storage: Storage, folder: str, key: str) -> TsneResult | None:
@@ -61,7 +63,7 @@ def finished_tsne(storage: Storage, folder: str, key: str) -> TsneResult | None:
     try:
         with storage.fs.open(files.embedding, "rb") as stream:
             footer = pq.read_metadata(stream)
-        return TsneResult.model_validate_json(footer.metadata[b"tsne"])
+        return records.TSNE_RESULT.load(TsneResult, footer.metadata[b"tsne"], storage.uri(files.embedding))
     except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
         log.warning("t-SNE map %s is unreadable (%s): making it again", storage.uri(files.embedding), exc)
         return None
@@ -148,7 +150,7 @@ def tsne_map(
         return done
     started = time.perf_counter()
     files = layout.tsne_files(folder, key)
-    storage.write_atomic(files.settings, settings.model_dump_json(indent=2).encode())
+    storage.write_atomic(files.settings, records.TSNE_SETTINGS.dump(settings))
     rows = sample_rows(split_manifest(storage, folder, "train").rows, settings.sample, settings.seed)
     index, labels, features = read_split(storage, folder, "train", pooled=True, rows=rows)  # the sample only, a shard at a time
     test_index = test_labels = test_features = None
@@ -173,7 +175,12 @@ def tsne_map(
         feature_knn_accuracy=feature_knn_accuracy,
         made_by=lineage,
     )
-    table = table.replace_schema_metadata({b"tsne": result.model_dump_json().encode(), b"perplexity": str(settings.perplexity).encode()})
+    table = table.replace_schema_metadata(
+        {
+            b"tsne": records.TSNE_RESULT.dump(result, indent=None),
+            b"perplexity": str(settings.perplexity).encode(),
+        }
+    )
     storage.write_atomic(embedding_path, parquet_bytes(table))
     log.info(
         "t-SNE of %d points in %.1f s (10-NN class accuracy: %.1f%% in the map, %.1f%% in PCA-%d space): %s",

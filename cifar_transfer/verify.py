@@ -14,20 +14,19 @@ gone; a map or head is made again from the settings recorded beside it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 
-from cifar_transfer import layout
+from cifar_transfer import layout, records
 from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, TsneSettings
-from cifar_transfer.dataset import DatasetInfo, finished_dataset
+from cifar_transfer.feature_records import read_description, read_manifest
 from cifar_transfer.head import finished_head, train_head
-from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
+from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, TsneFiles
+from cifar_transfer.shard_files import SHARD_MISSING, shard_problem
 from cifar_transfer.shards import SPLITS, VIEWS, Shard
-from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import SHARD_MISSING, read_description, read_manifest, shard_problem
+from cifar_transfer.stored import stored_source
 from cifar_transfer.tsne import finished_tsne, tsne_map
 
 log = logging.getLogger(__name__)
@@ -101,36 +100,6 @@ def _derived_problems(storage: Storage, folder: str) -> dict[str, list[str]]:
     return problems
 
 
-def verify_dataset(storage_url: str, dataset_id: str) -> dict[str, list[str]]:
-    """Problems of the decoded dataset a feature set was made from (paths relative to the storage root)."""
-    storage = Storage(storage_url)
-    files = layout.dataset_files(storage, dataset_id)
-    if not storage.exists(files.marker) or finished_dataset(storage_url, dataset_id) is not None:
-        return {}  # never decoded here (features may come from elsewhere), or complete
-    problems = {}
-    info = DatasetInfo.model_validate_json(storage.read_bytes(files.marker))
-    for path in files.paths()[:-1]:
-        name = posixpath.basename(path)
-        if not storage.exists(path):
-            problems[posixpath.relpath(path, storage.root)] = ["missing: decoded again by `verify --repair` or the next run"]
-        elif name in info.bytes and storage.fs.size(path) != info.bytes[name]:
-            problems[posixpath.relpath(path, storage.root)] = [f"{storage.fs.size(path)} bytes, decoded it had {info.bytes[name]}"]
-    return problems
-
-
-def remove_damaged_dataset(storage_url: str, dataset_id: str, problems: dict[str, list[str]]) -> None:
-    """Delete the damaged arrays and the dataset's marker, so the next extraction decodes the archive again."""
-    storage = Storage(storage_url)
-    files = layout.dataset_files(storage, dataset_id)
-    for relative in problems:
-        path = storage.path(relative)
-        if path in files.paths() and storage.exists(path):
-            storage.fs.rm(path)
-            log.warning("removed damaged %s", storage.uri(path))
-    if problems and storage.exists(files.marker):
-        storage.fs.rm(files.marker)
-
-
 def rebuild_derived(storage_url: str, folder: str) -> list[str]:
     """Make again every incomplete or unreadable map and head of the set from its recorded settings.
 
@@ -164,13 +133,14 @@ def rebuild_derived(storage_url: str, folder: str) -> list[str]:
 
 def _recorded_settings(storage: Storage, files: DerivedFiles, settings_type):
     """The settings a map or head was made with: its settings record, else (heads) what its metrics recorded."""
-    sources = [(files.settings, lambda raw: settings_type.model_validate_json(raw))]
-    if isinstance(files, HeadFiles):
-        sources.append((files.metrics, lambda raw: settings_type.model_validate(json.loads(raw)["settings"])))
-    for path, parse in sources:
+    is_map = isinstance(files, TsneFiles)
+    sources = [(files.settings, records.TSNE_SETTINGS if is_map else records.HEAD_SETTINGS, lambda content: content)]
+    if not is_map:
+        sources.append((files.metrics, records.HEAD_METRICS, lambda content: content["settings"]))
+    for path, record, settings_of in sources:
         if storage.exists(path):
             try:
-                return parse(storage.read_bytes(path))
+                return settings_type.model_validate(settings_of(record.read(storage.read_bytes(path), storage.uri(path))))
             except (ValueError, KeyError, TypeError):
                 continue
     return None
@@ -211,7 +181,7 @@ def repair_config(storage_url: str, folder: str) -> PipelineConfig:
         "engine": spec.engine,
         "precision": spec.precision,
     }
-    options = kind_of(description.rebuild.collection).rebuild_options(storage, spec, description.rebuild.collection)
+    options = stored_source(description.rebuild.collection).rebuild_options(storage, spec, description.rebuild.collection)
     return PipelineConfig(**{**options, **same_features})
 
 

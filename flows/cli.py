@@ -193,8 +193,8 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
     """Print each feature set's problems (and its decoded dataset's); with `repair`, fix them and check again.
 
     0 when all is well."""
-    from cifar_transfer.sources.kinds import kind_of
-    from cifar_transfer.store import list_feature_sets
+    from cifar_transfer.catalogue import list_feature_sets
+    from cifar_transfer.stored import stored_source
     from cifar_transfer.verify import rebuild_derived, remove_damaged, repair_config, verify_feature_set
 
     feature_sets = [info for info in list_feature_sets(storage_url) if fingerprint in (None, info.fingerprint)]
@@ -203,9 +203,9 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
         return 1
     healthy = True
     for info in feature_sets:
-        source = kind_of(info.collection)
+        source = stored_source(info.collection)
         problems = verify_feature_set(storage_url, info.folder)
-        dataset_problems = source.stored_problems(storage_url, info.spec.dataset_id)
+        dataset_problems = source.problems(storage_url, info.spec.dataset_id)
         not_rebuilt = []
         if (problems or dataset_problems) and repair:
             from cifar_transfer.flows.pipeline import extract_features
@@ -215,7 +215,7 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
             extract_features(repair_config(storage_url, info.folder))
             not_rebuilt = rebuild_derived(storage_url, info.folder)
             problems = verify_feature_set(storage_url, info.folder)
-            dataset_problems = source.stored_problems(storage_url, info.spec.dataset_id)
+            dataset_problems = source.problems(storage_url, info.spec.dataset_id)
         for relative, found in problems.items():
             print(printable(f"{info.folder}/{relative}: {'; '.join(found)}"))
         for relative, found in dataset_problems.items():
@@ -230,7 +230,7 @@ def verify_command(storage_url: str, fingerprint: str | None, repair: bool) -> i
 
 def list_command(storage_url: str, as_json: bool) -> int:
     """Print the feature sets, newest first: a table for people, or their full descriptions as JSON."""
-    from cifar_transfer.store import list_feature_sets
+    from cifar_transfer.catalogue import list_feature_sets
 
     found = list_feature_sets(storage_url)
     if as_json:

@@ -16,9 +16,9 @@ from prefect import flow, tags
 
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
 from cifar_transfer.extractors import release_extractors
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
-from cifar_transfer.store import FeatureSetInfo
 from cifar_transfer.tasks.collection import watch_collection_task
 from cifar_transfer.tasks.engines import choose_engine_task
 from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task

@@ -6,7 +6,7 @@ from prefect import task
 
 from cifar_transfer.config import ExtractionSettings
 from cifar_transfer.engines import EngineChoice, choose_engine_for_dataset
-from cifar_transfer.sources.kinds import SourceDataset
+from cifar_transfer.sources.prepared import SourceDataset
 
 
 @task(name="choose-engine")

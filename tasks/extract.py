@@ -7,10 +7,10 @@ from prefect import task
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.extract import ExtractionPlan, extract_shard, plan_extraction
 from cifar_transfer.progress import ExtractedShard
+from cifar_transfer.shard_files import shard_path, shard_problem
 from cifar_transfer.shards import Shard
-from cifar_transfer.sources.kinds import SourceDataset
+from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import shard_path, shard_problem
 from cifar_transfer.tasks.caching import committed_files_key, output_key_fn, remember_output
 from cifar_transfer.tasks.retries import transient_retries
 

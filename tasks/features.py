@@ -7,12 +7,14 @@ import posixpath
 from prefect import task
 from prefect.events import emit_event
 
+from cifar_transfer.catalogue import find_feature_set
+from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.config import CollectionSettings, FeatureSpec
+from cifar_transfer.feature_records import ExtractionRecord, FeatureSetInfo, ShardRecord
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import UnreadableItem
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import ExtractionRecord, FeatureSetInfo, ShardRecord, commit_feature_set, find_feature_set
 from cifar_transfer.tasks.lineage import current_lineage
 
 FEATURES_COMPLETED_EVENT = "cifar-transfer.features.completed"

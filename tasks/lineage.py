@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.runtime import flow_run
 
-from cifar_transfer.store import Lineage
+from cifar_transfer.feature_records import Lineage
 
 
 def current_lineage() -> Lineage:

@@ -7,8 +7,8 @@ import logging
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
+from cifar_transfer.feature_records import ShardRecord
 from cifar_transfer.progress import ExtractedShard, ExtractionProgress, ExtractionStats
-from cifar_transfer.store import ShardRecord
 
 log = logging.getLogger("cifar_transfer.extract")
 PROGRESS_KEY = "cifar-transfer-extraction"

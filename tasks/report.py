@@ -9,12 +9,12 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from cifar_transfer.config import PipelineConfig
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadResult
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
 from cifar_transfer.report import RunSummary, metrics_rows, summarize, summary_markdown
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import FeatureSetInfo
 from cifar_transfer.tsne import TsneResult
 
 log = logging.getLogger("cifar_transfer.report")

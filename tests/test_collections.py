@@ -19,10 +19,12 @@ from PIL import Image
 from prefect.settings import PREFECT_API_URL
 from test_flow import task_states_since
 
+from cifar_transfer.catalogue import find_feature_set
 from cifar_transfer.config import load_config
+from cifar_transfer.feature_records import read_manifest
 from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import find_feature_set, load_features, read_keys, read_manifest
+from cifar_transfer.store import load_features, read_keys
 from cifar_transfer.verify import verify_feature_set
 from conftest import cifar_images
 
@@ -144,7 +146,7 @@ def test_a_mixed_folder_runs_end_to_end_skips_what_it_cannot_decode_and_reruns_a
     total = summary.features.splits["train"] + summary.features.splits["test"]
     predictions = pd.read_parquet(summary.head.files.predictions)
     assert total == 36 and (predictions["split"] == "test").sum() == summary.features.splits["test"] >= 1
-    skipped = [json.load(open(os.path.join(summary.features.folder, split, "_skipped.json"))) for split in ("train", "test")]
+    skipped = [json.load(open(os.path.join(summary.features.folder, split, "_skipped.json")))["skipped"] for split in ("train", "test")]
     assert [entry["key"] for entries in skipped for entry in entries] == ["cat/broken.jpg"]
     with open(summary.html_report) as page:
         assert 'id="tsne-skipped"' in page.read()

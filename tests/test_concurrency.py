@@ -17,10 +17,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, Flo
 from test_flow import tiny_config
 
 from cifar_transfer.claims import claim
+from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.shard_files import shard_path
 from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import FeatureSetInfo, load_features, shard_path
+from cifar_transfer.store import load_features
 from cifar_transfer.verify import verify_feature_set
 
 

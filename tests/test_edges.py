@@ -155,7 +155,7 @@ def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_t
     assert result.returncode == 0, last_line(result)
     assert "\x1b" not in result.stdout + result.stderr and "skipped train/cat/clear\\x1b[2J.png" in result.stdout + result.stderr
     (features,) = (storage / "features").iterdir()
-    skipped = {entry["key"]: entry["reason"] for entry in json.loads((features / "train" / "_skipped.json").read_text())}
+    skipped = {entry["key"]: entry["reason"] for entry in json.loads((features / "train" / "_skipped.json").read_text())["skipped"]}
     assert set(skipped) == set(SKIPPED | UNDECODABLE)
     for key, reason in (SKIPPED | UNDECODABLE).items():
         assert skipped[key].startswith(reason), (key, skipped[key])
@@ -512,7 +512,7 @@ def test_a_tables_rows_without_a_usable_label_are_listed_with_the_unreadable_one
     write_table(tmp_path / "table" / "train.parquet", [0, 1, 2, 3, 4, 5, None], [0, 1, 2, 7, None, 1, 0], names=CLASSES)
     write_table(tmp_path / "table" / "test.parquet", [6, 7], [0, 1], names=CLASSES)
     features, _ = extract_features(folder_config(tmp_path / "table", tmp_path / "storage"))
-    skipped = json.loads((Path(features.folder) / "train" / "_skipped.json").read_text())
+    skipped = json.loads((Path(features.folder) / "train" / "_skipped.json").read_text())["skipped"]
     assert skipped == [
         {"key": "train.parquet#3", "reason": f"label 7 is not a class index 0..{len(CLASSES) - 1}"},
         {"key": "train.parquet#4", "reason": "no label"},

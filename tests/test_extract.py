@@ -18,9 +18,9 @@ from cifar_transfer.dataset import decode_archive
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.extract import extract_shard
 from cifar_transfer.extractors import get_extractor
+from cifar_transfer.shard_files import METADATA_KEY, shard_path, shard_problem
 from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import METADATA_KEY, shard_path, shard_problem
 from conftest import MOBILENET_WEIGHTS
 
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)

@@ -15,9 +15,10 @@ from test_flow import tiny_config
 from cifar_transfer.config import PipelineConfig, load_config
 from cifar_transfer.errors import ConfigError, StorageFull
 from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.shard_files import shard_path, shard_problem
 from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import load_features, shard_path, shard_problem
+from cifar_transfer.store import load_features
 
 
 @contextlib.contextmanager

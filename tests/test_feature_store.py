@@ -18,11 +18,13 @@ from test_collections import folder_config, write_tree
 from test_flow import tiny_config
 
 from cifar_transfer import layout
+from cifar_transfer.catalogue import list_feature_sets
 from cifar_transfer.cifar import CLASS_NAMES
+from cifar_transfer.feature_records import read_manifest
 from cifar_transfer.flows.cli import main
 from cifar_transfer.flows.pipeline import extract_features
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import list_feature_sets, load_features, read_keys, read_manifest
+from cifar_transfer.store import load_features, read_keys
 from conftest import cifar_members, write_archive
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

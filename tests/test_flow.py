@@ -15,11 +15,12 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime
 
 from cifar_transfer import extractors
+from cifar_transfer.catalogue import list_feature_sets
 from cifar_transfer.config import load_config
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.flows.cli import main
 from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extract_features
-from cifar_transfer.store import list_feature_sets, load_features
+from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
 

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 
 from cifar_transfer import layout, ridge
+from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.config import FeatureSpec, HeadSettings
 from cifar_transfer.head import refit_head, train_head
 from cifar_transfer.heads import HEADS, candidate_heads
 from cifar_transfer.heads.base import HeadData, stream_accuracy
 from cifar_transfer.heads.ensemble import EnsembleDetails, ensemble_head
+from cifar_transfer.shard_files import ShardRows, features_folder, shard_path, shard_table, write_shard
 from cifar_transfer.shards import FLIPPED, Shard
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import ShardRows, commit_feature_set, features_folder, read_split, shard_path, shard_table, write_shard
+from cifar_transfer.store import read_split
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
 SETTINGS = HeadSettings(
@@ -36,19 +38,24 @@ def blobs(count: int, shape: tuple[int, ...], noise: float, seed: int, labels: n
     return (features * scale + 5).reshape(count, -1), labels
 
 
-def write_feature_set(root, splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_shape: tuple[int, ...], shard_size: int = 100) -> str:
-    """A real feature set (Parquet shards, manifests) holding `splits` (view name -> flattened features, labels)."""
-    spec = FeatureSpec(
-        dataset_md5="0" * 32,
+def synthetic_spec(pooling: str = "avg", dataset_md5: str = "0" * 32) -> FeatureSpec:
+    """The spec of a feature set written by a test, not by a backbone."""
+    return FeatureSpec(
+        dataset_md5=dataset_md5,
         backbone="MobileNetV2",
         weights_id="test",
         weights="none",
         seed=0,
         input_size=32,
-        pooling="avg" if len(feature_shape) == 1 else "none",
+        pooling=pooling,
         engine="tensorflow",
         precision="float32",
     )
+
+
+def write_feature_set(root, splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_shape: tuple[int, ...], shard_size: int = 100) -> str:
+    """A real feature set (Parquet shards, manifests) holding `splits` (view name -> flattened features, labels)."""
+    spec = synthetic_spec("avg" if len(feature_shape) == 1 else "none")
     storage, records = Storage(str(root)), []
     for view, (features, labels) in splits.items():
         for number, start in enumerate(range(0, len(labels), shard_size)):

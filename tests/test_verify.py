@@ -150,9 +150,9 @@ def test_a_shard_whose_size_differs_from_its_manifest_is_not_reused(tiny_archive
     shard = os.path.join(features.folder, "test", "part-00000.parquet")
     original = open(shard, "rb").read()
     open(shard, "wb").write(b"PAR1" + b"\0" * 64 + original[4:])
+    from cifar_transfer.shard_files import shard_problem
     from cifar_transfer.shards import Shard
     from cifar_transfer.storage import Storage
-    from cifar_transfer.store import shard_problem
 
     assert shard_problem(Storage(config.storage), shard, features.spec, Shard(split="test", number=0, start=0, stop=50)) is None
     _, stats = extract_features(config)

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cifar_transfer.heads.base import Trainer
+from typing import Any
 
 SELECTIONS = {"auto": "in_auto", "all": "in_all"}  # the values of --head that choose among heads, by the flag they try
 
@@ -38,7 +35,9 @@ class HeadType:
         return len(feature_shape) > 1 or not self.spatial_only
 
     @property
-    def trainer(self) -> Trainer:
+    def trainer(self) -> Any:
+        """Its module's `TRAINER`, a `heads.base.Trainer` (not named here: the configuration imports this registry
+        for the head names, and `heads.base` imports the configuration)."""
         return importlib.import_module(f"{__name__}.{self.name}").TRAINER
 
 
