@@ -1,4 +1,5 @@
-"""Every kind of source behind one shape, chosen through one registry.
+"""What each kind of source (an archive, a collection) means for the feature sets made from it, and the registry
+that picks one.
 
 A kind is how a source's images reach the backbone: a CIFAR archive is decoded once into arrays (`dataset.py`),
 a collection (an image folder, a Parquet table) is listed cheaply and read image by image (`collection.py`).
