@@ -64,11 +64,12 @@ def extract_shards(storage_url: str, settings: ExtractionSettings, spec: Feature
 def analyze_features(
     config: PipelineConfig = DEFAULT_CONFIG, fingerprint: str | None = None, extraction: ExtractionStats | None = None
 ) -> RunSummary:
-    """t-SNE, head and report on the feature set `fingerprint` (default: the newest complete one)."""
+    """t-SNE, head and report on the feature set `fingerprint` (default: the newest complete one); the map and the
+    head need nothing of each other, so they run at once."""
     features = find_feature_set_task(config.storage, fingerprint)
     tsne = None
     if config.tsne_sample:
-        tsne = tsne_task(
+        tsne = tsne_task.submit(
             config.storage,
             features.folder,
             config.tsne_key(features.fingerprint, features.content_version),
@@ -82,7 +83,7 @@ def analyze_features(
         config.head_settings,
         features.classes,
     )
-    return publish_report_task(config, features, extraction, tsne, head)
+    return publish_report_task(config, features, extraction, tsne.result() if tsne else None, head)
 
 
 @flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
