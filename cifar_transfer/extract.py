@@ -26,6 +26,7 @@ from cifar_transfer.config import FeatureSpec
 from cifar_transfer.dataset import DatasetInfo, shard_images
 from cifar_transfer.engines import get_extractor
 from cifar_transfer.errors import FeatureSetError
+from cifar_transfer.pause import pause_at
 from cifar_transfer.progress import ExtractedShard
 from cifar_transfer.shards import Shard, plan_shards
 from cifar_transfer.storage import Storage
@@ -98,6 +99,7 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, s
         images, rows = shard_rows(storage_url, spec, dataset, shard)
         extractor = get_extractor(spec, images.shape[1:], storage_url)
         with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
+            pause_at(shard.name)  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names this shard
             started = time.perf_counter()
             features = extractor(images, batch_size)
             seconds = time.perf_counter() - started
