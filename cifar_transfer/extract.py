@@ -23,6 +23,7 @@ from cifar_transfer.config import FeatureSpec
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.extractors import get_extractor
 from cifar_transfer.feature_records import ShardRecord, read_manifest
+from cifar_transfer.pause import pause_at
 from cifar_transfer.progress import ExtractedShard
 from cifar_transfer.shard_files import (
     SHARD_MISSING,
@@ -79,6 +80,7 @@ def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, s
         images, rows = dataset.shard_rows(storage_url, shard, spec.input_size)
         extractor = get_extractor(spec, images.shape[1:], storage_url)
         with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
+            pause_at(shard.name)  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names this shard
             started = time.perf_counter()
             features = extractor(images, batch_size)
             seconds = time.perf_counter() - started

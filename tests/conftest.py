@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -43,15 +45,19 @@ def batch_pickle(data: np.ndarray, labels: list[int], name: str) -> bytes:
 
 
 def write_archive(path: Path, members: dict[str, bytes] | list[tuple[str, bytes | tarfile.TarInfo]]) -> str:
-    """Write a tar.gz of (name, payload) members in order (a TarInfo payload is added as it is); return its MD5."""
-    with tarfile.open(path, "w:gz") as archive:
+    """Write a tar.gz of (name, payload) members in order (a TarInfo payload is added as it is); return its MD5.
+
+    The gzip header carries no time or name, so the same members give the same bytes and MD5 in every test and session:
+    feature sets computed once per session (`reference_features`) have the fingerprint each test's own run has.
+    """
+    with open(path, "wb") as file, gzip.GzipFile("", "wb", fileobj=file, mtime=0) as packed, tarfile.open(fileobj=packed, mode="w") as tar:
         for name, payload in members.items() if isinstance(members, dict) else members:
             if isinstance(payload, tarfile.TarInfo):
-                archive.addfile(payload)
+                tar.addfile(payload)
                 continue
             info = tarfile.TarInfo(name)
             info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
+            tar.addfile(info, io.BytesIO(payload))
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
@@ -104,6 +110,28 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def reference_features(prefect_api, tmp_path_factory):
+    """`reference(**options)`: the tiny archive's features extracted uninterrupted with `tiny_config`'s settings and
+    `options`, computed once per session and returned as (FeatureSetInfo, ExtractionStats). Its archive has the
+    bytes and MD5 of `tiny_archive`'s, so a test's own run has the same fingerprint. Read it, never write to it."""
+    from test_flow import tiny_config
+
+    from cifar_transfer.flows.pipeline import extract_features
+
+    archive = tmp_path_factory.mktemp("reference-archive") / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, cifar_members())
+    computed = {}
+
+    def reference(**options):
+        key = json.dumps(options, sort_keys=True)
+        if key not in computed:
+            computed[key] = extract_features(tiny_config((archive, md5), tmp_path_factory.mktemp("reference"), **options))
+        return computed[key]
+
+    return reference
 
 
 def cifar100_class_names() -> tuple[list[str], list[str]]:

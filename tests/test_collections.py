@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import zlib
 from datetime import datetime, timezone
 
@@ -16,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from prefect.settings import PREFECT_API_URL
 from test_flow import task_states_since
 
 from cifar_transfer.catalogue import find_feature_set
@@ -199,49 +195,28 @@ def test_a_watch_says_changed_only_when_the_listing_changed(tmp_path):
 def test_a_kill_during_an_incremental_run_resumes_to_the_features_of_an_uninterrupted_one(tmp_path):
     """SIGKILL while a grown folder's new shards are computed: readers still see the old version whole, and the
     rerun computes only the new shards the kill left undone, ending bit for bit where a clean run ends."""
-    from test_resume import finished_shards, wait_for
+    from test_resume import EXTRACTION_OPTIONS, cli_command, finished_shards, kill_while_paused
 
     root, storage = tmp_path / "photos", tmp_path / "storage"
-    options = {"backbone": "InceptionV3", "input_size": 139, "batch_size": 5}  # slow enough shards to land a kill among them
     write_tree(root, {"train": 10, "test": 4})
-    first, _ = extract_features(folder_config(root, storage, **options))
+    first, _ = extract_features(folder_config(root, storage))
     old_version = read_manifest(Storage(str(storage)), first.folder, "train")
     old_shards = finished_shards(storage)
-    write_tree(root, {"train": 20}, start=100)  # 60 new train images: six new shards
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract"]
-    for name, value in {**folder_config(root, storage, **options).model_dump(), **options}.items():
-        if value is not None and name in {
-            "source",
-            "storage",
-            "backbone",
-            "weights",
-            "input_size",
-            "shard_size",
-            "batch_size",
-            "engine",
-            "precision",
-        }:
-            command += ["--" + name.replace("_", "-"), str(value)]
-    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: len(finished_shards(storage)) >= len(old_shards) + 2, process)
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    write_tree(root, {"train": 20}, start=100)  # 60 new train images: six new shards, numbers 3 to 8
+    command = cli_command("extract", folder_config(root, storage), [name for name in EXTRACTION_OPTIONS if name != "md5"])
+    kill_while_paused(command, "train/00006", tmp_path / "paused")
     survivors = finished_shards(storage)
     new_done = len(survivors) - len(old_shards)
-    assert 2 <= new_done < 6, "the kill came after the new shards were done; the test needs slower shards"
+    assert 2 <= new_done < 6 and not any(name.endswith("/part-00006.parquet") for name in survivors), "the kill did not land mid-run"
     assert read_manifest(Storage(str(storage)), first.folder, "train") == old_version, "readers must see the old version whole"
     assert len(load_features(str(storage), "train")[0]) == 30  # the old version, read whole
 
-    resumed, stats = extract_features(folder_config(root, storage, **options))
+    resumed, stats = extract_features(folder_config(root, storage))
     assert stats.shards_computed == 6 - new_done
     after = finished_shards(storage)
     assert {name: after[name] for name in survivors} == survivors, "a shard finished before the kill was rewritten"
     assert read_manifest(Storage(str(storage)), first.folder, "train").version == 2
-    reference, _ = extract_features(folder_config(root, tmp_path / "reference", **options))
+    reference, _ = extract_features(folder_config(root, tmp_path / "reference"))
     assert reference.fingerprint == resumed.fingerprint
     resumed_rows, clean_rows = features_by_key(str(storage), "train"), features_by_key(str(tmp_path / "reference"), "train")
     assert resumed_rows.keys() == clean_rows.keys() and len(clean_rows) == 90

@@ -77,11 +77,11 @@ def assert_same_features(storage_url: str, reference_url: str) -> None:
             np.testing.assert_array_equal(found, expected)
 
 
-def test_two_runs_started_together_compute_each_shard_once(prefect_api, tiny_archive, tmp_path):
+def test_two_runs_started_together_compute_each_shard_once(tiny_archive, tmp_path, reference_features):
     config = tiny_config(tiny_archive, tmp_path / "shared")
     run_twice_at_once(config)
     assert not list((tmp_path / "shared").rglob(".*")), "a claim or temporary file was left behind"
-    alone, _ = extract_features(config.model_copy(update={"storage": str(tmp_path / "alone")}))
+    alone, _ = reference_features()
     assert_same_features(config.storage, alone.storage_url)
 
 

@@ -402,9 +402,12 @@ def test_openvino_sends_no_telemetry_outside_ci_either():
 
 
 def read_only_storage_run(storage: Path, arguments: list[str]) -> subprocess.CompletedProcess:
-    """`cifar-transfer ARGUMENTS` in a mount namespace of its own where `storage` is a read-only bind mount."""
+    """`cifar-transfer ARGUMENTS` in a mount namespace of its own where `storage` is a read-only bind mount, against the
+    session's Prefect API (the namespace shares the network), so that no command starts a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
     script = f'mount --bind -o ro "{storage}" "{storage}" && exec "{sys.executable}" -m cifar_transfer.flows.cli "$@"'
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.run(
         ["unshare", "-m", "sh", "-c", script, "sh", *arguments], capture_output=True, text=True, timeout=300, env=environment, cwd=REPO
     )

@@ -130,13 +130,12 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     assert extractors.built_extractors() == [], "a remembered choice must not rebuild the backbone"
 
 
-@pytest.mark.usefixtures("prefect_api")
-def test_default_engine_runs_the_flow_close_to_tensorflow_float32(tiny_archive, tmp_path):
+def test_default_engine_runs_the_flow_close_to_tensorflow_float32(tiny_archive, tmp_path, reference_features):
     automatic, _ = extract_features(tiny_config(tiny_archive, tmp_path / "auto", engine="auto", precision="auto"))
-    reference, _ = extract_features(tiny_config(tiny_archive, tmp_path / "reference"))
+    reference, _ = reference_features()
     assert automatic.spec.engine == "openvino" and reference.spec.engine == "tensorflow"
     assert automatic.fingerprint != reference.fingerprint
     for split in ("train", "test"):
         *_, ours = load_features(str(tmp_path / "auto"), split, automatic.fingerprint)
-        *_, theirs = load_features(str(tmp_path / "reference"), split, reference.fingerprint)
+        *_, theirs = load_features(reference.storage_url, split, reference.fingerprint)
         assert mean_cosine(ours, theirs) >= (BF16_MIN_COSINE if automatic.spec.precision == "bfloat16" else 0.99999)

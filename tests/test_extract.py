@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cifar_transfer import layout
+from cifar_transfer import extract, layout
 from cifar_transfer.backbones import build_extractor, get_backbone
 from cifar_transfer.backbones.base import Backbone
 from cifar_transfer.config import load_config
@@ -18,6 +21,7 @@ from cifar_transfer.dataset import decode_archive
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.extract import extract_shard
 from cifar_transfer.extractors import get_extractor
+from cifar_transfer.pause import PAUSE_AT
 from cifar_transfer.shard_files import METADATA_KEY, shard_path, shard_problem
 from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
@@ -252,6 +256,37 @@ def test_a_leftover_temporary_file_is_never_taken_as_a_shard(one_shard):
     extract_shard(storage_url, spec, dataset, shard, batch_size=16)
     assert shard_problem(storage, path, spec, shard) is None
     assert not os.path.exists(leftover)
+
+
+def test_a_shards_claim_may_be_held_ten_times_its_peers_median_and_at_least_five_minutes(one_shard, tmp_path, monkeypatch):
+    """The claim-deadline rule, read from the claim file other runs judge it by while the shard is in flight: with no
+    shard done yet in the process, the storage's default hour; then 10x the median of its recent shards, at least 5 min."""
+    storage_url, spec, dataset, shard = one_shard
+    storage = Storage(storage_url)
+    path = shard_path(storage, spec, shard)
+    marker = tmp_path / "paused"
+    monkeypatch.setenv(PAUSE_AT, f"{shard.name}={marker}")
+
+    def hold_while_in_flight(recent_shard_seconds: list[float]) -> float:
+        """Seconds from the pause to the deadline in the shard's claim, when the process's last shards took these."""
+        monkeypatch.setattr(extract, "_recent_shard_seconds", collections.deque(recent_shard_seconds, maxlen=32))
+        with ThreadPoolExecutor(1) as pool:
+            extraction = pool.submit(extract_shard, storage_url, spec, dataset, shard, 16)
+            deadline = time.monotonic() + 120
+            while not marker.exists():
+                assert not extraction.done(), extraction.exception()
+                assert time.monotonic() < deadline, "the extraction never reached the shard"
+                time.sleep(0.01)
+            paused_at = time.time()
+            held = json.loads(storage.read_bytes(layout.claim_file(path)))
+            marker.unlink()
+            assert extraction.result().inference_seconds is not None
+        os.remove(path)  # the next call computes the shard again
+        return held["deadline"] - paused_at
+
+    assert 3600 - 60 < hold_while_in_flight([]) <= 3600
+    assert 300 - 60 < hold_while_in_flight([2.0, 3.0, 90.0]) <= 300  # 10 x 3 s is under the 5 min floor
+    assert 500 - 60 < hold_while_in_flight([40.0, 70.0, 50.0]) <= 500  # 10 x the median, 50 s
 
 
 def test_cache_keys_change_with_the_shape_of_the_result():

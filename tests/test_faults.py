@@ -35,7 +35,7 @@ def small_filesystem(folder: Path, size_kb: int):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_full_disk_fails_in_one_line_keeps_finished_shards_and_resumes(tiny_archive, tmp_path):
+def test_full_disk_fails_in_one_line_keeps_finished_shards_and_resumes(tiny_archive, tmp_path, reference_features):
     path, _ = tiny_archive
     # Room for the archive, its decoded copy and a few 100 KB shards, not for all 15.
     size_kb = (2 * path.stat().st_size + 500_000) // 1024
@@ -57,7 +57,7 @@ def test_full_disk_fails_in_one_line_keeps_finished_shards_and_resumes(tiny_arch
         _, stats = extract_features(config)
         assert stats.shards_computed == len(plan) - len(finished)
         resumed = load_features(config.storage, "train", spec.fingerprint)[2]
-    reference, _ = extract_features(tiny_config(tiny_archive, tmp_path / "reference", shard_size=20))
+    reference, _ = reference_features(shard_size=20)
     np.testing.assert_array_equal(resumed, load_features(reference.storage_url, "train", reference.fingerprint)[2])
 
 

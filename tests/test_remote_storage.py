@@ -134,11 +134,11 @@ def test_whole_flow_on_s3_commits_whole_objects_and_resumes_by_object(tiny_archi
     }
 
 
-def test_two_runs_at_once_on_s3_compute_each_shard_once(tiny_archive, s3, tmp_path):
+def test_two_runs_at_once_on_s3_compute_each_shard_once(tiny_archive, s3, reference_features):
     config = tiny_config(tiny_archive, f"s3://{BUCKET}/prefix")
     run_twice_at_once(config)
     assert [key for key in object_sizes(s3) if key.rsplit("/", 1)[1].startswith(".")] == [], "claim or temporary objects were left behind"
-    alone, _ = extract_features(config.model_copy(update={"storage": str(tmp_path / "alone")}))
+    alone, _ = reference_features()
     assert_same_features(config.storage, alone.storage_url)
 
 

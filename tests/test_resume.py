@@ -12,15 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prefect.settings import PREFECT_API_URL
+from test_flow import tiny_config
 
 from cifar_transfer.config import load_config
 from cifar_transfer.flows.pipeline import extract_features
+from cifar_transfer.pause import PAUSE_AT
 from cifar_transfer.store import load_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-OPTIONS = {"backbone": "InceptionV3", "weights": "none", "input_size": 139, "shard_size": 20, "batch_size": 10, "seed": 3}
-SHARDS = 15  # 200 train + 100 test images in shards of 20
+SHARDS = 6  # 200 train + 100 test images in shards of 50 (tiny_config's)
+PAUSED = "train/00003"  # the extraction is killed while this shard is in flight
 
 
 def finished_shards(storage: Path) -> dict[str, tuple[int, int]]:
@@ -42,36 +44,51 @@ def wait_for(condition, process, timeout: float = 300.0):
         time.sleep(0.01)
 
 
-def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archive, tmp_path):
-    path, md5 = tiny_archive
-    storage = tmp_path / "storage"
-    command = [sys.executable, "-m", "cifar_transfer.flows.cli", "extract", "--source", str(path), "--md5", md5, "--storage", str(storage)]
-    for name, value in OPTIONS.items():
-        command += ["--" + name.replace("_", "-"), str(value)]
-    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+def cli_command(command: str, config, names) -> list[str]:
+    """`cifar-transfer COMMAND` with the config's values of `names` as options."""
+    arguments = [sys.executable, "-m", "cifar_transfer.flows.cli", command]
+    for name in names:
+        arguments += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    return arguments
+
+
+EXTRACTION_OPTIONS = ("source", "md5", "storage", "backbone", "weights", "input_size", "shard_size", "engine", "precision")
+
+
+def kill_while_paused(command: list[str], shard: str, marker: Path) -> None:
+    """Run `command` in a process group of its own, held by the pause hook (`cifar_transfer.pause`) before computing
+    `shard`, and SIGKILL the group there: the kill lands while that shard is in flight, whatever the machine's speed."""
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), PAUSE_AT: f"{shard}={marker}"}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: len(finished_shards(storage)) >= 3, process)
+        wait_for(marker.exists, process)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
+    assert int(marker.read_text()) == process.pid, "the pause was not reached in the killed command"
+
+
+def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archive, tmp_path, reference_features):
+    storage = tmp_path / "storage"
+    config = tiny_config(tiny_archive, storage)
+    kill_while_paused(cli_command("extract", config, EXTRACTION_OPTIONS), PAUSED, tmp_path / "paused")
     survivors = finished_shards(storage)
-    assert 3 <= len(survivors) < SHARDS, "the kill came after extraction ended; the test needs slower shards"
+    assert 2 <= len(survivors) < SHARDS, "the kill did not land mid-extraction"
+    assert not [name for name in survivors if name.endswith(f"/{PAUSED.replace('/', '/part-')}.parquet")], "the paused shard finished"
     assert not list(storage.glob("features/*/*/_manifest.json"))
 
-    config = load_config(source=str(path), md5=md5, storage=str(storage), **OPTIONS)
     features, stats = extract_features(config)
     assert stats.shards_computed == SHARDS - len(survivors)
     after = finished_shards(storage)
     assert {name: after[name] for name in survivors} == survivors, "a shard finished before the kill was rewritten"
     assert len(after) == SHARDS
 
-    reference, _ = extract_features(config.model_copy(update={"storage": str(tmp_path / "reference")}))
+    reference, _ = reference_features()
     assert reference.fingerprint == features.fingerprint
     for split in ("train", "test"):
         resumed = load_features(config.storage, split, features.fingerprint)
-        uninterrupted = load_features(str(tmp_path / "reference"), split, features.fingerprint)
+        uninterrupted = load_features(reference.storage_url, split, features.fingerprint)
         for resumed_part, reference_part in zip(resumed, uninterrupted, strict=True):
             np.testing.assert_array_equal(resumed_part, reference_part)
 

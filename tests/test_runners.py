@@ -15,9 +15,9 @@ from cifar_transfer.tasks import runners
 from cifar_transfer.tasks.runners import gpu_cluster_spec, visible_gpu_ids
 
 
-def test_ray_workers_compute_the_same_shards_bit_for_bit(prefect_api, tiny_archive, tmp_path):
+def test_ray_workers_compute_the_same_shards_bit_for_bit(tiny_archive, tmp_path, reference_features):
     pytest.importorskip("prefect_ray", reason="Ray is optional: pip install prefect-ray")
-    threads, _ = extract_features(tiny_config(tiny_archive, tmp_path / "threads"))
+    threads, _ = reference_features()
 
     ray, ray_stats = extract_features(tiny_config(tiny_archive, tmp_path / "ray", task_runner="ray", workers=2))
     assert ray_stats.shards_computed == 6
@@ -48,11 +48,11 @@ def test_dask_workers_are_pinned_round_robin_to_the_gpus():
     assert sorted(pinned.values()) == ["0", "0", "1"]
 
 
-def test_dask_with_several_gpus_runs_shards_on_the_pinned_workers(prefect_api, tiny_archive, tmp_path, monkeypatch):
+def test_dask_with_several_gpus_runs_shards_on_the_pinned_workers(tiny_archive, tmp_path, monkeypatch, reference_features):
     """The GPU cluster spec through Prefect's DaskTaskRunner, end to end; the GPUs themselves are
     declared (TensorFlow finds none here and computes on the CPU, so the features must not change)."""
     monkeypatch.setattr(runners, "visible_gpu_ids", lambda: ["0", "1"])
-    threads, _ = extract_features(tiny_config(tiny_archive, tmp_path / "threads"))
+    threads, _ = reference_features()
     pinned, stats = extract_features(tiny_config(tiny_archive, tmp_path / "dask", task_runner="dask", workers=1))
     assert stats.shards_computed == 6 and len(stats.processes) == 2 and os.getpid() not in stats.processes
     assert manifest_checksums(pinned.folder) == manifest_checksums(threads.folder)

@@ -21,8 +21,8 @@ def manifest_checksums(folder: str) -> dict[str, str]:
     return checksums
 
 
-def test_dask_workers_compute_the_same_shards_bit_for_bit(tiny_archive, tmp_path):
-    threads, thread_stats = extract_features(tiny_config(tiny_archive, tmp_path / "threads"))
+def test_dask_workers_compute_the_same_shards_bit_for_bit(tiny_archive, tmp_path, reference_features):
+    threads, thread_stats = reference_features()
     assert thread_stats.processes == [os.getpid()]
 
     dask, dask_stats = extract_features(tiny_config(tiny_archive, tmp_path / "dask", task_runner="dask", workers=2))
