@@ -15,7 +15,7 @@ import pytest
 from test_flow import tiny_config
 from test_head import CLASSES, SETTINGS, blobs, synthetic_spec, write_feature_set
 
-from cifar_transfer import engines, layout, records
+from cifar_transfer import extractors, layout, records
 from cifar_transfer.catalogue import describe_feature_set
 from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.config import CollectionSettings, HeadSettings, TsneSettings, load_config
@@ -261,13 +261,13 @@ def test_a_feature_set_map_and_head_written_before_versions_are_reused_with_the_
     assert not [
         path for path in before if path.endswith((".json", ".parquet")) and b"format_version" in (tmp_path / "storage" / path).read_bytes()
     ]
-    engines._extractors.clear()
+    extractors.release_extractors()
 
     second = cifar_transfer_run(config)
     assert second.features.fingerprint == first.features.fingerprint and second.features.folder == first.features.folder
     assert config.tsne_key(second.features.fingerprint, second.features.content_version) == Path(first.tsne.embedding).parent.name
     assert config.head_key(second.features.fingerprint, second.features.content_version) == Path(first.head.files.folder).name
-    assert second.extraction.shards_computed == 0 and engines.built_extractors() == []
+    assert second.extraction.shards_computed == 0 and extractors.built_extractors() == []
     assert second.tsne == first.tsne and second.head.metrics == first.head.metrics
     assert file_identities(tmp_path / "storage") == before  # no record upgraded in place, no output made again
 
