@@ -22,6 +22,8 @@ import pytest
 from cifar_transfer.cifar import CLASS_NAMES
 
 BATCH_DIR = "cifar-10-batches-py"
+# The smallest real backbone the command line runs: seeded random MobileNetV2 weights at its minimum input size.
+TINY_CLI = ["--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32"]
 
 
 def cifar_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:

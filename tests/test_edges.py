@@ -27,6 +27,7 @@ from cifar_transfer.errors import StorageNotWritable, is_transient
 from cifar_transfer.flows import console
 from cifar_transfer.flows.cli import main
 from cifar_transfer.sources.folder import FolderSource
+from conftest import TINY_CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,12 +145,7 @@ def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_t
         str(hostile_tree),
         "--storage",
         str(storage),
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
         timeout=420,
     )
     assert result.returncode == 0, last_line(result)
@@ -356,12 +352,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_archiv
         md5,
         "--storage",
         str(tmp_path / "storage"),
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, cwd=REPO)
     try:
@@ -425,12 +416,7 @@ def test_a_complete_feature_set_on_read_only_storage_reruns_without_writing(pref
         md5,
         "--storage",
         str(storage),
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
         "--shard-size",
         "100",
     ]
@@ -479,12 +465,7 @@ def test_out_of_memory_ends_the_command_with_one_line_and_exit_1(tmp_path):
         str(root),
         "--storage",
         str(tmp_path / "storage"),
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
         "--engine",
         "openvino",
         "--precision",

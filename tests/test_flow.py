@@ -23,6 +23,7 @@ from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extr
 from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
+from conftest import TINY_CLI
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -223,12 +224,7 @@ def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
         str(path),
         "--storage",
         str(tmp_path / "storage"),
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
         "--shard-size",
         "100",
         "--tsne-sample",

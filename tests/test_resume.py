@@ -18,6 +18,7 @@ from cifar_transfer.config import load_config
 from cifar_transfer.flows.pipeline import extract_features
 from cifar_transfer.pause import PAUSE_AT
 from cifar_transfer.store import load_features
+from conftest import TINY_CLI
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -115,12 +116,7 @@ def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
     options = [
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
         "--shard-size",
         "100",
         "--tsne-sample",
@@ -201,12 +197,7 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
         md5,
         "--storage",
         str(storage),
-        "--backbone",
-        "MobileNetV2",
-        "--weights",
-        "none",
-        "--input-size",
-        "32",
+        *TINY_CLI,
         "--shard-size",
         "100",
     ]
