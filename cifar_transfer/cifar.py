@@ -409,7 +409,7 @@ class _ArchiveMember(tarfile.TarInfo):
             raise ArchiveError(
                 f"member {self.name} is a tar header of {self.size} bytes, more than {_MAX_HEADER_BYTES}: {_USE_AN_OFFICIAL}"
             )
-        return super()._proc_member(archive)
+        return super()._proc_member(archive)  # type: ignore[misc]  # a private tarfile hook, not in its type stubs
 
     def _proc_gnusparse_10(self, member, pax_headers, archive):
         raise ArchiveError(f"member {member.name} is a sparse file: {_USE_AN_OFFICIAL}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from cifar_transfer import card, layout
@@ -37,7 +38,7 @@ def write_manifest(
     feature_shape: list[int],
     split: str,
     records: list[ShardRecord],
-    retired: list[str] = (),
+    retired: Sequence[str] = (),
 ) -> Manifest:
     """Declare a view complete, as a new version when its shards changed (one atomic replace: a reader sees the old
     version or the new one, never a mix); then delete the files the previous version retired, listed by neither."""
@@ -112,18 +113,21 @@ def commit_feature_set(
         if kind_of(collection).incremental:
             write_skipped(storage, folder, split, view_records, (unusable or {}).get(split.removesuffix(FLIPPED), []))
         write_manifest(storage, folder, spec, metadata["feature_shape"], split, view_records, (retired or {}).get(split, []))
-    return describe_feature_set(storage, folder)
+    info = describe_feature_set(storage, folder)
+    assert info is not None, "its description was just written"
+    return info
 
 
 def view_shards(storage: Storage, folder: str, records: list[ShardRecord]) -> dict[str, list[ShardRecord]]:
     """Each view's shards once this commit is done: the ones committed now, else its manifest's (a view the commit
     leaves alone keeps its shards); views with neither are absent."""
-    views = {}
+    views: dict[str, list[ShardRecord]] = {}
     for view in VIEWS:
         committed = sorted((record for record in records if record.split == view), key=lambda record: record.number)
-        manifest = None if committed else read_manifest(storage, folder, view)
-        if committed or manifest is not None:
-            views[view] = committed or manifest.shards
+        if committed:
+            views[view] = committed
+        elif (manifest := read_manifest(storage, folder, view)) is not None:
+            views[view] = manifest.shards
     return views
 
 
@@ -140,7 +144,9 @@ def _committed_as(storage: Storage, folder: str, records: list[ShardRecord], cla
     return info
 
 
-def write_skipped(storage: Storage, folder: str, split: str, records: list[ShardRecord], listed: list[UnreadableItem] = ()) -> list[dict]:
+def write_skipped(
+    storage: Storage, folder: str, split: str, records: list[ShardRecord], listed: Sequence[UnreadableItem] = ()
+) -> list[dict]:
     """Gather the images a collection view's listing (`listed`) and shards could not use into `<view>/_skipped.json`
     (written before the manifest)."""
     skipped = [entry.model_dump() for entry in listed]

@@ -348,11 +348,11 @@ def settings_of(stage: StageName) -> type[StageSettings]:
     return settings
 
 
-class CollectionSettings(settings_of("collection")):
+class CollectionSettings(settings_of("collection")):  # type: ignore[misc]  # base made by create_model
     """How to read a collection (an image folder or a Parquet table): everything its listing depends on."""
 
 
-class ExtractionSettings(settings_of("extraction")):
+class ExtractionSettings(settings_of("extraction")):  # type: ignore[misc]  # base made by create_model
     """What decides which features are extracted and how they are cut into shards."""
 
     @property
@@ -393,15 +393,15 @@ class ExtractionSettings(settings_of("extraction")):
         )
 
 
-class RunnerSettings(settings_of("runner")):
+class RunnerSettings(settings_of("runner")):  # type: ignore[misc]  # base made by create_model
     """Where the shard tasks run."""
 
 
-class TsneSettings(settings_of("tsne")):
+class TsneSettings(settings_of("tsne")):  # type: ignore[misc]  # base made by create_model
     """The map's settings; their hash (with the features' fingerprint) names the map's folder."""
 
 
-class HeadSettings(settings_of("head")):
+class HeadSettings(settings_of("head")):  # type: ignore[misc]  # base made by create_model
     """The head stage's settings; their hash (with the features' fingerprint) names the head's folder."""
 
 

@@ -38,7 +38,7 @@ class ShardRecord(BaseModel):
     """A finished shard as the manifest lists it."""
 
     file: str
-    split: Literal[VIEWS]
+    split: Literal[VIEWS]  # type: ignore[valid-type]  # the views are computed from SPLITS; pydantic checks them
 
     @field_validator("file")
     @classmethod
@@ -75,6 +75,19 @@ class Manifest(BaseModel):
         for file in files:
             ShardRecord._plain_file_name(file)
         return files
+
+
+@cache
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("cifar-transfer", "tensorflow", "keras", "openvino", "numpy", "pyarrow", "prefect"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 class Lineage(BaseModel):
@@ -115,19 +128,6 @@ class FeatureSetInfo(BaseModel):
     made_by: Lineage | None = None  # the flow run that computed them
 
 
-@cache
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for package in ("cifar-transfer", "tensorflow", "keras", "openvino", "numpy", "pyarrow", "prefect"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 class RebuildRecord(BaseModel):
     """What the fingerprint leaves out but a rebuild of the same features needs (`verify --repair`)."""
 
@@ -164,6 +164,14 @@ def read_description(storage: Storage, folder: str) -> FeatureSetDescription | N
     except ValueError as exc:
         log.warning("skipping %s: unreadable %s (%s)", storage.uri(folder), layout.FEATURE_SET_NAME, str(exc).splitlines()[0])
         return None
+
+
+def feature_set_description(storage: Storage, folder: str) -> FeatureSetDescription:
+    """The description of a finished feature set, or a FeatureSetError saying the folder is not one."""
+    description = read_description(storage, folder)
+    if description is None:
+        raise FeatureSetError(f"{storage.uri(folder)} has no readable {layout.FEATURE_SET_NAME}: it is not a finished feature set")
+    return description
 
 
 def read_manifest(storage: Storage, folder: str, split: str) -> Manifest | None:

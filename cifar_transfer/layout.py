@@ -36,7 +36,8 @@ class Root(Protocol):
     """What the layout asks of a storage root (`storage.Storage` is one): paths under it, and whether they exist.
     Named here, not imported: `storage` imports this module for the hidden names below."""
 
-    fs: Any
+    @property
+    def fs(self) -> Any: ...
 
     def path(self, *parts: str) -> str: ...
 

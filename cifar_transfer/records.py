@@ -35,7 +35,7 @@ class RecordFormat:
 
     name: str
     version: int
-    upgrades: Mapping[int, Callable[[object], dict]] = field(default_factory=dict)  # version n's content -> version n + 1's
+    upgrades: Mapping[int, Callable[[object], object]] = field(default_factory=dict)  # version n's content -> version n + 1's
     # (a version without an entry changed nothing but the stamp)
 
     def dump(self, content: BaseModel | dict, indent: int | None = 2, **options) -> bytes:
@@ -70,16 +70,16 @@ class RecordFormat:
         return model.model_validate(self.read(raw, where))
 
 
-def _unchanged(content: object) -> dict:
+def _unchanged(content: object) -> object:
     return content
 
 
-def _defaults(**values) -> Callable[[object], dict]:
+def _defaults(**values) -> Callable[[object], object]:
     """An upgrade that fills in fields a version-1 record may lack, as they were read before they were recorded."""
     return lambda content: {**values, **content} if isinstance(content, dict) else content
 
 
-def _rebuild_defaults(content: object) -> dict:
+def _rebuild_defaults(content: object) -> object:
     """A set's rebuild record before `flip` was recorded had no mirrored views made with it; before collections, it
     was an archive's."""
     if isinstance(content, dict) and isinstance(content.get("rebuild"), dict):
@@ -87,7 +87,7 @@ def _rebuild_defaults(content: object) -> dict:
     return content
 
 
-def _wrapped_list(key: str) -> Callable[[object], dict]:
+def _wrapped_list(key: str) -> Callable[[object], object]:
     """An upgrade for a record that was a bare JSON list: the list becomes the field `key` of an object."""
     return lambda content: {key: content} if isinstance(content, list) else content
 

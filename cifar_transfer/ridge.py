@@ -67,7 +67,7 @@ def solve(moments: Moments, strengths: tuple[float, ...]) -> LinearScores:
         blocks = [eigenvectors @ (projected / (eigenvalues + strength)[:, None]) / deviation[:, None] for strength in strengths]
     weights = np.concatenate(blocks, axis=1)
     bias = np.tile(moments.class_frequencies, len(strengths)) - moments.mean @ weights
-    return LinearScores(weights.astype(np.float32), bias.astype(np.float32), len(moments.class_counts))
+    return LinearScores(weights.astype(np.float32), bias.astype(np.float32), moments.classes)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -90,7 +90,7 @@ class ValidationTally:
     def add(self, views: list[np.ndarray], labels: np.ndarray) -> None:
         """`views`: each view's scores (rows, strengths, classes); probabilities are averaged over views."""
         for position, temperature in enumerate(TEMPERATURES):
-            probabilities = sum(softmax(temperature * scores) for scores in views) / len(views)
+            probabilities = np.mean([softmax(temperature * scores) for scores in views], axis=0)
             truth = probabilities[np.arange(len(labels)), :, labels]  # (rows, strengths)
             self.correct[:, position] += (probabilities.argmax(axis=-1) == labels[:, None]).sum(axis=0)
             self.log_loss[:, position] -= np.log(np.maximum(truth, 1e-12)).sum(axis=0)

@@ -57,6 +57,7 @@ def shard_table(spec: FeatureSpec, shard: Shard, rows: ShardRows, features: np.n
         "features": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
     }
     if shard.items is not None:
+        assert rows.items is not None, "a collection shard's rows carry its items (collection.shard_rows)"
         metadata |= {
             "items_digest": shard.items_digest,
             "items": [[item.key, item.version, item.label] for item in shard.items],
@@ -152,7 +153,7 @@ def shard_size_conflict(storage: Storage, path: str, spec: FeatureSpec, shard: S
         return None
     return (
         f"{storage.uri(path)} holds rows {metadata.get('start')}..{metadata.get('stop')} of these features, "
-        f"cut with another shard size: pass --shard-size {metadata.get('stop') - metadata.get('start')} "
+        f"cut with another shard size: pass --shard-size {metadata['stop'] - metadata['start']} "
         "(the size they were extracted with) or another --storage"
     )
 

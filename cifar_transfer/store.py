@@ -21,7 +21,7 @@ from cifar_transfer.storage import Storage
 class SplitBatch(NamedTuple):
     """The rows of one shard of a split: their ids, labels and features (flattened, or pooled when asked)."""
 
-    index: np.ndarray
+    index: np.ndarray  # type: ignore[assignment]  # the Parquet column's name (public API); hides tuple.index, unused
     labels: np.ndarray
     features: np.ndarray
 
@@ -75,7 +75,7 @@ def read_split(
 def read_keys(storage: Storage, folder: str, split: str) -> dict[int, str]:
     """A collection view's image names by row id (its `index`), reading only those two columns."""
     manifest = split_manifest(storage, folder, split)
-    keys = {}
+    keys: dict[int, str] = {}
     for record in manifest.shards:
         with storage.fs.open(layout.shard_file(folder, split, record.file), "rb") as stream:
             table = pq.read_table(stream, columns=["index", "key"])

@@ -130,7 +130,7 @@ class FeatureStream:
         shape = list(self.feature_shape)
         original = read_shard(self.storage, self.folder, self.split, self.shards[shard], shape)
         flipped = None
-        if self.mirrored:
+        if self.mirrored_shards is not None:
             flipped = read_shard(self.storage, self.folder, f"{self.split}{FLIPPED}", self.mirrored_shards[shard], shape)
             if not np.array_equal(flipped.index, original.index):
                 raise _mismatched_views(self.folder, self.split)
@@ -155,7 +155,11 @@ def _concatenate(batches: list[ViewBatch]) -> ViewBatch | None:
         return batches[0]
     mirrored = None if batches[0].mirrored is None else np.concatenate([batch.mirrored for batch in batches])
     return ViewBatch(
-        *(np.concatenate([getattr(batch, name) for batch in batches]) for name in ("positions", "index", "labels", "features")), mirrored
+        np.concatenate([batch.positions for batch in batches]),
+        np.concatenate([batch.index for batch in batches]),
+        np.concatenate([batch.labels for batch in batches]),
+        np.concatenate([batch.features for batch in batches]),
+        mirrored,
     )
 
 
@@ -165,6 +169,18 @@ def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
     mask = np.zeros(rows, bool)
     mask[order[: max(1, int(round(rows * fraction)))]] = True
     return mask
+
+
+@dataclass
+class Sums:
+    """The sums of the rows added so far, around `shift` (the first batch's mean), in float64."""
+
+    shift: np.ndarray
+    total: np.ndarray  # sum of (x - shift)
+    squares: np.ndarray  # sum of (x - shift)^2
+    gram: np.ndarray | None  # sum of (x - shift)(x - shift)^T, when asked for
+    class_totals: np.ndarray  # (classes, width): sum of (x - shift) per class
+    class_counts: np.ndarray
 
 
 @dataclass
@@ -178,77 +194,80 @@ class Moments:
     classes: int
     with_gram: bool = True
     count: int = 0
-    shift: np.ndarray | None = None
-    total: np.ndarray | None = None  # sum of (x - shift)
-    squares: np.ndarray | None = None  # sum of (x - shift)^2
-    gram: np.ndarray | None = None  # sum of (x - shift)(x - shift)^T
-    class_totals: np.ndarray | None = None  # (classes, width): sum of (x - shift) per class
-    class_counts: np.ndarray | None = None
+    sums: Sums | None = None  # None until a row is added
 
     def add(self, features: np.ndarray, labels: np.ndarray) -> None:
         if not len(features):
             return
-        if self.shift is None:
+        if self.sums is None:
             width = features.shape[1]
-            self.shift = features.mean(axis=0, dtype=np.float64).astype(np.float32)
-            self.total, self.squares = np.zeros(width), np.zeros(width)
-            self.gram = np.zeros((width, width)) if self.with_gram else None
-            self.class_totals = np.zeros((self.classes, width))
-            self.class_counts = np.zeros(self.classes)
-        shifted = features - self.shift
+            self.sums = Sums(
+                shift=features.mean(axis=0, dtype=np.float64).astype(np.float32),
+                total=np.zeros(width),
+                squares=np.zeros(width),
+                gram=np.zeros((width, width)) if self.with_gram else None,
+                class_totals=np.zeros((self.classes, width)),
+                class_counts=np.zeros(self.classes),
+            )
+        sums = self.sums
+        shifted = features - sums.shift
         self.count += len(features)
-        self.total += shifted.sum(axis=0, dtype=np.float64)
-        self.squares += np.square(shifted).sum(axis=0, dtype=np.float64)
-        if self.with_gram:
-            self.gram += shifted.T @ shifted
+        sums.total += shifted.sum(axis=0, dtype=np.float64)
+        sums.squares += np.square(shifted).sum(axis=0, dtype=np.float64)
+        if sums.gram is not None:
+            sums.gram += shifted.T @ shifted
         one_hot = np.eye(self.classes, dtype=np.float32)[labels]
-        self.class_totals += one_hot.T @ shifted
-        self.class_counts += one_hot.sum(axis=0)
+        sums.class_totals += one_hot.T @ shifted
+        sums.class_counts += one_hot.sum(axis=0)
 
     def __add__(self, other: Moments) -> Moments:
-        if self.shift is None:
+        if self.sums is None:
             return other
-        if other.shift is None:
+        if other.sums is None:
             return self
-        delta = (other.shift - self.shift).astype(np.float64)  # re-express `other`'s sums around this shift
-        total = other.total + other.count * delta
-        squares = other.squares + 2 * delta * other.total + other.count * delta**2
+        mine, theirs = self.sums, other.sums
+        delta = (theirs.shift - mine.shift).astype(np.float64)  # re-express `other`'s sums around this shift
+        total = theirs.total + other.count * delta
+        squares = theirs.squares + 2 * delta * theirs.total + other.count * delta**2
         gram = None
-        if self.with_gram and other.with_gram:
+        if mine.gram is not None and theirs.gram is not None:
             gram = (
-                self.gram + other.gram + np.outer(other.total, delta) + np.outer(delta, other.total) + other.count * np.outer(delta, delta)
+                mine.gram
+                + theirs.gram
+                + np.outer(theirs.total, delta)
+                + np.outer(delta, theirs.total)
+                + other.count * np.outer(delta, delta)
             )
-        class_totals = self.class_totals + other.class_totals + np.outer(other.class_counts, delta)
-        return Moments(
-            self.classes,
-            gram is not None,
-            self.count + other.count,
-            self.shift,
-            self.total + total,
-            self.squares + squares,
-            gram,
-            class_totals,
-            self.class_counts + other.class_counts,
-        )
+        class_totals = mine.class_totals + theirs.class_totals + np.outer(theirs.class_counts, delta)
+        sums = Sums(mine.shift, mine.total + total, mine.squares + squares, gram, class_totals, mine.class_counts + theirs.class_counts)
+        return Moments(self.classes, gram is not None, self.count + other.count, sums)
+
+    @property
+    def _sums(self) -> Sums:
+        if self.sums is None:
+            raise ValueError("no rows were added to these moments")
+        return self.sums
 
     @property
     def mean(self) -> np.ndarray:
-        return self.shift + self.total / self.count
+        return self._sums.shift + self._sums.total / self.count
 
     @property
     def variance(self) -> np.ndarray:
-        centred = self.total / self.count
-        return np.maximum(self.squares / self.count - centred**2, 0.0)
+        centred = self._sums.total / self.count
+        return np.maximum(self._sums.squares / self.count - centred**2, 0.0)
 
     def covariance(self) -> np.ndarray:
-        centred = self.total / self.count
-        return self.gram / self.count - np.outer(centred, centred)
+        if self._sums.gram is None:
+            raise ValueError("these moments were summed without their Gram matrix (with_gram=False)")
+        centred = self._sums.total / self.count
+        return self._sums.gram / self.count - np.outer(centred, centred)
 
     def target_covariance(self) -> np.ndarray:
         """(width, classes): the covariance of each feature with each class's one-hot indicator."""
-        centred = self.total / self.count
-        return (self.class_totals - np.outer(self.class_counts, centred)).T / self.count
+        centred = self._sums.total / self.count
+        return (self._sums.class_totals - np.outer(self._sums.class_counts, centred)).T / self.count
 
     @property
     def class_frequencies(self) -> np.ndarray:
-        return self.class_counts / self.count
+        return self._sums.class_counts / self.count

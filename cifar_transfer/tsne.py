@@ -163,6 +163,7 @@ def tsne_map(
     storage.write_atomic(picture_path, save_png(figure))
     table = pa.table({"split": ["train"] * len(index), "index": index, "label": labels, "x": coordinates[:, 0], "y": coordinates[:, 1]})
     if placed is not None:
+        assert test_index is not None, "a map places the test split only when it was read"
         test = {"split": ["test"] * len(test_index), "index": test_index, "label": test_labels, "x": placed[:, 0], "y": placed[:, 1]}
         table = pa.concat_tables([table, pa.table(test, schema=table.schema)])
     result = TsneResult(

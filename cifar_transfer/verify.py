@@ -20,9 +20,9 @@ import posixpath
 from cifar_transfer import layout, records
 from cifar_transfer.claims import held_by_live_writer
 from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, TsneSettings
-from cifar_transfer.feature_records import read_description, read_manifest
+from cifar_transfer.feature_records import feature_set_description, read_description, read_manifest
 from cifar_transfer.head import finished_head, train_head
-from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, TsneFiles
+from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
 from cifar_transfer.shard_files import SHARD_MISSING, shard_problem
 from cifar_transfer.shards import SPLITS, VIEWS, Shard
 from cifar_transfer.storage import Storage
@@ -76,7 +76,7 @@ def verify_feature_set(storage_url: str, folder: str) -> dict[str, list[str]]:
 
 def _derived_folders(storage: Storage, folder: str) -> list[DerivedFiles]:
     """Every t-SNE map and head folder made from the set."""
-    found = []
+    found: list[DerivedFiles] = []
     for parent, files_of in ((layout.maps_folder(folder), layout.tsne_files), (layout.heads_folder(folder), layout.head_files)):
         if storage.exists(parent):
             found += [files_of(folder, posixpath.basename(path)) for path in sorted(storage.fs.ls(parent, detail=False))]
@@ -106,7 +106,6 @@ def rebuild_derived(storage_url: str, folder: str) -> list[str]:
     Returns what could not be rebuilt, and why (a folder written before settings were recorded).
     """
     storage = Storage(storage_url)
-    description = read_description(storage, folder)
     left = []
     for files in _derived_folders(storage, folder):
         key = posixpath.basename(files.folder)
@@ -124,10 +123,11 @@ def rebuild_derived(storage_url: str, folder: str) -> list[str]:
             if storage.exists(path):
                 storage.fs.rm(path)
         log.warning("rebuilding %s", storage.uri(files.folder))
+        classes = feature_set_description(storage, folder).classes
         if is_map:
-            tsne_map(storage_url, folder, key, settings, description.classes)
+            tsne_map(storage_url, folder, key, settings, classes)
         else:
-            train_head(storage_url, folder, key, settings, description.classes)
+            train_head(storage_url, folder, key, settings, classes)
     return left
 
 
@@ -135,7 +135,7 @@ def _recorded_settings(storage: Storage, files: DerivedFiles, settings_type):
     """The settings a map or head was made with: its settings record, else (heads) what its metrics recorded."""
     is_map = isinstance(files, TsneFiles)
     sources = [(files.settings, records.TSNE_SETTINGS if is_map else records.HEAD_SETTINGS, lambda content: content)]
-    if not is_map:
+    if isinstance(files, HeadFiles):
         sources.append((files.metrics, records.HEAD_METRICS, lambda content: content["settings"]))
     for path, record, settings_of in sources:
         if storage.exists(path):
@@ -166,7 +166,7 @@ def repair_config(storage_url: str, folder: str) -> PipelineConfig:
     """The configuration that rebuilds this feature set: its source read again (an archive from the copy kept in
     storage), with the settings that made its features."""
     storage = Storage(storage_url)
-    description = read_description(storage, folder)
+    description = feature_set_description(storage, folder)
     spec = description.feature_spec()
     flip = description.rebuild.flip or any(storage.exists(layout.view_folder(folder, view)) for view in VIEWS if view not in SPLITS)
     same_features = {

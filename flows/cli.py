@@ -253,8 +253,8 @@ def list_command(storage_url: str, as_json: bool) -> int:
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    rows = [tuple(printable(cell) for cell in row) for row in rows]
-    for row in rows:
+    for cells in rows:
+        row = [printable(cell) for cell in cells]
         print(
             "  ".join(
                 cell.rjust(width) if column == 3 else cell.ljust(width)

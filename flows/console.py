@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.redact import printable
@@ -87,9 +88,9 @@ def start_console(verbose: bool) -> Path:
             handler.close()
         logger.addHandler(to_file)
     logging.getLogger("cifar_transfer").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for handler in _console_handlers():
-        inner = handler.formatter.inner if isinstance(handler.formatter, _Printable) else handler.formatter
-        handler.setFormatter(_Printable(inner or logging.Formatter(), tracebacks=verbose))
+    for console in _console_handlers():
+        inner = console.formatter.inner if isinstance(console.formatter, _Printable) else console.formatter
+        console.setFormatter(_Printable(inner or logging.Formatter(), tracebacks=verbose))
     return log_file
 
 
@@ -119,8 +120,9 @@ def start_temporary_api() -> None:
             return getattr(subprocess, name)
 
         @staticmethod
-        def Popen(*args, **kwargs):  # noqa: N802 (subprocess's name)
-            return subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)
+        def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
+            # mypy matches none of typeshed's Popen overloads when a keyword sits between *args and **kwargs
+            return subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)  # type: ignore[call-overload]
 
     server_module.subprocess = DyingWithParent()  # type: ignore[assignment]
     server_module.SubprocessASGIServer().start()

@@ -71,7 +71,7 @@ def build_extractor(
     pooling: str,
     precision: str,
     seed: int,
-    image_shape: tuple[int, int, int] = (32, 32, 3),
+    image_shape: tuple[int | None, int | None, int] = (32, 32, 3),  # None: any height or width (always resized)
 ):
     """The frozen feature extractor: uint8 images in, float32 features out.
 

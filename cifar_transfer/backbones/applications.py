@@ -51,7 +51,7 @@ def available_models() -> dict[str, str]:
     """
     spec = importlib.util.find_spec("keras")
     listing = Path(spec.origin).parent / "applications" / "__init__.py" if spec and spec.origin else None
-    found = {}
+    found: dict[str, str] = {}
     if listing is not None and listing.is_file():
         for node in ast.parse(listing.read_text()).body:
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -68,8 +68,8 @@ def available_models() -> dict[str, str]:
 
 
 class KerasApplications:
-    prefix = None
-    naming = "a keras.applications model name (case-insensitive: MobileNetV2, InceptionV3, ResNet50, EfficientNetV2S, ...)"
+    prefix: str | None = None
+    naming: str = "a keras.applications model name (case-insensitive: MobileNetV2, InceptionV3, ResNet50, EfficientNetV2S, ...)"
 
     def resolve(self, name: str) -> Backbone | None:
         canonical = {known.lower(): known for known in available_models()}.get(name.lower())

@@ -54,11 +54,12 @@ def _width(tensors) -> int | None:
 def _cuts(base) -> list:
     """(layer, output) of every 4-D output that is, when made, the one tensor still needed by later layers."""
     keras = load_keras()
-    last_use = {}
+    last_use: dict[int, int] = {}
     for position, layer in enumerate(base.layers):
         for tensor in keras.tree.flatten(layer.input) if position else ():
             last_use[id(tensor)] = position
-    alive, found = set(), []
+    alive: set[int] = set()
+    found = []
     for position, layer in enumerate(base.layers):
         alive -= {tensor for tensor in alive if last_use[tensor] <= position}
         output = layer.output

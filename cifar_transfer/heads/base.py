@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -65,7 +66,7 @@ class HeadData:
 
 @dataclass
 class FittedHead:
-    model: object  # a keras.Model taking the stored, flattened features
+    model: Any  # a keras.Model taking the stored, flattened features (Keras has no type hints)
     validation_accuracy: float
     details: HeadDetails  # what was chosen on validation (strength, epochs) and the curve behind it
     members: list[FittedHead] = field(default_factory=list)  # an ensemble's heads

@@ -96,6 +96,7 @@ class Network:
 
     def refit(self, chosen: FittedHead, data: HeadData, settings: HeadSettings):
         """Every train row, the validation part included, for the best epoch count validation found."""
+        assert isinstance(chosen.details, NetworkDetails), "refit gets what this trainer's fit chose"
         epochs = settings.model_copy(update={"epochs": chosen.details.best_epoch})
         return self.train(data.train, None, data.feature_shape, data.classes, epochs).model
 

@@ -53,6 +53,7 @@ def fit(data: HeadData, settings: HeadSettings) -> FittedHead:
 
 def refit(chosen: FittedHead, data: HeadData, settings: HeadSettings):
     """The fit and validation moments summed: the moments of every train row, solved at the chosen strength."""
+    assert isinstance(chosen.details, RidgeDetails) and chosen.moments is not None, "refit gets what this trainer's fit chose"
     fit_moments, validation_moments = chosen.moments
     scores = ridge.solve(fit_moments + validation_moments, (chosen.details.strength,))
     return ridge.ridge_model(scores, chosen.details.temperature, data.feature_shape)
