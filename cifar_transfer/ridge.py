@@ -111,8 +111,8 @@ class ValidationTally:
         return float(self.correct[strength, temperature] / self.rows)
 
 
-def ridge_model(scores: LinearScores, temperature: float, feature_shape: list[int]):
-    """The Keras head: (spatial mean,) dense scores scaled by the temperature, softmax."""
+def ridge_model(scores: LinearScores, temperature: float, feature_shape: list[int], name: str = "ridge_head"):
+    """The Keras head of a linear solution: (spatial mean,) dense scores scaled by the temperature, softmax."""
     keras = load_keras()
 
     inputs = keras.Input((int(np.prod(feature_shape)),), name="features")
@@ -123,4 +123,4 @@ def ridge_model(scores: LinearScores, temperature: float, feature_shape: list[in
     dense = keras.layers.Dense(scores.classes, activation="softmax")
     outputs = dense(x)
     dense.set_weights([temperature * scores.weights, temperature * scores.bias])
-    return keras.Model(inputs, outputs, name="ridge_head")
+    return keras.Model(inputs, outputs, name=name)

@@ -152,7 +152,7 @@ def test_head_choices_help_and_checks_come_from_the_head_registry():
         if head.spatial_only:
             with pytest.raises(ConfigError, match=f"head '{name}' needs spatial features: pass --pooling none, or choose --head ridge/"):
                 load_config(head=name, **LOCAL)
-    with pytest.raises(ConfigError, match="head: Input should be 'auto', 'all', 'conv', 'ridge', 'logistic' or 'mlp'"):
+    with pytest.raises(ConfigError, match="head: Input should be 'auto', 'all', 'conv', 'ridge', 'softmax', 'logistic' or 'mlp'"):
         load_config(head="knn", **LOCAL)
 
 

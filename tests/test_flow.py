@@ -107,7 +107,7 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     assert os.path.exists(summary.head.files.model)
     assert (
         metrics["chosen"]["head"] == summary.head.kind
-        and [c["head"] for c in metrics["candidates"]] == ["ridge"]
+        and [c["head"] for c in metrics["candidates"]] == ["softmax"]
         and metrics["chosen"]["refit"]
     )
     assert metrics["validation_accuracy"] == max(c["validation_accuracy"] for c in metrics["candidates"])

@@ -12,8 +12,8 @@ from cifar_transfer import layout, ridge
 from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.config import FeatureSpec, HeadSettings
 from cifar_transfer.head import refit_head, train_head
-from cifar_transfer.heads import HEADS, candidate_heads
-from cifar_transfer.heads.base import HeadData, stream_accuracy
+from cifar_transfer.heads import HEADS, candidate_heads, softmax
+from cifar_transfer.heads.base import HeadData, stream_accuracy, stream_moments
 from cifar_transfer.heads.ensemble import EnsembleDetails, ensemble_head
 from cifar_transfer.shard_files import ShardRows, features_folder, shard_path, shard_table, write_shard
 from cifar_transfer.shards import FLIPPED, Shard
@@ -82,11 +82,11 @@ def test_candidates_follow_the_feature_shape():
     def names(kind: str, shape: list[int]) -> list[str]:
         return [head.name for head in candidate_heads(kind, shape)]
 
-    assert names("auto", [1280]) == ["ridge"]
-    assert names("auto", [3, 3, 2048]) == ["conv", "ridge"]
-    assert names("mlp", [1280]) == ["mlp"]
-    assert names("all", [1280]) == ["ridge", "logistic", "mlp"]
-    assert names("all", [3, 3, 2048]) == ["conv", "ridge", "logistic", "mlp"]
+    assert names("auto", [1280]) == ["softmax"]  # ridge's solution is its start and one of its candidates
+    assert names("auto", [3, 3, 2048]) == ["conv", "softmax"]
+    assert names("mlp", [1280]) == ["mlp"] and names("ridge", [1280]) == ["ridge"]
+    assert names("all", [1280]) == ["ridge", "softmax", "logistic", "mlp"]
+    assert names("all", [3, 3, 2048]) == ["conv", "ridge", "softmax", "logistic", "mlp"]
 
 
 def test_streams_read_every_selected_row_once_and_shuffle_reproducibly(vector_set):
@@ -247,13 +247,64 @@ def test_refit_learns_from_the_validation_rows_with_what_validation_chose(tmp_pa
     assert np.mean(alone.model.predict(test_features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
 
 
-def test_train_head_refits_the_chosen_ridge_and_writes_every_output(vector_set):
+def test_train_head_refits_the_chosen_head_and_writes_every_output(vector_set):
     storage, folder = vector_set
     result = train_head(storage.url, folder, "k", SETTINGS.model_copy(update={"refit": True}), CLASSES)
     assert not result.files.missing(storage)
-    assert result.metrics.chosen.head == "ridge" and result.metrics.chosen.refit
+    assert result.metrics.chosen.head == "softmax" and result.metrics.chosen.refit
     assert result.metrics.sizes == {"train": 800, "validation": 200, "test": 400}
     assert result.test_accuracy > 0.85
+
+
+def classes_on_a_line(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ten classes one after another along one direction (and its square), seven noise features: least squares onto
+    one-hot classes masks the middle classes (no linear score of theirs is ever highest), a logistic regression
+    does not."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    along = labels + 0.25 * rng.normal(size=count)
+    features = np.column_stack([along, along**2 / 10, rng.normal(size=(count, 7))]).astype(np.float32)
+    return features * np.random.default_rng(7).uniform(0.1, 10, 9).astype(np.float32) + 5, labels
+
+
+def test_softmax_head_starts_from_ridge_and_beats_it_where_least_squares_masks_classes(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    (features, labels), test = classes_on_a_line(2000, 0), classes_on_a_line(1000, 1)
+    folder = write_feature_set(tmp_path, {"train": (features, labels), "test": test}, (9,))
+    data = HeadData.open(Storage(str(tmp_path)), folder, SETTINGS, 10)
+    ridge_alone, head = fit_head("ridge", data, SETTINGS), fit_head("softmax", data, SETTINGS)
+    assert head.details.start == ridge_alone.details and head.details.start_accuracy == ridge_alone.validation_accuracy
+    assert [point.C for point in head.details.strengths] == list(softmax.STRENGTHS)
+    assert head.validation_accuracy == max(point.validation_accuracy for point in head.details.strengths)
+    assert stream_accuracy(data.validation, head.model) == pytest.approx(head.validation_accuracy)
+    scaler = StandardScaler().fit(features)
+    baseline = LogisticRegression(C=0.01).fit(scaler.transform(features), labels).score(scaler.transform(test[0]), test[1])
+    refit = refit_head(head, data, SETTINGS)
+    ridge_accuracy, softmax_accuracy = stream_accuracy(data.test, ridge_alone.model), stream_accuracy(data.test, refit.model)
+    assert ridge_accuracy < 0.45 < baseline < softmax_accuracy - 0.05, (ridge_accuracy, baseline, softmax_accuracy)
+
+
+def test_softmax_head_keeps_ridges_solution_when_it_validates_best_and_streams_rows_too_large_to_hold(vector_set, monkeypatch):
+    storage, folder = vector_set
+    data = HeadData.open(storage, folder, SETTINGS, 10)
+    held = softmax.HeldRows.of(data.fit, data.feature_shape)
+    monkeypatch.setattr(softmax, "IN_MEMORY_BYTES", 1000)  # the 800 fit rows of 32 features take 102,400 bytes
+    streamed = softmax.HeldRows.of(data.fit, data.feature_shape)
+    assert streamed.kept is None and len(held.kept) == 10
+    scale = softmax.Standardization.of(stream_moments(data.fit, 10, data.feature_shape, with_gram=False))
+    start = softmax.linear_scores(fit_head("ridge", data, SETTINGS).model)
+    value = softmax.objective(held, scale, 0.01, 800)(scale.standardized(start))
+    again = softmax.objective(streamed, scale, 0.01, 800)(scale.standardized(start))
+    assert again[0] == pytest.approx(value[0])
+    np.testing.assert_allclose(again[1], value[1], rtol=1e-4, atol=1e-7)
+    head = fit_head("softmax", data, SETTINGS)
+    if head.details.C is None:  # ridge's own solution won: it is the head, and refits as ridge does
+        assert head.validation_accuracy == head.details.start_accuracy and head.model.name == "ridge_head"
+        assert refit_head(head, data, SETTINGS).model.name == "ridge_head"
+    else:
+        assert head.validation_accuracy > head.details.start_accuracy
 
 
 # Head records (metrics.json, settings.json) as earlier commits wrote them: 8ac3e8e, before heads moved into a registry,

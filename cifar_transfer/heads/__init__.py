@@ -45,7 +45,12 @@ HEADS = {
     head.name: head
     for head in (
         HeadType("conv", "spatial maps: the 2017 post's Conv2D head, best epoch on validation", spatial_only=True, in_auto=True),
-        HeadType("ridge", "closed form from streamed moments, strength chosen on validation", in_auto=True),
+        HeadType("ridge", "closed form from streamed moments, strength chosen on validation"),
+        HeadType(
+            "softmax",
+            "logistic regression: full-batch L-BFGS from ridge's solution, strength chosen on validation (ridge's own included)",
+            in_auto=True,
+        ),
         HeadType("logistic", "trained from the shards, best epoch on validation"),
         HeadType("mlp", "one hidden layer, trained from the shards, best epoch on validation"),
     )
