@@ -85,7 +85,7 @@ class Standardization:
 
     @classmethod
     def of(cls, moments: Moments) -> Standardization:
-        return cls(moments.mean, standard_deviation(moments.variance), len(moments.class_counts))
+        return cls(moments.mean, standard_deviation(moments.variance), moments.classes)
 
     def raw(self, parameters: np.ndarray) -> LinearScores:
         """Standardized-space (weights, bias), flattened, as scores on raw features."""
@@ -149,6 +149,7 @@ def fit(data: HeadData, settings: HeadSettings) -> FittedHead:
     """Ridge, then L-BFGS along `STRENGTHS` from its solution; the best on validation (ridge's own included) wins."""
     start = ridge_head.fit(data, settings)
     shape = data.feature_shape
+    assert start.moments is not None, "ridge keeps its moments for the refit"
     fit_moments, _ = start.moments
     scale = Standardization.of(fit_moments)
     rows, validation = HeldRows.of(data.fit, shape), HeldRows.of(data.validation, shape)
@@ -181,13 +182,15 @@ def linear_scores(model) -> LinearScores:
 def refit(chosen: FittedHead, data: HeadData, settings: HeadSettings):
     """On every train row: ridge's refit when ridge's solution won, else `ITERATIONS` more steps at the chosen C from
     the chosen solution, standardized with every train row's moments."""
-    if chosen.details.C is None:
-        ridge_chosen = FittedHead(chosen.model, chosen.details.start_accuracy, chosen.details.start, moments=chosen.moments)
+    details = chosen.details
+    assert isinstance(details, SoftmaxDetails) and chosen.moments is not None, "a softmax head, as fitted"
+    if details.C is None:
+        ridge_chosen = FittedHead(chosen.model, details.start_accuracy, details.start, moments=chosen.moments)
         return ridge_head.refit(ridge_chosen, data, settings)
     fit_moments, validation_moments = chosen.moments
     scale = Standardization.of(fit_moments + validation_moments)
     rows = HeldRows.of(data.train, data.feature_shape)
-    scores = descend(rows, scale, chosen.details.C, training_rows(data.train), linear_scores(chosen.model))
+    scores = descend(rows, scale, details.C, training_rows(data.train), linear_scores(chosen.model))
     return ridge_model(scores, 1.0, data.feature_shape, name="softmax_head")
 
 
