@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -94,16 +95,25 @@ def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archiv
             np.testing.assert_array_equal(resumed_part, reference_part)
 
 
-def running_task(prefix: str):
-    """A condition: some task run whose name starts with `prefix` is RUNNING (read from the Prefect API)."""
+def running_task(prefix: str, since: datetime):
+    """A condition: some task run whose name starts with `prefix`, started after `since`, is RUNNING (read from the
+    Prefect API; an earlier test's killed run stays RUNNING there forever)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateType
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterStartTime,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
 
     def check() -> bool:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 task_run_filter=TaskRunFilter(
-                    name=TaskRunFilterName(like_=prefix), state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"]))
+                    name=TaskRunFilterName(like_=prefix),
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"])),
+                    start_time=TaskRunFilterStartTime(after_=since),
                 )
             )
         return any(run.name.startswith(prefix) for run in runs)
@@ -144,9 +154,10 @@ def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage
         *options,
     ]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    started = datetime.now(timezone.utc)
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(running_task(stage), process)
+        wait_for(running_task(stage, started), process)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
