@@ -300,6 +300,8 @@ def test_softmax_head_keeps_ridges_solution_when_it_validates_best_and_streams_r
     assert again[0] == pytest.approx(value[0])
     np.testing.assert_allclose(again[1], value[1], rtol=1e-4, atol=1e-7)
     head = fit_head("softmax", data, SETTINGS)
+    ridge_won = head.details.model_copy(update={"C": None})  # metrics.json leaves out what is None: it must read back
+    assert softmax.SoftmaxDetails.model_validate_json(ridge_won.model_dump_json(exclude_none=True)) == ridge_won
     if head.details.C is None:  # ridge's own solution won: it is the head, and refits as ridge does
         assert head.validation_accuracy == head.details.start_accuracy and head.model.name == "ridge_head"
         assert refit_head(head, data, SETTINGS).model.name == "ridge_head"

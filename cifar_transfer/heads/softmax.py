@@ -41,7 +41,9 @@ class StrengthScore(BaseModel):
 
 
 class SoftmaxDetails(HeadDetails):
-    C: float | None  # the chosen strength; None: ridge's own solution validated best and is the head
+    # The chosen strength; None (absent in metrics.json, which leaves out what is None): ridge's own solution
+    # validated best and is the head.
+    C: float | None = None
     iterations: int  # L-BFGS iterations per strength
     start: ridge_head.RidgeDetails  # the ridge solution it started from
     start_accuracy: float  # ridge's validation accuracy
