@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -22,6 +23,8 @@ import pytest
 from cifar_transfer.cifar import CLASS_NAMES
 
 BATCH_DIR = "cifar-10-batches-py"
+# The command line as a user runs it, in a process of its own.
+CLI = [sys.executable, "-m", "cifar_transfer.flows.cli"]
 # The smallest real backbone the command line runs: seeded random MobileNetV2 weights at its minimum input size.
 TINY_CLI = ["--backbone", "MobileNetV2", "--weights", "none", "--input-size", "32"]
 

@@ -27,7 +27,7 @@ from cifar_transfer.errors import StorageNotWritable, is_transient
 from cifar_transfer.flows import console
 from cifar_transfer.flows.cli import main
 from cifar_transfer.sources.folder import FolderSource
-from conftest import TINY_CLI
+from conftest import CLI, TINY_CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def cli(*arguments: str, timeout: float = 300, env: dict | None = None) -> subpr
     """`cifar-transfer ARGUMENTS` as a user runs it: its own process, its own temporary Prefect API."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")} | (env or {})
     return subprocess.run(
-        [sys.executable, "-m", "cifar_transfer.flows.cli", *arguments],
+        [*CLI, *arguments],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -342,9 +342,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_archiv
     path, md5 = tiny_archive
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
     command = [
-        sys.executable,
-        "-m",
-        "cifar_transfer.flows.cli",
+        *CLI,
         "extract",
         "--source",
         str(path),
@@ -457,9 +455,7 @@ def test_out_of_memory_ends_the_command_with_one_line_and_exit_1(tmp_path):
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
     environment["MALLOC_ARENA_MAX"] = "2"  # threads' malloc arenas reserve 64 MiB of address space each: keep the limit for pixels
     command = [
-        sys.executable,
-        "-m",
-        "cifar_transfer.flows.cli",
+        *CLI,
         "extract",
         "--source",
         str(root),

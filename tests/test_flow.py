@@ -23,7 +23,7 @@ from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extr
 from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
-from conftest import TINY_CLI
+from conftest import CLI, TINY_CLI
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -286,13 +286,10 @@ def test_any_deleted_output_is_rebuilt_alone_and_never_shown_cached_then_missing
 def test_a_failed_command_ends_with_its_reason_and_keeps_the_traceback_in_a_log_file(tiny_archive, tmp_path):
     """Run as a user would (own process, ephemeral API): the reason is the very last line, no traceback on the console."""
     import subprocess
-    import sys
 
     path, md5 = tiny_archive
     command = [
-        sys.executable,
-        "-m",
-        "cifar_transfer.flows.cli",
+        *CLI,
         "run",
         "--source",
         str(path),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +18,7 @@ from cifar_transfer.config import load_config
 from cifar_transfer.flows.pipeline import extract_features
 from cifar_transfer.pause import PAUSE_AT
 from cifar_transfer.store import load_features
-from conftest import TINY_CLI
+from conftest import CLI, TINY_CLI
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -48,7 +47,7 @@ def wait_for(condition, process, timeout: float = 300.0):
 
 def cli_command(command: str, config, names) -> list[str]:
     """`cifar-transfer COMMAND` with the config's values of `names` as options."""
-    arguments = [sys.executable, "-m", "cifar_transfer.flows.cli", command]
+    arguments = [*CLI, command]
     for name in names:
         arguments += ["--" + name.replace("_", "-"), str(getattr(config, name))]
     return arguments
@@ -141,9 +140,7 @@ def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage
         "8",
     ]
     command = [
-        sys.executable,
-        "-m",
-        "cifar_transfer.flows.cli",
+        *CLI,
         "run",
         "--source",
         str(path),
@@ -198,9 +195,7 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
     url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
     storage = tmp_path / "storage"
     command = [
-        sys.executable,
-        "-m",
-        "cifar_transfer.flows.cli",
+        *CLI,
         "extract",
         "--source",
         url,
