@@ -9,6 +9,7 @@ cosine of `BF16_MIN_COSINE` of float32 on real images of this dataset
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -16,9 +17,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from cifar_transfer import layout, records
+from cifar_transfer.backbones import get_backbone
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, stable_hash
-from cifar_transfer.errors import ConfigError
+from cifar_transfer.errors import ConfigError, OpConversionFailure, StorageNotWritable
 from cifar_transfer.extractors import float32_reference, forget_extractor, get_extractor
+from cifar_transfer.feature_records import library_versions
 from cifar_transfer.hardware import cpu_has_native_bf16, gpus, machine_description, openvino_available
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
@@ -73,6 +76,8 @@ def choose_engine(
     run falls back to float32. The verdict is stored, so reruns don't rebuild.
     """
     choice = candidate_choice(settings)
+    if choice.engine == "openvino" and settings.engine == "auto" and get_backbone(settings.backbone).check_conversion:
+        choice = _converted_or_tensorflow(settings, storage_url, dataset_id, read_calibration_images, choice)
     if settings.precision != "auto" or choice.precision == "float32":
         log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
         return choice
@@ -103,6 +108,37 @@ def choose_engine(
     storage.write_atomic(path, records.ENGINE_CHOICE.dump(choice))
     log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
     return choice
+
+
+def _converted_or_tensorflow(
+    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_images: Callable[[], np.ndarray], choice: EngineChoice
+) -> EngineChoice:
+    """`choice` if OpenVINO converts this backbone, else TensorFlow, said in the log and remembered in storage.
+
+    Asked of families whose models may hold ops OpenVINO's TensorFlow frontend lacks (a Keras Hub preset's
+    bicubic or antialiased resizing: `ResizeBicubic`, `ScaleAndTranslate`). The conversion made here is the
+    run's own: kept in the feature set's folder and in this process, the shards reuse it.
+    """
+    storage = Storage(storage_url)
+    spec = settings.feature_spec(dataset_id, "openvino", "float32")
+    key = stable_hash({"conversion": spec.model_dump(exclude={"engine", "precision"}), "versions": library_versions()}, 16)
+    path = layout.engine_choice(storage, key)
+    if storage.exists(path):
+        verdict = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
+    else:
+        images = read_calibration_images()
+        try:
+            get_extractor(spec, images.shape[1:], storage_url)
+            verdict = EngineChoice(engine="openvino", precision="float32", reason="OpenVINO converts this backbone")
+        except OpConversionFailure as exc:
+            reason = f"OpenVINO cannot convert {spec.backbone} ({exc.operations})"
+            verdict = EngineChoice(engine="tensorflow", precision="float32", reason=reason)
+        with contextlib.suppress(StorageNotWritable, OSError):  # a read-only storage measures again next time
+            storage.write_atomic(path, records.ENGINE_CHOICE.dump(verdict))
+    if verdict.engine == "openvino":
+        return choice
+    log.warning("%s: TensorFlow runs it", verdict.reason)
+    return EngineChoice(engine="tensorflow", precision=choice.precision, reason=f"{verdict.reason}; TensorFlow runs it")
 
 
 def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:

@@ -51,6 +51,20 @@ class FeatureSetError(PermanentError):
     """A feature set on storage is incomplete or belongs to another configuration."""
 
 
+class OpConversionFailure(PermanentError):
+    """OpenVINO's converter lacks an operation of the model (its `frontend.OpConversionFailure`, re-raised as this so
+    callers need not import OpenVINO)."""
+
+    @property
+    def operations(self) -> str:
+        """What it lacks, in a few words: "operations ResizeBicubic", else the report's first line."""
+        text = str(self)
+        marker = "No conversion rule found for operations:"
+        if marker in text:
+            return "operations " + text.split(marker, 1)[1].splitlines()[0].strip()
+        return (text.strip().splitlines() or ["no reason given"])[0]
+
+
 class NewerFormatError(PermanentError):
     """A stored record was written by a newer cifar-transfer than this one (`records`): never read as unreadable, so
     nothing newer is overwritten."""

@@ -22,7 +22,7 @@ import numpy as np
 from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor
 from cifar_transfer.config import FeatureSpec, stable_hash
-from cifar_transfer.errors import StorageNotWritable
+from cifar_transfer.errors import OpConversionFailure, StorageNotWritable
 from cifar_transfer.feature_records import library_versions
 from cifar_transfer.native import load_tensorflow
 from cifar_transfer.shard_files import features_folder
@@ -106,7 +106,10 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
             log.warning("converted backbone %s is damaged (%s); converting it again", storage.uri(path), exc)
     source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
     _mend_openvino_tensorflow_frontend()
-    model = ov.convert_model(source)
+    try:
+        model = ov.convert_model(source)
+    except ov.frontend.OpConversionFailure as exc:
+        raise OpConversionFailure(str(exc)) from exc
     if storage is not None and path is not None:
         try:
             storage.write_atomic(path, _packed_converted(model))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from cifar_transfer.backbones.base import Backbone
+from cifar_transfer.backbones.base import Backbone, weights_identity
 from cifar_transfer.backbones.stages import pooled_stages
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.native import load_keras
@@ -80,6 +80,9 @@ class KerasApplications:
 
     def valid_names(self) -> str:
         return f"a keras.applications model name, one of {', '.join(sorted(available_models()))}"
+
+    def weights_id(self, backbone: Backbone, weights: str, seed: int) -> str:
+        return weights_identity(weights, seed)
 
     def build(self, backbone: Backbone, *, weights: str, input_size: int, pooling: str):
         constructor = getattr(importlib.import_module(available_models()[backbone.name]), backbone.name)
