@@ -164,10 +164,16 @@ def feature_set_name(backbone: str, input_size: int, pooling: str, fingerprint: 
     -> "hub-dinov2_small"): no ':' or '/' ever enters a storage path (the fingerprint keeps names apart).
     """
     prefix, colon, model = backbone.partition(":")
-    parts = [part for part in re.split(r"[/\\:]+", model) if part and not part.isdigit()]
-    readable = f"{prefix}-{parts[-1] if parts else model}" if colon else backbone
+    readable = f"{prefix}-{last_named_part(model)}" if colon else backbone
     readable = re.sub(r"[^a-z0-9._-]+", "-", readable.lower()).strip("-.") or "backbone"
     return f"{readable}-{input_size}px-{pooling}-{fingerprint}"
+
+
+def last_named_part(location: str) -> str:
+    """The last part of a path or handle that is not a version number ("kaggle://keras/dinov2/keras/dinov2_small/2"
+    -> "dinov2_small")."""
+    parts = [part for part in re.split(r"[/\\:]+", location) if part and not part.isdigit()]
+    return parts[-1] if parts else location
 
 
 def feature_set_folder(storage: Root, folder_name: str) -> str:

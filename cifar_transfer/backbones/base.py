@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from cifar_transfer.errors import ConfigError
 from cifar_transfer.storage import file_md5
 
 POOLINGS = ("stages", "avg", "none")  # what every family offers; a family may add its own ("cls")
@@ -46,6 +47,14 @@ def weights_identity(weights: str, seed: int) -> str:
     if weights in ("imagenet", "none"):
         return "imagenet" if weights == "imagenet" else f"random-init-seed{seed}"
     return f"file-md5-{file_md5(weights)}"
+
+
+def load_weights_file(model, weights: str, described: str, fix: str) -> None:
+    """Load the weights file `weights` into `model`, or say in one line that it does not fit `described`, and `fix`."""
+    try:
+        model.load_weights(weights)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"weights file {weights!r} does not fit {described}: {str(exc).splitlines()[0]}; {fix}") from exc
 
 
 def keras_name(name: str) -> str:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_transfer.backbones.base import Backbone, weights_identity
+from cifar_transfer import layout
+from cifar_transfer.backbones.base import Backbone, load_weights_file, weights_identity
 from cifar_transfer.backbones.stages import pooled_stages
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.native import load_keras
@@ -39,7 +40,7 @@ PRESET_FILES = (CONFIG_FILE, CONVERTER_FILE, WEIGHTS_FILE)
 
 def offline_fix(handle: str) -> str:
     """How to bring a preset to a machine without network: the two commands (the README shows them too)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", handle.rstrip("/").rsplit("/", 1)[-1]) or "preset"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", layout.last_named_part(handle)) or "preset"
     return (
         f"on a connected machine run `python -c \"import keras_hub as h; p='{handle}'; "
         f"h.models.Backbone.from_preset(p).save_to_preset('{name}'); h.layers.ImageConverter.from_preset(p).save_to_preset('{name}')\"`, "
@@ -140,7 +141,8 @@ def _fetched(handle: str) -> dict[str, str]:
         paths = {name: get_file(handle, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
         paths[CONVERTER_FILE] = get_file(handle, CONVERTER_FILE) if check_file_exists(handle, CONVERTER_FILE) else ""
     except Exception as exc:  # noqa: BLE001  # kagglehub, huggingface_hub and requests each raise their own kinds
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        text = " ".join(str(exc).split())
+        reason = f"{type(exc).__name__}: {text[:100].rsplit(' ', 1)[0]} ..." if len(text) > 100 else f"{type(exc).__name__}: {text}"
         raise ConfigError(f"Keras Hub preset {handle!r} cannot be fetched ({reason}): {offline_fix(handle)}") from None
     return paths
 
@@ -281,13 +283,9 @@ class KerasHub:
         loaded = keras_hub().models.Backbone.from_preset(preset.location, load_weights=weights == "imagenet", **overrides)
         model = loaded.vision_encoder if hasattr(loaded, "vision_encoder") else loaded
         if weights not in ("imagenet", "none"):
-            try:
-                model.load_weights(weights)
-            except (ValueError, OSError) as exc:
-                raise ConfigError(
-                    f"weights file {weights!r} does not fit {preset.architecture} of {preset.location}: "
-                    f"{str(exc).splitlines()[0]}; pass the weights of this preset's image model"
-                ) from exc
+            load_weights_file(
+                model, weights, f"{preset.architecture} of {preset.location}", "pass the weights of this preset's image model"
+            )
         if preset.architecture in TOWERS:
             tower = TOWERS[preset.architecture](model)
             return keras.Model(tower.image_input, pooled_tokens(tower, pooling), name=model.name)
