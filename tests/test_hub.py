@@ -168,13 +168,13 @@ np.savez(
 
 @pytest.mark.slow
 def test_a_vit_preset_end_to_end(prefect_api, presets, tmp_path):
-    """A run on a preset folder with no network (extract, head, report), a rerun that reuses everything, predict with
+    """A run on a preset folder with no network (extract in shards, t-SNE, head, report), a rerun that reuses everything, predict with
     the run's answers, and an export in every format that a fresh process without this library loads and agrees with."""
     for name, value in OFFLINE.items():
         os.environ.setdefault(name, value)
     archive = tmp_path / "cifar-10-python.tar.gz"
     md5 = write_archive(archive, cifar_members())
-    options = {"backbone": f"hub:{presets['vit']}", "weights": "imagenet", "input_size": None, "tsne_sample": 0}
+    options = {"backbone": f"hub:{presets['vit']}", "weights": "imagenet", "input_size": None}
     config = tiny_config((archive, md5), tmp_path / "storage", **options, engine="auto", precision="auto")
     first = cifar_transfer(config)
     assert first.features.spec.engine == "openvino" and first.features.feature_shape == [2 * len(stage_blocks(TINY.depth)) * TINY.width]
