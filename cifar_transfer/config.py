@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from cifar_transfer import layout
 from cifar_transfer.backbones import backbone_option_help
 from cifar_transfer.cifar import ARCHIVE_FORMATS
 from cifar_transfer.errors import ConfigError
@@ -24,7 +25,6 @@ from cifar_transfer.heads import HEAD_CHOICES, HEADS, head_option_help, vector_h
 from cifar_transfer.redact import refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB
 from cifar_transfer.sources.kinds import SourceKind, kind_for
-from cifar_transfer.storage import file_md5
 
 CIFAR10_URL, CIFAR10_MD5 = ARCHIVE_FORMATS["cifar10"].official_url, ARCHIVE_FORMATS["cifar10"].official_md5
 CIFAR100_URL, CIFAR100_MD5 = ARCHIVE_FORMATS["cifar100"].official_url, ARCHIVE_FORMATS["cifar100"].official_md5
@@ -143,18 +143,24 @@ class PipelineConfig(BaseModel):
     backbone: Annotated[str, Stage("extraction")] = Field("InceptionV3", description=backbone_option_help())
     weights: Annotated[str, Stage("extraction")] = Field(
         "imagenet",
-        description="'imagenet' (Keras download), 'none' (random init seeded by --seed, for tests and timing) "
-        "or a no-top weights file path",
+        description="'imagenet': the backbone's pretrained weights (keras.applications: Keras' ImageNet download; hub:<preset>: "
+        "the preset's own), 'none' (random init seeded by --seed, for tests and timing) or a no-top weights file path",
     )
     input_size: Annotated[int | None, Stage("extraction")] = Field(
-        None, le=1024, description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size)"
+        None,
+        le=1024,
+        description="square input side in pixels (default: 139 for InceptionV3 as in the post, else the model's native size; "
+        "a Keras Hub vision transformer takes multiples of its patch size where its position embeddings interpolate "
+        "(DINOv2), else its native size only)",
     )
-    pooling: Annotated[Literal["stages", "avg", "none"], Stage("extraction")] = Field(
+    pooling: Annotated[Literal["stages", "avg", "cls", "none"], Stage("extraction")] = Field(
         "stages",
         description="'stages': the average-pooled end of the stage before the last, widest point of the last stage and final "
         "features, concatenated (MobileNetV2: block_13_expand_relu, block_16_expand_relu, out_relu): more accurate heads "
         "at the same extraction cost (docs/benchmarks.md); 'avg': the pooled final features only (the default of feature sets made "
-        "before); 'none': the spatial map, flattened",
+        "before); 'none': the spatial map, flattened. Vision transformers (hub:<preset>): 'avg' the mean patch token, 'cls' the "
+        "class token (SigLIP: its attention-pooled embedding), 'stages' the class token and mean patch token of the blocks at half, "
+        "three quarters and all of the depth, 'none' the patch tokens as their grid",
     )
     engine: Annotated[Literal["auto", "tensorflow", "openvino"], Stage("extraction")] = Field(
         "auto", description="inference engine; 'auto': TensorFlow on a GPU, OpenVINO on a CPU when installed"
@@ -256,11 +262,11 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"md5 {self.md5!r} is not 32 hex digits: pass the archive's MD5 or 'none'")
         self.source_kind.check(self.source, self.md5)
         backbone = get_backbone(self.backbone)
-        if self.input_size is not None and self.input_size < backbone.min_input_size:
-            raise ValueError(
-                f"input_size {self.input_size} is below {backbone.name}'s minimum of "
-                f"{backbone.min_input_size}: pass --input-size {backbone.min_input_size} or more"
-            )
+        problem = backbone.input_size_problem(self.input_size) if self.input_size is not None else None
+        if problem:
+            raise ValueError(problem)
+        if self.pooling not in backbone.poolings:
+            raise ValueError(f"pooling {self.pooling!r} does not fit {backbone.name}: use {', '.join(backbone.poolings)}")
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ValueError(f"weights file {self.weights!r} does not exist: pass 'imagenet', 'none' or a readable .weights.h5 path")
         if self.head in HEADS and HEADS[self.head].spatial_only and self.pooling != "none":
@@ -377,18 +383,18 @@ class ExtractionSettings(settings_of("extraction")):  # type: ignore[misc]  # ba
         engine, precision = engine or self.engine, precision or self.precision
         if "auto" in (engine, precision):
             raise ValueError("engine and precision must be resolved before the features are named: use engines.choose_engine")
-        if self.weights in ("imagenet", "none"):
-            weights_id = "imagenet" if self.weights == "imagenet" else f"random-init-seed{self.seed}"
-        else:
-            weights_id = f"file-md5-{file_md5(self.weights)}"
+        from cifar_transfer.backbones import get_backbone
+
+        backbone = get_backbone(self.backbone)
         return FeatureSpec(
             dataset_id=dataset_id,
-            backbone=self.backbone_name,
-            weights_id=weights_id,
+            backbone=backbone.name,
+            weights_id=backbone.weights_id(self.weights, self.seed),
             weights=self.weights,
             seed=self.seed,
             input_size=self.resolved_input_size,
             pooling=self.pooling,
+            resize=backbone.resize,
             engine=engine,
             precision=precision,
         )
@@ -437,8 +443,8 @@ class FeatureSpec(BaseModel):
     weights: str = Field(exclude=True)  # where the weights come from; their identity is weights_id
     seed: int = Field(exclude=True)  # only matters through weights_id for random weights
     input_size: int
-    pooling: Literal["stages", "avg", "none"]
-    resize: Literal["bilinear"] = "bilinear"
+    pooling: Literal["stages", "avg", "cls", "none"]
+    resize: str = "bilinear"  # `Backbone.resize`: how images of another size reach the input size
     engine: str
     precision: str
 
@@ -448,8 +454,8 @@ class FeatureSpec(BaseModel):
 
     @property
     def folder_name(self) -> str:
-        """Readable for people, unique by fingerprint: inceptionv3-139px-avg-<fingerprint>."""
-        return f"{self.backbone.lower()}-{self.input_size}px-{self.pooling}-{self.fingerprint}"
+        """Readable for people, unique by fingerprint: inceptionv3-139px-avg-<fingerprint> (see `layout.feature_set_name`)."""
+        return layout.feature_set_name(self.backbone, self.input_size, self.pooling, self.fingerprint)
 
 
 def load_config(**options) -> PipelineConfig:

@@ -9,6 +9,7 @@ images of this dataset (measured once, remembered in storage), else float32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -16,9 +17,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from cifar_transfer import layout, records
+from cifar_transfer.backbones import get_backbone
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, stable_hash
-from cifar_transfer.errors import ConfigError
+from cifar_transfer.errors import ConfigError, OpConversionFailure, StorageNotWritable
 from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, float32_reference, forget_extractor, get_extractor
+from cifar_transfer.feature_records import library_versions
 from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, gpus, machine_description, openvino_available
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
@@ -90,6 +93,8 @@ def choose_engine(
     rebuild. An int8 backbone is quantized here, once for the whole run (`_int8_extractor`).
     """
     candidates = candidate_choices(settings)
+    if candidates[0].engine == "openvino" and settings.engine == "auto" and get_backbone(settings.backbone).check_conversion:
+        candidates = _converted_or_tensorflow(settings, storage_url, dataset_id, read_calibration_images, candidates)
     if settings.precision != "auto" or len(candidates) == 1:
         choice = candidates[0]
         if choice.precision == "int8":
@@ -137,6 +142,46 @@ def _int8_extractor(spec: FeatureSpec, storage_url: str, read_calibration_images
     calibration = images[:INT8_CALIBRATION_IMAGES]
     check_images = images[INT8_CALIBRATION_IMAGES:] if len(images) > INT8_CALIBRATION_IMAGES else images[-CALIBRATION_IMAGES:]
     return get_extractor(spec, images.shape[1:], storage_url, calibration=lambda: calibration), check_images
+
+
+def _converted_or_tensorflow(
+    settings: ExtractionSettings,
+    storage_url: str,
+    dataset_id: str,
+    read_calibration_images: Callable[[int], np.ndarray],
+    candidates: list[EngineChoice],
+) -> list[EngineChoice]:
+    """`candidates` if OpenVINO converts this backbone, else the same precisions on TensorFlow (int8, OpenVINO's
+    alone, left out), said in the log and remembered in storage.
+
+    Asked of families whose models may hold ops OpenVINO's TensorFlow frontend lacks (a Keras Hub preset's
+    bicubic or antialiased resizing: `ResizeBicubic`, `ScaleAndTranslate`). The conversion made here is the
+    run's own: kept in the feature set's folder and in this process, the shards reuse it.
+    """
+    storage = Storage(storage_url)
+    spec = settings.feature_spec(dataset_id, "openvino", "float32")
+    key = stable_hash({"conversion": spec.model_dump(exclude={"engine", "precision"}), "versions": library_versions()}, 16)
+    path = layout.engine_choice(storage, key)
+    if storage.exists(path):
+        verdict = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
+    else:
+        images = read_calibration_images(CALIBRATION_IMAGES)
+        try:
+            get_extractor(spec, images.shape[1:], storage_url)
+            verdict = EngineChoice(engine="openvino", precision="float32", reason="OpenVINO converts this backbone")
+        except OpConversionFailure as exc:
+            reason = f"OpenVINO cannot convert {spec.backbone} ({exc.operations})"
+            verdict = EngineChoice(engine="tensorflow", precision="float32", reason=reason)
+        with contextlib.suppress(StorageNotWritable, OSError):  # a read-only storage measures again next time
+            storage.write_atomic(path, records.ENGINE_CHOICE.dump(verdict))
+    if verdict.engine == "openvino":
+        return candidates
+    if settings.precision == "int8":
+        raise ConfigError(f"{verdict.reason}, and precision 'int8' runs on OpenVINO only: pass another --precision")
+    log.warning("%s: TensorFlow runs it", verdict.reason)
+    reason = f"{verdict.reason}; TensorFlow runs it"
+    on_tensorflow = [choice for choice in candidates if choice.precision != "int8"]
+    return [EngineChoice(engine="tensorflow", precision=choice.precision, reason=reason) for choice in on_tensorflow]
 
 
 def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:

@@ -51,6 +51,26 @@ class FeatureSetError(PermanentError):
     """A feature set on storage is incomplete or belongs to another configuration."""
 
 
+class OpConversionFailure(PermanentError):
+    """OpenVINO's converter lacks an operation of the model (its `frontend.OpConversionFailure`, re-raised as this so
+    callers need not import OpenVINO): one line with the fix; the converter's whole report is `report`."""
+
+    def __init__(self, report: str):
+        self.report = report
+        super().__init__(f"OpenVINO cannot convert this model ({self.operations}): pass --engine tensorflow")
+
+    def __reduce__(self):  # across processes (Dask, Ray, Prefect's results) with its report, not its one line
+        return type(self), (self.report,)
+
+    @property
+    def operations(self) -> str:
+        """What it lacks, in a few words: "operations ResizeBicubic", else the report's first line."""
+        marker = "No conversion rule found for operations:"
+        if marker in self.report:
+            return "operations " + self.report.split(marker, 1)[1].splitlines()[0].strip()
+        return (self.report.strip().splitlines() or ["no reason given"])[0]
+
+
 class NewerFormatError(PermanentError):
     """A stored record was written by a newer cifar-transfer than this one (`records`): never read as unreadable, so
     nothing newer is overwritten."""

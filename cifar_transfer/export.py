@@ -29,6 +29,7 @@ The destination folder holds, per format:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -42,12 +43,14 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from cifar_transfer import records
-from cifar_transfer.errors import ConfigError, FeatureSetError
+from cifar_transfer.errors import ConfigError, FeatureSetError, OpConversionFailure
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
 
 if TYPE_CHECKING:
     from cifar_transfer.trained import TrainedHead
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("keras", "savedmodel", "openvino")
 DESCRIPTION_NAME = "export.json"
@@ -102,6 +105,7 @@ def export_model(
     from cifar_transfer.trained import find_head
 
     started = time.perf_counter()
+    chosen = formats is not None
     formats = _checked_formats(formats)
     target = Storage(destination)
     check_destination(target)
@@ -112,8 +116,15 @@ def export_model(
     with tempfile.TemporaryDirectory(prefix="cifar-transfer-export-") as scratch:
         model = exported_model(trained, _load_head(Storage(storage_url), trained.files.model, scratch))
         built = os.path.join(scratch, "export")
-        for fmt in formats:
-            _WRITERS[fmt](model, trained.metrics.classes, os.path.join(built, ARTIFACTS[fmt]))
+        for fmt in list(formats):
+            try:
+                _WRITERS[fmt](model, trained.metrics.classes, os.path.join(built, ARTIFACTS[fmt]))
+            except OpConversionFailure as exc:  # an op OpenVINO's converter lacks (a Keras Hub preset's bicubic resizing)
+                others = " ".join(f"--format {other}" for other in FORMATS if other != fmt)
+                if chosen:
+                    raise ConfigError(f"OpenVINO cannot convert this model ({exc.operations}): export {others}") from None
+                log.warning("export: OpenVINO cannot convert this model (%s): the openvino format is left out", exc.operations)
+                formats.remove(fmt)
         if target.exists(target.path(DESCRIPTION_NAME)):
             target.fs.rm(target.path(DESCRIPTION_NAME))
         sizes = {fmt: _copy_out(os.path.join(built, ARTIFACTS[fmt]), target, ARTIFACTS[fmt]) for fmt in formats}
@@ -190,6 +201,7 @@ def _load_head(storage: Storage, path: str, scratch: str):
 def exported_model(trained: TrainedHead, head):
     """The Keras model of the whole classifier: the run's backbone (rebuilt from its spec, in float32) before `head`."""
     from cifar_transfer.backbones import build_extractor
+    from cifar_transfer.backbones.base import keras_name
     from cifar_transfer.native import load_keras
 
     keras = load_keras()
@@ -218,7 +230,7 @@ def exported_model(trained: TrainedHead, head):
     outputs = probabilities(images)
     if trained.metrics.settings.flip:  # the run averaged each test image's two views
         outputs = keras.layers.Average()([outputs, probabilities(keras.ops.flip(images, axis=2))])
-    return keras.Model(images, outputs, name=f"{spec.backbone}_{trained.metrics.chosen.head}_classifier")
+    return keras.Model(images, outputs, name=keras_name(f"{spec.backbone}_{trained.metrics.chosen.head}_classifier"))
 
 
 def _write_keras(model, classes: list[str], path: str) -> None:
@@ -251,7 +263,10 @@ def _write_openvino(model, classes: list[str], path: str) -> None:
 
     with warnings.catch_warnings():  # Keras notes that the converter passes the one input as a tuple
         warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
-        converted = ov.convert_model(model)
+        try:
+            converted = ov.convert_model(model)
+        except ov.frontend.OpConversionFailure as exc:
+            raise OpConversionFailure(str(exc)) from exc
     converted.output(0).get_tensor().set_names({"probabilities"})
     converted.set_rt_info(json.dumps(classes), OPENVINO_CLASSES_KEY)
     os.makedirs(os.path.dirname(path), exist_ok=True)

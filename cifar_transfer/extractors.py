@@ -23,7 +23,7 @@ import numpy as np
 from cifar_transfer import layout
 from cifar_transfer.backbones import build_extractor
 from cifar_transfer.config import FeatureSpec, stable_hash
-from cifar_transfer.errors import FeatureSetError, StorageNotWritable
+from cifar_transfer.errors import FeatureSetError, OpConversionFailure, StorageNotWritable
 from cifar_transfer.feature_records import library_versions
 from cifar_transfer.native import load_tensorflow
 from cifar_transfer.shard_files import features_folder
@@ -114,16 +114,19 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
             return _read_converted(storage.read_bytes(path)), None
         except (zipfile.BadZipFile, KeyError, OSError, RuntimeError) as exc:
             log.warning("converted backbone %s is damaged (%s); converting it again", storage.uri(path), exc)
+    if spec.precision == "int8" and calibration is None:
+        where = storage.uri(path) if storage is not None and path is not None else "storage"
+        raise FeatureSetError(
+            f"the int8 backbone of {spec.backbone} is not at {where}: it is quantized when a run chooses its engine, "
+            "so run `cifar-transfer extract` with the same options (not a worker on its own) first"
+        )
     source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
     _mend_openvino_tensorflow_frontend()
-    model = ov.convert_model(source)
-    if spec.precision == "int8":
-        if calibration is None:
-            where = storage.uri(path) if storage is not None and path is not None else "storage"
-            raise FeatureSetError(
-                f"the int8 backbone of {spec.backbone} is not at {where}: it is quantized when a run chooses its engine, "
-                "so run `cifar-transfer extract` with the same options (not a worker on its own) first"
-            )
+    try:
+        model = ov.convert_model(source)
+    except ov.frontend.OpConversionFailure as exc:
+        raise OpConversionFailure(str(exc)) from exc
+    if calibration is not None and spec.precision == "int8":
         model = quantized_model(model, calibration())
     if storage is not None and path is not None:
         try:

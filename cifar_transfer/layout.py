@@ -26,6 +26,7 @@ of them are there, and anything deleted is rebuilt.
 from __future__ import annotations
 
 import posixpath
+import re
 import uuid
 from typing import Any, Protocol
 
@@ -153,6 +154,26 @@ def engine_choice(storage: Root, key: str) -> str:
 
 def features_root(storage: Root) -> str:
     return storage.path(FEATURES)
+
+
+def feature_set_name(backbone: str, input_size: int, pooling: str, fingerprint: str) -> str:
+    """A feature set's folder name, `<backbone>-<size>px-<pooling>-<fingerprint>`, readable and safe as one path part.
+
+    A plain name is lowercased ("inceptionv3"); a family's "<prefix>:<model>" that holds a path or a handle keeps the
+    prefix and the last named part ("hub:/presets/dinov2_small" and "hub:kaggle://keras/dinov2/keras/dinov2_small/2"
+    -> "hub-dinov2_small"): no ':' or '/' ever enters a storage path (the fingerprint keeps names apart).
+    """
+    prefix, colon, model = backbone.partition(":")
+    readable = f"{prefix}-{last_named_part(model)}" if colon else backbone
+    readable = re.sub(r"[^a-z0-9._-]+", "-", readable.lower()).strip("-.") or "backbone"
+    return f"{readable}-{input_size}px-{pooling}-{fingerprint}"
+
+
+def last_named_part(location: str) -> str:
+    """The last part of a path or handle that is not a version number ("kaggle://keras/dinov2/keras/dinov2_small/2"
+    -> "dinov2_small")."""
+    parts = [part for part in re.split(r"[/\\:]+", location) if part and not part.isdigit()]
+    return parts[-1] if parts else location
 
 
 def feature_set_folder(storage: Root, folder_name: str) -> str:

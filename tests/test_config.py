@@ -50,7 +50,7 @@ def test_defaults_follow_the_post():
         ({"weights": "/no/such/file.h5"}, "weights file '/no/such/file.h5' does not exist"),
         ({"storage": "nosuchscheme://bucket/x"}, "scheme 'nosuchscheme'"),
         ({"head": "conv"}, "head 'conv' needs spatial features: pass --pooling none"),
-        ({"pooling": "max"}, "pooling: Input should be 'stages', 'avg' or 'none'"),
+        ({"pooling": "max"}, "pooling: Input should be 'stages', 'avg', 'cls' or 'none'"),
         ({"validation_split": 0}, "validation_split: Input should be greater than 0"),
     ],
 )

@@ -14,12 +14,12 @@ import contextlib
 import random
 from collections.abc import Iterator
 
-from cifar_transfer.backbones import applications
+from cifar_transfer.backbones import applications, hub
 from cifar_transfer.backbones.base import Backbone, BackboneFamily
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.native import load_keras
 
-FAMILIES: tuple[BackboneFamily, ...] = (applications.FAMILY,)
+FAMILIES: tuple[BackboneFamily, ...] = (applications.FAMILY, hub.FAMILY)
 
 
 def family_of(name: str) -> BackboneFamily:
@@ -94,7 +94,13 @@ def build_extractor(
         images = keras.Input(image_shape, dtype="uint8", name="images")
         pixels = keras.ops.cast(images, "float32")
         if image_shape[:2] != (input_size, input_size):
-            pixels = keras.layers.Resizing(input_size, input_size, interpolation="bilinear")(pixels)
+            pixels = keras.layers.Resizing(
+                input_size,
+                input_size,
+                interpolation=backbone.interpolation,
+                antialias=backbone.antialias,
+                crop_to_aspect_ratio=backbone.crop_to_aspect_ratio,
+            )(pixels)
         features = base(backbone.preprocess_input(pixels), training=False)  # never batch statistics: frozen
         features = keras.ops.cast(features, "float32")
     finally:

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from cifar_transfer.backbones.base import Backbone
+from cifar_transfer.backbones.base import Backbone, load_weights_file, weights_identity
 from cifar_transfer.backbones.stages import pooled_stages
-from cifar_transfer.errors import ConfigError
 from cifar_transfer.native import load_keras
 
 # Smallest input side Keras accepts with include_top=False (keras' obtain_input_shape).
@@ -81,6 +80,9 @@ class KerasApplications:
     def valid_names(self) -> str:
         return f"a keras.applications model name, one of {', '.join(sorted(available_models()))}"
 
+    def weights_id(self, backbone: Backbone, weights: str, seed: int) -> str:
+        return weights_identity(weights, seed)
+
     def build(self, backbone: Backbone, *, weights: str, input_size: int, pooling: str):
         constructor = getattr(importlib.import_module(available_models()[backbone.name]), backbone.name)
         base = constructor(
@@ -90,13 +92,7 @@ class KerasApplications:
             pooling="avg" if pooling == "avg" else None,
         )
         if weights not in ("imagenet", "none"):
-            try:
-                base.load_weights(weights)
-            except (ValueError, OSError) as exc:
-                raise ConfigError(
-                    f"weights file {weights!r} does not fit {backbone.name}(include_top=False): "
-                    f"{str(exc).splitlines()[0]}; pass the no-top weights of this backbone"
-                ) from exc
+            load_weights_file(base, weights, f"{backbone.name}(include_top=False)", "pass the no-top weights of this backbone")
         return pooled_stages(base) if pooling == "stages" else base
 
     def preprocessing(self, backbone: Backbone) -> Callable:
