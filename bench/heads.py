@@ -70,20 +70,19 @@ def subset(features: str, rows: int, scratch: str, flip: bool) -> str:
     return folder
 
 
-def run_head(checkout: Path, folder: str, options: dict) -> dict:
+def run_child(checkout: Path, code: str, *arguments: str) -> dict:
+    """`code` run by a fresh Python on `checkout`'s library; what it printed after "RESULT ", with the process's time."""
     environment = {**os.environ, "PYTHONPATH": str(checkout), "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
-    finished = subprocess.run(
-        [sys.executable, "-c", CHILD, str(Path(folder).parents[1]), folder, json.dumps(options)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        cwd=checkout,
-    )
+    finished = subprocess.run([sys.executable, "-c", code, *arguments], env=environment, capture_output=True, text=True, cwd=checkout)
     if finished.returncode:
         raise SystemExit(finished.stderr[-3000:])
     result = json.loads(next(line for line in finished.stdout.splitlines() if line.startswith("RESULT "))[7:])
     return result | {"process_seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_head(checkout: Path, folder: str, options: dict) -> dict:
+    return run_child(checkout, CHILD, str(Path(folder).parents[1]), folder, json.dumps(options))
 
 
 def main() -> None:

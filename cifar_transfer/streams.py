@@ -3,7 +3,10 @@
 A `FeatureStream` is one split of a feature set (with its mirrored view when
 heads use flips) and a selection of its rows (the fit or the validation part);
 it yields `ViewBatch`es of at most one shard, in index order or shuffled (a
-seeded shard order, rows mixed within a window of shards). `Moments` are the
+seeded shard order, rows mixed within a window of shards). `held` reads a split
+once and keeps it in memory when it fits in `HELD_BYTES`, so heads that pass over
+the rows many times (moments, validation, L-BFGS steps, the refit, predictions)
+read the Parquet shards once instead of once per pass; above it they stream. `Moments` are the
 streamed statistics the heads need (mean, variance, centred Gram, per-class
 target sums); they add up, so the moments of all train rows are the fit part's
 plus the validation part's, which makes a refit on all rows free.
@@ -25,6 +28,7 @@ from cifar_transfer.storage import Storage
 from cifar_transfer.store import read_shard
 
 SHUFFLE_WINDOW = 4  # shards mixed together when training rows are shuffled
+HELD_BYTES = 1 << 30  # a split whose rows (both views) take at most this is kept in memory by `held`
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class FeatureStream:
     shards: tuple[ShardRecord, ...]  # the split's, in index order
     mirrored_shards: tuple[ShardRecord, ...] | None  # the mirrored view's, shard for shard (None: no mirrored view read)
     selected: np.ndarray | None = None  # a mask over the split's rows; None: all of them
+    kept: tuple[ViewBatch, ...] | None = None  # each shard's selected rows in memory (`held`); None: read from storage
 
     @classmethod
     def open(cls, storage: Storage, folder: str, split: str, mirrored: bool) -> FeatureStream:
@@ -110,7 +115,17 @@ class FeatureStream:
         return self.rows if self.selected is None else int(self.selected.sum())
 
     def select(self, mask: np.ndarray) -> FeatureStream:
-        return replace(self, selected=mask)
+        """The rows `mask` marks (of the whole split); a held split's selection is held too (a copy of those rows)."""
+        if self.kept is None or self.selected is not None:
+            return replace(self, selected=mask, kept=None)
+        return replace(self, selected=mask, kept=tuple(batch.take(np.flatnonzero(mask[batch.positions])) for batch in self.kept))
+
+    def held(self, budget: int = HELD_BYTES) -> FeatureStream:
+        """This stream with its rows read once and kept in memory when they take at most `budget` bytes, else itself."""
+        size = self.count * self.width * np.dtype(np.float32).itemsize * (2 if self.mirrored else 1)
+        if self.kept is not None or size > budget:
+            return self
+        return replace(self, kept=tuple(self._read(shard) for shard in range(len(self.shards))))
 
     def batches(self, seed: int | None = None) -> Iterator[ViewBatch]:
         """The selected rows, a shard at a time: in index order, or with `seed` shuffled within a window of shards."""
@@ -127,6 +142,8 @@ class FeatureStream:
             yield batch
 
     def _read(self, shard: int) -> ViewBatch:
+        if self.kept is not None:
+            return self.kept[shard]
         shape = list(self.feature_shape)
         original = read_shard(self.storage, self.folder, self.split, self.shards[shard], shape)
         flipped = None

@@ -7,7 +7,11 @@ Up to `EXACT_NEIGHBOURS_UP_TO` points the neighbours are exact (scikit-learn,
 3x faster here than openTSNE's default Annoy index on 50 dimensions, and
 exact); beyond, openTSNE's approximate search. The FFT-accelerated gradient
 uses a grid twice as coarse as openTSNE's default (`ints_in_interval=2`):
-half the time at 25,000 points with the same 10-NN accuracy in the map.
+half the time at 25,000 points with the same 10-NN accuracy in the map. It
+runs half openTSNE's default iterations (125 exaggerated, then 250): at 25,000
+points of MobileNetV2 features the optimization took 0.40 of the time and the
+map's 10-NN accuracy moved from 48.95% to 49.68% (a smaller sample instead,
+10,000 points, lost 1.85 points).
 The map's quality is reported as the 10-nearest-neighbour class accuracy in 2-D
 next to the same figure in the 50-d PCA space it was made from, read off the
 neighbour search the map's affinities used (no second search). When asked,
@@ -42,6 +46,8 @@ PCA_COMPONENTS = 50
 NEIGHBOURS = 10
 EXACT_NEIGHBOURS_UP_TO = 100_000  # brute force is quadratic: beyond this, approximate neighbours
 GRID_INTERVALS_PER_CELL = 2  # openTSNE's ints_in_interval (default 1): a coarser interpolation grid
+EXAGGERATED_ITERATIONS = 125  # openTSNE's early_exaggeration_iter (default 250)
+ITERATIONS = 250  # openTSNE's n_iter after them (default 500)
 
 
 class TsneResult(BaseModel):
@@ -130,9 +136,14 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
         get_knn_index(features, method, k=min(len(features) - 1, int(3 * perplexity)), metric="euclidean", n_jobs=jobs, random_state=seed)
     )
     affinities = MultiscaleMixture(perplexities=[perplexity], knn_index=search, n_jobs=jobs, random_state=seed)
-    embedding = TSNE(perplexity=perplexity, random_state=seed, n_jobs=jobs, ints_in_interval=GRID_INTERVALS_PER_CELL).fit(
-        features, affinities=affinities
-    )
+    embedding = TSNE(
+        perplexity=perplexity,
+        random_state=seed,
+        n_jobs=jobs,
+        ints_in_interval=GRID_INTERVALS_PER_CELL,
+        early_exaggeration_iter=EXAGGERATED_ITERATIONS,
+        n_iter=ITERATIONS,
+    ).fit(features, affinities=affinities)
     neighbours = search.found[0][:, : min(NEIGHBOURS, len(features) - 1)]
     placed = None
     if new_points is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_streams_read_every_selected_row_once_and_shuffle_reproducibly(vector_se
     assert sorted(shuffled) == sorted(index[~held_out]) and not np.array_equal(shuffled, index[~held_out])
     assert np.array_equal(shuffled, np.concatenate([batch.index for batch in fit.batches(seed=3)]))
     assert max(len(batch.index) for batch in fit.batches(seed=3)) <= 4 * 100  # a window of shards, never the split
+
+
+def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set):
+    storage, folder = vector_set
+    stream = FeatureStream.open(storage, folder, "train", mirrored=False)
+    held_out = validation_mask(stream.rows, 0.2, 0)
+    assert stream.held(budget=1000 * 32 * 4 - 1).kept is None  # 1,000 rows of 32 float32 features: one byte too many
+    held = stream.held(budget=1000 * 32 * 4)
+    streamed = {name: list(part.batches()) for name, part in (("train", stream), ("fit", stream.select(~held_out)))}
+    streamed["shuffled"] = list(stream.select(held_out).batches(seed=3))
+    parts = {"train": held, "fit": held.select(~held_out), "shuffled": held.select(held_out)}
+    os.rename(os.path.join(folder, "train"), os.path.join(folder, "moved"))  # nothing is read from storage any more
+    for name, part in parts.items():
+        batches = list(part.batches(seed=3 if name == "shuffled" else None))
+        assert len(batches) == len(streamed[name])
+        for mine, theirs in zip(batches, streamed[name], strict=True):
+            np.testing.assert_array_equal(mine.index, theirs.index)
+            np.testing.assert_array_equal(mine.features, theirs.features)
 
 
 def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):

@@ -43,7 +43,9 @@ class HeadDetails(BaseModel):
 
 @dataclass(frozen=True)
 class HeadData:
-    """What every head reads: the train split's fit and validation parts, the whole train split, the test split."""
+    """What every head reads: the train split's fit and validation parts, the whole train split, the test split.
+    The train split is held in memory when it fits in `streams.HELD_BYTES` (its parts then too, as copies: at most
+    twice that in all); the test split, read once, streams."""
 
     train: FeatureStream
     fit: FeatureStream
@@ -53,7 +55,7 @@ class HeadData:
 
     @classmethod
     def open(cls, storage: Storage, folder: str, settings: HeadSettings, classes: int) -> HeadData:
-        train = FeatureStream.open(storage, folder, "train", settings.flip)
+        train = FeatureStream.open(storage, folder, "train", settings.flip).held()  # every head passes over it several times
         held_out = validation_mask(train.rows, settings.validation_split, settings.seed)
         return cls(
             train, train.select(~held_out), train.select(held_out), FeatureStream.open(storage, folder, "test", settings.flip), classes

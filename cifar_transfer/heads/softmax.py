@@ -10,9 +10,10 @@ and validation judges ridge's own solution along with them, so this head is neve
 Strengths are scikit-learn's `C` (`LogisticRegression`: half the squared weights plus C times the summed loss, on
 standardized features), so the numbers compare with it directly.
 
-Memory: every L-BFGS step reads all fit rows. They are held in memory, pooled and as stored (float32), when they fit
-in `IN_MEMORY_BYTES` (CIFAR-10's 45,000 fit rows of 2,816 features take 0.5 GB); above it every step streams them
-from the shards again (slower, bounded).
+Memory: every L-BFGS step reads all fit rows. They come from the held train split (`HeadData`) when it fits in
+memory; otherwise they are held here, pooled and as stored (float32), when they fit in `IN_MEMORY_BYTES` (CIFAR-10's
+45,000 fit rows of 2,816 features take 0.5 GB), and above it every step streams them from the shards again (slower,
+bounded).
 """
 
 from __future__ import annotations
