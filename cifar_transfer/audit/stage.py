@@ -83,6 +83,14 @@ class AuditResult(BaseModel):
 
 
 def finished_audit(storage: Storage, features: FeatureSetInfo, head_key: str, settings: AuditSettings) -> AuditResult | None:
+    """The set's audit if it was made from exactly these inputs (features, content, head, settings)."""
+    audit = read_audit(storage, features, head_key)
+    return audit if audit is not None and audit.record.settings == settings else None
+
+
+def read_audit(storage: Storage, features: FeatureSetInfo, head_key: str) -> AuditResult | None:
+    """The set's audit if it is complete and was made from these features (this content) with the head `head_key`,
+    whatever its settings; else None."""
     files = layout.audit_files(features.folder)
     if files.missing(storage):
         return None
@@ -91,13 +99,8 @@ def finished_audit(storage: Storage, features: FeatureSetInfo, head_key: str, se
     except ValueError as exc:
         log.warning("auditing again: %s is unreadable (%s)", storage.uri(files.record), str(exc).splitlines()[0])
         return None
-    same = (record.fingerprint, record.content_version, record.head_key, record.settings) == (
-        features.fingerprint,
-        features.content_version,
-        head_key,
-        settings,
-    )
-    return AuditResult(files=files, record=record) if same else None
+    current = (record.fingerprint, record.content_version, record.head_key) == (features.fingerprint, features.content_version, head_key)
+    return AuditResult(files=files, record=record) if current else None
 
 
 def _timed(seconds: dict[str, float], name: str, work: Callable[[], T]) -> T:

@@ -155,7 +155,8 @@ def combined_distribution(probabilities: np.ndarray, votes: np.ndarray) -> np.nd
 
 def label_issues_table(rows: Rows, probabilities: np.ndarray, votes: np.ndarray, fold: np.ndarray) -> pa.Table:
     """Every row, most doubtful first: split, index, key, given, suggested, score (lower = more likely wrong), and the
-    out-of-fold probability of the given label, its neighbours' agreement with it, the row's fold (-1: test)."""
+    out-of-fold probability of the given label, its neighbours' agreement with it, the row's fold (-1: test), and its
+    out-of-fold probabilities (the `pred_probs` other label-error tools take)."""
     combined = combined_distribution(probabilities, votes)
     every = np.arange(len(rows))
     given = combined[every, rows.label]
@@ -176,6 +177,9 @@ def label_issues_table(rows: Rows, probabilities: np.ndarray, votes: np.ndarray,
             "out_of_fold_probability": probabilities[every, rows.label][order].astype(np.float32),
             "neighbour_agreement": votes[every, rows.label][order].astype(np.float32),
             "fold": fold[order],
+            "probabilities": pa.FixedSizeListArray.from_arrays(
+                pa.array(probabilities[order].astype(np.float32).ravel()), probabilities.shape[1]
+            ),
         }
     )
 
