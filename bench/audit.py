@@ -172,6 +172,7 @@ def audit_benchmark(arguments) -> None:
         backbone="MobileNetV2",
         weights=str(WEIGHTS),
         input_size=arguments.input_size,
+        pooling=arguments.pooling,
         tsne_sample=0,
     )
     stages: dict[str, float] = {}
@@ -246,7 +247,7 @@ def audit_benchmark(arguments) -> None:
         "audit",
         {
             "benchmark": "audit on CIFAR-10 with injected faults",
-            "subset": {"train": arguments.train, "test": arguments.test, "input_size": arguments.input_size},
+            "subset": {"train": arguments.train, "test": arguments.test, "input_size": arguments.input_size, "pooling": arguments.pooling},
             "faults": {
                 "near_copies": len(pairs),
                 "into_test": sum(1 for p in pairs if ("test" in {s for s, _ in p})),
@@ -344,6 +345,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=10_000)
     parser.add_argument("--test", type=int, default=2_000)
     parser.add_argument("--input-size", type=int, default=96)
+    parser.add_argument("--pooling", default="avg", help="the features' pooling (default avg: MobileNetV2's 1,280 features)")
     parser.add_argument("--storage", default=os.path.join(tempfile.gettempdir(), "audit-bench"))
     parser.add_argument("--index-only", action="store_true")
     parser.add_argument("--vectors", type=int, default=1_000_000)

@@ -10,11 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from test_head import CLASSES, blobs, write_feature_set
 
+from cifar_transfer import layout
 from cifar_transfer.audit.index import Searcher, all_neighbours, exact_search, read_index_record, update_index
+from cifar_transfer.audit.similar import similar, write_neighbours
 from cifar_transfer.audit.stage import audit_feature_set
 from cifar_transfer.audit.vectors import SetRows
 from cifar_transfer.catalogue import find_feature_set
 from cifar_transfer.config import AuditSettings, HeadSettings
+from cifar_transfer.errors import ConfigError
 from cifar_transfer.head import train_head
 from cifar_transfer.storage import Storage
 
@@ -148,3 +151,19 @@ def test_audit_is_read_back_while_its_inputs_are_unchanged_and_is_readable_by_du
     assert json.loads(Storage(url).read_bytes(result.files.record))["format_version"] == 1
     count = duckdb.sql(f"select count(*) from '{result.files.label_issues}' where score < 0").fetchone()[0]
     assert count == result.summary.label_issues
+
+
+def test_similar_finds_a_rows_near_copy_first_and_refuses_what_names_no_image(tmp_path):
+    url, folder, pairs, _ = faulty_set(tmp_path)
+    (source_split, source), (copy_split, copy) = sorted(pairs[-1], reverse=True)  # the copy in test, its source in train
+    neighbours = similar(url, f"{source_split}:{source}", k=4)
+    assert [neighbour.rank for neighbour in neighbours] == [1, 2, 3, 4]
+    assert (neighbours[0].split, neighbours[0].index) == (copy_split, copy) and neighbours[0].similarity > 0.99
+    assert (source_split, source) not in [(neighbour.split, neighbour.index) for neighbour in neighbours]
+    assert not Storage(url).exists(layout.index_files(folder).record)  # an exact search writes nothing
+    with pytest.raises(ConfigError, match="train has no row 5000 \\(it has 600 rows\\)"):
+        similar(url, "train:5000")
+    with pytest.raises(ConfigError, match="is neither an image file nor a row of the set"):
+        similar(url, str(tmp_path / "missing.png"))
+    write_neighbours(neighbours, str(tmp_path / "near.json"), "train:1")
+    assert [row["key"] for row in json.loads((tmp_path / "near.json").read_text())["neighbours"]] == [n.key for n in neighbours]
