@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from cifar_transfer import layout
 from cifar_transfer.feature_records import Manifest, read_manifest
 from cifar_transfer.sources.base import SPLITS
 from cifar_transfer.storage import Storage
@@ -104,12 +106,17 @@ class SetRows:
             yield _joined(pending)
 
     def names(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(split, index, label) of every row, by position (reads only those columns' shards once)."""
+        """(split, index, label) of every row, by position (reads only those two columns of each shard)."""
         splits, index, labels = [], [], []
-        for block in self.blocks():
-            splits.append(np.full(len(block.index), block.split, dtype=object))
-            index.append(block.index)
-            labels.append(block.labels)
+        for split, manifest in self.manifests.items():
+            for record in manifest.shards:
+                with self.storage.fs.open(layout.shard_file(self.folder, split, record.file), "rb") as stream:
+                    table = pq.read_table(stream, columns=["index", "label"])
+                splits.append(np.full(table.num_rows, split, dtype=object))
+                index.append(table.column("index").to_numpy())
+                labels.append(table.column("label").to_numpy())
+        if not index:
+            return np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(splits), np.concatenate(index).astype(np.int64), np.concatenate(labels).astype(np.int64)
 
     def keys(self, split_of: np.ndarray, index: np.ndarray, collection: bool) -> np.ndarray:
