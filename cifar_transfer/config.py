@@ -69,7 +69,7 @@ def batch_size_for(input_size: int) -> int:
     return max(8, min(64, BATCH_PIXELS // input_size**2))
 
 
-StageName = Literal["run", "source", "collection", "extraction", "runner", "tsne", "head"]
+StageName = Literal["run", "source", "collection", "extraction", "runner", "tsne", "head", "audit"]
 
 # The stages the `cifar-transfer extract` subcommand runs: it takes only the options these read.
 EXTRACTION_STAGES: tuple[StageName, ...] = ("run", "source", "collection", "extraction", "runner")
@@ -222,6 +222,17 @@ class PipelineConfig(BaseModel):
         description="after choosing on validation, train the chosen head again on all train images (validation part included) "
         "with the chosen strength / epochs (free for ridge: one more solve; one more training for network heads)",
     )
+    audit_neighbours: Annotated[int, Stage("audit", name="neighbours")] = Field(
+        10, ge=1, le=100, description="audit: nearest neighbours of each image (duplicates, label votes, outliers)"
+    )
+    audit_folds: Annotated[int, Stage("audit", name="folds")] = Field(
+        5, ge=2, le=20, description="audit: folds of the out-of-fold probabilities (one head of the run's kind trained per fold)"
+    )
+    audit_exact_limit: Annotated[int, Stage("audit", name="exact_limit")] = Field(
+        200_000,
+        ge=0,
+        description="audit: images searched exactly (blocked matrix products); above, an approximate usearch HNSW index",
+    )
     seed: Annotated[int, Stage("collection", "extraction", "tsne", "head")] = Field(
         0,
         ge=0,
@@ -314,6 +325,10 @@ class PipelineConfig(BaseModel):
     @property
     def head_settings(self) -> HeadSettings:
         return self.stage(HeadSettings)
+
+    @property
+    def audit_settings(self) -> AuditSettings:
+        return self.stage(AuditSettings)
 
     def feature_spec(self, dataset_id: str, engine: str | None = None, precision: str | None = None) -> FeatureSpec:
         return self.extraction_settings.feature_spec(dataset_id, engine, precision)
@@ -410,6 +425,10 @@ class TsneSettings(settings_of("tsne")):  # type: ignore[misc]  # base made by c
 
 class HeadSettings(settings_of("head")):  # type: ignore[misc]  # base made by create_model
     """The head stage's settings; their hash (with the features' fingerprint) names the head's folder."""
+
+
+class AuditSettings(settings_of("audit")):  # type: ignore[misc]  # base made by create_model
+    """The audit's settings (`cifar_transfer.audit`): recorded with its tables, which are made again when they change."""
 
 
 def _content(content_version: str | None) -> dict:

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,7 @@ def render_html_report(
     timings: dict,
     max_map_points: int = 3000,
     gallery_size: int = 24,
+    audit: AuditGalleries | None = None,
 ) -> str:
     """The whole page as a string; the caller writes it wherever the run keeps its outputs."""
     truth, predicted = np.asarray(test_truth, np.int64), np.asarray(test_predicted, np.int64)
@@ -63,6 +65,7 @@ def render_html_report(
             _accuracy_section(classes, truth, predicted),
             _map_section(classes, colours, map_points, map_truth, map_predicted, map_images, max_map_points),
             _gallery_section(classes, truth, predicted, confidence, test_images, gallery_size),
+            *([_audit_section(audit)] if audit is not None else []),
         ]
     )
     return f"""<!DOCTYPE html>
@@ -78,6 +81,62 @@ def render_html_report(
 </body>
 </html>
 """
+
+
+@dataclass(frozen=True)
+class AuditTile:
+    """One entry of an audit gallery: its pictures (one, or a pair side by side) and its lines of text."""
+
+    pictures: list[np.ndarray]
+    lines: list[str]
+    names: list[str]  # each picture's `<split>/<index>` or image name
+
+
+@dataclass(frozen=True)
+class AuditGalleries:
+    """What the report shows of a feature set's audit (`cifar_transfer.audit`): its summary and its top rows."""
+
+    summary: str
+    duplicates: list[AuditTile]
+    label_issues: list[AuditTile]
+    outliers: list[AuditTile]
+
+
+def _audit_gallery(element_id: str, title: str, note: str, tiles: list[AuditTile]) -> str:
+    if not tiles:
+        return f'<h3>{_e(title)}</h3><p id="{element_id}">None.</p>'
+    items = "".join(
+        '<li class="audit-item">'
+        + '<span class="audit-pictures">'
+        + "".join(
+            f'<img src="{_png_data_uri(picture)}" alt="{_e(name)}" title="{_e(name)}">'
+            for picture, name in zip(tile.pictures, tile.names, strict=True)
+        )
+        + "</span>"
+        + "".join(f"<span>{_e(line)}</span>" for line in tile.lines)
+        + "</li>"
+        for tile in tiles
+    )
+    return f'<h3>{_e(title)}</h3><p>{_e(note)}</p><ol id="{element_id}" class="audit-gallery">{items}</ol>'
+
+
+def _audit_section(audit: AuditGalleries) -> str:
+    return "\n".join(
+        [
+            '<section id="audit">',
+            "<h2>Audit</h2>",
+            f'<p id="audit-summary">{_e(audit.summary)}</p>',
+            _audit_gallery("audit-duplicates", "Near-duplicate pairs", "Most alike first (score: features and pixels).", audit.duplicates),
+            _audit_gallery(
+                "audit-label-issues",
+                "Likely label errors",
+                "Most doubtful first: the given label, and the one the data suggests.",
+                audit.label_issues,
+            ),
+            _audit_gallery("audit-outliers", "Outliers", "Farthest from their nearest neighbours first.", audit.outliers),
+            "</section>",
+        ]
+    )
 
 
 def _e(text) -> str:
@@ -273,6 +332,10 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 #wrong-gallery { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 12px; }
 .wrong-item { display: flex; flex-direction: column; width: 110px; font-size: 12px; }
 .wrong-item .predicted { color: #c00; }
+.audit-gallery { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 12px; }
+.audit-item { display: flex; flex-direction: column; font-size: 12px; }
+.audit-pictures { display: flex; gap: 2px; }
+.audit-gallery img { display: block; width: 96px; height: 96px; image-rendering: pixelated; }
 """
 
 # Points are drawn one path per class (fast for thousands); hover picks the nearest point within PICK pixels,

@@ -17,6 +17,8 @@
     tsne/<key>/settings.json (first), tsne.png, embedding.parquet (last): a t-SNE map of these features
     heads/<key>/settings.json (first), model.keras, predictions.parquet, confusion.png, metrics.json (last),
         report-<map>.html (rendered by every run that shows this head)
+    audit/index/index.json (last), vectors.usearch   the nearest-neighbour index of these features (`audit.index`)
+    audit/duplicates.parquet, label_issues.parquet, outliers.parquet, audit.json (last): what the set says of its data
 ```
 Hidden siblings are never read as data: `.<name>.<id>.tmp` (a write in progress) and `.<name>.claim`
 (the right to produce `<name>`). Each stage's `*Files` lists every output it commits, so "done" means all
@@ -106,6 +108,24 @@ class HeadFiles(DerivedFiles):
     predictions: str
     confusion_picture: str
     metrics: str
+
+
+class AuditFiles(OutputFiles):
+    """The audit of a feature set (`cifar_transfer.audit`): its tables, and its record (written last)."""
+
+    folder: str
+    duplicates: str
+    label_issues: str
+    outliers: str
+    record: str
+
+
+class IndexFiles(OutputFiles):
+    """A feature set's nearest-neighbour index: the approximate index's file (absent for an exact one) and its record."""
+
+    folder: str
+    vectors: str
+    record: str
 
 
 def raw_archive(storage: Root, name: str) -> str:
@@ -237,6 +257,22 @@ def head_files(folder: str, key: str) -> HeadFiles:
         confusion_picture=posixpath.join(out, "confusion.png"),
         metrics=posixpath.join(out, "metrics.json"),
     )
+
+
+def audit_files(folder: str) -> AuditFiles:
+    out = posixpath.join(folder, "audit")
+    return AuditFiles(
+        folder=out,
+        duplicates=posixpath.join(out, "duplicates.parquet"),
+        label_issues=posixpath.join(out, "label_issues.parquet"),
+        outliers=posixpath.join(out, "outliers.parquet"),
+        record=posixpath.join(out, "audit.json"),
+    )
+
+
+def index_files(folder: str) -> IndexFiles:
+    out = posixpath.join(folder, "audit", "index")
+    return IndexFiles(folder=out, vectors=posixpath.join(out, "vectors.usearch"), record=posixpath.join(out, "index.json"))
 
 
 def heads_folder(folder: str) -> str:

@@ -17,7 +17,7 @@ from cifar_transfer.config import PipelineConfig
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadResult
-from cifar_transfer.html_report import render_html_report
+from cifar_transfer.html_report import AuditGalleries, AuditTile, render_html_report
 from cifar_transfer.progress import ExtractionStats
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
@@ -135,6 +135,51 @@ def _known(values: dict) -> dict:
     return {name: value for name, value in values.items() if value is not None}
 
 
+AUDIT_GALLERY = 12  # tiles of each audit gallery in the report
+
+
+def audit_galleries(storage: Storage, features: FeatureSetInfo, head: HeadResult) -> AuditGalleries | None:
+    """The galleries of the set's audit made with this head (`cifar-transfer audit`, or the deployment a finished head
+    starts), when there is one: the report a later run renders shows it."""
+    from cifar_transfer.audit.stage import read_audit
+
+    audit = read_audit(storage, features, posixpath.basename(head.files.folder))
+    if audit is None:
+        return None
+    duplicates = _stored_frame(storage, audit.files.duplicates).head(AUDIT_GALLERY)
+    issues = _stored_frame(storage, audit.files.label_issues).head(AUDIT_GALLERY)
+    outliers = _stored_frame(storage, audit.files.outliers).head(AUDIT_GALLERY)
+
+    def pictures(splits, ids) -> list[np.ndarray]:
+        """The rows' pictures, in order, read a split at a time."""
+        splits, ids = np.asarray(splits, dtype=object), np.asarray(ids, np.int64)
+        found: list[np.ndarray] = [np.zeros((THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)] * len(ids)
+        for split in dict.fromkeys(splits.tolist()):
+            rows = np.flatnonzero(splits == split)
+            for row, picture in zip(rows, split_images(storage, features, split, ids[rows]), strict=True):
+                found[row] = picture
+        return found
+
+    pairs = zip(pictures(duplicates["split_a"], duplicates["index_a"]), pictures(duplicates["split_b"], duplicates["index_b"]), strict=True)
+    return AuditGalleries(
+        summary=audit.summary.line(),
+        duplicates=[
+            AuditTile(
+                [left, right], [f"score {row.score:.3f}" + (" (near-duplicate)" if row.near_duplicate else "")], [row.key_a, row.key_b]
+            )
+            for (left, right), row in zip(pairs, duplicates.itertuples(), strict=True)
+        ],
+        label_issues=[
+            AuditTile([picture], [f"given: {row.given}", f"suggested: {row.suggested}", f"score {row.score:.3f}"], [row.key])
+            for picture, row in zip(pictures(issues["split"], issues["index"]), issues.itertuples(), strict=True)
+        ],
+        outliers=[
+            AuditTile([picture], [row.label, f"score {row.score:.3f}"], [row.key])
+            for picture, row in zip(pictures(outliers["split"], outliers["index"]), outliers.itertuples(), strict=True)
+        ],
+    )
+
+
 def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: TsneResult | None, head: HeadResult) -> str:
     """Render the run's self-contained HTML report next to the head's outputs; returns its path."""
     storage = Storage(config.storage)
@@ -184,6 +229,7 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
             }
         ),
         max_map_points=MAP_POINTS,
+        audit=audit_galleries(storage, features, head),
     )
     path = layout.report(head.files.folder, map_name(tsne))
     storage.write_if_changed(path, html.encode())

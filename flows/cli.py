@@ -25,6 +25,7 @@ from cifar_transfer.sources.files import MAX_FILE_MB
 # The options that decide which features get extracted (the `extract` subcommand takes only these): those the
 # extraction stages read, where the output goes and the preset that may set them.
 EXTRACTION_OPTIONS = [name for name in PipelineConfig.model_fields if set(option_stage(name).stages) & set(EXTRACTION_STAGES)]
+AUDIT_OPTIONS = [name for name in PipelineConfig.model_fields if "audit" in option_stage(name).stages]  # `audit` takes these
 
 
 def option_flag(name: str) -> str:
@@ -100,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one self-contained model (uint8 images in, class probabilities out): .keras, TensorFlow SavedModel, OpenVINO IR",
     )
     add_export_arguments(export)
-    for command in (run, extract, verify, predict, export):
+    similar = commands.add_parser("similar", help="the images of a feature set most like an image file or one of its own rows")
+    add_similar_arguments(similar)
+    audit = commands.add_parser(
+        "audit", help="audit a feature set: near-duplicates and train/test leakage, likely label errors, outliers (audit/*.parquet)"
+    )
+    _add_config_options(audit, ["storage", *AUDIT_OPTIONS])
+    audit.add_argument("--fingerprint", default=None, help="audit this feature set (default: the one of the newest finished head)")
+    audit.add_argument("--head-key", default=None, help="take the head family from this head (default: the newest finished head)")
+    for command in (run, extract, verify, predict, export, similar, audit):
         command.add_argument(
             "--verbose", action="store_true", help="show tracebacks and debug lines on the console (always in the log file)"
         )
@@ -130,6 +139,42 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         default=MAX_FILE_MB,
         help=f"skip (and report) image files larger than this many MiB, never reading them (default: {MAX_FILE_MB:g})",
     )
+
+
+def add_similar_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `cifar-transfer similar`."""
+    storage_default = PipelineConfig.model_fields["storage"].default
+    parser.add_argument(
+        "query", metavar="QUERY", help="an image file (or fsspec URL), a row of the set ('train:12', 'test:7') or a collection image's name"
+    )
+    parser.add_argument("--k", type=int, default=10, help="how many neighbours (default: 10)")
+    parser.add_argument("--storage", default=storage_default, help=f"the runs' output root (default: {storage_default})")
+    parser.add_argument("--fingerprint", default=None, help="search this feature set (default: the newest complete one)")
+    parser.add_argument("--output", default=None, help="write FILE.json or FILE.parquet (local or fsspec URL) instead of printing a table")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+
+
+def similar_command(arguments: argparse.Namespace) -> int:
+    from cifar_transfer.audit.similar import similar, write_neighbours
+    from cifar_transfer.predict import check_output
+
+    refuse_secrets("QUERY", arguments.query)
+    if arguments.output:
+        check_output(arguments.output, arguments.overwrite)
+    neighbours = similar(arguments.storage, arguments.query, arguments.k, arguments.fingerprint)
+    if arguments.output:
+        write_neighbours(neighbours, arguments.output, arguments.query)
+        print(printable(f"neighbours: {len(neighbours)} images -> {arguments.output}"))
+        return 0
+    key_width = max([len("key"), *(len(printable(neighbour.key)) for neighbour in neighbours)])
+    label_width = max([len("label"), *(len(printable(neighbour.label)) for neighbour in neighbours)])
+    print(f"{'rank':>4}  {'key':<{key_width}}  {'label':<{label_width}}  similarity  distance")
+    for neighbour in neighbours:
+        print(
+            f"{neighbour.rank:>4}  {printable(neighbour.key):<{key_width}}  {printable(neighbour.label):<{label_width}}  "
+            f"{neighbour.similarity:>10.4f}  {neighbour.distance:>8.4f}"
+        )
+    return 0
 
 
 def predict_command(arguments: argparse.Namespace) -> int:
@@ -321,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             return predict_command(arguments)
         if arguments.command == "export":
             return export_command(arguments)
+        if arguments.command == "similar":
+            return similar_command(arguments)
+        if arguments.command == "audit":
+            return audit_command(options)
         config = load_config(**options)
         console.start_temporary_api()
         from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
@@ -339,6 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     print(printable(f"confusion matrix: {summary.head.files.confusion_picture}"))
     print(printable(f"HTML report: {summary.html_report_url}"))
     print(f"test accuracy: {summary.test_accuracy:.4f}")
+    return 0
+
+
+def audit_command(options: dict) -> int:
+    """The `audit-features` flow on a finished head's feature set; prints the summary line and the tables."""
+    fingerprint, head_key = options.pop("fingerprint", None), options.pop("head_key", None)
+    config = load_config(**options)
+    console.start_temporary_api()
+    from cifar_transfer.flows.pipeline import audit_features
+
+    result = audit_features(config, fingerprint, head_key)
+    print(printable(result.summary.line()))
+    for path in (result.files.duplicates, result.files.label_issues, result.files.outliers):
+        print(printable(f"table: {path}"))
     return 0
 
 

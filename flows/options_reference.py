@@ -21,6 +21,7 @@ STAGES = {  # what each stage is, and the settings model its tasks get
     "runner": "where the shard tasks run (`RunnerSettings`)",
     "tsne": "the t-SNE map (`TsneSettings`; with the fingerprint, its hash names the map)",
     "head": "the classifier head (`HeadSettings`; with the fingerprint, its hash names the head)",
+    "audit": "the audit of a feature set: neighbours, duplicates, label issues, outliers (`AuditSettings`, recorded in `audit.json`)",
 }
 TYPE_NAMES = {int: "integer", float: "number", str: "text"}
 BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}  # pydantic keeps a Field's bounds as metadata with these attributes

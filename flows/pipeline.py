@@ -6,6 +6,8 @@ download -> decode -> choose engine -> extract shards -> manifests -> (t-SNE, he
 - `analyze-features`: t-SNE, head and report on an existing, complete feature set.
 - `cifar-transfer`: the whole job, the two above as subflows.
 - `predict-images`: batch inference over a source with a finished head, into a predictions table.
+- `audit-features`: the audit of a feature set with a finished head (neighbours, duplicates and leakage, label
+  issues, outliers); a deployment runs it when a head completes.
 - `watch-collection`: lists an image folder or table (cheap, no image read) and emits
   `cifar-transfer.collection.changed` when it changed, which starts the extraction deployment.
 """
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 from prefect import flow, tags
 
+from cifar_transfer.audit.stage import AuditResult
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
 from cifar_transfer.extractors import release_extractors
 from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
+from cifar_transfer.tasks.audit import audit_task, find_head_task
 from cifar_transfer.tasks.collection import watch_collection_task
 from cifar_transfer.tasks.engines import choose_engine_task
 from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task
@@ -110,3 +114,10 @@ def predict_images(
 ) -> str:
     """Classify every image of `source` with a finished head (default the newest); returns the predictions table's path."""
     return predict_task(storage, source, output, fingerprint, head_key, overwrite)
+
+
+@flow(name="audit-features", flow_run_name="audit-{fingerprint}")
+def audit_features(config: PipelineConfig = DEFAULT_CONFIG, fingerprint: str | None = None, head_key: str | None = None) -> AuditResult:
+    """Audit the feature set `fingerprint` with its head `head_key` (default: the newest finished head)."""
+    head = find_head_task(config.storage, fingerprint, head_key)
+    return audit_task(config.storage, head, config.audit_settings)

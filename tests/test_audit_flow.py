@@ -1,0 +1,71 @@
+"""The audit as a user reaches it: the `audit-features` flow on a finished run, and `cifar-transfer similar` with an
+image file (through the set's own extractor) or a row of the set, printed or written as JSON and Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from test_flow import tiny_config
+
+from cifar_transfer.flows.cli import add_similar_arguments, similar_command
+from cifar_transfer.flows.pipeline import audit_features, cifar_transfer
+from conftest import cifar_members, write_archive
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture(scope="module")
+def run(prefect_api, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audit")
+    archive = folder / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, cifar_members())
+    config = tiny_config((archive, md5), folder / "storage", head="ridge", tsne_sample=0)
+    summary = cifar_transfer(config)
+    images = np.load(folder / "storage" / "datasets" / f"cifar10-{md5}" / "train_images.npy")
+    return {"config": config, "summary": summary, "images": images, "folder": folder}
+
+
+def command(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_similar_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_the_audit_flow_writes_every_table_for_every_image_and_a_rerun_rewrites_nothing(run):
+    config = run["config"]
+    result = audit_features(config)
+    issues = pd.read_parquet(result.files.label_issues)
+    assert len(issues) == 300 and set(issues["split"]) == {"train", "test"}
+    assert result.summary.head_kinds == ["ridge"] and result.record.head_key == run["summary"].head.files.folder.rsplit("/", 1)[-1]
+    assert len(pd.read_parquet(result.files.outliers)) == 300
+    assert pd.read_parquet(result.files.duplicates)["score"].is_monotonic_decreasing
+    stamps = {path: os.stat(path).st_mtime_ns for path in result.files.paths()}
+    again = audit_features(config, run["summary"].features.fingerprint)
+    assert again.record == result.record
+    assert {path: os.stat(path).st_mtime_ns for path in result.files.paths()} == stamps
+
+
+def test_similar_finds_a_train_image_given_as_a_file_through_the_sets_own_extractor(run, tmp_path, capsys):
+    picture = tmp_path / "query.png"
+    Image.fromarray(run["images"][7]).save(picture)  # lossless, at the archive's 32 px
+    storage = run["config"].storage
+    assert similar_command(command(str(picture), "--storage", storage, "--k", "3", "--output", str(tmp_path / "out.json"))) == 0
+    written = json.loads((tmp_path / "out.json").read_text())
+    first = written["neighbours"][0]
+    assert (first["split"], first["index"], first["rank"]) == ("train", 7, 1) and first["similarity"] > 0.999
+    assert len(written["neighbours"]) == 3
+    capsys.readouterr()
+    assert similar_command(command("test:3", "--storage", storage, "--k", "5")) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["rank", "key", "label", "similarity", "distance"] and len(lines) == 5
+    assert "test/3" not in [line.split()[1] for line in lines]
+    assert similar_command(command("test:3", "--storage", storage, "--k", "5", "--output", str(tmp_path / "out.parquet"))) == 0
+    table = pd.read_parquet(tmp_path / "out.parquet")
+    assert table["key"].tolist() == [line.split()[1] for line in lines]
+    assert table["similarity"].is_monotonic_decreasing
