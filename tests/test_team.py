@@ -58,7 +58,7 @@ def postgres_database():
     try:
         yield url, version, lambda sql: asyncio.run(fetch(sql, name))
     finally:
-        asyncio.run(fetch(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(fetch(f'DROP DATABASE IF EXISTS "{name}"'))  # the server has stopped: nothing is connected
 
 
 @contextlib.contextmanager
