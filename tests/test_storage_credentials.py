@@ -18,7 +18,7 @@ def test_a_config_names_a_block_and_never_echoes_what_is_not_a_name():
     with pytest.raises(ValidationError, match="is not a Prefect block's name") as refused:
         PipelineConfig(storage_credentials="AKIAEXAMPLE:wJalrXUtnFEMI")
     assert "wJalrXUtnFEMI" not in str(refused.value)
-    with pytest.raises(ValidationError, match="storage is empty: .* prefect variable set cifar-transfer-storage"):
+    with pytest.raises(ValidationError, match="storage is empty: .*prefect variable set cifar-transfer-storage"):
         PipelineConfig(storage="")
 
 
