@@ -103,7 +103,9 @@ Settings = TypeVar("Settings", bound=StageSettings)
 class PipelineConfig(BaseModel):
     """Every option of a run. Defaults reproduce the 2017 post's extraction on CPU."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A refused value is never echoed in the error (a URL with a password, a key given as a block's name): the error
+    # becomes a run's state message, its logs and the automation's notification.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     preset: Annotated[Literal["blog-2017"] | None, Stage("run")] = Field(
         None, description="a named bundle of settings: 'blog-2017' reproduces the post (InceptionV3 139px maps, conv head, 50 epochs)"
@@ -140,6 +142,11 @@ class PipelineConfig(BaseModel):
         "(default: the official MD5 for the official URL; required for any other source)",
     )
     storage: Annotated[str, Stage("run")] = Field("storage", description="output root: local path or fsspec URL")
+    storage_credentials: Annotated[str | None, Stage("run")] = Field(
+        None,
+        description="name of the Prefect block (type cifar-transfer-storage-credentials) whose fsspec options (keys, endpoint) open "
+        "--storage, read from the Prefect API when the storage is opened (default: the environment's credentials)",
+    )
     backbone: Annotated[str, Stage("extraction")] = Field("InceptionV3", description=backbone_option_help())
     weights: Annotated[str, Stage("extraction")] = Field(
         "imagenet",
@@ -256,6 +263,17 @@ class PipelineConfig(BaseModel):
         signature is a credential, and the config is stored with every run)."""
         refuse_secrets(f"--{info.field_name.replace('_', '-')}", url)
         return url
+
+    @field_validator("storage_credentials")
+    @classmethod
+    def _block_name(cls, name: str | None) -> str | None:
+        """A block's name, never a secret: a deployment whose Prefect variable is unset passes "" (none)."""
+        if name and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+            raise ConfigError(  # not echoed back, in case it is a key pasted in the wrong place
+                "--storage-credentials is not a Prefect block's name (lowercase letters, digits, dashes): put the keys in a "
+                "cifar-transfer-storage-credentials block (docs/deploy.md, 'Storage and its credentials') and pass its name"
+            )
+        return name or None
 
     @field_validator("weights")
     @classmethod
@@ -438,6 +456,12 @@ def _content(content_version: str | None) -> dict:
 
 def _check_storage_scheme(storage: str) -> None:
     import fsspec
+
+    if not storage:
+        raise ValueError(
+            "storage is empty: pass --storage (a deployment reads it from the Prefect variable cifar-transfer-storage: "
+            "`prefect variable set cifar-transfer-storage <absolute path or URL>`, then deploy again)"
+        )
 
     protocol = storage.split("://", 1)[0] if "://" in storage else "file"
     try:

@@ -7,7 +7,8 @@ temporary name in the same folder and is renamed into place when complete; objec
 stores have no rename (a move is a copy then a delete), but an upload becomes
 visible only once complete, so data goes straight to its final key.
 Credentials and endpoints come from the environment, as fsspec reads them
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, ...).
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE, ...), or from a source of fsspec
+options the caller sets (`set_storage_options`: the Prefect layer reads a block), asked when a storage is opened.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import hashlib
 import logging
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import cached_property
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -45,6 +46,18 @@ def file_md5(path: str, fs: fsspec.AbstractFileSystem | None = None, chunk_size:
     return digest.hexdigest()
 
 
+# The fsspec options (credentials, endpoint) of a storage URL beyond what fsspec reads from the environment, or None.
+StorageOptions = Callable[[str], dict[str, Any]]
+_storage_options: StorageOptions | None = None
+
+
+def set_storage_options(source: StorageOptions | None) -> None:
+    """Where every storage opened from now on in this process gets its fsspec options: `source(url)` is asked when a
+    storage is opened and its answer goes to fsspec only (never logged, stored or returned); None: the environment only."""
+    global _storage_options
+    _storage_options = source
+
+
 class Storage:
     """The storage root and the layout of everything the pipeline writes under it."""
 
@@ -53,7 +66,8 @@ class Storage:
 
     @cached_property
     def _fs_and_root(self):
-        return fsspec.core.url_to_fs(self.url)
+        options = _storage_options(self.url) if _storage_options else {}
+        return fsspec.core.url_to_fs(self.url, **options)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:

@@ -24,6 +24,7 @@ from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
 from cifar_transfer.report import RunSummary
 from cifar_transfer.tasks.audit import audit_task, find_head_task
 from cifar_transfer.tasks.collection import watch_collection_task
+from cifar_transfer.tasks.credentials import use_storage_credentials
 from cifar_transfer.tasks.engines import choose_engine_task
 from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task
 from cifar_transfer.tasks.features import commit_feature_set_task, find_feature_set_task
@@ -40,6 +41,7 @@ DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is 
 
 @flow(name="extract-features", flow_run_name="extract-{config.backbone}")
 def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
+    use_storage_credentials(config.storage_credentials)
     dataset = prepare_source(config)
     extraction = config.extraction_settings
     engine = choose_engine_task(extraction, config.storage, dataset)
@@ -70,6 +72,7 @@ def analyze_features(
 ) -> RunSummary:
     """t-SNE, head and report on the feature set `fingerprint` (default: the newest complete one); the map and the
     head need nothing of each other, so they run at once."""
+    use_storage_credentials(config.storage_credentials)
     features = find_feature_set_task(config.storage, fingerprint)
     tsne = None
     if config.tsne_sample:
@@ -99,6 +102,7 @@ def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> RunSummary:
 @flow(name="watch-collection", flow_run_name="watch-{config.source_format}")
 def watch_collection(config: PipelineConfig = DEFAULT_CONFIG) -> bool:
     """Whether the collection changed since the last watch (then the change event is out)."""
+    use_storage_credentials(config.storage_credentials)
     run_options = config.model_dump(mode="json", exclude_defaults=True)
     return watch_collection_task(config.collection_settings, config.storage, run_options).changed
 
@@ -111,8 +115,11 @@ def predict_images(
     fingerprint: str | None = None,
     head_key: str | None = None,
     overwrite: bool = False,
+    storage_credentials: str | None = None,
 ) -> str:
-    """Classify every image of `source` with a finished head (default the newest); returns the predictions table's path."""
+    """Classify every image of `source` with a finished head (default the newest); returns the predictions table's path.
+    `storage_credentials` names the block that opens `storage` (see `PipelineConfig.storage_credentials`)."""
+    use_storage_credentials(storage_credentials or None)
     return predict_task(storage, source, output, fingerprint, head_key, overwrite)
 
 

@@ -2,13 +2,16 @@
 
 Installed as `cifar_transfer.tasks` (never as a top-level `tasks` that could shadow a user's own).
 Importing it routes the library's log lines (logger `cifar_transfer`) into the Prefect run they
-happen in, so they show in the UI beside the task's own.
+happen in, so they show in the UI beside the task's own, and opens object storage with the credentials
+block a run names (`credentials`).
 """
 
 import logging
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
+
+from cifar_transfer.tasks import credentials  # noqa: F401  (sets where storages get their fsspec options)
 
 
 class _InsideRuns(logging.Filter):

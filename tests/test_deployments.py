@@ -3,6 +3,7 @@ and the downstream deployment started by the features-completed event."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,8 +50,8 @@ def poll(condition, what: str, timeout: float, processes=(), log: Path | None = 
         time.sleep(0.5)
 
 
-def start(command, environment, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+def start(command, environment, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env=environment, start_new_session=True, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -63,9 +64,10 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A real Prefect server (SQLite) on a free loopback port, with its own PREFECT_HOME."""
+@contextlib.contextmanager
+def prefect_server(tmp_path: Path, **settings: str):
+    """A real Prefect server on a free loopback port, with its own PREFECT_HOME (and database: SQLite there unless
+    `settings` name another): its environment, for the commands and workers that use it."""
     port = free_port()
     environment = {
         **os.environ,
@@ -75,6 +77,7 @@ def server(tmp_path):
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PWD": str(ROOT),
+        **settings,
     }
     process = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], environment, tmp_path / "server.log")
 
@@ -85,14 +88,21 @@ def server(tmp_path):
             return False
 
     try:
-        poll(healthy, "the Prefect server to answer", 120, [process])
+        poll(healthy, "the Prefect server to answer", 120, [process], tmp_path / "server.log")
         yield environment
     finally:
         stop(process)
 
 
-def prefect(environment, *arguments) -> str:
-    done = subprocess.run([PREFECT, *arguments], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def server(tmp_path):
+    """A real Prefect server (SQLite)."""
+    with prefect_server(tmp_path) as environment:
+        yield environment
+
+
+def prefect(environment, *arguments, cwd: Path = ROOT) -> str:
+    done = subprocess.run([PREFECT, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -103,11 +113,20 @@ def flow_runs(environment) -> list[dict]:
     return response.json()
 
 
+def one_machine(folder: Path) -> Path:
+    """prefect.yaml's one-machine variant, as its header says to make it: workers run this checkout."""
+    text = (ROOT / "prefect.yaml").read_text()
+    assert text.count("\npull: *from-git\n") == 1
+    variant = folder / "prefect-one-machine.yaml"
+    variant.write_text(text.replace("\npull: *from-git\n", "\npull: *from-checkout\n"))
+    return variant
+
+
 @pytest.mark.slow
 def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     path, md5 = tiny_archive
     prefect(server, "work-pool", "create", "cifar-transfer", "--type", "process")
-    prefect(server, "--no-prompt", "deploy", "--all")
+    prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file", str(one_machine(tmp_path)))
     response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
     assert sorted(deployment["name"] for deployment in response.json()) == [
         "analyze-new-features",
