@@ -12,9 +12,8 @@ happens here; an archive's (CIFAR) were 32x32 images resized inside the extracto
 reaches the head as the kind of image it was trained on. A head trained with flips averages the
 probabilities of each image and its mirror image, as it did on the test split.
 
-SOURCE is an image file, a folder (searched recursively, hidden files skipped), a glob, or any of these at
-an fsspec URL; or a Parquet table of encoded images (a file, a folder of them, a glob), a binary column or
-`datasets`' Image() struct. The source is processed in chunks: the next chunk is read and decoded while the
+SOURCE is anything `sources.unlabelled.UnlabelledImages` lists: image files, folders, globs or Parquet tables of
+encoded images, local or at an fsspec URL. The source is processed in chunks: the next chunk is read and decoded while the
 current one runs through the backbone, so memory holds two chunks of pixels whatever the source's size. An
 image that cannot be read or decoded becomes a row with the reason, never a failed command.
 """
@@ -31,22 +30,18 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer import records
-from cifar_transfer.errors import ConfigError, SourceError
+from cifar_transfer.errors import ConfigError
 from cifar_transfer.extractors import KerasExtractor, get_extractor
 from cifar_transfer.progress import duration
-from cifar_transfer.redact import printable, redact
-from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk
-from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
+from cifar_transfer.redact import redact
 from cifar_transfer.sources.images import UndecodableImage, decode_image
 from cifar_transfer.sources.kinds import kind_of
-from cifar_transfer.sources.parquet import GLOB_MAGIC, holds_encoded_images, image_bytes, open_parquet, row_group_over_cap
+from cifar_transfer.sources.unlabelled import UnlabelledImages
 from cifar_transfer.storage import Storage
 from cifar_transfer.trained import TrainedHead, find_head
 
@@ -94,133 +89,6 @@ class Prediction:
         }
 
 
-class ImageSource:
-    """The images of SOURCE, listed once (names only), read chunk by chunk as (path, bytes or None, reason)."""
-
-    def __init__(self, source: str, image_column: str | None = None, max_file_mb: float = MAX_FILE_MB):
-        self.source = source
-        self.image_column = image_column
-        self.limit = file_limit(max_file_mb)
-        self.fs, path = fsspec.core.url_to_fs(source)
-        self._local = isinstance(self.fs, LocalFileSystem)
-        self._sizes: dict[str, int] = {}  # listed sizes of an object store's files, checked against the cap before a read
-        files, single = self._list(path)
-        tables = [name for name in files if name.lower().endswith(".parquet") and not (self._local and self._unreadable_table(name))]
-        if single:  # a file named on its own is decoded whatever its extension (or reported)
-            self.image_files = [] if tables else files
-        else:
-            self.image_files = [name for name in files if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]
-        self.tables: list[tuple[str, int]] = []  # (file, rows): SOURCE is a table when it holds no image files
-        if not self.image_files:
-            if not tables:
-                raise SourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) or Parquet tables at {redact(source)}")
-            self.tables = [(name, self._table_rows(name)) for name in tables]
-        if ignored := len(files) - len(self.image_files or tables):
-            log.info(
-                "predict: ignored %d files of %s that are not %s",
-                ignored,
-                redact(source),
-                "images" if self.image_files else "Parquet files",
-            )
-        self.total = len(self.image_files) + sum(rows for _, rows in self.tables)
-        if self.image_files:
-            self.path_width = max(len(printable(self._shown(name))) for name in self.image_files)
-        else:
-            self.path_width = max(len(printable(self._shown(name))) + 1 + len(str(max(rows - 1, 0))) for name, rows in self.tables)
-
-    def _list(self, path: str) -> tuple[list[str], bool]:
-        """(files, whether SOURCE names one file): a glob's matches, everything under a folder but hidden entries, or the file."""
-        self.fs.invalidate_cache()
-        if GLOB_MAGIC.search(path):
-            found = {name: info for name, info in self.fs.glob(path, detail=True).items() if info.get("type") != "directory"}
-        elif self.fs.isdir(path):
-            root = path.rstrip("/") + "/"
-            if self._local:
-                files, unlisted = walk(path)
-                for entry in unlisted:
-                    log.warning("predict: skipped %s", printable(entry))
-                found = {root + key: info for key, info in files.items()}
-            else:
-                found = {name: info for name, info in self.fs.find(path, detail=True).items() if "/." not in "/" + name.removeprefix(root)}
-        elif os.path.lexists(path) if self._local else self.fs.isfile(path):  # a FIFO or a dangling link: reported when read
-            self._sizes = {path: 0 if self._local else self.fs.size(path) or 0}
-            return [path], True
-        else:
-            raise SourceError(f"{redact(self.source)} is no file, folder or glob that matches anything: check SOURCE")
-        self._sizes = {name: info.get("size") or 0 for name, info in found.items()}
-        return sorted(found), False
-
-    def _unreadable_table(self, name: str) -> bool:
-        """A local table that is not a regular file (a FIFO would block its reader): logged and left out."""
-        if problem := not_a_regular_file(name):
-            log.warning("predict: skipped %s: %s", printable(name), problem)
-        return problem is not None
-
-    def _shown(self, name: str) -> str:
-        return name if self._local else redact(self.fs.unstrip_protocol(name))
-
-    def _table_rows(self, name: str) -> int:
-        """The table's row count (from its footer), after checking it holds encoded images in the image column."""
-        with self.fs.open(name, "rb") as handle:
-            parquet = open_parquet(handle, self._shown(name))
-            schema = parquet.schema_arrow
-            columns = [column.name for column in schema if holds_encoded_images(column.type)]
-            if self.image_column is None:
-                self.image_column = "image" if "image" in columns else (columns[0] if len(columns) == 1 else None)
-            if self.image_column not in columns:
-                raise SourceError(
-                    f"{self._shown(name)}: no column {self.image_column or 'image'!r} of encoded images (binary, or a struct "
-                    f"with binary 'bytes') among {', '.join(schema.names)}: pass --image-column NAME"
-                )
-            return parquet.metadata.num_rows
-
-    def chunks(self, size: int, first: int | None = None) -> Iterator[list[tuple[str, bytes | None, str | None]]]:
-        """(path, bytes, None) or (path, None, reason) for every image in listing order, in lists of `first` rows,
-        then each 4 times longer up to `size`: the backbone starts after a few images are decoded, not a whole chunk,
-        and each list is decoded while the one before (a quarter as long, or as long) is in the backbone."""
-        rows: list[tuple[str, bytes | None, str | None]] = []
-        wanted = min(first or size, size)
-        for entry in self._files() if self.image_files else self._table_cells():
-            rows.append(entry)
-            if len(rows) == wanted:
-                yield rows
-                rows, wanted = [], min(size, 4 * wanted)
-        if rows:
-            yield rows
-
-    def _files(self) -> Iterator[tuple[str, bytes | None, str | None]]:
-        if self._local:
-            for name in self.image_files:
-                yield name, *read_bounded(name, self.limit)
-            return
-        sizes = [self._sizes.get(name, 0) for name in self.image_files]
-        for name, data in zip(self.image_files, fetch(self.fs, self.image_files, sizes, self.limit), strict=True):
-            if isinstance(data, str):
-                yield self._shown(name), None, data
-            elif isinstance(data, BaseException):
-                yield self._shown(name), None, fetch_error(data)
-            else:
-                yield self._shown(name), data, None
-
-    def _table_cells(self) -> Iterator[tuple[str, bytes | None, str | None]]:
-        """Each row's image, a row group at a time; a row group over the cap is not read (its rows say why)."""
-        for name, _ in self.tables:
-            with self.fs.open(name, "rb") as handle:
-                parquet = open_parquet(handle, self._shown(name))
-                row = 0
-                for group in range(parquet.num_row_groups):
-                    rows = parquet.metadata.row_group(group).num_rows
-                    column = self.image_column or "image"  # set from the first table's columns
-                    if too_large := row_group_over_cap(parquet, group, column, self.limit, self._shown(name)):
-                        yield from ((f"{self._shown(name)}#{number}", None, too_large) for number in range(row, row + rows))
-                        row += rows
-                        continue
-                    for batch in parquet.iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=[column]):
-                        for cell in batch.column(0).to_pylist():
-                            yield f"{self._shown(name)}#{row}", *image_bytes(cell)
-                            row += 1
-
-
 @dataclass
 class _Decoded:
     """A chunk's pixels, row for row with its decoded rows, and each row's reason where it has no pixels."""
@@ -259,13 +127,13 @@ class Predictor:
         features = self.extractor(pixels, batch_size)
         return self.model(features.reshape(len(features), -1), HEAD_BATCH)
 
-    def predict(self, images: ImageSource, top_k: int = 1, batch_size: int = 64, chunk: int = CHUNK) -> Iterator[Prediction]:
+    def predict(self, images: UnlabelledImages, top_k: int = 1, batch_size: int = 64, chunk: int = CHUNK) -> Iterator[Prediction]:
         """Every image's prediction, in listing order (checked here, computed as the rows are consumed)."""
         if top_k < 1 or batch_size < 1 or chunk < 1:
             raise ConfigError(f"top-k ({top_k}), batch size ({batch_size}) and chunk ({chunk}) must be at least 1")
         return self._predict(images, min(top_k, len(self.classes)), batch_size, chunk)
 
-    def _predict(self, images: ImageSource, top_k: int, batch_size: int, chunk: int) -> Iterator[Prediction]:
+    def _predict(self, images: UnlabelledImages, top_k: int, batch_size: int, chunk: int) -> Iterator[Prediction]:
         """Reading and decoding the next chunk (I/O and Pillow, which release the GIL) overlap the backbone's work on this one."""
         log.info("predict: %d images from %s with %s", images.total, redact(images.source), self.describe())
         started = last_line = time.perf_counter()
@@ -349,14 +217,14 @@ def predict(
     image_column: str | None = None,
 ) -> Iterator[Prediction]:
     """Predictions for every image of `source` with the newest finished head under `storage_url` (or the one named)."""
-    images = ImageSource(source, image_column)
+    images = UnlabelledImages(source, image_column)
     return Predictor(find_head(storage_url, fingerprint, head_key), storage_url).predict(images, top_k, batch_size, chunk)
 
 
 def check_output(destination: str, overwrite: bool) -> None:
     """Before any work: `destination` is a .json or .parquet name, not an existing file (unless `overwrite`), in a
     folder that can be written to."""
-    _output_kind(destination)
+    output_kind(destination)
     storage = Storage(destination)
     if storage.exists(storage.root):
         if storage.fs.isdir(storage.root):
@@ -370,7 +238,7 @@ def write_predictions(rows: Iterable[Prediction], destination: str, metadata: di
     """Write the rows to a .json (a list of objects) or .parquet file (columns of `SCHEMA`), streamed, so memory stays
     flat, and atomically: the file is complete or absent. Returns the number of rows. Callers run `check_output` first,
     before any work."""
-    kind = _output_kind(destination)
+    kind = output_kind(destination)
     storage = Storage(destination)
     count = 0
     with storage.open_atomic(storage.root) as stream:
@@ -394,7 +262,7 @@ def write_predictions(rows: Iterable[Prediction], destination: str, metadata: di
     return count
 
 
-def _output_kind(destination: str) -> str:
+def output_kind(destination: str) -> str:
     kind = posixpath.splitext(destination.split("?", 1)[0])[1].lower()
     if kind not in (".json", ".parquet"):
         raise ConfigError(f"output {redact(destination)} must end in .json or .parquet")

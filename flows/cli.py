@@ -178,13 +178,14 @@ def similar_command(arguments: argparse.Namespace) -> int:
 
 
 def predict_command(arguments: argparse.Namespace) -> int:
-    from cifar_transfer.predict import ImageSource, Predictor, check_output, write_predictions
+    from cifar_transfer.predict import Predictor, check_output, write_predictions
+    from cifar_transfer.sources.unlabelled import UnlabelledImages
     from cifar_transfer.trained import find_head
 
     """Print a table (path, class, confidence[, top K]) or write --output; undecodable images are rows with their reason."""
     if arguments.output:
         check_output(arguments.output, arguments.overwrite)  # before the backbone is built
-    images = ImageSource(arguments.source, arguments.image_column, arguments.max_file_mb)
+    images = UnlabelledImages(arguments.source, arguments.image_column, arguments.max_file_mb)
     predictor = Predictor(find_head(arguments.storage, arguments.fingerprint, arguments.head_key), arguments.storage)
     rows = predictor.predict(images, arguments.top_k, arguments.batch_size, arguments.chunk)
     if arguments.output:

@@ -162,7 +162,7 @@ def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_t
 def test_predict_reads_no_entry_that_is_not_a_regular_file(hostile_tree):
     """The same tree through predict's reader, in a child process that would hang or fill memory if it read them."""
     code = (
-        "import json, sys; from cifar_transfer.predict import ImageSource; images = ImageSource(sys.argv[1]); "
+        "import json, sys; from cifar_transfer.sources.unlabelled import UnlabelledImages; images = UnlabelledImages(sys.argv[1]); "
         "print(json.dumps({path: reason for chunk in images.chunks(8) for path, data, reason in chunk}))"
     )
     done = subprocess.run(
@@ -190,8 +190,8 @@ if kind == "image":
     except UndecodableImage as error:
         outcome = error.reason
 elif kind == "predict":
-    from cifar_transfer.predict import ImageSource
-    reasons = {reason for chunk in ImageSource(path).chunks(8) for _, _, reason in chunk}
+    from cifar_transfer.sources.unlabelled import UnlabelledImages
+    reasons = {reason for chunk in UnlabelledImages(path).chunks(8) for _, _, reason in chunk}
     outcome = reasons.pop() if len(reasons) == 1 else repr(reasons)
 else:
     source = ParquetSource(path, test_fraction=0.5)
@@ -522,9 +522,9 @@ def test_a_table_or_classes_file_that_is_not_a_regular_file_never_blocks(tmp_pat
         with pytest.raises(ConfigError, match=f"classes file .*: {problem}; pass --classes FILE"):
             ParquetSource(str(tmp_path / "table"), classes_file=str(classes)).list_items()
     from cifar_transfer.errors import SourceError
-    from cifar_transfer.predict import ImageSource
+    from cifar_transfer.sources.unlabelled import UnlabelledImages
 
     (tmp_path / "incoming").mkdir()
     os.mkfifo(tmp_path / "incoming" / "table.parquet")
     with pytest.raises(SourceError, match="no image files .* or Parquet tables at"):
-        ImageSource(str(tmp_path / "incoming"))
+        UnlabelledImages(str(tmp_path / "incoming"))

@@ -19,7 +19,8 @@ from cifar_transfer import extractors
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.flows.cli import add_predict_arguments, predict_command
 from cifar_transfer.flows.pipeline import cifar_transfer
-from cifar_transfer.predict import ImageSource, Predictor, predict
+from cifar_transfer.predict import Predictor, predict
+from cifar_transfer.sources.unlabelled import UnlabelledImages
 from cifar_transfer.trained import find_head
 from conftest import cifar_members, write_archive
 
@@ -79,7 +80,7 @@ def test_a_parquet_table_of_the_images_gets_the_same_answers(run, predictor):
         cells.append({"bytes": encoded.getvalue(), "path": f"img_{index:03d}.png"})
     table = run["folder"] / "table.parquet"
     pd.DataFrame({"image": cells}).to_parquet(table, row_group_size=40)
-    rows = list(predictor.predict(ImageSource(str(table)), chunk=64))
+    rows = list(predictor.predict(UnlabelledImages(str(table)), chunk=64))
     assert [row.path for row in rows] == [f"{table}#{index}" for index in range(100)]
     same, difference = agreement(rows, run["expected"], predictor.classes)
     print(f"Parquet table: same class {same:.2%}, max |confidence difference| {difference:.2e}")
@@ -88,10 +89,10 @@ def test_a_parquet_table_of_the_images_gets_the_same_answers(run, predictor):
 
 def test_a_glob_and_a_single_file(run, predictor):
     expected = run["expected"]
-    rows = list(predictor.predict(ImageSource(str(run["pictures"] / "img_01*.png"))))
+    rows = list(predictor.predict(UnlabelledImages(str(run["pictures"] / "img_01*.png"))))
     assert [row.path.rsplit("/", 1)[1] for row in rows] == [f"img_{index:03d}.png" for index in range(10, 20)]
     assert [predictor.classes.index(row.class_name) for row in rows] == expected["predicted"].iloc[10:20].tolist()
-    (single,) = predictor.predict(ImageSource(str(run["pictures"] / "img_042.png")))
+    (single,) = predictor.predict(UnlabelledImages(str(run["pictures"] / "img_042.png")))
     assert predictor.classes.index(single.class_name) == expected["predicted"].iloc[42]
     assert single.confidence == pytest.approx(expected["confidence"].iloc[42], abs=1e-4)
 
@@ -103,7 +104,7 @@ def test_a_foreign_photo_is_answered_and_a_corrupt_file_is_reported(run, predict
     (tmp_path / "notes.txt").write_text("not an image: ignored in a folder")
     Image.fromarray(run["images"][7]).save(tmp_path / "seven.png")
     with caplog.at_level(logging.WARNING, logger="cifar_transfer"):
-        rows = {row.path.rsplit("/", 1)[1]: row for row in predictor.predict(ImageSource(str(tmp_path)))}
+        rows = {row.path.rsplit("/", 1)[1]: row for row in predictor.predict(UnlabelledImages(str(tmp_path)))}
     assert set(rows) == {"broken.jpg", "gradient.jpg", "seven.png"}
     assert rows["gradient.jpg"].class_name in predictor.classes and 0 < rows["gradient.jpg"].confidence <= 1
     assert rows["seven.png"].class_index == run["expected"]["predicted"].iloc[7]
@@ -140,7 +141,7 @@ def test_json_and_parquet_output_read_back_and_the_printed_table(run, tmp_path, 
 
 
 def test_top_k_gives_classes_in_decreasing_probability(run, predictor):
-    rows = list(predictor.predict(ImageSource(str(run["pictures"] / "img_00*.png")), top_k=3))
+    rows = list(predictor.predict(UnlabelledImages(str(run["pictures"] / "img_00*.png")), top_k=3))
     for row in rows:
         probabilities = [probability for _, probability in row.top]
         assert len(row.top) == 3 and len({name for name, _ in row.top}) == 3

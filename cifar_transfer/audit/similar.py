@@ -61,12 +61,12 @@ def query_row(storage: Storage, features: FeatureSetInfo, rows: SetRows, query: 
 def image_vector(features: FeatureSetInfo, query: str, storage_url: str) -> np.ndarray:
     """The query image's pooled, normalized features through the set's own extractor (as `predict` decodes it)."""
     from cifar_transfer.extractors import get_extractor
-    from cifar_transfer.predict import ImageSource
     from cifar_transfer.sources.images import UndecodableImage, decode_image
     from cifar_transfer.sources.kinds import kind_of
+    from cifar_transfer.sources.unlabelled import UnlabelledImages
 
     try:
-        source = ImageSource(query)
+        source = UnlabelledImages(query)
     except (SourceError, FileNotFoundError):
         raise ConfigError(
             f"{redact(query)} is neither an image file nor a row of the set: give a file, 'train:N', 'test:N' or an image name"
@@ -130,12 +130,12 @@ def similar(storage_url: str, query: str, k: int = 10, fingerprint: str | None =
 
 def write_neighbours(neighbours: list[Neighbour], destination: str, query: str) -> None:
     """`--output`: a .json list or a .parquet table of the neighbours (the query in its metadata)."""
-    from cifar_transfer.predict import _output_kind
+    from cifar_transfer.predict import output_kind
     from cifar_transfer.shard_files import parquet_bytes
 
     storage = Storage(destination)
     rows = [asdict(neighbour) for neighbour in neighbours]
-    if _output_kind(destination) == ".json":
+    if output_kind(destination) == ".json":
         storage.write_atomic(storage.root, json.dumps({"query": redact(query), "neighbours": rows}, indent=2).encode())
         return
     columns = ("rank", "split", "index", "key", "label", "similarity", "distance")
