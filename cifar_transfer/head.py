@@ -103,7 +103,7 @@ def finished_head(storage: Storage, folder: str, key: str) -> HeadResult | None:
     if files.missing(storage):
         return None
     try:
-        metrics = records.HEAD_METRICS.load(HeadMetrics, storage.read_bytes(files.metrics), storage.uri(files.metrics))
+        metrics = records.HEAD_METRICS.load(HeadMetrics, storage.read_bytes(files.metrics), storage.uri(files.metrics), storage.root)
     except ValueError as exc:
         log.warning("head metrics %s are unreadable (%s): training the head again", storage.uri(files.metrics), str(exc).splitlines()[0])
         return None
@@ -201,7 +201,7 @@ def train_head(
     storage.write_atomic(files.predictions, parquet_bytes(pa.concat_tables([train.table, test.table])))
     title = f"{chosen.details.head} head: test accuracy {metrics.test_accuracy:.2%}"
     storage.write_atomic(files.confusion_picture, save_png(confusion_figure(matrix, classes, title)))
-    storage.write_atomic(files.metrics, records.HEAD_METRICS.dump(metrics, exclude_none=True))
+    storage.write_atomic(files.metrics, records.HEAD_METRICS.dump(metrics, root=storage.root, exclude_none=True))
     log.info(
         "chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)",
         chosen.details.head,

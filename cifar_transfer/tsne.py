@@ -63,7 +63,7 @@ def finished_tsne(storage: Storage, folder: str, key: str) -> TsneResult | None:
     try:
         with storage.fs.open(files.embedding, "rb") as stream:
             footer = pq.read_metadata(stream)
-        return records.TSNE_RESULT.load(TsneResult, footer.metadata[b"tsne"], storage.uri(files.embedding))
+        return records.TSNE_RESULT.load(TsneResult, footer.metadata[b"tsne"], storage.uri(files.embedding), storage.root)
     except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
         log.warning("t-SNE map %s is unreadable (%s): making it again", storage.uri(files.embedding), exc)
         return None
@@ -178,7 +178,7 @@ def tsne_map(
     )
     table = table.replace_schema_metadata(
         {
-            b"tsne": records.TSNE_RESULT.dump(result, indent=None),
+            b"tsne": records.TSNE_RESULT.dump(result, indent=None, root=storage.root),
             b"perplexity": str(settings.perplexity).encode(),
         }
     )
