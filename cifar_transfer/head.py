@@ -33,6 +33,7 @@ from cifar_transfer.heads import HEADS, candidate_heads
 from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, predictor
 from cifar_transfer.heads.ensemble import EnsembleDetails, average_model, ensemble_head
 from cifar_transfer.layout import HeadFiles
+from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import confusion_figure, save_png
 from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
@@ -161,6 +162,7 @@ def train_head(
     started = time.perf_counter()
     files = layout.head_files(folder, key)
     storage.write_atomic(files.settings, records.HEAD_SETTINGS.dump(settings))
+    pause_at("head")  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names it
     data = HeadData.open(storage, folder, settings, len(classes))
     candidates = []
     for head in candidate_heads(settings.head, data.feature_shape):

@@ -31,6 +31,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import Lineage, split_manifest
+from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import save_png, scatter_figure
 from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
@@ -151,6 +152,7 @@ def tsne_map(
     started = time.perf_counter()
     files = layout.tsne_files(folder, key)
     storage.write_atomic(files.settings, records.TSNE_SETTINGS.dump(settings))
+    pause_at("tsne")  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names it
     rows = sample_rows(split_manifest(storage, folder, "train").rows, settings.sample, settings.seed)
     index, labels, features = read_split(storage, folder, "train", pooled=True, rows=rows)  # the sample only, a shard at a time
     test_index = test_labels = test_features = None

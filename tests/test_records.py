@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_flow import tiny_config
 from test_head import CLASSES, SETTINGS, blobs, synthetic_spec, write_feature_set
 
 from cifar_transfer import extractors, layout, records
@@ -29,6 +28,7 @@ from cifar_transfer.shards import Shard
 from cifar_transfer.sources.base import Item, UnreadableItem
 from cifar_transfer.storage import Storage
 from cifar_transfer.tsne import TsneResult
+from conftest import copy_of_finished_run
 
 
 def as_written_before(content: object, record: records.RecordFormat | None = None, root: Path | None = None) -> object:
@@ -280,10 +280,11 @@ def test_records_written_by_the_code_before_versions_read_and_name_the_same_fold
     assert records.TSNE_RESULT.load(TsneResult, footer, "x").points == 150
 
 
-def test_a_feature_set_map_and_head_written_before_versions_are_reused_with_the_same_keys(tiny_archive, tmp_path, prefect_api):
+def test_a_feature_set_map_and_head_written_before_versions_are_reused_with_the_same_keys(finished_run, tiny_archive, tmp_path):
     """The whole run again over records in the unversioned form: nothing is computed or rewritten, every key holds."""
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     first = cifar_transfer_run(config)
+    assert first.extraction.shards_computed == 0 and first.features.folder.startswith(config.storage)
     folder = Path(first.features.folder)
     downgrade_feature_set(folder)
     for marker in (tmp_path / "storage" / "datasets").glob("*/_SUCCESS.json"):
