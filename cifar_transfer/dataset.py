@@ -62,7 +62,7 @@ class DatasetInfo(BaseModel):
 
 
 def read_marker(storage: Storage, path: str) -> DatasetInfo:
-    return records.DATASET.load(DatasetInfo, storage.read_bytes(path), storage.uri(path))
+    return records.DATASET.load(DatasetInfo, storage.read_bytes(path), storage.uri(path), storage.root)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -162,7 +162,7 @@ def _decode(
         format=content.format,
         label_mode=content.label_mode,
     )
-    storage.write_atomic(files.marker, records.DATASET.dump(info))
+    storage.write_atomic(files.marker, records.DATASET.dump(info, root=storage.root))
     log.info("decoded archive %s: %s", archive_md5, ", ".join(f"{k} {v} images" for k, v in info.sizes.items()))
     return info
 

@@ -33,6 +33,7 @@ from cifar_transfer.heads import HEADS, candidate_heads
 from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, predictor
 from cifar_transfer.heads.ensemble import EnsembleDetails, average_model, ensemble_head
 from cifar_transfer.layout import HeadFiles
+from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import confusion_figure, save_png
 from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
@@ -103,7 +104,7 @@ def finished_head(storage: Storage, folder: str, key: str) -> HeadResult | None:
     if files.missing(storage):
         return None
     try:
-        metrics = records.HEAD_METRICS.load(HeadMetrics, storage.read_bytes(files.metrics), storage.uri(files.metrics))
+        metrics = records.HEAD_METRICS.load(HeadMetrics, storage.read_bytes(files.metrics), storage.uri(files.metrics), storage.root)
     except ValueError as exc:
         log.warning("head metrics %s are unreadable (%s): training the head again", storage.uri(files.metrics), str(exc).splitlines()[0])
         return None
@@ -161,6 +162,7 @@ def train_head(
     started = time.perf_counter()
     files = layout.head_files(folder, key)
     storage.write_atomic(files.settings, records.HEAD_SETTINGS.dump(settings))
+    pause_at("head")  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names it
     data = HeadData.open(storage, folder, settings, len(classes))
     candidates = []
     for head in candidate_heads(settings.head, data.feature_shape):
@@ -201,7 +203,7 @@ def train_head(
     storage.write_atomic(files.predictions, parquet_bytes(pa.concat_tables([train.table, test.table])))
     title = f"{chosen.details.head} head: test accuracy {metrics.test_accuracy:.2%}"
     storage.write_atomic(files.confusion_picture, save_png(confusion_figure(matrix, classes, title)))
-    storage.write_atomic(files.metrics, records.HEAD_METRICS.dump(metrics, exclude_none=True))
+    storage.write_atomic(files.metrics, records.HEAD_METRICS.dump(metrics, root=storage.root, exclude_none=True))
     log.info(
         "chose the %s head on validation (%.2f%%): test %.2f%% (%.0f s)",
         chosen.details.head,

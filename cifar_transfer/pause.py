@@ -1,9 +1,11 @@
-"""A test hook that holds extraction at a chosen shard, so a test can kill a run exactly while that shard is in flight.
+"""A test hook that holds a run at a chosen point, so a test can kill it exactly while that work is in flight.
 
-`CIFAR_TRANSFER_PAUSE_AT=SHARD=FILE` (e.g. `train/00004=/tmp/t/paused`): when a process reaches shard SHARD, just
-before computing its features (holding the engine, so no other shard of that process computes meanwhile), it writes
-its pid to FILE and waits while FILE exists. A test waits for FILE, then kills the run, or removes FILE to let it go
-on: a condition to wait on instead of slow models and sleeps. Unset (as nothing but a test sets it), it does nothing.
+`CIFAR_TRANSFER_PAUSE_AT=POINT=FILE` (e.g. `train/00004=/tmp/t/paused`): when a process reaches POINT, it writes its
+pid to FILE and waits while FILE exists. The points: a shard's name, just before computing its features (holding
+the engine, so no other shard of that process computes meanwhile); `tsne` and `head`, once the map or head has
+written its settings (its first output) and before it computes. A test waits for FILE, then kills the run, or
+removes FILE to let it go on: a condition to wait on instead of slow models and sleeps. Unset (as nothing but a
+test sets it), it does nothing.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import time
 PAUSE_AT = "CIFAR_TRANSFER_PAUSE_AT"
 
 
-def pause_at(shard_name: str) -> None:
-    """Hold here while the pause FILE exists, when `PAUSE_AT` names this shard."""
+def pause_at(point: str) -> None:
+    """Hold here while the pause FILE exists, when `PAUSE_AT` names this point."""
     wanted, _, marker = os.environ.get(PAUSE_AT, "").partition("=")
-    if wanted != shard_name or not marker:
+    if wanted != point or not marker:
         return
     with open(marker, "w") as stream:
         stream.write(f"{os.getpid()}\n")

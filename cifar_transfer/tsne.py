@@ -35,6 +35,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import Lineage, split_manifest
+from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import save_png, scatter_figure
 from cifar_transfer.shard_files import parquet_bytes
 from cifar_transfer.storage import Storage
@@ -69,7 +70,7 @@ def finished_tsne(storage: Storage, folder: str, key: str) -> TsneResult | None:
     try:
         with storage.fs.open(files.embedding, "rb") as stream:
             footer = pq.read_metadata(stream)
-        return records.TSNE_RESULT.load(TsneResult, footer.metadata[b"tsne"], storage.uri(files.embedding))
+        return records.TSNE_RESULT.load(TsneResult, footer.metadata[b"tsne"], storage.uri(files.embedding), storage.root)
     except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
         log.warning("t-SNE map %s is unreadable (%s): making it again", storage.uri(files.embedding), exc)
         return None
@@ -162,6 +163,7 @@ def tsne_map(
     started = time.perf_counter()
     files = layout.tsne_files(folder, key)
     storage.write_atomic(files.settings, records.TSNE_SETTINGS.dump(settings))
+    pause_at("tsne")  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names it
     rows = sample_rows(split_manifest(storage, folder, "train").rows, settings.sample, settings.seed)
     index, labels, features = read_split(storage, folder, "train", pooled=True, rows=rows)  # the sample only, a shard at a time
     test_index = test_labels = test_features = None
@@ -189,7 +191,7 @@ def tsne_map(
     )
     table = table.replace_schema_metadata(
         {
-            b"tsne": records.TSNE_RESULT.dump(result, indent=None),
+            b"tsne": records.TSNE_RESULT.dump(result, indent=None, root=storage.root),
             b"perplexity": str(settings.perplexity).encode(),
         }
     )

@@ -140,7 +140,7 @@ def _recorded_settings(storage: Storage, files: DerivedFiles, settings_type):
     for path, record, settings_of in sources:
         if storage.exists(path):
             try:
-                return settings_type.model_validate(settings_of(record.read(storage.read_bytes(path), storage.uri(path))))
+                return settings_type.model_validate(settings_of(record.read(storage.read_bytes(path), storage.uri(path), storage.root)))
             except (ValueError, KeyError, TypeError):
                 continue
     return None

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -118,17 +119,41 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
-def reference_features(prefect_api, tmp_path_factory):
+def finished_run(prefect_api, tmp_path_factory):
+    """One whole run (`cifar_transfer`) of `tiny_config`'s settings on the tiny archive, in an empty storage, made once
+    per session: its RunSummary. Its archive has the bytes and MD5 of `tiny_archive`'s, so a test's own config names
+    the same feature set, map and head. Read it, never write to it: `copy_of_finished_run` gives a test its own."""
+    from test_flow import tiny_config
+
+    from cifar_transfer.flows.pipeline import cifar_transfer
+
+    archive = tmp_path_factory.mktemp("finished-archive") / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, cifar_members())
+    return cifar_transfer(tiny_config((archive, md5), tmp_path_factory.mktemp("finished") / "storage"))
+
+
+def copy_of_finished_run(finished_run, archive: tuple[Path, str], storage: Path, **options):
+    """`tiny_config(archive, storage, **options)` over a copy of `finished_run`'s storage (its records name places
+    relative to their storage, so the copy's point into the copy)."""
+    from test_flow import tiny_config
+
+    shutil.copytree(finished_run.config.storage, storage)
+    return tiny_config(archive, storage, **options)
+
+
+@pytest.fixture(scope="session")
+def reference_features(finished_run, tmp_path_factory):
     """`reference(**options)`: the tiny archive's features extracted uninterrupted with `tiny_config`'s settings and
-    `options`, computed once per session and returned as (FeatureSetInfo, ExtractionStats). Its archive has the
-    bytes and MD5 of `tiny_archive`'s, so a test's own run has the same fingerprint. Read it, never write to it."""
+    `options`, computed once per session and returned as (FeatureSetInfo, ExtractionStats); without options, those
+    of `finished_run`. Its archive has the bytes and MD5 of `tiny_archive`'s, so a test's own run has the same
+    fingerprint. Read it, never write to it."""
     from test_flow import tiny_config
 
     from cifar_transfer.flows.pipeline import extract_features
 
     archive = tmp_path_factory.mktemp("reference-archive") / "cifar-10-python.tar.gz"
     md5 = write_archive(archive, cifar_members())
-    computed = {}
+    computed = {json.dumps({}): (finished_run.features, finished_run.extraction)}
 
     def reference(**options):
         key = json.dumps(options, sort_keys=True)

@@ -765,11 +765,13 @@ def test_cifar10_keeps_its_folder_and_markers_written_before_formats_still_load(
     files = layout.dataset_files(Storage(storage_url), md5)
     assert info.folder == files.folder and info.id == dataset_id(md5) == md5 and files.folder.endswith(f"cifar10-{md5}")
     assert (info.format, info.label_mode, info.classes) == ("cifar10", None, CLASS_NAMES)
-    written_before = {  # as markers were written before CIFAR-100 and before format versions
+    written_before = {  # as markers were written before CIFAR-100 and before format versions: the folder's full path
         name: value
         for name, value in json.loads(Path(files.marker).read_text()).items()
         if name not in ("format", "label_mode", "format_version")
     }
+    assert written_before["folder"] == f"datasets/cifar10-{md5}"  # stored relative to the storage root since version 3
+    written_before["folder"] = files.folder
     Path(files.marker).write_text(json.dumps(written_before))
     assert read_marker(Storage(storage_url), files.marker) == info
     assert finished_dataset(storage_url, md5) == info

@@ -22,12 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_flow import TINY_ANALYSIS_CLI, TINY_EXTRACTION_CLI
 
 from cifar_transfer.errors import StorageNotWritable, is_transient
 from cifar_transfer.flows import console
 from cifar_transfer.flows.cli import main
 from cifar_transfer.sources.folder import FolderSource
-from conftest import CLI, TINY_CLI
+from conftest import CLI, TINY_CLI, copy_of_finished_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -402,24 +403,15 @@ def read_only_storage_run(storage: Path, arguments: list[str]) -> subprocess.Com
     )
 
 
-def test_a_complete_feature_set_on_read_only_storage_reruns_without_writing(prefect_api, tiny_archive, tmp_path):
+def test_a_complete_feature_set_on_read_only_storage_reruns_without_writing(finished_run, tiny_archive, tmp_path):
     if os.getuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare for a read-only bind mount (CI has both: a skip fails there)")
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
-    options = [
-        "--source",
-        str(path),
-        "--md5",
-        md5,
-        "--storage",
-        str(storage),
-        *TINY_CLI,
-        "--shard-size",
-        "100",
-    ]
-    analysis = ["--tsne-sample", "100", "--epochs", "2"]
-    assert main(["run", *options, *analysis]) == 0
+    copy_of_finished_run(finished_run, tiny_archive, storage)
+    options = ["--source", str(path), "--md5", md5, "--storage", str(storage), *TINY_EXTRACTION_CLI]
+    analysis = TINY_ANALYSIS_CLI
+    assert main(["run", *options, *analysis]) == 0  # computes nothing; renders the copy's own HTML report
     written = {str(file): file.stat().st_mtime_ns for file in storage.rglob("*")}
 
     for command in (["extract", *options], ["run", *options, *analysis]):

@@ -23,7 +23,7 @@ from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extr
 from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
-from conftest import CLI, TINY_CLI
+from conftest import CLI, TINY_CLI, copy_of_finished_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -39,12 +39,19 @@ def tiny_config(archive, storage, **options):
         "input_size": 32,
         "shard_size": 50,
         "tsne_sample": 150,
+        "tsne_test": True,  # the map places the test images too: every stage's every output is made
         "epochs": 3,
         "head_batch_size": 32,
         "engine": "tensorflow",
         "precision": "float32",  # the default `auto` has its own tests in test_engines.py
     }
     return load_config(**{**settings, **options})
+
+
+# `tiny_config`'s settings on the command line (with --source, --md5 and --storage): `extract` takes the first list,
+# `run` both.
+TINY_EXTRACTION_CLI = [*TINY_CLI, "--shard-size", "50", "--engine", "tensorflow", "--precision", "float32"]
+TINY_ANALYSIS_CLI = ["--tsne-sample", "150", "--tsne-test", "--epochs", "3", "--head-batch-size", "32"]
 
 
 def task_states_since(started: datetime) -> dict[str, list[str]]:
@@ -70,9 +77,10 @@ def shard_files(features_folder: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage", tsne_test=True)
-    summary = cifar_transfer(config)
+def test_end_to_end_outputs_follow_the_contract(finished_run):
+    """The session's one whole run from an empty storage (`finished_run`, which other tests copy) keeps every contract."""
+    summary = finished_run
+    config = summary.config
     folder = summary.features.folder
     assert summary.features.splits == {"train": 200, "test": 100}
     assert summary.extraction.shards_computed == 6
@@ -128,9 +136,21 @@ def test_end_to_end_outputs_follow_the_contract(tiny_archive, tmp_path):
     assert summary.features.spec.backbone == "MobileNetV2"
 
 
-def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+def records_point_into(storage: str, original: str) -> None:
+    """Every record of a copied run names its own storage's places: no stored file holds the original storage's path."""
+    for folder, _, names in os.walk(storage):
+        for name in names:
+            if name.endswith((".json", ".parquet")):
+                with open(os.path.join(folder, name), "rb") as stream:
+                    assert original.encode() not in stream.read(), f"{name} names a place in the storage it was copied from"
+
+
+def test_rerun_recomputes_nothing_and_never_builds_the_backbone(finished_run, tiny_archive, tmp_path):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
+    records_point_into(config.storage, finished_run.config.storage)
     first = cifar_transfer(config)
+    assert first.extraction.shards_computed == 0 and first.features.folder.startswith(config.storage)
+    assert first.tsne.embedding.startswith(config.storage) and first.head.metrics.features == first.features.folder
     before = shard_files(first.features.folder)
     extractors.release_extractors()
     started = datetime.now(timezone.utc)
@@ -145,8 +165,8 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(tiny_archive, tm
     assert second.test_accuracy == first.test_accuracy
 
 
-def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
-    first = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
+def test_changed_head_setting_reuses_features(finished_run, tiny_archive, tmp_path):
+    first = cifar_transfer(copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage"))
     started = datetime.now(timezone.utc)
     second = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage", epochs=4, head="logistic", refit=False))
     states = task_states_since(started)
@@ -159,8 +179,8 @@ def test_changed_head_setting_reuses_features(tiny_archive, tmp_path):
     assert chosen["head"] == "logistic" and "refit" not in chosen
 
 
-def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_path):
-    plain = cifar_transfer(tiny_config(tiny_archive, tmp_path / "storage"))
+def test_flip_adds_mirrored_views_beside_the_reused_originals(finished_run, tiny_archive, tmp_path):
+    plain = cifar_transfer(copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage"))
     with pytest.raises(FeatureSetError, match="no complete train-flipped view: run extraction with --flip first"):
         analyze_features(tiny_config(tiny_archive, tmp_path / "storage", flip=True), plain.features.fingerprint)
     before = shard_files(plain.features.folder)
@@ -178,16 +198,17 @@ def test_flip_adds_mirrored_views_beside_the_reused_originals(tiny_archive, tmp_
     assert verify_feature_set(str(tmp_path / "storage"), flipped.features.folder) == {}
 
 
-def test_changed_backbone_writes_a_new_folder_and_keeps_the_old(tiny_archive, tmp_path):
-    first, _ = extract_features(tiny_config(tiny_archive, tmp_path / "storage"))
+def test_changed_backbone_writes_a_new_folder_and_keeps_the_old(finished_run, tiny_archive, tmp_path):
+    first, reused = extract_features(copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage"))
+    assert reused.shards_computed == 0
     before = shard_files(first.folder)
     second, stats = extract_features(tiny_config(tiny_archive, tmp_path / "storage", input_size=48))
     assert second.folder != first.folder and stats.shards_computed == 6
     assert shard_files(first.folder) == before
 
 
-def test_damaged_shard_and_leftover_temp_file_are_recomputed_alone(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+def test_damaged_shard_and_leftover_temp_file_are_recomputed_alone(finished_run, tiny_archive, tmp_path):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     features, _ = extract_features(config)
     reference = load_features(config.storage, "train", features.fingerprint)[2]
     damaged = os.path.join(features.folder, "train", "part-00002.parquet")
@@ -217,24 +238,33 @@ def test_a_failed_run_says_why_in_its_final_state_in_one_line(tiny_archive, tmp_
     assert "ChecksumMismatch" in state.message and "expected 00000000" in state.message and "\n" not in state.message
 
 
-def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
+def in_copy(path: str, finished_run, copy) -> str:
+    """Where `path`, a place in the finished run's storage, is in `copy` of it."""
+    return os.path.join(copy.storage, os.path.relpath(path, finished_run.config.storage))
+
+
+def test_cli_runs_the_job_and_fails_in_one_line(finished_run, tiny_archive, tmp_path, capsys):
+    """The options that spell `tiny_config`'s settings name its feature set, map and head: in a copy of the finished
+    run's storage the command finds all three, computes nothing and prints where they are."""
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     path, md5 = tiny_archive
     common = [
         "--source",
         str(path),
         "--storage",
-        str(tmp_path / "storage"),
-        *TINY_CLI,
-        "--shard-size",
-        "100",
-        "--tsne-sample",
-        "0",
-        "--epochs",
-        "2",
+        config.storage,
+        *TINY_EXTRACTION_CLI,
+        *TINY_ANALYSIS_CLI,
     ]
+    before = shard_files(in_copy(finished_run.features.folder, finished_run, config))
     assert main(["run", *common, "--md5", md5]) == 0
     out = capsys.readouterr().out
-    assert "test accuracy: " in out and "features: " in out
+    assert f"features: {in_copy(finished_run.features.folder, finished_run, config)}\n" in out
+    assert f"t-SNE map: {in_copy(finished_run.tsne.picture, finished_run, config)}\n" in out
+    assert f"head: {in_copy(finished_run.head.files.folder, finished_run, config)}\n" in out
+    assert f"test accuracy: {finished_run.test_accuracy:.4f}" in out
+    assert shard_files(in_copy(finished_run.features.folder, finished_run, config)) == before
+    assert len(os.listdir(os.path.join(config.storage, "features"))) == 1
 
     assert main(["run", *common, "--md5", "0" * 32]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -249,9 +279,9 @@ def test_cli_runs_the_job_and_fails_in_one_line(tiny_archive, tmp_path, capsys):
     assert "input_size 8 is below MobileNetV2's minimum of 32" in capsys.readouterr().err
 
 
-def test_any_deleted_output_is_rebuilt_alone_and_never_shown_cached_then_missing(tiny_archive, tmp_path):
+def test_any_deleted_output_is_rebuilt_alone_and_never_shown_cached_then_missing(finished_run, tiny_archive, tmp_path):
     """Lost files of every stage at once: the next run rebuilds exactly those stages' outputs and nothing else."""
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     first = cifar_transfer(config)
     dataset = os.path.join(config.storage, "datasets", f"cifar10-{tiny_archive[1]}")
     lost = [

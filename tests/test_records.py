@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_flow import tiny_config
 from test_head import CLASSES, SETTINGS, blobs, synthetic_spec, write_feature_set
 
 from cifar_transfer import extractors, layout, records
@@ -29,31 +28,38 @@ from cifar_transfer.shards import Shard
 from cifar_transfer.sources.base import Item, UnreadableItem
 from cifar_transfer.storage import Storage
 from cifar_transfer.tsne import TsneResult
+from conftest import copy_of_finished_run
 
 
-def as_written_before(content: object) -> object:
-    """A record as the code before format versions wrote it (commit 8ac3e8e): the same fields, no version;
-    `_skipped.json` a bare list."""
+def as_written_before(content: object, record: records.RecordFormat | None = None, root: Path | None = None) -> object:
+    """A record as the code before format versions wrote it (commit 8ac3e8e): the same fields, no version, the
+    places in its storage (`record.paths`) as full paths under `root`; `_skipped.json` a bare list."""
     if isinstance(content, dict) and set(content) == {records.FORMAT_VERSION, "skipped"}:
         return content["skipped"]
-    return {name: value for name, value in content.items() if name != records.FORMAT_VERSION}
+    paths = record.paths.fields if record is not None and record.paths is not None else ()
+    return {
+        name: str(root / value) if name in paths and root is not None else value
+        for name, value in content.items()
+        if name != records.FORMAT_VERSION
+    }
 
 
-def downgrade_json(path: Path) -> None:
-    path.write_text(json.dumps(as_written_before(json.loads(path.read_text())), indent=2))
+def downgrade_json(path: Path, record: records.RecordFormat | None = None, root: Path | None = None) -> None:
+    path.write_text(json.dumps(as_written_before(json.loads(path.read_text()), record, root), indent=2))
 
 
-def downgrade_parquet_footer(path: Path, key: bytes) -> None:
+def downgrade_parquet_footer(path: Path, key: bytes, record: records.RecordFormat | None = None, root: Path | None = None) -> None:
     """Rewrite a Parquet file with its footer record as written before versions (same rows, same writer)."""
     table = pq.read_table(path)
     metadata = dict(table.schema.metadata)
-    metadata[key] = json.dumps(as_written_before(json.loads(metadata[key]))).encode()
+    metadata[key] = json.dumps(as_written_before(json.loads(metadata[key]), record, root)).encode()
     pq.write_table(table.replace_schema_metadata(metadata), path)
 
 
 def downgrade_feature_set(folder: Path) -> None:
     """Every record of a feature set, its maps and heads back to the unversioned form; the manifests list the
     rewritten shards' sizes and hashes, as the base code would have written them."""
+    root = folder.parents[1]
     for view in [path for path in folder.iterdir() if (path / "_manifest.json").exists()]:
         manifest = json.loads((view / "_manifest.json").read_text())
         for shard in manifest["shards"]:
@@ -67,9 +73,9 @@ def downgrade_feature_set(folder: Path) -> None:
     for settings in folder.glob("*/*/settings.json"):
         downgrade_json(settings)
     for metrics in folder.glob("heads/*/metrics.json"):
-        downgrade_json(metrics)
+        downgrade_json(metrics, records.HEAD_METRICS, root)
     for embedding in folder.glob("tsne/*/embedding.parquet"):
-        downgrade_parquet_footer(embedding, b"tsne")
+        downgrade_parquet_footer(embedding, b"tsne", records.TSNE_RESULT, root)
 
 
 def file_identities(root: Path) -> dict[str, tuple[int, int]]:
@@ -85,21 +91,49 @@ def test_every_record_format_reads_its_unversioned_form_refuses_a_newer_one_and_
     for name, record in vars(records).items():
         if not isinstance(record, records.RecordFormat):
             continue
-        assert record.version == 2, name
-        written = json.loads(record.dump({"a": 1}))
+        assert record.version == (3 if record.paths else 2), name
+        newer_version = record.version + 1
+        written = json.loads(record.dump({"a": 1}, root="/storage"))
         assert list(written) == [records.FORMAT_VERSION, "a"]
-        assert record.read(json.dumps(written), "x") == {"a": 1}  # the current version as written
+        assert record.read(json.dumps(written), "x", "/storage") == {"a": 1}  # the current version as written
         assert record.read(json.dumps({"a": 1}), "x")["a"] == 1  # version 1: upgraded, its own fields kept
         with pytest.raises(NewerFormatError) as newer:
-            record.read(json.dumps({records.FORMAT_VERSION: 3, "a": 1}), "storage/some/record.json")
+            record.read(json.dumps({records.FORMAT_VERSION: newer_version, "a": 1}), "storage/some/record.json", "/storage")
         message = str(newer.value)
-        assert "\n" not in message and "storage/some/record.json" in message and "format version 3" in message
+        assert "\n" not in message and "storage/some/record.json" in message and f"format version {newer_version}" in message
         assert "upgrade cifar-transfer" in message
         for bad in ("2", 0, True, None):
             with pytest.raises(ValueError, match="is not a version"):
                 record.read(json.dumps({records.FORMAT_VERSION: bad}), "x")
     with pytest.raises(ValueError, match="not an object"):
         records.MANIFEST.read("[1, 2]", "x")
+
+
+@pytest.mark.parametrize("root", ["/data/storage", "bucket/prefix"])  # a local root, an object store's (fsspec strips s3://)
+def test_paths_into_the_storage_are_written_relative_and_read_under_the_root_they_are_read_from(root):
+    """A marker, a map's footer and a head's metrics name places in their storage: a copy of it reads its own places;
+    a record written before version 3 holds full paths and reads them as written."""
+    marker = {"folder": f"{root}/datasets/cifar10-{'0' * 32}", "md5": "0" * 32, "sizes": {}, "classes": ["a"]}
+    embedding = f"{root}/features/f/tsne/k/embedding.parquet"
+    footer = {"embedding": embedding, "picture": f"{root}/features/f/tsne/k/tsne.png", "points": 1}
+    metrics = {"features": f"{root}/features/f", "test_accuracy": 0.5}
+    for record, content in ((records.DATASET, marker), (records.TSNE_RESULT, footer), (records.HEAD_METRICS, metrics)):
+        assert record.paths is not None
+        written = json.loads(record.dump(content, root=root + "/"))
+        assert written[records.FORMAT_VERSION] == 3
+        for name in record.paths.fields:
+            assert written[name] == content[name].removeprefix(root + "/") and not written[name].startswith(("/", "bucket"))
+        assert record.read(json.dumps(written), "x", root) == content
+        copied = {name: value.replace(root, "/copy") if name in record.paths.fields else value for name, value in content.items()}
+        assert record.read(json.dumps(written), "x", "/copy") == copied
+        for old in (2, None):  # an older record's full paths are read as written
+            stamped = {**content, records.FORMAT_VERSION: old} if old else content
+            read = record.read(json.dumps(stamped), "x", "/copy")
+            assert {name: read[name] for name in record.paths.fields} == {name: content[name] for name in record.paths.fields}
+        with pytest.raises(ValueError, match="is not under the storage root"):
+            record.dump(content, root="/elsewhere")
+        with pytest.raises(ValueError, match="read with its storage root"):
+            record.read(json.dumps(written), "x")
 
 
 def test_version_one_records_get_what_they_lacked_in_one_place():
@@ -133,9 +167,9 @@ def test_a_record_from_a_newer_version_is_refused_never_taken_for_damage(tmp_pat
     result = train_head(storage.url, folder, "k", SETTINGS, CLASSES)
     for path in (Path(folder) / "train" / "_manifest.json", Path(folder) / "feature_set.json", Path(result.files.metrics)):
         content = json.loads(path.read_text())
-        path.write_text(json.dumps({**content, records.FORMAT_VERSION: 3}))
+        path.write_text(json.dumps({**content, records.FORMAT_VERSION: 9}))
     for read in (lambda: read_manifest(storage, folder, "train"), lambda: read_description(storage, folder)):
-        with pytest.raises(NewerFormatError, match="format version 3"):
+        with pytest.raises(NewerFormatError, match="format version 9"):
             read()
     before = os.stat(result.files.metrics).st_mtime_ns
     with pytest.raises(NewerFormatError, match="upgrade cifar-transfer"):
@@ -246,14 +280,15 @@ def test_records_written_by_the_code_before_versions_read_and_name_the_same_fold
     assert records.TSNE_RESULT.load(TsneResult, footer, "x").points == 150
 
 
-def test_a_feature_set_map_and_head_written_before_versions_are_reused_with_the_same_keys(tiny_archive, tmp_path, prefect_api):
+def test_a_feature_set_map_and_head_written_before_versions_are_reused_with_the_same_keys(finished_run, tiny_archive, tmp_path):
     """The whole run again over records in the unversioned form: nothing is computed or rewritten, every key holds."""
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     first = cifar_transfer_run(config)
+    assert first.extraction.shards_computed == 0 and first.features.folder.startswith(config.storage)
     folder = Path(first.features.folder)
     downgrade_feature_set(folder)
     for marker in (tmp_path / "storage" / "datasets").glob("*/_SUCCESS.json"):
-        downgrade_json(marker)
+        downgrade_json(marker, records.DATASET, tmp_path / "storage")
     for source in (tmp_path / "storage" / "raw").glob("*.source.json"):
         source.write_text(json.dumps(as_written_before(json.loads(source.read_text()))))
     assert finished_head(Storage(config.storage), str(folder), Path(first.head.files.folder).name).metrics == first.head.metrics

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prefect.settings import PREFECT_API_URL
-from test_flow import tiny_config
+from test_flow import TINY_ANALYSIS_CLI, TINY_EXTRACTION_CLI, tiny_config
 
 from cifar_transfer.config import load_config
 from cifar_transfer.flows.pipeline import extract_features
 from cifar_transfer.pause import PAUSE_AT
 from cifar_transfer.store import load_features
-from conftest import CLI, TINY_CLI
+from conftest import CLI, TINY_CLI, copy_of_finished_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -56,13 +56,14 @@ def cli_command(command: str, config, names) -> list[str]:
 EXTRACTION_OPTIONS = ("source", "md5", "storage", "backbone", "weights", "input_size", "shard_size", "engine", "precision")
 
 
-def kill_while_paused(command: list[str], shard: str, marker: Path) -> None:
-    """Run `command` in a process group of its own, held by the pause hook (`cifar_transfer.pause`) before computing
-    `shard`, and SIGKILL the group there: the kill lands while that shard is in flight, whatever the machine's speed."""
-    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), PAUSE_AT: f"{shard}={marker}"}
+def kill_while_paused(command: list[str], point: str, marker: Path, also=lambda: True) -> None:
+    """Run `command` in a process group of its own, held by the pause hook (`cifar_transfer.pause`) at `point` (a
+    shard, before computing it; `tsne` or `head`, once begun), and SIGKILL the group there once `also()` holds too:
+    the kill lands while that work is in flight, whatever the machine's speed."""
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), PAUSE_AT: f"{point}={marker}"}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(marker.exists, process)
+        wait_for(lambda: marker.exists() and also(), process)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
@@ -94,79 +95,38 @@ def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archiv
             np.testing.assert_array_equal(resumed_part, reference_part)
 
 
-def running_task(prefix: str, since: datetime):
-    """A condition: some task run whose name starts with `prefix`, started after `since`, is RUNNING (read from the
-    Prefect API; an earlier test's killed run stays RUNNING there forever)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        TaskRunFilter,
-        TaskRunFilterName,
-        TaskRunFilterStartTime,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-
-    def check() -> bool:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                task_run_filter=TaskRunFilter(
-                    name=TaskRunFilterName(like_=prefix),
-                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["RUNNING"])),
-                    start_time=TaskRunFilterStartTime(after_=since),
-                )
-            )
-        return any(run.name.startswith(prefix) for run in runs)
-
-    return check
+def outputs(storage: Path, stage: str) -> dict[str, tuple[int, int]]:
+    """Each file of the feature set's maps (`tsne`) or heads (`heads`) with its inode and modification time (but the
+    HTML reports, which every run renders)."""
+    found = {}
+    for path in storage.glob(f"features/*/{stage}/*/*"):
+        if not path.name.startswith("report-"):
+            found[str(path.relative_to(storage))] = (path.stat().st_ino, path.stat().st_mtime_ns)
+    return found
 
 
-@pytest.mark.parametrize("stage", ["tsne", "head"])
-def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage, tiny_archive, tmp_path):
+@pytest.mark.parametrize("stage, folder, other", [("tsne", "tsne", "heads"), ("head", "heads", "tsne")])
+def test_sigkill_during_tsne_or_head_then_rerun_recomputes_only_that_stage(stage, folder, other, finished_run, tiny_archive, tmp_path):
+    """A copy of a finished run without its map (or head): the run is killed while it makes it again (its settings
+    written, held by the pause hook); the rerun makes just that and reuses every shard and the other stage's files."""
     path, md5 = tiny_archive
     storage = tmp_path / "storage"
-    options = [
-        *TINY_CLI,
-        "--shard-size",
-        "100",
-        "--tsne-sample",
-        "200",
-        "--head",
-        "mlp",
-        "--epochs",
-        "60",
-        "--patience",
-        "60",
-        "--head-batch-size",
-        "8",
-    ]
-    command = [
-        *CLI,
-        "run",
-        "--source",
-        str(path),
-        "--md5",
-        md5,
-        "--storage",
-        str(storage),
-        *options,
-    ]
-    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    started = datetime.now(timezone.utc)
-    process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(running_task(stage, started), process)
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    shards_before = finished_shards(storage)
-    assert len(shards_before) == 3 and not list(storage.glob("features/*/heads/*/metrics.json"))
+    copy_of_finished_run(finished_run, tiny_archive, storage)
+    (made,) = storage.glob(f"features/*/{folder}/*")
+    shutil.rmtree(made)
+    options = ["--source", str(path), "--md5", md5, "--storage", str(storage), *TINY_EXTRACTION_CLI, *TINY_ANALYSIS_CLI]
+    shards_before, other_before = finished_shards(storage), outputs(storage, other)
+    kill_while_paused([*CLI, "run", *options], stage, tmp_path / "paused")
+    assert finished_shards(storage) == shards_before and outputs(storage, other) == other_before
+    assert sorted(outputs(storage, folder)) == [f"{made.relative_to(storage)}/settings.json"], "the kill missed the stage"
 
     from cifar_transfer.flows.cli import main
 
-    assert main(["run", "--source", str(path), "--md5", md5, "--storage", str(storage), *options]) == 0
+    assert main(["run", *options]) == 0
     assert finished_shards(storage) == shards_before
-    assert len(list(storage.glob("features/*/heads/*/metrics.json"))) == 1
-    assert len(list(storage.glob("features/*/tsne/*/embedding.parquet"))) == 1
+    assert outputs(storage, other) == other_before, f"the finished {other} was made again"
+    finished = Path(finished_run.config.storage) / made.relative_to(storage)
+    assert sorted(path.name for path in made.iterdir()) == sorted(path.name for path in finished.iterdir())
 
 
 def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(tiny_archive, tmp_path):

@@ -19,12 +19,13 @@ from cifar_transfer.flows.cli import main
 from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 from cifar_transfer.store import load_features
 from cifar_transfer.verify import verify_feature_set
+from conftest import copy_of_finished_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(tiny_archive, tmp_path, capsys):
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(finished_run, tiny_archive, tmp_path, capsys):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     features, _ = extract_features(config)
     folder = features.folder
     reference = {split: load_features(config.storage, split)[2] for split in ("train", "test")}
@@ -80,8 +81,8 @@ def test_verify_finds_each_kind_of_damage_and_repair_restores_the_features(tiny_
     assert json.load(open(os.path.join(test, "_manifest.json")))["rows"] == 100
 
 
-def test_another_shard_size_on_the_same_features_is_refused_and_nothing_is_overwritten(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+def test_another_shard_size_on_the_same_features_is_refused_and_nothing_is_overwritten(finished_run, tiny_archive, tmp_path):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     features, _ = extract_features(config)
     before = shard_files(features.folder)
     with pytest.raises(FeatureSetError, match="cut with another shard size: pass --shard-size 50"):
@@ -89,8 +90,8 @@ def test_another_shard_size_on_the_same_features_is_refused_and_nothing_is_overw
     assert shard_files(features.folder) == before
 
 
-def test_repair_rebuilds_a_damaged_mirrored_shard_bit_for_bit(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage", flip=True)
+def test_repair_rebuilds_a_damaged_mirrored_shard_bit_for_bit(finished_run, tiny_archive, tmp_path):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage", flip=True)
     features, _ = extract_features(config)
     shard = os.path.join(features.folder, "train-flipped", "part-00001.parquet")
     original = open(shard, "rb").read()
@@ -105,8 +106,8 @@ def test_repair_rebuilds_a_damaged_mirrored_shard_bit_for_bit(tiny_archive, tmp_
     assert verify_feature_set(config.storage, features.folder) == {}
 
 
-def test_verify_covers_the_decoded_dataset_maps_and_heads_and_repair_rebuilds_them(tiny_archive, tmp_path, capsys):
-    config = tiny_config(tiny_archive, tmp_path / "storage", tsne_sample=100)
+def test_verify_covers_the_decoded_dataset_maps_and_heads_and_repair_rebuilds_them(finished_run, tiny_archive, tmp_path, capsys):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     summary = cifar_transfer(config)
     dataset = os.path.join(config.storage, "datasets", f"cifar10-{tiny_archive[1]}")
     os.remove(summary.head.files.model)
@@ -128,8 +129,8 @@ def test_verify_covers_the_decoded_dataset_maps_and_heads_and_repair_rebuilds_th
     assert rebuilt.test_accuracy == summary.test_accuracy and rebuilt.head.files.folder == summary.head.files.folder
 
 
-def test_a_crafted_manifest_never_makes_repair_touch_anything_outside_the_set(tiny_archive, tmp_path):
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+def test_a_crafted_manifest_never_makes_repair_touch_anything_outside_the_set(finished_run, tiny_archive, tmp_path):
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     features, _ = extract_features(config)
     outside = tmp_path / "precious.parquet"
     outside.write_bytes(b"not yours")
@@ -143,9 +144,9 @@ def test_a_crafted_manifest_never_makes_repair_touch_anything_outside_the_set(ti
     assert json.load(open(manifest_path))["shards"][0]["file"] == "part-00000.parquet"
 
 
-def test_a_shard_whose_size_differs_from_its_manifest_is_not_reused(tiny_archive, tmp_path):
+def test_a_shard_whose_size_differs_from_its_manifest_is_not_reused(finished_run, tiny_archive, tmp_path):
     """Bytes slipped in before the footer leave it readable: only the manifest's size gives the shard away."""
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     features, _ = extract_features(config)
     shard = os.path.join(features.folder, "test", "part-00000.parquet")
     original = open(shard, "rb").read()
@@ -159,9 +160,9 @@ def test_a_shard_whose_size_differs_from_its_manifest_is_not_reused(tiny_archive
     assert stats.shards_computed == 1 and open(shard, "rb").read() == original
 
 
-def test_repair_leaves_the_files_of_a_live_writer_alone(tiny_archive, tmp_path):
+def test_repair_leaves_the_files_of_a_live_writer_alone(finished_run, tiny_archive, tmp_path):
     """A temporary file whose shard a live run is writing (its claim is fresh) is not a leftover: repair must not delete it."""
-    config = tiny_config(tiny_archive, tmp_path / "storage")
+    config = copy_of_finished_run(finished_run, tiny_archive, tmp_path / "storage")
     features, _ = extract_features(config)
     train = os.path.join(features.folder, "train")
     writing = os.path.join(train, ".part-00001.parquet.0a1b2c3d4e5f.tmp")
