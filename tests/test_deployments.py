@@ -88,7 +88,7 @@ def prefect_server(tmp_path: Path, **settings: str):
             return False
 
     try:
-        poll(healthy, "the Prefect server to answer", 120, [process], tmp_path / "server.log")
+        poll(healthy, "the Prefect server to answer", 300, [process], tmp_path / "server.log")
         yield environment
     finally:
         stop(process)
