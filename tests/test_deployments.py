@@ -130,6 +130,7 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
     assert sorted(deployment["name"] for deployment in response.json()) == [
         "analyze-new-features",
+        "audit-new-head",
         "extract-on-change",
         "extract-only",
         "nightly",
@@ -169,6 +170,9 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
             f"{server['PREFECT_API_URL']}/artifacts/filter", timeout=10, json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}}
         ).json()
         assert artifacts and "MobileNetV2 at 32px" in artifacts[0]["data"]
+        audited = poll(finished("audit-"), "the audit-new-head run the head's event starts", 300, [worker])
+        assert [run["state_type"] for run in audited] == ["COMPLETED"]
+        assert list(storage.glob("features/*/audit/duplicates.parquet"))
 
         nightly = httpx.get(f"{server['PREFECT_API_URL']}/deployments/name/cifar-transfer/nightly", timeout=10).json()
 
