@@ -300,13 +300,13 @@ def index_benchmark(arguments) -> None:
         count = min(chunk, arguments.vectors - start)
         vectors = normalized(
             centres[rng.integers(0, len(centres), count)]
-            + 0.5 * rng.standard_normal((count, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension) * 4
+            + 0.5 * rng.standard_normal((count, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
         )
         index.add(np.arange(start, start + count), vectors, threads=0)
     build = time.perf_counter() - started
     queries = normalized(
         centres[rng.integers(0, len(centres), 200)]
-        + 2.0 * rng.standard_normal((200, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
+        + 0.5 * rng.standard_normal((200, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
     )
     started = time.perf_counter()
     found = index.search(queries, 10, threads=1)
@@ -320,7 +320,7 @@ def index_benchmark(arguments) -> None:
         count = min(chunk, arguments.vectors - start)
         vectors = normalized(
             centres[rng.integers(0, len(centres), count)]
-            + 0.5 * rng.standard_normal((count, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension) * 4
+            + 0.5 * rng.standard_normal((count, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
         )
         scores = queries @ vectors.T
         merged = np.concatenate([best, scores], axis=1)
