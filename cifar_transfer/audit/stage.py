@@ -48,7 +48,7 @@ class AuditSummary(BaseModel):
     test_with_train_duplicate: int  # test images with a near-duplicate in train
     duplicate_pairs: int  # near-duplicate pairs (score >= threshold)
     duplicate_clusters: int
-    label_issues: int  # rows whose data prefers another label (score < 0)
+    label_issues: int  # rows whose data suggests another label (`issue`)
     head_kinds: list[str]  # the head family the out-of-fold probabilities came from
     out_of_fold_accuracy: dict[str, float]
     index: str  # "exact" or "usearch"
@@ -65,7 +65,7 @@ class AuditRecord(BaseModel):
     """`audit.json`: what the tables were made from, and their summary."""
 
     fingerprint: str
-    content_version: str | None
+    content_version: str | None = None  # a collection's (None: an archive's, left out of the record)
     head_key: str
     settings: AuditSettings
     threshold: float  # the score near-duplicates are over (`tables.duplicate_threshold`)
@@ -185,7 +185,7 @@ def audit_feature_set(
         test_with_train_duplicate=len(crossing),
         duplicate_pairs=near.num_rows,
         duplicate_clusters=len(set(near.column("cluster").to_pylist())),
-        label_issues=int(np.sum(issues.column("score").to_numpy() < 0)),
+        label_issues=int(np.sum(issues.column("issue").to_numpy())),
         head_kinds=chosen_kinds(head.metrics),
         out_of_fold_accuracy={
             name: float(np.mean(values.argmax(axis=1) == label[offsets[name] : offsets[name] + len(values)]))
