@@ -5,6 +5,7 @@ from __future__ import annotations
 from cifar_transfer.config import stable_hash
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.feature_records import FeatureSetDescription, FeatureSetInfo, Manifest, read_description, read_manifest
+from cifar_transfer.layout import features_root
 from cifar_transfer.shards import VIEWS
 from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.storage import Storage
@@ -44,7 +45,7 @@ def content_version(description: FeatureSetDescription, manifests: dict[str, Man
 def list_feature_sets(storage_url: str) -> list[FeatureSetInfo]:
     """Every feature set under the storage root, newest first; `splits` says which are complete."""
     storage = Storage(storage_url)
-    root = storage.path("features")
+    root = features_root(storage)
     if not storage.exists(root):
         return []
     found = [describe_feature_set(storage, folder) for folder in storage.fs.ls(root, detail=False)]

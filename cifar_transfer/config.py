@@ -165,10 +165,11 @@ class PipelineConfig(BaseModel):
     engine: Annotated[Literal["auto", "tensorflow", "openvino"], Stage("extraction")] = Field(
         "auto", description="inference engine; 'auto': TensorFlow on a GPU, OpenVINO on a CPU when installed"
     )
-    precision: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Stage("extraction")] = Field(
+    precision: Annotated[Literal["auto", "float32", "bfloat16", "float16", "int8"], Stage("extraction")] = Field(
         "auto",
-        description="backbone compute precision; 'auto': mixed precision on a GPU, bfloat16 on a CPU with native bf16 "
-        "when its features stay at cosine >= 0.9999 to float32, else float32",
+        description="backbone compute precision; 'int8': OpenVINO only, quantized with NNCF on 300 of the run's training "
+        "images; 'auto': mixed precision on a GPU; on a CPU int8 where it has VNNI/AMX-INT8, else bfloat16 where it has "
+        "native bf16, each only when its features pass the checks in docs/guide.md, else float32",
     )
     flip: Annotated[bool, Stage("extraction", "head")] = Field(
         False,

@@ -1,10 +1,10 @@
 """Which engine and precision run the backbone on this machine, and why.
 
 `auto` picks the fastest combination this hardware runs well: TensorFlow with
-mixed precision on a GPU; on a CPU, OpenVINO, in bfloat16 when the CPU has
-native bf16 instructions (AVX512-BF16 / AMX) *and* the features stay within a
-cosine of `BF16_MIN_COSINE` of float32 on real images of this dataset
-(measured once, remembered in storage), else float32.
+mixed precision on a GPU; on a CPU, OpenVINO in int8 when the CPU has VNNI or
+AMX-INT8, else in bfloat16 when it has native bf16 (AVX512-BF16 / AMX), each
+only when its features stay within a cosine of `MIN_COSINE` of float32 on real
+images of this dataset (measured once, remembered in storage), else float32.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from cifar_transfer import layout, records
 from cifar_transfer.backbones import get_backbone
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, stable_hash
 from cifar_transfer.errors import ConfigError, OpConversionFailure, StorageNotWritable
-from cifar_transfer.extractors import float32_reference, forget_extractor, get_extractor
+from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, float32_reference, forget_extractor, get_extractor
 from cifar_transfer.feature_records import library_versions
-from cifar_transfer.hardware import cpu_has_native_bf16, gpus, machine_description, openvino_available
+from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, gpus, machine_description, openvino_available
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
 
 log = logging.getLogger(__name__)
 
 BF16_MIN_COSINE = 0.9999
+INT8_MIN_COSINE = 0.99
+MIN_COSINE = {"bfloat16": BF16_MIN_COSINE, "float16": BF16_MIN_COSINE, "int8": INT8_MIN_COSINE}
 
 CALIBRATION_IMAGES = 64
 
@@ -42,78 +44,106 @@ class EngineChoice(BaseModel):
 
 
 def candidate_choice(settings: ExtractionSettings) -> EngineChoice:
-    """Resolve `auto` from the hardware alone; a bf16 candidate is then checked by `choose_engine`."""
+    """Resolve `auto` from the hardware alone: the first of `candidate_choices`."""
+    return candidate_choices(settings)[0]
+
+
+def candidate_choices(settings: ExtractionSettings) -> list[EngineChoice]:
+    """The engine and precision to try, fastest first: the configured one alone, else what this hardware runs fast.
+    Every reduced precision but the last choice (float32, or a GPU's mixed precision) is checked by `choose_engine`."""
     engine, precision = settings.engine, settings.precision
     on_gpu = bool(gpus())
     if engine == "openvino" and not openvino_available():
         raise ConfigError("engine 'openvino' is not installed: pip install openvino, or pass --engine tensorflow")
     if engine == "auto":
         engine = "tensorflow" if on_gpu or not openvino_available() else "openvino"
+    if precision == "int8" and engine != "openvino":
+        raise ConfigError("precision 'int8' runs on OpenVINO only: pass --engine openvino, or another --precision")
     if precision != "auto":
-        return EngineChoice(engine=engine, precision=precision, reason="chosen in the configuration")
+        return [EngineChoice(engine=engine, precision=precision, reason="chosen in the configuration")]
     if on_gpu and engine == "tensorflow":
         capabilities = [gpu["compute_capability"] or (0, 0) for gpu in gpus()]
         precision = "bfloat16" if min(capabilities) >= (8, 0) else "float16"
-        return EngineChoice(engine=engine, precision=precision, reason=f"GPU compute capability {min(capabilities)}")
+        return [EngineChoice(engine=engine, precision=precision, reason=f"GPU compute capability {min(capabilities)}")]
+    choices = []
+    if engine == "openvino" and cpu_has_int8_acceleration():
+        choices.append(EngineChoice(engine=engine, precision="int8", reason="CPU has VNNI/AMX-INT8"))
     if cpu_has_native_bf16():
-        return EngineChoice(engine=engine, precision="bfloat16", reason="CPU has native bf16")
-    return EngineChoice(engine=engine, precision="float32", reason="CPU without native bf16")
+        choices.append(EngineChoice(engine=engine, precision="bfloat16", reason="CPU has native bf16"))
+    reason = "CPU without native bf16" if not choices else "; ".join(f"no {choice.precision}" for choice in choices)
+    return [*choices, EngineChoice(engine=engine, precision="float32", reason=reason)]
 
 
-def _choice_path(storage: Storage, spec: FeatureSpec) -> str:
+def _choice_path(storage: Storage, spec: FeatureSpec, candidates: list[EngineChoice]) -> str:
     machine = {key: value for key, value in machine_description().items() if key != "cores"}
-    key = stable_hash({"spec": spec.model_dump(exclude={"engine", "precision"}), "engine": spec.engine, "machine": machine}, 16)
-    return layout.engine_choice(storage, key)
+    described = {"spec": spec.model_dump(exclude={"engine", "precision"}), "engine": spec.engine, "machine": machine}
+    if any(choice.precision == "int8" for choice in candidates):  # verdicts from before int8 was a candidate stay valid
+        described["candidates"] = [choice.precision for choice in candidates]
+    return layout.engine_choice(storage, stable_hash(described, 16))
 
 
 def choose_engine(
-    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_images: Callable[[], np.ndarray]
+    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_images: Callable[[int], np.ndarray]
 ) -> EngineChoice:
     """The engine and precision of this run, logged; a reduced precision must earn its place.
 
-    When `auto` proposes bfloat16/float16, the features of `read_calibration_images()`
-    in that precision are compared with float32's; below `BF16_MIN_COSINE` the
-    run falls back to float32. The verdict is stored, so reruns don't rebuild.
+    When `auto` proposes int8, bfloat16 or float16, the features of `CALIBRATION_IMAGES` training images
+    (`read_calibration_images(count)`, the first `count` of the train split) in that precision are compared with
+    float32's; one below its `MIN_COSINE` gives way to the next candidate. The verdict is stored, so reruns don't
+    rebuild. An int8 backbone is quantized here, once for the whole run (`_int8_extractor`).
     """
-    choice = candidate_choice(settings)
-    if choice.engine == "openvino" and settings.engine == "auto" and get_backbone(settings.backbone).check_conversion:
-        choice = _converted_or_tensorflow(settings, storage_url, dataset_id, read_calibration_images, choice)
-    if settings.precision != "auto" or choice.precision == "float32":
+    candidates = candidate_choices(settings)
+    if candidates[0].engine == "openvino" and settings.engine == "auto" and get_backbone(settings.backbone).check_conversion:
+        candidates = _converted_or_tensorflow(settings, storage_url, dataset_id, read_calibration_images, candidates)
+    if settings.precision != "auto" or len(candidates) == 1:
+        choice = candidates[0]
+        if choice.precision == "int8":
+            _int8_extractor(settings.feature_spec(dataset_id, choice.engine, choice.precision), storage_url, read_calibration_images)
         log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
         return choice
     storage = Storage(storage_url)
-    path = _choice_path(storage, settings.feature_spec(dataset_id, choice.engine, choice.precision))
+    path = _choice_path(storage, settings.feature_spec(dataset_id, candidates[0].engine, candidates[0].precision), candidates)
     if storage.exists(path):
         remembered = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
+        if remembered.precision == "int8":
+            _int8_extractor(settings.feature_spec(dataset_id, remembered.engine, "int8"), storage_url, read_calibration_images)
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    reduced_spec = settings.feature_spec(dataset_id, choice.engine, choice.precision)
-    calibration_images = read_calibration_images()
-    reduced = get_extractor(reduced_spec, calibration_images.shape[1:])
-    exact = float32_reference(reduced_spec, reduced, calibration_images.shape[1:])
-    batch = settings.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
-    cosine = float(mean_cosine(reduced(calibration_images, batch), exact(calibration_images, batch)))
-    if cosine < BF16_MIN_COSINE:
-        forget_extractor(reduced_spec, calibration_images.shape[1:])
-    if cosine >= BF16_MIN_COSINE:
-        choice = choice.model_copy(
-            update={"reason": f"{choice.reason}; cosine to float32 {cosine:.6f} on {len(calibration_images)} images"}
-        )
+    failures = []
+    for candidate in candidates[:-1]:
+        reduced_spec = settings.feature_spec(dataset_id, candidate.engine, candidate.precision)
+        if candidate.precision == "int8":
+            reduced, check_images = _int8_extractor(reduced_spec, storage_url, read_calibration_images)
+        else:
+            check_images = read_calibration_images(CALIBRATION_IMAGES)
+            reduced = get_extractor(reduced_spec, check_images.shape[1:])
+        exact = float32_reference(reduced_spec, reduced, check_images.shape[1:])
+        batch = settings.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
+        cosine = mean_cosine(reduced(check_images, batch), exact(check_images, batch))
+        if cosine >= MIN_COSINE[candidate.precision]:
+            choice = candidate.model_copy(
+                update={"reason": f"{candidate.reason}; cosine to float32 {cosine:.6f} on {len(check_images)} images"}
+            )
+            break
+        forget_extractor(reduced_spec, check_images.shape[1:])
+        minimum = MIN_COSINE[candidate.precision]
+        failures.append(f"{candidate.precision} features were at cosine {cosine:.6f} < {minimum} to float32")
     else:
-        choice = EngineChoice(
-            engine=choice.engine,
-            precision="float32",
-            reason=f"{choice.precision} features were at cosine {cosine:.6f} < {BF16_MIN_COSINE} to float32 on this backbone",
-        )
+        choice = candidates[-1].model_copy(update={"reason": "; ".join(failures) + " on this backbone"})
     storage.write_atomic(path, records.ENGINE_CHOICE.dump(choice))
     log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
     return choice
 
 
 def _converted_or_tensorflow(
-    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_images: Callable[[], np.ndarray], choice: EngineChoice
-) -> EngineChoice:
-    """`choice` if OpenVINO converts this backbone, else TensorFlow, said in the log and remembered in storage.
+    settings: ExtractionSettings,
+    storage_url: str,
+    dataset_id: str,
+    read_calibration_images: Callable[[int], np.ndarray],
+    candidates: list[EngineChoice],
+) -> list[EngineChoice]:
+    """`candidates` if OpenVINO converts this backbone, else their TensorFlow counterparts (int8 is OpenVINO's only),
+    said in the log and remembered in storage.
 
     Asked of families whose models may hold ops OpenVINO's TensorFlow frontend lacks (a Keras Hub preset's
     bicubic or antialiased resizing: `ResizeBicubic`, `ScaleAndTranslate`). The conversion made here is the
@@ -126,7 +156,7 @@ def _converted_or_tensorflow(
     if storage.exists(path):
         verdict = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
     else:
-        images = read_calibration_images()
+        images = read_calibration_images(CALIBRATION_IMAGES)
         try:
             get_extractor(spec, images.shape[1:], storage_url)
             verdict = EngineChoice(engine="openvino", precision="float32", reason="OpenVINO converts this backbone")
@@ -136,9 +166,22 @@ def _converted_or_tensorflow(
         with contextlib.suppress(StorageNotWritable, OSError):  # a read-only storage measures again next time
             storage.write_atomic(path, records.ENGINE_CHOICE.dump(verdict))
     if verdict.engine == "openvino":
-        return choice
+        return candidates
     log.warning("%s: TensorFlow runs it", verdict.reason)
-    return EngineChoice(engine="tensorflow", precision=choice.precision, reason=f"{verdict.reason}; TensorFlow runs it")
+    return [
+        candidate.model_copy(update={"engine": "tensorflow", "reason": f"{verdict.reason}; TensorFlow runs it; {candidate.reason}"})
+        for candidate in candidates
+        if candidate.precision != "int8"
+    ]
+
+
+def _int8_extractor(spec: FeatureSpec, storage_url: str, read_calibration_images: Callable[[int], np.ndarray]):
+    """The run's int8 extractor and the images to check it on: quantized on the first `INT8_CALIBRATION_IMAGES`
+    training images and kept in storage (a rerun reads it back), checked on the `CALIBRATION_IMAGES` after them."""
+    images = read_calibration_images(INT8_CALIBRATION_IMAGES + CALIBRATION_IMAGES)
+    calibration = images[:INT8_CALIBRATION_IMAGES]
+    check_images = images[INT8_CALIBRATION_IMAGES:] if len(images) > INT8_CALIBRATION_IMAGES else images[-CALIBRATION_IMAGES:]
+    return get_extractor(spec, images.shape[1:], storage_url, calibration=lambda: calibration), check_images
 
 
 def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:
@@ -153,10 +196,10 @@ def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:
 
 def choose_engine_for_dataset(settings: ExtractionSettings, storage_url: str, dataset: SourceDataset) -> EngineChoice:
     """`choose_engine`, calibrated on the first train images of the source (only read when a reduced precision must
-    be checked and no verdict is remembered)."""
+    be checked or quantized)."""
     return choose_engine(
         settings,
         storage_url,
         dataset.id,
-        lambda: dataset.calibration_images(storage_url, CALIBRATION_IMAGES, settings.resolved_input_size),
+        lambda count: dataset.calibration_images(storage_url, count, settings.resolved_input_size),
     )

@@ -32,6 +32,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_has_int8_acceleration() -> bool:
+    """VNNI or AMX-INT8: the instructions that make OpenVINO's int8 faster than its bf16 or float32."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 @functools.cache
 def gpus() -> list[dict]:
     """Visible GPUs with their compute capability (empty on a CPU machine).

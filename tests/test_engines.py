@@ -15,12 +15,14 @@ from test_flow import tiny_config
 
 from cifar_transfer import extractors
 from cifar_transfer.config import load_config
-from cifar_transfer.engines import BF16_MIN_COSINE, candidate_choice, choose_engine, mean_cosine
-from cifar_transfer.extractors import get_extractor
+from cifar_transfer.engines import BF16_MIN_COSINE, CALIBRATION_IMAGES, candidate_choice, candidate_choices, choose_engine, mean_cosine
+from cifar_transfer.errors import ConfigError, FeatureSetError
+from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, get_extractor
 from cifar_transfer.flows.pipeline import extract_features
-from cifar_transfer.hardware import cpu_has_native_bf16
+from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
+from conftest import MOBILENET_WEIGHTS
 
 TINY = {"source": "x", "md5": "none", "backbone": "MobileNetV2", "weights": "none", "input_size": 32}
 
@@ -54,12 +56,26 @@ import sys
 import numpy as np
 from cifar_transfer.config import load_config
 from cifar_transfer.extractors import get_extractor
-TINY = json.loads(sys.argv[3])
+OPTIONS = json.loads(sys.argv[3])
 images = np.load(sys.argv[1])
-spec = load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32)
+spec = load_config(**OPTIONS, engine="openvino", precision=sys.argv[4]).feature_spec("a" * 32)
 np.save(sys.argv[1], get_extractor(spec, images.shape[1:], sys.argv[2])(images, 16))
 print("tensorflow loaded:", "tensorflow" in sys.modules)
 """
+
+
+def rerun_from_storage(images: np.ndarray, storage: Path, precision: str, scratch: Path, options: dict = TINY) -> bool:
+    """Run the kept backbone on `images` in a new process (features left in scratch/images.npy); whether it loaded TensorFlow."""
+    np.save(scratch / "images.npy", images)
+    rerun = subprocess.run(
+        [sys.executable, "-c", CONVERTED_RERUN, str(scratch / "images.npy"), str(storage), json.dumps(options), precision],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        check=True,
+    )
+    assert "tensorflow loaded:" in rerun.stdout, rerun.stdout + rerun.stderr
+    return "tensorflow loaded: True" in rerun.stdout
 
 
 @pytest.mark.slow
@@ -69,15 +85,7 @@ def test_a_converted_backbone_is_kept_and_a_new_process_runs_it_without_tensorfl
     converted = extractors.build_engine_extractor(spec, images.shape[1:], Storage(str(storage)))(images, 16)
     [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")  # in the feature set's folder: deleted with it
 
-    np.save(tmp_path / "images.npy", images)
-    rerun = subprocess.run(
-        [sys.executable, "-c", CONVERTED_RERUN, str(tmp_path / "images.npy"), str(storage), json.dumps(TINY)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parents[1],
-        check=True,
-    )
-    assert "tensorflow loaded: False" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert rerun_from_storage(images, storage, "float32", tmp_path) is False
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), converted)  # the same function, bit for bit
 
     damaged = bytearray(kept.read_bytes())
@@ -112,7 +120,7 @@ def test_auto_on_this_cpu_picks_openvino_and_bf16_only_with_native_support():
 @pytest.mark.slow
 def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     config = load_config(**TINY, storage=str(tmp_path))
-    first = choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda: images)
+    first = choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda count: images[:count])
     stored = list(tmp_path.glob("engine-choices/*.json"))
     if not cpu_has_native_bf16():
         assert (first.precision, stored) == ("float32", [])
@@ -124,10 +132,57 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     assert f"{measured:.6f}" in first.reason
     assert len(stored) == 1 and json.loads(stored[0].read_text())["precision"] == first.precision
     extractors.release_extractors()
-    assert (
-        choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda: pytest.fail("a remembered choice read images")) == first
-    )
+
+    def never(count: int) -> np.ndarray:
+        pytest.fail("a remembered choice read images")
+
+    assert choose_engine(config.extraction_settings, config.storage, "a" * 32, never) == first
     assert extractors.built_extractors() == [], "a remembered choice must not rebuild the backbone"
+
+
+def test_int8_runs_on_openvino_only():
+    with pytest.raises(ConfigError, match="precision 'int8' runs on OpenVINO only: pass --engine openvino"):
+        candidate_choice(load_config(**TINY, engine="tensorflow", precision="int8").extraction_settings)
+    expected = ["int8"] * cpu_has_int8_acceleration() + ["bfloat16"] * cpu_has_native_bf16() + ["float32"]
+    assert [choice.precision for choice in candidate_choices(load_config(**TINY).extraction_settings)] == expected
+
+
+@pytest.mark.slow
+def test_int8_is_quantized_once_on_training_images_and_later_processes_read_it_back(tmp_path, caplog):
+    """Quantized when the run chooses its engine, then kept: a worker or a resumed run computes the same features."""
+    training = np.random.default_rng(1).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+    storage = tmp_path / "storage"
+    pretrained = TINY | {"weights": str(MOBILENET_WEIGHTS)}  # seeded weights' activations vanish below int8's step
+    config = load_config(**pretrained, storage=str(storage), engine="openvino", precision="int8")
+    asked = []
+
+    def read_calibration_images(count: int) -> np.ndarray:
+        asked.append(count)
+        return training[:count]
+
+    with caplog.at_level(logging.INFO, logger="cifar_transfer.extractors"):
+        choice = choose_engine(config.extraction_settings, config.storage, "a" * 32, read_calibration_images)
+    assert (choice.engine, choice.precision, asked) == ("openvino", "int8", [INT8_CALIBRATION_IMAGES + CALIBRATION_IMAGES])
+    assert f"quantized the backbone to int8 on {INT8_CALIBRATION_IMAGES} training images" in caplog.text
+    [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")
+    spec = config.feature_spec("a" * 32)
+    assert spec.precision == "int8" and kept.parent.parent.name == spec.folder_name
+
+    graph = zipfile.ZipFile(kept).read("model.xml").decode()
+    assert graph.count('type="FakeQuantize"') >= 30, "the kept backbone is the quantized one"
+
+    test_images = training[-40:]
+    built = get_extractor(spec, (32, 32, 3))  # the one the choice built, in this process
+    quantized = built(test_images, 16)
+    float32 = extractors.float32_reference(spec, built, (32, 32, 3))(test_images, 16)
+    assert 0.8 < mean_cosine(quantized, float32) < 0.99999, "int8 features are near float32's, and not float32's"
+    assert rerun_from_storage(test_images, storage, "int8", tmp_path, pretrained) is False  # read back: no TensorFlow, no NNCF
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), quantized)
+
+    kept.unlink()
+    extractors.release_extractors()
+    with pytest.raises(FeatureSetError, match="the int8 backbone of MobileNetV2 is not at .*: it is quantized when a run chooses"):
+        get_extractor(spec, (32, 32, 3), str(storage))
 
 
 def test_default_engine_runs_the_flow_close_to_tensorflow_float32(tiny_archive, tmp_path, reference_features):

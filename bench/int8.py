@@ -1,0 +1,113 @@
+"""Benchmark: int8 (NNCF post-training quantization) against float32 and bf16: rate, feature cosine, test accuracy.
+
+    .venv/bin/python bench/int8.py [--train 5000] [--test 1000] [--input-size 96] [--backbone MobileNetV2]
+
+On the real CIFAR-10 archive and MobileNetV2's real ImageNet weights (../shared/data), the extractor the pipeline
+builds for each precision (`extractors.build_engine_extractor`; int8 calibrated on the first 300 training images,
+as a run does) computes the features of the first `--train` training and `--test` test images. Each row: the
+engine's rate on preloaded batches, the mean cosine of the features to float32's, and the test accuracy of
+scikit-learn's standardized logistic regression (C=0.01) trained on them. bf16 is measured only where the CPU has
+native bf16 (elsewhere OpenVINO emulates it and the rate means nothing). Rows go to bench/results/int8.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results_log import record  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.00_224_imagenet_no_top.weights.h5"
+
+
+def cifar(split_batches: list[str], count: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    with tarfile.open(SHARED / "cifar-10-python.tar.gz") as archive:
+        for name in split_batches:
+            batch = pickle.load(archive.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes")
+            images.append(batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(batch[b"labels"]))
+            if sum(map(len, labels)) >= count:
+                break
+    return np.concatenate(images)[:count].copy(), np.concatenate(labels)[:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train", type=int, default=5000)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--input-size", type=int, default=96)
+    parser.add_argument("--pooling", default="stages")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from cifar_transfer.config import load_config
+    from cifar_transfer.engines import mean_cosine
+    from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, build_engine_extractor
+    from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, machine_description
+
+    train, train_labels = cifar([f"data_batch_{number}" for number in range(1, 6)], args.train)
+    test, test_labels = cifar(["test_batch"], args.test)
+    precisions = ["float32", "int8"] + (["bfloat16"] if cpu_has_native_bf16() else [])
+    rows: dict[str, dict] = {}
+    reference: dict[str, np.ndarray] = {}
+    for precision in precisions:
+        spec = load_config(
+            source="x",
+            md5="none",
+            backbone="MobileNetV2",
+            weights=str(WEIGHTS),
+            input_size=args.input_size,
+            pooling=args.pooling,
+            engine="openvino",
+            precision=precision,
+        ).feature_spec("a" * 32)
+        started = time.perf_counter()
+        extractor = build_engine_extractor(spec, train.shape[1:], None, lambda: train[:INT8_CALIBRATION_IMAGES])
+        built = time.perf_counter() - started
+        extractor(train[: args.batch * 2], args.batch)  # warm-up
+        started = time.perf_counter()
+        features = {"train": extractor(train, args.batch), "test": extractor(test, args.batch)}
+        seconds = time.perf_counter() - started
+        flat = {split: values.reshape(len(values), -1) for split, values in features.items()}
+        reference = reference or flat
+        head = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=1000)).fit(flat["train"], train_labels)
+        rows[precision] = {
+            "images_per_second": round((len(train) + len(test)) / seconds, 1),
+            "build_seconds": round(built, 1),
+            "cosine_to_float32": round(mean_cosine(flat["test"], reference["test"]), 5),
+            "test_accuracy": round(float(head.score(flat["test"], test_labels)), 4),
+        }
+        print(precision, rows[precision], flush=True)
+    record(
+        "int8",
+        {
+            "backbone": "MobileNetV2 (ImageNet weights)",
+            "input_size": args.input_size,
+            "pooling": args.pooling,
+            "train": len(train),
+            "test": len(test),
+            "cpu": machine_description(),
+            "int8_acceleration": cpu_has_int8_acceleration(),
+            "precisions": rows,
+            "int8_speedup": round(rows["int8"]["images_per_second"] / rows["float32"]["images_per_second"], 2),
+            "int8_accuracy_delta_points": round(100 * (rows["int8"]["test_accuracy"] - rows["float32"]["test_accuracy"]), 2),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
