@@ -164,6 +164,15 @@ class Tower:
         return self.prefix_tokens > 0
 
 
+def _without_derived_config(layer, derived: tuple[str, ...]) -> None:
+    """Leave out of `layer`'s saved config the values its constructor computes and refuses: Keras Hub 0.32's
+    `ViTPatchingAndEmbedding` lists `num_patches` and `num_positions`, `ViTEncoderBlock` `key_dim`, so a model that
+    holds these layers itself (not inside `ViTBackbone`, which saves its own arguments) would not load again; an
+    exported `model.keras` does (DINOv2's, CLIP's and SigLIP's layers load as saved)."""
+    config_of = layer.get_config
+    layer.get_config = lambda: {key: value for key, value in config_of().items() if key not in derived}
+
+
 def _dinov2(model) -> Tower:
     blocks = [model.layernorm(model.pyramid_outputs[f"stage{index}"]) for index in range(1, model.num_layers + 1)]
     return Tower(model.inputs[0], model.output, blocks, 1 + model.num_register_tokens)
@@ -181,7 +190,10 @@ def _siglip(model) -> Tower:
 
 
 def _vit(model) -> Tower:
+    _without_derived_config(model.get_layer("vit_patching_and_embedding"), ("num_patches", "num_positions"))
     encoder = model.get_layer("vit_encoder")
+    for block in encoder.encoder_layers:
+        _without_derived_config(block, ("key_dim",))
     tokens = encoder.input  # the patch embeddings (and class token): the encoder's blocks are called again from here
     blocks = []
     for block in encoder.encoder_layers:
