@@ -148,7 +148,7 @@ def test_audit_is_read_back_while_its_inputs_are_unchanged_and_is_readable_by_du
     again = audit_feature_set(url, features, head, settings)
     assert again.record == result.record
     assert {path: Storage(url).fs.info(path)["mtime"] for path in result.files.paths()} == stamps
-    assert json.loads(Storage(url).read_bytes(result.files.record))["format_version"] == 1
+    assert json.loads(Storage(url).read_bytes(result.files.record))["format_version"] == 2
     count = duckdb.sql(f"select count(*) from '{result.files.label_issues}' where issue").fetchall()[0][0]
     assert count == result.summary.label_issues
 
