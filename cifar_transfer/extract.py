@@ -1,4 +1,4 @@
-"""One shard: raw images in, backbone features out, committed as one Parquet file.
+"""Shards: raw images in, backbone features out, each committed as one Parquet file, through one pipeline.
 
 The plan and each shard's images come from the source (`sources.kinds.SourceDataset`), whatever its kind.
 A shard that is already on storage, readable, with the right fingerprint and rows (or items) is never
@@ -13,9 +13,11 @@ from __future__ import annotations
 import collections
 import logging
 import statistics
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 
+import numpy as np
 from pydantic import BaseModel
 
 from cifar_transfer.claims import claim
@@ -23,10 +25,11 @@ from cifar_transfer.config import FeatureSpec
 from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.extractors import get_extractor
 from cifar_transfer.feature_records import ShardRecord, read_manifest
-from cifar_transfer.pause import pause_at
+from cifar_transfer.pause import pause_at, pausing_at
 from cifar_transfer.progress import ExtractedShard
 from cifar_transfer.shard_files import (
     SHARD_MISSING,
+    ShardRows,
     existing_shard_record,
     features_folder,
     listed_record,
@@ -42,7 +45,6 @@ from cifar_transfer.storage import Storage
 
 log = logging.getLogger(__name__)
 
-_inference_lock = threading.Lock()
 _recent_shard_seconds: collections.deque[float] = collections.deque(maxlen=32)  # this process's last shards
 STUCK_AFTER_PEERS = 10  # a shard taking this many times its peers' median is presumed stuck
 STUCK_AFTER_AT_LEAST_SECONDS = 300.0
@@ -57,35 +59,110 @@ def claim_hold_seconds() -> float | None:
 
 
 def extract_shard(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard: Shard, batch_size: int) -> ExtractedShard:
-    """Compute and commit one shard's features, unless a valid copy is already there.
+    """Compute and commit one shard's features, unless a valid copy is already there (see `extract_shards`)."""
+    return extract_shards(storage_url, spec, dataset, [shard], batch_size)[0]
 
-    Runs sharing the storage compute each shard once: the writer holds the shard's claim
-    (`claims.claim`), and a run that waited for it finds the shard done and reuses it.
+
+def extract_shards(
+    storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shards: list[Shard], batch_size: int
+) -> list[ExtractedShard]:
+    """Compute and commit each of `shards` unless a valid copy is already there; their results in order.
+
+    A pipeline keeps the engine busy from one shard to the next: while it computes a shard, one thread claims,
+    checks and reads the next one's rows (`_prepare`), and another writes, hashes and commits the one before
+    (`_commit`); the next shard's batches are queued behind the current one's (`Extractor.submit`), so the engine
+    does not drain between them. Runs sharing the storage compute each shard once: the writer holds the shard's
+    claim (`claims.claim`) from before its read to its commit, and a run that waited for it finds it done and reuses it.
     """
+    results: dict[int, ExtractedShard | Future[ExtractedShard]] = {}
+    in_flight: _InFlight | None = None
+    with ExitStack() as claims, ThreadPoolExecutor(1, "shard-read") as reading, ThreadPoolExecutor(1, "shard-commit") as committing:
+        upcoming = reading.submit(_prepare, storage_url, spec, dataset, shards[0], claims) if shards else None
+        for number, shard in enumerate(shards):
+            assert upcoming is not None
+            prepared = upcoming.result()
+            upcoming = (
+                reading.submit(_prepare, storage_url, spec, dataset, shards[number + 1], claims) if number + 1 < len(shards) else None
+            )
+            if isinstance(prepared, ExtractedShard):
+                results[number] = prepared
+                continue
+            if pausing_at(shard.name):  # the test hook holds this shard with every shard before it committed
+                _finish(in_flight, committing, results)
+                in_flight = None
+                wait([result for result in results.values() if isinstance(result, Future)])
+                pause_at(shard.name)
+            extractor = get_extractor(spec, prepared.images.shape[1:], storage_url)
+            submitted = _InFlight(number, prepared, extractor.submit(prepared.images, batch_size), in_flight)
+            _finish(in_flight, committing, results)  # the engine computes `submitted` meanwhile
+            in_flight = submitted
+        _finish(in_flight, committing, results)
+        return [result.result() if isinstance(result, Future) else result for _, result in sorted(results.items())]
+
+
+class _Prepared:
+    """A shard claimed and read, ready for the engine; its claim (`held`) is kept until its commit."""
+
+    def __init__(self, storage: Storage, spec: FeatureSpec, shard: Shard, images: np.ndarray, rows: ShardRows, held: ExitStack):
+        self.storage, self.spec, self.shard, self.images, self.rows, self.held = storage, spec, shard, images, rows, held
+        self.path = shard_path(storage, spec, shard)
+        self.claimed_at = time.perf_counter()
+
+
+class _InFlight:
+    """A shard whose batches are queued on the engine: when they were, and when the engine finished them."""
+
+    def __init__(self, number: int, prepared: _Prepared, features: Future[np.ndarray], behind: _InFlight | None):
+        self.number, self.prepared, self.features, self.behind = number, prepared, features, behind
+        self.submitted_at = self.done_at = time.perf_counter()
+        features.add_done_callback(self._done)
+
+    def _done(self, _: Future) -> None:
+        self.done_at = time.perf_counter()
+
+    def engine_seconds(self) -> float:
+        """The engine's time on this shard: from its submission, or the end of the shard queued before it, to its end."""
+        started = max(self.submitted_at, self.behind.done_at) if self.behind is not None else self.submitted_at
+        self.behind = None  # keep no chain of finished shards
+        return self.done_at - started
+
+
+def _prepare(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard: Shard, claims: ExitStack) -> _Prepared | ExtractedShard:
+    """Claim one shard and read its rows, or take its finished copy when there is one (found before or after the claim)."""
     storage = Storage(storage_url)
     path = shard_path(storage, spec, shard)
     listed = listed_record(read_manifest(storage, features_folder(storage, spec), shard.split), shard)
     if shard_problem(storage, path, spec, shard, listed) is None:
         return _reused(storage, path, shard, listed, "already done")
-    with claim(storage, path, claim_hold_seconds()):
-        claimed_at = time.perf_counter()
-        problem = shard_problem(storage, path, spec, shard, listed)
-        if problem is None:
-            return _reused(storage, path, shard, listed, "done by another run meanwhile")
-        conflict = shard_size_conflict(storage, path, spec, shard) if problem != SHARD_MISSING and shard.items is None else None
-        if conflict:
-            raise FeatureSetError(conflict)
-        if problem != SHARD_MISSING:
-            log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
-        images, rows = dataset.shard_rows(storage_url, shard, spec.input_size)
-        extractor = get_extractor(spec, images.shape[1:], storage_url)
-        with _inference_lock:  # one shard at a time on the engine; the other thread reads or writes meanwhile
-            pause_at(shard.name)  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names this shard
-            started = time.perf_counter()
-            features = extractor(images, batch_size)
-            seconds = time.perf_counter() - started
-        record = write_shard(storage, path, shard, shard_table(spec, shard, rows, features))
-    _recent_shard_seconds.append(time.perf_counter() - claimed_at)
+    held = ExitStack()
+    claims.callback(held.close)  # let go when the pipeline ends, whatever happened; a commit lets go sooner
+    held.enter_context(claim(storage, path, claim_hold_seconds()))
+    problem = shard_problem(storage, path, spec, shard, listed)
+    if problem is None:
+        held.close()
+        return _reused(storage, path, shard, listed, "done by another run meanwhile")
+    conflict = shard_size_conflict(storage, path, spec, shard) if problem != SHARD_MISSING and shard.items is None else None
+    if conflict:
+        raise FeatureSetError(conflict)
+    if problem != SHARD_MISSING:
+        log.warning("extract[%s]: existing file is %s; recomputing it", shard.name, problem)
+    images, rows = dataset.shard_rows(storage_url, shard, spec.input_size)
+    return _Prepared(storage, spec, shard, images, rows, held)
+
+
+def _finish(shard: _InFlight | None, committing: ThreadPoolExecutor, results: dict[int, ExtractedShard | Future[ExtractedShard]]) -> None:
+    """Wait for the engine to finish `shard`, then hand it to the commit thread."""
+    if shard is not None:
+        features = shard.features.result()
+        results[shard.number] = committing.submit(_commit, shard.prepared, features, shard.engine_seconds())
+
+
+def _commit(prepared: _Prepared, features: np.ndarray, seconds: float) -> ExtractedShard:
+    """Write, hash and commit one computed shard, then let its claim go."""
+    shard = prepared.shard
+    with prepared.held:
+        record = write_shard(prepared.storage, prepared.path, shard, shard_table(prepared.spec, shard, prepared.rows, features))
+    _recent_shard_seconds.append(time.perf_counter() - prepared.claimed_at)
     log.info("extract[%s]: %d images in %.1f s (%.0f images/s)", shard.name, record.rows, seconds, record.rows / max(seconds, 1e-9))
     return ExtractedShard(record=record, inference_seconds=seconds)
 

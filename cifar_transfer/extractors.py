@@ -16,6 +16,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 import numpy as np
@@ -38,7 +39,12 @@ INT8_CALIBRATION_IMAGES = 300  # NNCF's default subset: activation ranges settle
 
 
 class Extractor(Protocol):
+    """`submit` queues a shard's batches behind those already submitted and returns at once with its features'
+    future, so the engine goes from one shard to the next without draining; calling it waits for the features."""
+
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray: ...
+
+    def submit(self, images: np.ndarray, batch_size: int) -> Future[np.ndarray]: ...
 
 
 class KerasExtractor:
@@ -51,10 +57,21 @@ class KerasExtractor:
         # No autograph: a plain call needs no source conversion, and autograph's parsing raced with another
         # thread's in CPython 3.11 once here ("SystemError: AST constructor recursion depth mismatch").
         self.forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
+        self._computing = threading.Lock()  # one shard at a time: TensorFlow already spreads each batch over every core
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         outputs = [self.forward(images[start : start + batch_size]).numpy() for start in range(0, len(images), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output.shape[1:]), np.float32)
+
+    def submit(self, images: np.ndarray, batch_size: int) -> Future[np.ndarray]:
+        """TensorFlow runs a batch at a time on every core, so there is nothing to keep in flight: computed now."""
+        done: Future[np.ndarray] = Future()
+        try:
+            with self._computing:
+                done.set_result(self(images, batch_size))
+        except Exception as error:
+            done.set_exception(error)
+        return done
 
 
 class OpenVINOExtractor:
@@ -67,21 +84,49 @@ class OpenVINOExtractor:
             model, "CPU", {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "THROUGHPUT"}
         )
         self.requests = ov.AsyncInferQueue(self.compiled)
+        self.requests.set_callback(_OpenVINOJob.collect)
         self.output_shape = tuple(dimension.get_length() for dimension in self.compiled.output(0).get_partial_shape()[1:])
         self.source_model = source_model  # the float32 Keras model it was converted from, when built in this process
+        self._submitting = threading.Lock()  # one shard's batches enter the queue together, in order
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        features = np.empty((len(images), *self.output_shape), np.float32)
+        return self.submit(images, batch_size).result()
 
-        def collect(request, start: int) -> None:
+    def submit(self, images: np.ndarray, batch_size: int) -> Future[np.ndarray]:
+        """Queue every batch of `images` behind those in flight (waiting only for free requests) and return."""
+        job = _OpenVINOJob(np.empty((len(images), *self.output_shape), np.float32), -(-len(images) // batch_size))
+        with self._submitting:
+            for start in range(0, len(images), batch_size):
+                self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=(job, start))
+        if not len(images):
+            job.done.set_result(job.features)
+        return job.done
+
+
+class _OpenVINOJob:
+    """One submitted shard: its features, filled in by the requests' callbacks, done when its last batch is."""
+
+    def __init__(self, features: np.ndarray, batches: int):
+        self.features = features
+        self.batches_left = batches
+        self.done: Future[np.ndarray] = Future()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def collect(request, userdata: tuple[_OpenVINOJob, int]) -> None:
+        job, start = userdata
+        try:
             result = request.get_output_tensor(0).data
-            features[start : start + len(result)] = result
-
-        self.requests.set_callback(collect)
-        for start in range(0, len(images), batch_size):
-            self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=start)
-        self.requests.wait_all()
-        return features
+            job.features[start : start + len(result)] = result
+        except Exception as error:  # an engine error: the shard's waiter raises it, the engine goes on
+            if not job.done.done():
+                job.done.set_exception(error)
+            return
+        with job.lock:
+            job.batches_left -= 1
+            finished = job.batches_left == 0
+        if finished and not job.done.done():
+            job.done.set_result(job.features)
 
 
 def float32_reference(spec: FeatureSpec, extractor: Extractor, image_shape: tuple[int, int, int]) -> Extractor:

@@ -18,6 +18,12 @@ class ExtractedShard(BaseModel):
     process_id: int = Field(default_factory=os.getpid)
 
 
+class ExtractedShards(BaseModel):
+    """The shards one task run extracted, in order."""
+
+    shards: list[ExtractedShard]
+
+
 class ExtractionStats(BaseModel):
     shards: int
     shards_computed: int
@@ -60,6 +66,11 @@ class ExtractionProgress:
     def fraction(self) -> float:
         return len(self.records) / self.shards if self.shards else 1.0
 
+    @property
+    def rate(self) -> float:
+        """Images computed per second since the extraction started (0 before any)."""
+        return self.images_computed / (time.perf_counter() - self.started) if self.images_computed else 0.0
+
     def add(self, extracted: ExtractedShard) -> str:
         """Count one finished shard; returns the progress line to log (counts, images/s, ETA)."""
         self.records.append(extracted.record)
@@ -68,8 +79,7 @@ class ExtractionProgress:
             self.processes.add(extracted.process_id)
             self.shards_computed += 1
             self.images_computed += extracted.record.rows
-        elapsed = time.perf_counter() - self.started
-        rate = self.images_computed / elapsed if self.images_computed else 0.0
+        rate = self.rate
         remaining_images = (self.shards - len(self.records)) * (self.images / len(self.records))
         eta = duration(remaining_images / rate) if rate and remaining_images else "-"
         return (

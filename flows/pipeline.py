@@ -15,24 +15,26 @@ download -> decode -> choose engine -> extract shards -> manifests -> (t-SNE, he
 from __future__ import annotations
 
 from prefect import flow, tags
+from prefect.futures import PrefectFuture
 
 from cifar_transfer.audit.stage import AuditResult
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
 from cifar_transfer.extractors import release_extractors
 from cifar_transfer.feature_records import FeatureSetInfo
-from cifar_transfer.progress import ExtractedFeatures, ExtractionStats
+from cifar_transfer.progress import ExtractedFeatures, ExtractedShards, ExtractionStats
 from cifar_transfer.report import RunSummary
+from cifar_transfer.shards import Shard
 from cifar_transfer.tasks.audit import audit_task, find_head_task
 from cifar_transfer.tasks.collection import watch_collection_task
 from cifar_transfer.tasks.credentials import use_storage_credentials
 from cifar_transfer.tasks.engines import choose_engine_task
-from cifar_transfer.tasks.extract import extract_shard_task, plan_extraction_task
+from cifar_transfer.tasks.extract import extract_shards_task, plan_extraction_task
 from cifar_transfer.tasks.features import commit_feature_set_task, find_feature_set_task
 from cifar_transfer.tasks.head import train_head_task
 from cifar_transfer.tasks.predict import predict_task
-from cifar_transfer.tasks.progress import wait_for_shards
+from cifar_transfer.tasks.progress import extract_in_runs
 from cifar_transfer.tasks.report import publish_report_task
-from cifar_transfer.tasks.runners import shard_runner
+from cifar_transfer.tasks.runners import runs_at_once, shard_runner
 from cifar_transfer.tasks.sources import PreparedSource, prepare_source
 from cifar_transfer.tasks.tsne import tsne_task
 
@@ -46,7 +48,9 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
     extraction = config.extraction_settings
     engine = choose_engine_task(extraction, config.storage, dataset)
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
-    extracted = extract_shards.with_options(task_runner=shard_runner(config.runner_settings))(config.storage, extraction, spec, dataset)
+    runner = config.runner_settings
+    shards = extract_shards.with_options(task_runner=shard_runner(runner))
+    extracted = shards(config.storage, extraction, spec, dataset, runs_at_once(runner))
     features = commit_feature_set_task(
         config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, dataset.collection, dataset.unusable
     )
@@ -54,14 +58,18 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
 
 
 @flow(name="extract-shards", flow_run_name="shards-{spec.backbone}")
-def extract_shards(storage_url: str, settings: ExtractionSettings, spec: FeatureSpec, dataset: PreparedSource) -> ExtractedFeatures:
-    """Every shard still to compute as its own task, on the task runner the config chose; finished ones are reused."""
+def extract_shards(
+    storage_url: str, settings: ExtractionSettings, spec: FeatureSpec, dataset: PreparedSource, runs_at_once: int = 2
+) -> ExtractedFeatures:
+    """The shards still to compute in task runs sized by time, `runs_at_once` of them going, on the task runner the
+    config chose; finished ones are reused."""
     plan = plan_extraction_task(storage_url, spec, dataset, settings.shard_size, settings.flip)
-    futures = []
-    for shard in plan.to_compute:
-        with tags(spec.backbone, shard.split):
-            futures.append(extract_shard_task.submit(storage_url, spec, dataset, shard, settings.resolved_batch_size))
-    records, stats = wait_for_shards(plan.reused, futures)
+
+    def submit(shards: list[Shard]) -> PrefectFuture[ExtractedShards]:
+        with tags(spec.backbone, *sorted({shard.split for shard in shards})):
+            return extract_shards_task.submit(storage_url, spec, dataset, shards, settings.resolved_batch_size)
+
+    records, stats = extract_in_runs(plan.reused, plan.to_compute, submit, runs_at_once)
     release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
     return ExtractedFeatures(records=records, stats=stats, retired=plan.retired)
 

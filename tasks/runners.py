@@ -36,8 +36,15 @@ def shard_runner(settings: RunnerSettings):
         return DaskTaskRunner(cluster_kwargs={"n_workers": settings.workers, "threads_per_worker": 1, "processes": True})
     if settings.task_runner == "ray":
         return ray_runner(settings)
-    # Two threads: while one shard runs the backbone, the other reads its rows or writes Parquet.
+    # Two threads, for the two task runs `runs_at_once` keeps going; each reads and writes its shards in threads of
+    # its own while the engine computes (`extract.extract_shards`).
     return ThreadPoolTaskRunner(max_workers=2)
+
+
+def runs_at_once(settings: RunnerSettings) -> int:
+    """Shard task runs kept going at once: two in this process (one's start and end overlap the other's work, on one
+    engine), else one per worker process."""
+    return 2 if settings.task_runner == "thread" else max(2, settings.workers)
 
 
 def visible_gpu_ids() -> list[str]:

@@ -221,6 +221,30 @@ def test_shard_parquet_follows_the_contract(one_shard):
 
 
 @pytest.mark.slow
+def test_shards_through_one_pipeline_are_each_its_own_rows_features_in_order(one_shard):
+    """OpenVINO keeps the next shard's batches queued behind the current one's; every file still holds exactly its own
+    rows' features, a shard found done on the way is reused in its place, and the results come back in plan order."""
+    storage_url, spec, dataset, _ = one_shard
+    spec = spec.model_copy(update={"engine": "openvino"})
+    shards = plan_shards({"train": dataset.sizes["train"]}, 64)
+    assert len(shards) == 4
+    done_before = extract_shard(storage_url, spec, dataset, shards[1], batch_size=16)
+
+    extracted = extract.extract_shards(storage_url, spec, dataset, shards, batch_size=16)
+
+    assert [one.record.start for one in extracted] == [shard.start for shard in shards]
+    assert extracted[1].record == done_before.record and extracted[1].inference_seconds is None
+    assert all(one.inference_seconds is not None for number, one in enumerate(extracted) if number != 1)
+    images = np.load(f"{dataset.folder}/train_images.npy")
+    engine = get_extractor(spec, (32, 32, 3), storage_url)
+    for shard in shards:
+        table = pq.read_table(shard_path(Storage(storage_url), spec, shard))
+        assert table.column("index").to_pylist() == list(range(shard.start, shard.stop))
+        stored = np.stack(table.column("features").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(stored, engine(images[shard.start : shard.stop], 16))
+
+
+@pytest.mark.slow
 def test_damaged_or_foreign_shards_are_detected_and_recomputed(one_shard, tmp_path):
     storage_url, spec, dataset, shard = one_shard
     storage = Storage(storage_url)
