@@ -70,6 +70,7 @@ def test_a_preset_folder_gives_its_sizes_resizing_and_poolings(presets):
     assert spec.folder_name == f"hub-dinov2-24px-stages-{spec.fingerprint}"
 
 
+@pytest.mark.slow
 def test_the_fingerprint_follows_the_presets_content(presets, tmp_path):
     options = {"source": "/data/c.tar.gz", "md5": "none"}
 
@@ -115,6 +116,7 @@ def test_each_family_gives_keras_hubs_own_tokens_pooled(presets, family):
     assert not np.allclose(seeded, found["avg"]) and np.array_equal(seeded, features(preset, "avg", weights="none", seed=7))
 
 
+@pytest.mark.slow
 def test_dinov2_takes_other_multiples_of_its_patch(presets):
     assert features(presets["dinov2"], "none", input_size=32).shape == (6, 4, 4, TINY.width)
 
