@@ -132,6 +132,20 @@ def finished_run(prefect_api, tmp_path_factory):
     return cifar_transfer(tiny_config((archive, md5), tmp_path_factory.mktemp("finished") / "storage"))
 
 
+@pytest.fixture(scope="session")
+def ridge_run(prefect_api, tmp_path_factory):
+    """One run of `tiny_config`'s settings with a ridge head and no map, made once per session: what `predict` and
+    the audit start from (a ridge head is exact and quick to refit). Its RunSummary; read it, never write to it
+    (copy its storage to change it)."""
+    from test_flow import tiny_config
+
+    from cifar_transfer.flows.pipeline import cifar_transfer
+
+    folder = tmp_path_factory.mktemp("ridge-run")
+    md5 = write_archive(folder / "cifar-10-python.tar.gz", cifar_members())
+    return cifar_transfer(tiny_config((folder / "cifar-10-python.tar.gz", md5), folder / "storage", head="ridge", tsne_sample=0))
+
+
 def copy_of_finished_run(finished_run, archive: tuple[Path, str], storage: Path, **options):
     """`tiny_config(archive, storage, **options)` over a copy of `finished_run`'s storage (its records name places
     relative to their storage, so the copy's point into the copy)."""

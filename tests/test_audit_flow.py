@@ -6,28 +6,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_flow import tiny_config
 
 from cifar_transfer.flows.cli import add_similar_arguments, similar_command
-from cifar_transfer.flows.pipeline import audit_features, cifar_transfer
-from conftest import cifar_members, write_archive
+from cifar_transfer.flows.pipeline import audit_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 @pytest.fixture(scope="module")
-def run(prefect_api, tmp_path_factory):
+def run(ridge_run, tmp_path_factory):
+    """A copy of the session's finished ridge run (the audit writes beside its features)."""
     folder = tmp_path_factory.mktemp("audit")
-    archive = folder / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, cifar_members())
-    config = tiny_config((archive, md5), folder / "storage", head="ridge", tsne_sample=0)
-    summary = cifar_transfer(config)
-    images = np.load(folder / "storage" / "datasets" / f"cifar10-{md5}" / "train_images.npy")
+    shutil.copytree(ridge_run.config.storage, folder / "storage")
+    config = ridge_run.config.model_copy(update={"storage": str(folder / "storage")})
+    summary = ridge_run  # the copy's feature set and head keys are the original's
+    images = np.load(folder / "storage" / "datasets" / f"cifar10-{config.md5}" / "train_images.npy")
     return {"config": config, "summary": summary, "images": images, "folder": folder}
 
 

@@ -13,29 +13,23 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_flow import tiny_config
 
 from cifar_transfer import extractors
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.flows.cli import add_predict_arguments, predict_command
-from cifar_transfer.flows.pipeline import cifar_transfer
 from cifar_transfer.predict import Predictor, predict
 from cifar_transfer.sources.unlabelled import UnlabelledImages
 from cifar_transfer.trained import find_head
-from conftest import cifar_members, write_archive
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 @pytest.fixture(scope="module")
-def run(prefect_api, tmp_path_factory):
-    """One finished run on the tiny archive, its 100 test images as PNG files, and what the run predicted for them."""
+def run(ridge_run, tmp_path_factory):
+    """The session's finished ridge run, its 100 test images as PNG files, and what the run predicted for them."""
     folder = tmp_path_factory.mktemp("predict")
-    archive = folder / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, cifar_members())
-    config = tiny_config((archive, md5), folder / "storage", head="ridge", tsne_sample=0)
-    summary = cifar_transfer(config)
-    images = np.load(folder / "storage" / "datasets" / f"cifar10-{md5}" / "test_images.npy")
+    summary, config = ridge_run, ridge_run.config
+    images = np.load(f"{config.storage}/datasets/cifar10-{config.md5}/test_images.npy")
     pictures = folder / "pictures"
     pictures.mkdir()
     for index, image in enumerate(images):
