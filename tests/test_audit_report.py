@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_html_report import chromium_executable, report_inputs
+from test_html_report import chromium_page, report_inputs
 
 from cifar_transfer.html_report import AuditGalleries, AuditTile, render_html_report
 
@@ -46,32 +46,21 @@ def test_the_audit_section_is_left_out_without_an_audit_and_escapes_its_text():
 
 @pytest.mark.slow
 def test_the_audit_galleries_show_their_pictures_in_chromium(tmp_path):
-    executable = chromium_executable()
-    if executable is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set CHROMIUM to its path)")
-    from playwright.sync_api import sync_playwright
-
     shown = galleries()
     report = tmp_path / "report.html"
     report.write_text(render_html_report(**report_inputs(), audit=shown), encoding="utf-8")
     problems: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.goto(report.as_uri(), wait_until="load")
-            assert page.inner_text("#audit-summary").startswith("1 test images have a near-duplicate in train")
-            pair = np.array(page.evaluate(IMAGE_PIXELS, "#audit-duplicates img"), np.uint8).reshape(2, 32, 32, 4)[..., :3]
-            assert np.array_equal(pair[0], shown.duplicates[0].pictures[0]) and np.array_equal(pair[1], pair[0])  # lossless PNG
-            items = page.eval_on_selector_all("#audit-label-issues li", "items => items.map(item => item.innerText)")
-            assert ["given: cat" in items[0], "suggested: dog" in items[0], "suggested: airplane" in items[1]] == [True, True, True]
-            assert page.inner_text("#audit-outliers") == "None."
-            assert page.locator("#audit-duplicates img").first.bounding_box()["width"] == 96
-            if os.environ.get("CIFAR_TRANSFER_SCREENSHOT_DIR"):
-                folder = Path(os.environ["CIFAR_TRANSFER_SCREENSHOT_DIR"])
-                folder.mkdir(parents=True, exist_ok=True)
-                page.locator("#audit").screenshot(path=folder / "audit-screenshot.png")
-        finally:
-            browser.close()
+    with chromium_page(problems) as page:
+        page.goto(report.as_uri(), wait_until="load")
+        assert page.inner_text("#audit-summary").startswith("1 test images have a near-duplicate in train")
+        pair = np.array(page.evaluate(IMAGE_PIXELS, "#audit-duplicates img"), np.uint8).reshape(2, 32, 32, 4)[..., :3]
+        assert np.array_equal(pair[0], shown.duplicates[0].pictures[0]) and np.array_equal(pair[1], pair[0])  # lossless PNG
+        items = page.eval_on_selector_all("#audit-label-issues li", "items => items.map(item => item.innerText)")
+        assert ["given: cat" in items[0], "suggested: dog" in items[0], "suggested: airplane" in items[1]] == [True, True, True]
+        assert page.inner_text("#audit-outliers") == "None."
+        assert page.locator("#audit-duplicates img").first.bounding_box()["width"] == 96
+        if os.environ.get("CIFAR_TRANSFER_SCREENSHOT_DIR"):
+            folder = Path(os.environ["CIFAR_TRANSFER_SCREENSHOT_DIR"])
+            folder.mkdir(parents=True, exist_ok=True)
+            page.locator("#audit").screenshot(path=folder / "audit-screenshot.png")
     assert not problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -90,6 +91,24 @@ def chromium_executable() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def chromium_page(problems: list[str]):
+    """A headless Chromium page (1280x900) whose page errors land in `problems`; the test opens its report in it."""
+    executable = chromium_executable()
+    if executable is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set CHROMIUM to its path)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            yield page
+        finally:
+            browser.close()
+
+
 THUMB_PIXELS = """() => {
   const canvas = document.getElementById("tsne-thumb");
   return Array.from(canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data);
@@ -98,83 +117,72 @@ THUMB_PIXELS = """() => {
 
 @pytest.mark.slow
 def test_the_page_works_offline_in_chromium(tmp_path):
-    executable = chromium_executable()
-    if executable is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set CHROMIUM to its path)")
-    from playwright.sync_api import sync_playwright
-
     inputs = report_inputs()
     report = tmp_path / "report.html"
     report.write_text(render_html_report(**inputs), encoding="utf-8")
     problems: list[str] = []
     requests: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(report.as_uri(), wait_until="load")
+    with chromium_page(problems) as page:
+        page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(report.as_uri(), wait_until="load")
 
-            assert page.evaluate("window.reportMap.count") == 200
-            assert page.locator("#tsne-tooltip").is_hidden()
-            page.locator("#tsne-canvas").scroll_into_view_if_needed()
-            positions = np.array(
-                [
-                    [point["x"], point["y"]]
-                    for point in page.evaluate(
-                        "() => Array.from({length: window.reportMap.count}, (_, i) => window.reportMap.screenPosition(i))"
-                    )
-                ]
-            )
-            gaps = np.sqrt(((positions[:, None] - positions[None]) ** 2).sum(axis=2)) + np.eye(200) * 1e9
-            isolated = gaps.min(axis=1) > 4  # so the mouse, at whole pixels, is nearest to that point and no other
-            right = inputs["map_truth"] == inputs["map_predicted"]
-            for index in (np.flatnonzero(isolated & right)[0], np.flatnonzero(isolated & ~right)[0]):
-                scroll = page.evaluate("() => ({x: window.scrollX, y: window.scrollY})")
-                page.mouse.move(positions[index, 0] - scroll["x"], positions[index, 1] - scroll["y"])
-                assert page.locator("#tsne-tooltip").is_visible()
-                assert page.inner_text("#tsne-tip-true") == f"true: {CLASSES[inputs['map_truth'][index]]}"
-                assert page.inner_text("#tsne-tip-predicted") == f"predicted: {CLASSES[inputs['map_predicted'][index]]}"
-                marked_wrong = page.evaluate("() => document.getElementById('tsne-tip-predicted').classList.contains('wrong')")
-                assert marked_wrong == (not right[index])
-                page.wait_for_function(f"() => ({THUMB_PIXELS})().some((value, k) => k % 4 === 3 && value > 0)")
-                shown = np.array(page.evaluate(THUMB_PIXELS), np.float64).reshape(32, 32, 4)[..., :3]
-                # JPEG keeps random noise within a few levels; another point's image would differ by ~85 on average.
-                assert np.abs(shown - inputs["map_images"][index]).mean() < 20
-            if os.environ.get("CIFAR_TRANSFER_SCREENSHOT_DIR"):
-                folder = Path(os.environ["CIFAR_TRANSFER_SCREENSHOT_DIR"])
-                folder.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=folder / "report-screenshot.png")
-            page.mouse.move(1, 1)
-            assert page.locator("#tsne-tooltip").is_hidden()
-
-            matrix = np.array(
-                page.eval_on_selector_all(
-                    "#confusion-matrix tbody tr",
-                    "rows => rows.map(row => Array.from(row.querySelectorAll('td'), cell => Number(cell.textContent)))",
+        assert page.evaluate("window.reportMap.count") == 200
+        assert page.locator("#tsne-tooltip").is_hidden()
+        page.locator("#tsne-canvas").scroll_into_view_if_needed()
+        positions = np.array(
+            [
+                [point["x"], point["y"]]
+                for point in page.evaluate(
+                    "() => Array.from({length: window.reportMap.count}, (_, i) => window.reportMap.screenPosition(i))"
                 )
-            )
-            expected = np.zeros((10, 10), int)
-            np.add.at(expected, (inputs["test_truth"], inputs["test_predicted"]), 1)
-            assert matrix.shape == (10, 10) and matrix.sum() == 300
-            assert (matrix == expected).all()
+            ]
+        )
+        gaps = np.sqrt(((positions[:, None] - positions[None]) ** 2).sum(axis=2)) + np.eye(200) * 1e9
+        isolated = gaps.min(axis=1) > 4  # so the mouse, at whole pixels, is nearest to that point and no other
+        right = inputs["map_truth"] == inputs["map_predicted"]
+        for index in (np.flatnonzero(isolated & right)[0], np.flatnonzero(isolated & ~right)[0]):
+            scroll = page.evaluate("() => ({x: window.scrollX, y: window.scrollY})")
+            page.mouse.move(positions[index, 0] - scroll["x"], positions[index, 1] - scroll["y"])
+            assert page.locator("#tsne-tooltip").is_visible()
+            assert page.inner_text("#tsne-tip-true") == f"true: {CLASSES[inputs['map_truth'][index]]}"
+            assert page.inner_text("#tsne-tip-predicted") == f"predicted: {CLASSES[inputs['map_predicted'][index]]}"
+            marked_wrong = page.evaluate("() => document.getElementById('tsne-tip-predicted').classList.contains('wrong')")
+            assert marked_wrong == (not right[index])
+            page.wait_for_function(f"() => ({THUMB_PIXELS})().some((value, k) => k % 4 === 3 && value > 0)")
+            shown = np.array(page.evaluate(THUMB_PIXELS), np.float64).reshape(32, 32, 4)[..., :3]
+            # JPEG keeps random noise within a few levels; another point's image would differ by ~85 on average.
+            assert np.abs(shown - inputs["map_images"][index]).mean() < 20
+        if os.environ.get("CIFAR_TRANSFER_SCREENSHOT_DIR"):
+            folder = Path(os.environ["CIFAR_TRANSFER_SCREENSHOT_DIR"])
+            folder.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=folder / "report-screenshot.png")
+        page.mouse.move(1, 1)
+        assert page.locator("#tsne-tooltip").is_hidden()
 
-            gallery = page.eval_on_selector_all(
-                "#wrong-gallery .wrong-item",
-                """items => items.map(item => ({
-                index: Number(item.dataset.index), confidence: Number(item.dataset.confidence),
-                width: item.querySelector('img').naturalWidth, text: item.innerText}))""",
+        matrix = np.array(
+            page.eval_on_selector_all(
+                "#confusion-matrix tbody tr",
+                "rows => rows.map(row => Array.from(row.querySelectorAll('td'), cell => Number(cell.textContent)))",
             )
-            wrong = np.flatnonzero(inputs["test_truth"] != inputs["test_predicted"])
-            assert len(wrong) > 24 and len(gallery) == 24
-            assert [item["index"] for item in gallery] == list(wrong[np.argsort(-inputs["test_confidence"][wrong], kind="stable")][:24])
-            assert all(first["confidence"] >= second["confidence"] for first, second in zip(gallery, gallery[1:], strict=False))
-            assert all(item["width"] == 32 for item in gallery)
-            first = gallery[0]["index"]
-            assert f"predicted: {CLASSES[inputs['test_predicted'][first]]}" in gallery[0]["text"]
-        finally:
-            browser.close()
+        )
+        expected = np.zeros((10, 10), int)
+        np.add.at(expected, (inputs["test_truth"], inputs["test_predicted"]), 1)
+        assert matrix.shape == (10, 10) and matrix.sum() == 300
+        assert (matrix == expected).all()
+
+        gallery = page.eval_on_selector_all(
+            "#wrong-gallery .wrong-item",
+            """items => items.map(item => ({
+            index: Number(item.dataset.index), confidence: Number(item.dataset.confidence),
+            width: item.querySelector('img').naturalWidth, text: item.innerText}))""",
+        )
+        wrong = np.flatnonzero(inputs["test_truth"] != inputs["test_predicted"])
+        assert len(wrong) > 24 and len(gallery) == 24
+        assert [item["index"] for item in gallery] == list(wrong[np.argsort(-inputs["test_confidence"][wrong], kind="stable")][:24])
+        assert all(first["confidence"] >= second["confidence"] for first, second in zip(gallery, gallery[1:], strict=False))
+        assert all(item["width"] == 32 for item in gallery)
+        first = gallery[0]["index"]
+        assert f"predicted: {CLASSES[inputs['test_predicted'][first]]}" in gallery[0]["text"]
     assert problems == []
     assert requests and all(url == report.as_uri() or url.startswith("data:") for url in requests), requests
