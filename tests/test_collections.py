@@ -114,7 +114,10 @@ def test_a_folder_grows_shrinks_and_changes_touching_only_the_shards_that_hold_w
     assert [record.number for record in manifest.shards] == [1, 3, 4, 5] and manifest.rows == 32
     current = features_by_key(str(storage), "train")
     assert "train/cat/0000.png" not in current and not np.array_equal(current["train/ship/0009.png"], before["train/ship/0009.png"])
-    assert all(np.array_equal(current[key], before[key]) for key in before if key not in ("train/cat/0000.png", "train/ship/0009.png"))
+    # An unchanged image keeps its features: a kept shard is not rewritten; where its shard was recomputed with other
+    # neighbours in its batches, within float rounding (oneDNN on this AVX2 CPU rounds by batch: 8e-17 on 1e-9 features).
+    for key in set(before) - {"train/cat/0000.png", "train/ship/0009.png"}:
+        np.testing.assert_allclose(current[key], before[key], rtol=1e-5, atol=1e-5 * np.abs(before[key]).max(), err_msg=key)
     assert os.path.exists(os.path.join(first.folder, "train", "part-00000.parquet")), "a reader of version 2 may still need it"
     assert verify_feature_set(str(storage), first.folder) == {
         "train/part-00000.parquet": ["not listed in the manifest"],
