@@ -73,7 +73,7 @@ def webhook_receiver():
             self.end_headers()
 
         def log_message(self, *_):
-            pass
+            """Quiet: the test reads what the receiver got, not its access log."""
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
