@@ -94,7 +94,6 @@ def judge(storage: Storage, info: FeatureSetInfo, grace_seconds: float, force: b
     frees nothing of its target)."""
     if outside := _outside_root(storage, info.folder):
         return SetEviction(folder=info.folder, fingerprint=info.fingerprint, created_at=info.created_at, bytes=0, kept_because=outside)
-    storage.fs.invalidate_cache(info.folder)
     files = storage.fs.find(info.folder, detail=True)
     reason = _live_writer(storage, info.folder, list(files)) or (None if force else _fresh(files, grace_seconds))
     return SetEviction(

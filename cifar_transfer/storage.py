@@ -58,6 +58,17 @@ def set_storage_options(source: StorageOptions | None) -> None:
     _storage_options = source
 
 
+def open_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of any URL the pipeline reads or writes (storage roots and sources alike), with the
+    options `set_storage_options` gives it.
+
+    fsspec's listings cache is off: runs and other processes share these places, and a listing cached by one
+    thread (or fetched before another run's write and stored after it) would hide files that are there.
+    """
+    options = {"use_listings_cache": False, **(_storage_options(url) if _storage_options else {})}
+    return fsspec.core.url_to_fs(url, **options)
+
+
 class Storage:
     """The storage root and the layout of everything the pipeline writes under it."""
 
@@ -66,8 +77,7 @@ class Storage:
 
     @cached_property
     def _fs_and_root(self):
-        options = _storage_options(self.url) if _storage_options else {}
-        return fsspec.core.url_to_fs(self.url, **options)
+        return open_url(self.url)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -95,8 +105,7 @@ class Storage:
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def exists(self, path: str) -> bool:
-        """Whether `path` is there now: listings cached by fsspec may predate other runs' writes."""
-        self.fs.invalidate_cache(path)
+        """Whether `path` is there now (asked of the store: see `_fs_and_root`)."""
         return self.fs.exists(path)
 
     def check_writable(self, folder: str, what: str) -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-import fsspec
-
 from cifar_transfer.errors import SourceError
 from cifar_transfer.redact import redact
+from cifar_transfer.storage import open_url
 
 ARCHIVE_FORMATS = ("cifar10", "cifar100")
 COLLECTION_FORMATS = ("folder", "parquet")
@@ -39,7 +38,7 @@ def collection_format(source: str, source_format: str) -> str:
         return source_format
     if _names_a_table(source.split("?", 1)[0].rstrip("/").lower()):
         return "parquet"
-    fs, root = fsspec.core.url_to_fs(source)
+    fs, root = open_url(source)
     if not fs.isdir(root):
         raise SourceError(f"source {redact(source)!r} is neither a folder nor a .parquet table: check --source")
     top = fs.ls(root, detail=True)

@@ -21,14 +21,13 @@ import hashlib
 import posixpath
 from collections.abc import Iterator
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.errors import ConfigError, SourceError, is_transient
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing
 from cifar_transfer.sources.files import GONE, MAX_FILE_MB, fetch, fetch_error, file_limit, read_bounded, walk
-from cifar_transfer.storage import file_stamp
+from cifar_transfer.storage import file_stamp, open_url
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 LAYOUTS = "expected ROOT/<class>/<image>, or ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
@@ -44,7 +43,7 @@ class FolderSource:
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.limit = file_limit(max_file_mb)
-        self._fs, path = fsspec.core.url_to_fs(root)
+        self._fs, path = open_url(root)
         self._local = isinstance(self._fs, LocalFileSystem)
         self._path = posixpath.normpath(path) if self._local else path.rstrip("/")  # fsspec made a local path absolute
         self._prefix = self._path.rstrip("/") + "/"
@@ -76,7 +75,7 @@ class FolderSource:
             info = files[key]
             splits[split].append(Item(key=key, label=labels[name], version=f"{info.get('size')}-{file_stamp(info)}"))
 
-        identity = {"format": "folder", "root": self._shown_root, "layout": layout}
+        identity: dict[str, object] = {"format": "folder", "root": self._shown_root, "layout": layout}
         if layout == "class-folders":
             identity |= {"test_fraction": self.test_fraction, "split_seed": self.split_seed}
         return Listing(classes=classes, splits=splits, identity=identity | {"classes": classes}, skipped=skipped)
@@ -86,7 +85,6 @@ class FolderSource:
         and the folders that could not be listed, with the reason."""
         if self._local:
             return walk(self._path)
-        self._fs.invalidate_cache(self._path)  # an object store's cached listing may predate new files
         start = len(self._prefix)
         found = self._fs.find(self._path, detail=True)
         return {name[start:]: info for name, info in found.items() if "/." not in "/" + name[start:]}, []

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -36,7 +35,7 @@ from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.redact import redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing, UnreadableItem
 from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, not_a_regular_file, over_limit, read_bounded
-from cifar_transfer.storage import file_stamp
+from cifar_transfer.storage import file_stamp, open_url
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class ParquetSource:
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.limit = file_limit(max_file_mb)
-        self.fs, self._path = fsspec.core.url_to_fs(source)
+        self.fs, self._path = open_url(source)
         self._is_glob = bool(GLOB_MAGIC.search(self._path))
         self._is_dir = not self._is_glob and self.fs.isdir(self._path)
         self._root = self._find_root().rstrip("/")
@@ -102,7 +101,6 @@ class ParquetSource:
     def _files(self) -> tuple[list[_File], list[str]]:
         """The table's files now, with their identities (from the listing itself, so one call per folder); and the
         local entries that are not regular files (a FIFO named like a table would block its reader), with why."""
-        self.fs.invalidate_cache()  # another process may have added a file since this one last listed
         if self._is_glob:
             found = self.fs.glob(self._path, detail=True)
         elif self._is_dir:
@@ -369,7 +367,7 @@ def _hub_class_names(metadata: dict[bytes, bytes] | None, label_column: str) -> 
 def _read_classes_file(url: str) -> list[str]:
     """Class names from a file: one per line, or a JSON list; never more than `CLASSES_FILE_BYTES` read (a FIFO or
     `/dev/zero` given as the file is refused, not read forever)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = open_url(url)
     data: bytes | None
     problem: str | None
     if not (os.path.lexists(path) if isinstance(fs, LocalFileSystem) else fs.exists(path)):

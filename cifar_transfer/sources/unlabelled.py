@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Iterator
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.errors import SourceError
@@ -21,6 +20,7 @@ from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.files import MAX_FILE_MB, READ_BATCH, fetch, fetch_error, file_limit, not_a_regular_file, read_bounded, walk
 from cifar_transfer.sources.folder import IMAGE_EXTENSIONS
 from cifar_transfer.sources.parquet import GLOB_MAGIC, holds_encoded_images, image_bytes, open_parquet, row_group_over_cap
+from cifar_transfer.storage import open_url
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class UnlabelledImages:
         self.source = source
         self.image_column = image_column
         self.limit = file_limit(max_file_mb)
-        self.fs, path = fsspec.core.url_to_fs(source)
+        self.fs, path = open_url(source)
         self._local = isinstance(self.fs, LocalFileSystem)
         self._sizes: dict[str, int] = {}  # listed sizes of an object store's files, checked against the cap before a read
         files, single = self._list(path)
@@ -61,7 +61,6 @@ class UnlabelledImages:
 
     def _list(self, path: str) -> tuple[list[str], bool]:
         """(files, whether SOURCE names one file): a glob's matches, everything under a folder but hidden entries, or the file."""
-        self.fs.invalidate_cache()
         if GLOB_MAGIC.search(path):
             found = {name: info for name, info in self.fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         elif self.fs.isdir(path):
