@@ -198,9 +198,12 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
     path = layout.report(head.files.folder, map_name(tsne))
     explorer_path = None
     if tsne is not None:
-        explorer_path = write_explorer(
-            storage, features, tsne, head, layout.explorer(head.files.folder, map_name(tsne)), report_href=posixpath.basename(path)
-        ).path
+        try:
+            explorer_path = write_explorer(
+                storage, features, tsne, head, layout.explorer(head.files.folder, map_name(tsne)), report_href=posixpath.basename(path)
+            ).path
+        except ValueError as exc:  # the map no longer matches the set's rows: the report is written without it
+            log.warning("no map explorer for this report: %s", exc)
     spec = features.spec
     chosen = head.metrics.chosen.description()
     html = render_html_report(

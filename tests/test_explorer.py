@@ -226,6 +226,8 @@ def test_a_run_writes_the_explorer_of_its_map_next_to_its_report_with_neighbours
     assert recall > 0.9, recall
     vectors = point_vectors(storage, summary.features.folder, splits, index)
     assert np.allclose(np.linalg.norm(vectors.projected, axis=1), 1, atol=1e-5) and vectors.full.dtype == np.float16
+    with pytest.raises(ValueError, match="1 of the map's points are not in the feature set any more: make the map again"):
+        point_vectors(storage, summary.features.folder, np.array(["train", "train"], dtype=object), np.array([0, 10**9]))
 
 
 def test_map_neighbours_rank_the_projections_candidates_by_the_full_vectors():
@@ -247,3 +249,38 @@ def test_map_neighbours_rank_the_projections_candidates_by_the_full_vectors():
     assert np.allclose(similarities, np.take_along_axis(full @ full.T, positions, axis=1), atol=2e-3)
     few, values = map_neighbours(PointVectors(projected[:3], full[:3].astype(np.float16)), 4)
     assert (few[:, 2:] == -1).all() and np.isnan(values[:, 2:]).all()
+
+
+def test_the_explorer_of_a_collection_names_its_images_and_shows_their_own_pictures(prefect_api, tmp_path):
+    """A folder of images: the explorer's keys are the image names, and each thumbnail is the image's own picture."""
+    import io
+    import zlib
+
+    from PIL import Image
+    from test_collections import CLASSES as FOLDER_CLASSES
+    from test_collections import folder_config, picture, write_tree
+
+    from cifar_transfer.explorer import write_explorer
+    from cifar_transfer.flows.pipeline import extract_features
+    from cifar_transfer.storage import Storage
+    from cifar_transfer.tsne import tsne_map
+
+    root = tmp_path / "photos"
+    keys = write_tree(root, {"train": 8, "test": 3})
+    config = folder_config(root, tmp_path / "storage", tsne_sample=1000, tsne_test=True)
+    features, _ = extract_features(config)
+    key = config.tsne_key(features.fingerprint, features.content_version)
+    tsne = tsne_map(config.storage, features.folder, key, config.tsne_settings, features.classes)
+    build = write_explorer(Storage(config.storage), features, tsne, None, str(tmp_path / "explorer.html"), None)
+    page = Path(build.path).read_text(encoding="utf-8")
+    blob = json.loads(BLOB.search(page).group(1))
+    assert build.points == blob["count"] == len(keys) and sorted(blob["keys"]) == sorted(keys)
+    ((_, tile),) = SPRITES.findall(page)
+    sheet = np.asarray(Image.open(io.BytesIO(base64.b64decode(tile))).convert("RGB"), np.float64)
+    shown = [sheet[(n // 32) * 32 : (n // 32 + 1) * 32, (n % 32) * 32 : (n % 32 + 1) * 32] for n in range(len(keys))]
+    pictures = [
+        np.asarray(picture(FOLDER_CLASSES.index(name.split("/")[1]), zlib.crc32(name.encode()) % 10_000), np.float64)
+        for name in blob["keys"]
+    ]
+    differences = np.array([[np.abs(thumb - other).mean() for other in pictures] for thumb in shown])
+    assert (differences.argmin(axis=1) == np.arange(len(keys))).all()
