@@ -44,6 +44,7 @@ def render_html_report(
     max_map_points: int = 3000,
     gallery_size: int = 24,
     audit: AuditGalleries | None = None,
+    explorer_href: str | None = None,
 ) -> str:
     """The whole page as a string; the caller writes it wherever the run keeps its outputs."""
     truth, predicted = np.asarray(test_truth, np.int64), np.asarray(test_predicted, np.int64)
@@ -52,7 +53,7 @@ def render_html_report(
     map_inputs = (map_points, map_truth, map_predicted, map_images)
     if any(item is None for item in map_inputs) and not all(item is None for item in map_inputs):
         raise ValueError("map_points, map_truth, map_predicted and map_images are all given or all None")
-    colours = _palette(len(classes))
+    colours = palette(len(classes))
     body = "\n".join(
         [
             f"<h1>{_e(title)}</h1>",
@@ -63,18 +64,23 @@ def render_html_report(
             _key_value_table("timings", "run-timings", timings, _seconds),
             "</section>",
             _accuracy_section(classes, truth, predicted),
-            _map_section(classes, colours, map_points, map_truth, map_predicted, map_images, max_map_points),
+            _map_section(classes, colours, map_points, map_truth, map_predicted, map_images, max_map_points, explorer_href),
             _gallery_section(classes, truth, predicted, confidence, test_images, gallery_size),
             *([_audit_section(audit)] if audit is not None else []),
         ]
     )
+    return html_page(title, _CSS, body)
+
+
+def html_page(title: str, css: str, body: str) -> str:
+    """A whole page: its title, its inline style and its body (already HTML)."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>
-<style>{_CSS}</style>
+<style>{css}</style>
 </head>
 <body>
 {body}
@@ -149,7 +155,7 @@ def _same_length(what: str, *arrays) -> None:
         raise ValueError(f"the {what} arrays differ in length: {sorted(lengths)}")
 
 
-def _palette(count: int) -> list[str]:
+def palette(count: int) -> list[str]:
     """tab10 while it suffices; evenly spaced hues for larger label sets."""
     if count <= len(TAB10):
         return TAB10[:count]
@@ -221,7 +227,7 @@ def _share(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "-"
 
 
-def _map_section(classes, colours, points, truth, predicted, images, max_points: int) -> str:
+def _map_section(classes, colours, points, truth, predicted, images, max_points: int, explorer_href: str | None) -> str:
     if points is None:
         return '<section><h2>t-SNE map</h2><p id="tsne-skipped">The t-SNE map was skipped for this run.</p></section>'
     points = np.asarray(points, np.float64)
@@ -231,7 +237,7 @@ def _map_section(classes, colours, points, truth, predicted, images, max_points:
         # A seeded random subsample keeps the classes' proportions and gives the same page for the same run.
         keep = sample_rows(len(points), max_points, SUBSAMPLE_SEED)
         points, truth, predicted, images = points[keep], truth[keep], predicted[keep], images[keep]
-    scaled = _unit_square(points)
+    scaled = unit_square(points)
     sprite, columns = _sprite_sheet(images)
     data = {
         "classes": list(classes),
@@ -243,15 +249,20 @@ def _map_section(classes, colours, points, truth, predicted, images, max_points:
         "thumb": {"width": int(images.shape[2]), "height": int(images.shape[1]), "columns": columns},
         "sprite": sprite,
     }
-    blob = json.dumps(data, separators=(",", ":")).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    blob = json_blob(data)
     counts = np.bincount(truth, minlength=len(classes))
+    explore = (
+        f' <a id="explorer-link" href="{_e(explorer_href)}">Explore every point of the map</a> (zoom, neighbours, audit scores).'
+        if explorer_href
+        else ""
+    )
     legend = "".join(
         f'<li><span class="swatch" style="background:{colour}"></span>{_e(name)} <small>({counts[number]})</small></li>'
         for number, (name, colour) in enumerate(zip(classes, colours, strict=True))
     )
     return f"""<section>
 <h2>t-SNE map</h2>
-<p>{len(points):,} points coloured by true class; hover a point to see its image and prediction.</p>
+<p>{len(points):,} points coloured by true class; hover a point to see its image and prediction.{explore}</p>
 <div class="map">
 <canvas id="tsne-canvas"></canvas>
 <ul class="legend">{legend}</ul>
@@ -266,7 +277,12 @@ def _map_section(classes, colours, points, truth, predicted, images, max_points:
 </section>"""
 
 
-def _unit_square(points: np.ndarray) -> np.ndarray:
+def json_blob(data: dict) -> str:
+    """JSON that is safe inside a `<script>` element: no `<`, `>` or `&` left to end it early."""
+    return json.dumps(data, separators=(",", ":")).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def unit_square(points: np.ndarray) -> np.ndarray:
     """Points scaled into [0, 1]² with one scale for both axes (t-SNE distances mean the same in every direction), centred."""
     if not len(points):
         return points.reshape(0, 2)
@@ -274,17 +290,22 @@ def _unit_square(points: np.ndarray) -> np.ndarray:
     return scaled + (1 - scaled.max(axis=0)) / 2
 
 
-def _sprite_sheet(images: np.ndarray) -> tuple[str, int]:
-    """All thumbnails on one near-square grid, as a JPEG data URI, and the grid's column count."""
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """Same-sized images on a grid `columns` wide, in rows (black where the last row ends)."""
     count, height, width = images.shape[:3]
-    columns = max(1, math.ceil(math.sqrt(count)))
     rows = max(1, math.ceil(count / columns))
     sheet = np.zeros((rows * height, columns * width, 3), np.uint8)
     for number, image in enumerate(np.asarray(images, np.uint8)):
         row, column = divmod(number, columns)
         sheet[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    return sheet
+
+
+def _sprite_sheet(images: np.ndarray) -> tuple[str, int]:
+    """All thumbnails on one near-square grid, as a JPEG data URI, and the grid's column count."""
+    columns = max(1, math.ceil(math.sqrt(len(images))))
     buffer = io.BytesIO()
-    Image.fromarray(sheet).save(buffer, "JPEG", quality=92, subsampling=0)
+    Image.fromarray(image_grid(images, columns)).save(buffer, "JPEG", quality=92, subsampling=0)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), columns
 
 

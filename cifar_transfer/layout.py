@@ -288,6 +288,11 @@ def report(head_folder: str, map_name: str) -> str:
     return posixpath.join(head_folder, f"report-{map_name}.html")
 
 
+def explorer(head_folder: str, map_name: str) -> str:
+    """The map explorer of a report (`explorer.write_explorer`), next to it and named by the same map."""
+    return posixpath.join(head_folder, f"explorer-{map_name}.html")
+
+
 def temp_file(path: str) -> str:
     """A hidden sibling for a write in progress: ignored by Parquet readers and globs, unique per writer."""
     folder, name = posixpath.split(path)

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from cifar_transfer import layout
 from cifar_transfer.config import PipelineConfig
 from cifar_transfer.evaluation import sample_rows
+from cifar_transfer.explorer import write_explorer
 from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadResult
 from cifar_transfer.html_report import AuditGalleries, AuditTile, render_html_report
@@ -194,6 +195,15 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         map_truth = embedding["label"].to_numpy()
         map_predicted = train.loc[embedding["index"], "predicted"].to_numpy()
         map_images = split_images(storage, features, "train", embedding["index"].to_numpy())
+    path = layout.report(head.files.folder, map_name(tsne))
+    explorer_path = None
+    if tsne is not None:
+        try:
+            explorer_path = write_explorer(
+                storage, features, tsne, head, layout.explorer(head.files.folder, map_name(tsne)), report_href=posixpath.basename(path)
+            ).path
+        except ValueError as exc:  # the map no longer matches the set's rows: the report is written without it
+            log.warning("no map explorer for this report: %s", exc)
     spec = features.spec
     chosen = head.metrics.chosen.description()
     html = render_html_report(
@@ -230,8 +240,8 @@ def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: Ts
         ),
         max_map_points=MAP_POINTS,
         audit=audit_galleries(storage, features, head),
+        explorer_href=posixpath.basename(explorer_path) if explorer_path else None,
     )
-    path = layout.report(head.files.folder, map_name(tsne))
     storage.write_if_changed(path, html.encode())
     log.info("HTML report: %s", report_url(storage, path))
     return path

@@ -68,3 +68,27 @@ def test_similar_finds_a_train_image_given_as_a_file_through_the_sets_own_extrac
     table = pd.read_parquet(tmp_path / "out.parquet")
     assert table["key"].tolist() == [line.split()[1] for line in lines]
     assert table["similarity"].is_monotonic_decreasing
+
+
+def test_the_explorer_reads_every_images_audit_scores_and_near_duplicate_partners(run):
+    from cifar_transfer.audit.vectors import SetRows
+    from cifar_transfer.explorer import map_audit
+    from cifar_transfer.storage import Storage
+
+    config, summary = run["config"], run["summary"]
+    result = audit_features(config)  # made by the test above, or now
+    storage = Storage(config.storage)
+    features = summary.features.model_copy(update={"folder": storage.path("features", summary.features.folder.rsplit("/", 1)[-1])})
+    splits, index, _ = SetRows.open(storage, features.folder).names()
+    shown = map_audit(storage, features, result.record.head_key, splits, index)
+    assert shown is not None and shown.summary == result.summary.line()
+    issues = pd.read_parquet(result.files.label_issues).set_index(["split", "index"])
+    names = list(zip(splits, index.tolist(), strict=True))
+    assert np.allclose(shown.label_score, issues.loc[names, "score"].to_numpy())
+    assert [features.classes[number] for number in shown.suggested] == issues.loc[names, "suggested"].tolist()
+    outliers = pd.read_parquet(result.files.outliers).set_index(["split", "index"])
+    assert np.allclose(shown.outlier_score, outliers.loc[names, "score"].to_numpy())
+    near = pd.read_parquet(result.files.duplicates).query("near_duplicate")
+    partnered = {(row.split_a, row.index_a) for row in near.itertuples()} | {(row.split_b, row.index_b) for row in near.itertuples()}
+    assert {names[point] for point in shown.duplicates} == partnered
+    assert map_audit(storage, features, "another-head", splits, index) is None

@@ -92,8 +92,9 @@ def chromium_executable() -> str | None:
 
 
 @contextlib.contextmanager
-def chromium_page(problems: list[str]):
-    """A headless Chromium page (1280x900) whose page errors land in `problems`; the test opens its report in it."""
+def chromium_page(problems: list[str], requests: list[str] | None = None):
+    """A headless Chromium page (1280x900) whose page errors land in `problems`, and with `requests` its console
+    errors too and the URL of every request it makes; the test opens its report in it."""
     executable = chromium_executable()
     if executable is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set CHROMIUM to its path)")
@@ -104,6 +105,9 @@ def chromium_page(problems: list[str]):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            if requests is not None:
+                page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
+                page.on("request", lambda request: requests.append(request.url))
             yield page
         finally:
             browser.close()
@@ -122,9 +126,7 @@ def test_the_page_works_offline_in_chromium(tmp_path):
     report.write_text(render_html_report(**inputs), encoding="utf-8")
     problems: list[str] = []
     requests: list[str] = []
-    with chromium_page(problems) as page:
-        page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
-        page.on("request", lambda request: requests.append(request.url))
+    with chromium_page(problems, requests) as page:
         page.goto(report.as_uri(), wait_until="load")
 
         assert page.evaluate("window.reportMap.count") == 200

@@ -79,11 +79,12 @@ def downgrade_feature_set(folder: Path) -> None:
 
 
 def file_identities(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `root` (but the HTML reports, which each run renders) with its inode and modification time."""
+    """Every file under `root` (but the HTML reports and map explorers, which each run renders) with its inode and
+    modification time."""
     return {
         str(path.relative_to(root)): (path.stat().st_ino, path.stat().st_mtime_ns)
         for path in root.rglob("*")
-        if path.is_file() and not path.name.startswith("report-")
+        if path.is_file() and not path.name.startswith(("report-", "explorer-"))
     }
 
 

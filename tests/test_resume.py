@@ -97,10 +97,10 @@ def test_sigkill_mid_extraction_then_resume_gives_identical_features(tiny_archiv
 
 def outputs(storage: Path, stage: str) -> dict[str, tuple[int, int]]:
     """Each file of the feature set's maps (`tsne`) or heads (`heads`) with its inode and modification time (but the
-    HTML reports, which every run renders)."""
+    HTML reports and map explorers, which every run renders)."""
     found = {}
     for path in storage.glob(f"features/*/{stage}/*/*"):
-        if not path.name.startswith("report-"):
+        if not path.name.startswith(("report-", "explorer-")):
             found[str(path.relative_to(storage))] = (path.stat().st_ino, path.stat().st_mtime_ns)
     return found
 
