@@ -240,7 +240,9 @@ def _write_keras(model, classes: list[str], path: str) -> None:
 
 def _write_savedmodel(model, classes: list[str], folder: str) -> None:
     """A plain `tf.Module`: Keras' ExportArchive (`model.export`) stored every weight twice (20 MB for MobileNetV2's 9).
-    The signature also names the class, so TF Serving's answer reads on its own."""
+    The signature also names the class, so TF Serving's answer reads on its own. The module keeps the model's
+    variables, not the model: saving walks every object the module holds, and a Keras Hub model's layers made that
+    walk half of the export's time (about 7 s of 14 for a three-block ViT)."""
     from cifar_transfer.native import load_tensorflow
 
     tf = load_tensorflow()
@@ -252,7 +254,7 @@ def _write_savedmodel(model, classes: list[str], folder: str) -> None:
         return {"probabilities": probabilities, "class_index": best, "class_name": tf.gather(names, best)}
 
     module = tf.Module()
-    module.model = model
+    module.variables_of_model = list(model.variables)  # what `serve` reads
     module.serve = tf.function(serve, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")], autograph=False)
     tf.saved_model.save(module, folder, signatures={"serving_default": module.serve})
 
