@@ -82,10 +82,15 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop."""
+    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop.
+
+    Under pytest-xdist (`-n N`; `--dist loadgroup` is in the options), the tests of a module that share a
+    module-scoped fixture form one group, run by one worker, so the fixture is made once; the rest spread freely."""
     for item in items:
         if "prefect_api" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
+        if any(definitions[-1].scope == "module" for definitions in item._fixtureinfo.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -118,6 +123,24 @@ def prefect_api():
         yield
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """`make(folder)`'s result, made once per test session, in `folder`, even when pytest-xdist runs the session in
+    several workers: the first to ask makes it under a lock in the session's shared temporary folder and pickles it
+    there (the objects whole, fields no dump shows included); the others wait for the lock and read it back."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the session's workers
+    made = root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if made.exists():
+            return pickle.loads(made.read_bytes())
+        result = make(root / name)
+        made.write_bytes(pickle.dumps(result))
+    return result
+
+
 @pytest.fixture(scope="session")
 def finished_run(prefect_api, tmp_path_factory):
     """One whole run (`cifar_transfer`) of `tiny_config`'s settings on the tiny archive, in an empty storage, made once
@@ -126,10 +149,14 @@ def finished_run(prefect_api, tmp_path_factory):
     from test_flow import tiny_config
 
     from cifar_transfer.flows.pipeline import cifar_transfer
+    from cifar_transfer.report import RunSummary
 
-    archive = tmp_path_factory.mktemp("finished-archive") / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, cifar_members())
-    return cifar_transfer(tiny_config((archive, md5), tmp_path_factory.mktemp("finished") / "storage"))
+    def make(folder: Path) -> RunSummary:
+        folder.mkdir()
+        md5 = write_archive(folder / "cifar-10-python.tar.gz", cifar_members())
+        return cifar_transfer(tiny_config((folder / "cifar-10-python.tar.gz", md5), folder / "storage"))
+
+    return made_once(tmp_path_factory, "finished-run", make)
 
 
 @pytest.fixture(scope="session")
@@ -140,10 +167,14 @@ def ridge_run(prefect_api, tmp_path_factory):
     from test_flow import tiny_config
 
     from cifar_transfer.flows.pipeline import cifar_transfer
+    from cifar_transfer.report import RunSummary
 
-    folder = tmp_path_factory.mktemp("ridge-run")
-    md5 = write_archive(folder / "cifar-10-python.tar.gz", cifar_members())
-    return cifar_transfer(tiny_config((folder / "cifar-10-python.tar.gz", md5), folder / "storage", head="ridge", tsne_sample=0))
+    def make(folder: Path) -> RunSummary:
+        folder.mkdir()
+        md5 = write_archive(folder / "cifar-10-python.tar.gz", cifar_members())
+        return cifar_transfer(tiny_config((folder / "cifar-10-python.tar.gz", md5), folder / "storage", head="ridge", tsne_sample=0))
+
+    return made_once(tmp_path_factory, "ridge-run", make)
 
 
 def copy_of_finished_run(finished_run, archive: tuple[Path, str], storage: Path, **options):
@@ -163,17 +194,21 @@ def reference_features(finished_run, tmp_path_factory):
     fingerprint. Read it, never write to it."""
     from test_flow import tiny_config
 
+    from cifar_transfer.feature_records import FeatureSetInfo
     from cifar_transfer.flows.pipeline import extract_features
-
-    archive = tmp_path_factory.mktemp("reference-archive") / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, cifar_members())
-    computed = {json.dumps({}): (finished_run.features, finished_run.extraction)}
+    from cifar_transfer.progress import ExtractionStats
 
     def reference(**options):
-        key = json.dumps(options, sort_keys=True)
-        if key not in computed:
-            computed[key] = extract_features(tiny_config((archive, md5), tmp_path_factory.mktemp("reference"), **options))
-        return computed[key]
+        if not options:
+            return finished_run.features, finished_run.extraction
+
+        def make(folder: Path) -> tuple[FeatureSetInfo, ExtractionStats]:
+            folder.mkdir()
+            md5 = write_archive(folder / "cifar-10-python.tar.gz", cifar_members())
+            return extract_features(tiny_config((folder / "cifar-10-python.tar.gz", md5), folder / "storage", **options))
+
+        name = "reference-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+        return made_once(tmp_path_factory, name, make)
 
     return reference
 
