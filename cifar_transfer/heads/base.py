@@ -20,6 +20,7 @@ from cifar_transfer.storage import Storage
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
 PREDICT_BATCH = 1024
+MOMENT_BLOCK_BYTES = 1 << 26  # rows added to moments at once (64 MiB: 5,958 rows of 2,816 features)
 
 
 class HeadDetails(BaseModel):
@@ -92,13 +93,37 @@ def spatial_mean(features: np.ndarray, feature_shape: list[int]) -> np.ndarray:
     return features.reshape(len(features), -1, feature_shape[-1]).mean(axis=1)
 
 
+@dataclass
+class BlockedMoments:
+    """`Moments` fed in blocks of about `MOMENT_BLOCK_BYTES`: each addition adds a width² float32 product into the
+    float64 Gram matrix, which at 2,816 features took as long as the products when added a shard (or a validation
+    part's hundred rows) at a time."""
+
+    moments: Moments
+    block: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def add(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.block.append((features, labels))
+        if sum(rows.nbytes for rows, _ in self.block) >= MOMENT_BLOCK_BYTES:
+            self._flush()
+
+    def done(self) -> Moments:
+        self._flush()
+        return self.moments
+
+    def _flush(self) -> None:
+        if self.block:
+            self.moments.add(np.concatenate([rows for rows, _ in self.block]), np.concatenate([labels for _, labels in self.block]))
+            self.block = []
+
+
 def stream_moments(stream: FeatureStream, classes: int, feature_shape: list[int], with_gram: bool) -> Moments:
     """The moments of a stream's training rows (both views when it has two), pooled for spatial maps."""
-    moments = Moments(classes, with_gram)
+    moments = BlockedMoments(Moments(classes, with_gram))
     for batch in stream.batches():
         features, labels = batch.training_rows()
         moments.add(spatial_mean(features, feature_shape), labels)
-    return moments
+    return moments.done()
 
 
 def predictor(model):

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from cifar_transfer import ridge
 from cifar_transfer.config import HeadSettings
-from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, Trainer, spatial_mean, stream_moments
+from cifar_transfer.heads.base import BlockedMoments, FittedHead, HeadData, HeadDetails, Trainer, spatial_mean, stream_moments
 from cifar_transfer.streams import Moments
 
 
@@ -19,19 +19,19 @@ class StrengthScore(BaseModel):
 class RidgeDetails(HeadDetails):
     strength: float  # the chosen alpha
     temperature: float
-    strengths: list[StrengthScore]  # the validation curve along `ridge.RIDGE_STRENGTHS`
+    strengths: list[StrengthScore]  # the validation curve along the strengths tried (`ridge.RIDGE_STRENGTHS` unless a caller chose)
 
     def choice(self) -> str:
         return f"alpha={self.strength:g}"
 
 
-def fit(data: HeadData, settings: HeadSettings) -> FittedHead:
-    """Ridge along `RIDGE_STRENGTHS`: one pass for the fit moments, one solve, one validation pass judging all strengths."""
+def fit(data: HeadData, settings: HeadSettings, strengths: tuple[float, ...] = ridge.RIDGE_STRENGTHS) -> FittedHead:
+    """Ridge along `strengths`: one pass for the fit moments, one solve, one validation pass judging all strengths."""
     shape = data.feature_shape
     fit_moments = stream_moments(data.fit, data.classes, shape, with_gram=True)
-    validation_moments = Moments(data.classes, with_gram=True)
-    scores = ridge.solve(fit_moments, ridge.RIDGE_STRENGTHS)
-    tally = ridge.ValidationTally.empty(len(ridge.RIDGE_STRENGTHS))
+    validation_moments = BlockedMoments(Moments(data.classes, with_gram=True))  # for the refit
+    scores = ridge.solve(fit_moments, strengths)
+    tally = ridge.ValidationTally.empty(len(strengths))
     for batch in data.validation.batches():
         tally.add([scores(spatial_mean(view, shape)) for view in batch.views], batch.labels)
         features, labels = batch.training_rows()
@@ -40,15 +40,15 @@ def fit(data: HeadData, settings: HeadSettings) -> FittedHead:
     accuracies, _ = tally.curve()
     details = RidgeDetails(
         head="ridge",
-        strength=ridge.RIDGE_STRENGTHS[strength],
+        strength=strengths[strength],
         temperature=float(ridge.TEMPERATURES[temperature]),
         strengths=[
             StrengthScore(strength=value, validation_accuracy=float(accuracy))
-            for value, accuracy in zip(ridge.RIDGE_STRENGTHS, accuracies, strict=True)
+            for value, accuracy in zip(strengths, accuracies, strict=True)
         ],
     )
     model = ridge.ridge_model(scores.strength(strength), ridge.TEMPERATURES[temperature], shape)
-    return FittedHead(model, tally.accuracy(strength, temperature), details, moments=(fit_moments, validation_moments))
+    return FittedHead(model, tally.accuracy(strength, temperature), details, moments=(fit_moments, validation_moments.done()))
 
 
 def refit(chosen: FittedHead, data: HeadData, settings: HeadSettings):
