@@ -55,13 +55,24 @@ def standard_deviation(variance: np.ndarray) -> np.ndarray:
 
 
 def solve(moments: Moments, strengths: tuple[float, ...]) -> LinearScores:
-    """Ridge solutions of every strength in `strengths` (a Cholesky solve each), folded back to raw features.
+    """Ridge solutions of every strength in `strengths`, folded back to raw features: from the rows themselves while
+    there are fewer of them than features (`_solve_from_rows`), else a Cholesky solve of the moments per strength.
 
     A Cholesky factorization runs in matrix-matrix kernels; an eigendecomposition's tridiagonal reduction runs at
     memory speed. Eleven solves took 0.62 of one eigendecomposition's time at 2,816 features on 2 cores."""
+    deviation = standard_deviation(moments.variance)
+    rows = moments.centred_rows()
+    if rows is not None:
+        weights = _solve_from_rows(rows, deviation, moments.classes, strengths)
+    else:
+        weights = _solve_from_moments(moments, deviation, strengths)
+    bias = np.tile(moments.class_frequencies, len(strengths)) - moments.mean @ weights
+    return LinearScores(weights.astype(np.float32), bias.astype(np.float32), moments.classes)
+
+
+def _solve_from_moments(moments: Moments, deviation: np.ndarray, strengths: tuple[float, ...]) -> np.ndarray:
     from scipy.linalg import cho_factor, cho_solve
 
-    deviation = standard_deviation(moments.variance)
     correlation = moments.covariance() / np.outer(deviation, deviation)
     targets = moments.target_covariance() / deviation[:, None]
     diagonal = np.diag_indices_from(correlation)
@@ -71,9 +82,21 @@ def solve(moments: Moments, strengths: tuple[float, ...]) -> LinearScores:
         regularized[diagonal] += strength
         factor = cho_factor(regularized, overwrite_a=True, check_finite=False)
         blocks.append(cho_solve(factor, targets, check_finite=False) / deviation[:, None])
-    weights = np.concatenate(blocks, axis=1)
-    bias = np.tile(moments.class_frequencies, len(strengths)) - moments.mean @ weights
-    return LinearScores(weights.astype(np.float32), bias.astype(np.float32), moments.classes)
+    return np.concatenate(blocks, axis=1)
+
+
+def _solve_from_rows(rows: tuple[np.ndarray, np.ndarray], deviation: np.ndarray, classes: int, strengths: tuple[float, ...]) -> np.ndarray:
+    """`solve`'s weights from the centred rows themselves, when there are fewer of them (n) than features (d).
+
+    With Z the standardized rows and Y their one-hot labels, each strength's (Z^T Z / n + alpha I)^-1 Z^T Y / n is
+    Z^T (Z Z^T + n alpha I)^-1 Y: one eigendecomposition of the n x n kernel Z Z^T serves every strength, n²d work
+    in all instead of a d³ factorization per strength (at 240 rows of 2,816 features, 11 strengths: 0.05 s, not 20 s)."""
+    centred, labels = rows
+    standardized = (centred / deviation.astype(np.float32)).astype(np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(standardized @ standardized.T)
+    projected = eigenvectors.T @ np.eye(classes)[labels]  # U^T Y
+    blocks = [eigenvectors @ (projected / (eigenvalues + len(labels) * strength)[:, None]) for strength in strengths]
+    return (standardized.T @ np.concatenate(blocks, axis=1)) / deviation[:, None]
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

@@ -198,6 +198,19 @@ def gram_upper(rows: np.ndarray) -> np.ndarray:
     return get_blas_funcs("syrk", (transposed,))(1.0, transposed)
 
 
+_NO_ROWS: tuple[np.ndarray, np.ndarray] = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+
+
+def _kept_rows(
+    kept: tuple[np.ndarray, np.ndarray] | None, rows: np.ndarray, labels: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`kept` with `rows` added, while the `count` rows so far are fewer than the features; else None."""
+    if kept is None or count >= rows.shape[1]:
+        return None
+    kept_rows = rows.astype(np.float32) if not len(kept[0]) else np.concatenate([kept[0], rows.astype(np.float32)])
+    return kept_rows, np.concatenate([kept[1], np.asarray(labels, np.int64)])
+
+
 @dataclass
 class Sums:
     """The sums of the rows added so far, around `shift` (the first batch's mean), in float64."""
@@ -208,6 +221,9 @@ class Sums:
     gram: np.ndarray | None  # sum of (x - shift)(x - shift)^T, when asked for: its upper triangle (the lower is not read)
     class_totals: np.ndarray  # (classes, width): sum of (x - shift) per class
     class_counts: np.ndarray
+    # The rows themselves, (x - shift) in float32 with their labels, while there are fewer of them than features:
+    # then the Gram matrix has low rank and a solve from the rows is far cheaper (`ridge.solve`); None above that.
+    rows: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -243,6 +259,7 @@ class Moments:
         sums.squares += np.square(shifted).sum(axis=0, dtype=np.float64)
         if sums.gram is not None:
             sums.gram += gram_upper(shifted)
+            sums.rows = _kept_rows(sums.rows if self.count > len(features) else _NO_ROWS, shifted, labels, self.count)
         one_hot = np.eye(self.classes, dtype=np.float32)[labels]
         sums.class_totals += (shifted.T @ one_hot).T  # (one_hot.T @ shifted took twice as long in OpenBLAS)
         sums.class_counts += one_hot.sum(axis=0)
@@ -266,8 +283,19 @@ class Moments:
                 + other.count * np.outer(delta, delta)
             )
         class_totals = mine.class_totals + theirs.class_totals + np.outer(theirs.class_counts, delta)
-        sums = Sums(mine.shift, mine.total + total, mine.squares + squares, gram, class_totals, mine.class_counts + theirs.class_counts)
+        rows = None
+        if gram is not None and mine.rows is not None and theirs.rows is not None:
+            rows = _kept_rows(mine.rows, theirs.rows[0] + delta.astype(np.float32), theirs.rows[1], self.count + other.count)
+        counts = mine.class_counts + theirs.class_counts
+        sums = Sums(mine.shift, mine.total + total, mine.squares + squares, gram, class_totals, counts, rows)
         return Moments(self.classes, gram is not None, self.count + other.count, sums)
+
+    def centred_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows minus their mean, labels) while fewer rows than features were added; else None."""
+        if self.sums is None or self.sums.rows is None:
+            return None
+        shifted, labels = self.sums.rows
+        return shifted - (self.sums.total / self.count).astype(np.float32), labels
 
     @property
     def _sums(self) -> Sums:

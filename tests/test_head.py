@@ -138,16 +138,20 @@ def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):
     np.testing.assert_allclose(whole.target_covariance(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_ridge_solution_equals_least_squares_on_standardized_features(vector_set):
+@pytest.mark.parametrize("rows", [1000, 24])  # more rows than the 32 features (moments), then fewer (the rows' kernel)
+def test_ridge_solution_equals_least_squares_on_standardized_features(vector_set, rows):
     storage, folder = vector_set
     _, labels, features = read_split(storage, folder, "train")
-    moments = Moments(10)
-    moments.add(features, labels)
+    labels, features = labels[:rows], features[:rows]
+    first, second = Moments(10), Moments(10)
+    first.add(features[: rows // 2], labels[: rows // 2])
+    second.add(features[rows // 2 :], labels[rows // 2 :])
+    moments = first + second
+    assert (moments.centred_rows() is not None) == (rows < features.shape[1]), "the solve took the other path"
     scores = ridge.solve(moments, (0.1, 1.0))
     standardized = (features - features.mean(axis=0)) / ridge.standard_deviation(features.var(axis=0))
     targets = np.eye(10)[labels] - np.eye(10)[labels].mean(axis=0)
     for position, strength in enumerate((0.1, 1.0)):
-        rows = len(labels)
         weights = np.linalg.solve(standardized.T @ standardized / rows + strength * np.eye(32), standardized.T @ targets / rows)
         expected = standardized @ weights + np.eye(10)[labels].mean(axis=0)
         np.testing.assert_allclose(scores(features)[:, position], expected, atol=2e-4)
