@@ -1,7 +1,6 @@
 """Benchmark: the audit on real CIFAR-10 with MobileNetV2 and the shared ImageNet weights, against injected faults.
 
     .venv/bin/python bench/audit.py [--train 10000] [--test 2000] [--input-size 96] [--storage /tmp/audit-bench]
-    .venv/bin/python bench/audit.py --index-only --vectors 1000000 [--dimension 1280]
 
 A subset of the shared CIFAR-10 (the first `--train` train and `--test` test images) gets known faults in its
 training images: about 1% label flips, and about 1% near-copies of other images (one edit: a crop resized back, a
@@ -14,8 +13,7 @@ tool, never a dependency of the package; install it with `pip install cleanlab`)
 (pHash, what imagededup's hashing methods compute) over every pair of images for duplicates. Also the time of each
 stage against the extraction's. Results: bench/results/audit.jsonl.
 
-`--index-only`: a synthetic index benchmark (random unit vectors around a few thousand centres, the real feature
-dimension): the usearch index's build time, query latency and recall at 10 against exact search on sampled queries.
+The index at scale (up to 1,000,000 vectors) has its own benchmark: `bench/audit_index.py`.
 """
 
 from __future__ import annotations
@@ -286,65 +284,6 @@ def audit_benchmark(arguments) -> None:
     )
 
 
-def index_benchmark(arguments) -> None:
-    """Build a usearch index over synthetic clustered unit vectors; time it, query it, compare with exact search."""
-    from cifar_transfer.audit.index import _new_index
-    from cifar_transfer.audit.vectors import normalized
-
-    rng = np.random.default_rng(0)
-    centres = normalized(rng.standard_normal((4096, arguments.dimension)).astype(np.float32))
-    index = _new_index(arguments.dimension)
-    started = time.perf_counter()
-    chunk = 50_000
-    for start in range(0, arguments.vectors, chunk):
-        count = min(chunk, arguments.vectors - start)
-        vectors = normalized(
-            centres[rng.integers(0, len(centres), count)]
-            + 0.5 * rng.standard_normal((count, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
-        )
-        index.add(np.arange(start, start + count), vectors, threads=0)
-    build = time.perf_counter() - started
-    queries = normalized(
-        centres[rng.integers(0, len(centres), 200)]
-        + 0.5 * rng.standard_normal((200, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
-    )
-    started = time.perf_counter()
-    found = index.search(queries, 10, threads=1)
-    latency = (time.perf_counter() - started) / len(queries)
-    # exact: regenerate the same vectors (same seed order) chunk by chunk, keep each query's top 10
-    rng = np.random.default_rng(0)
-    normalized(rng.standard_normal((4096, arguments.dimension)).astype(np.float32))
-    best = np.full((len(queries), 10), -np.inf)
-    keys = np.zeros((len(queries), 10), np.int64)
-    for start in range(0, arguments.vectors, chunk):
-        count = min(chunk, arguments.vectors - start)
-        vectors = normalized(
-            centres[rng.integers(0, len(centres), count)]
-            + 0.5 * rng.standard_normal((count, arguments.dimension)).astype(np.float32) / np.sqrt(arguments.dimension)
-        )
-        scores = queries @ vectors.T
-        merged = np.concatenate([best, scores], axis=1)
-        merged_keys = np.concatenate([keys, np.broadcast_to(np.arange(start, start + count), scores.shape)], axis=1)
-        top = np.argsort(-merged, axis=1)[:, :10]
-        best, keys = np.take_along_axis(merged, top, 1), np.take_along_axis(merged_keys, top, 1)
-    approximate = np.asarray(found.keys).reshape(len(queries), -1)
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approximate, keys, strict=True)]))
-    record(
-        "audit",
-        {
-            "benchmark": "usearch index on synthetic vectors",
-            "vectors": arguments.vectors,
-            "dimension": arguments.dimension,
-            "dtype": "f16",
-            "build_seconds": round(build, 1),
-            "query_ms": round(1000 * latency, 3),
-            "recall_at_10": round(recall, 4),
-            "index_mib": round(index.memory_usage / 2**20),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        },
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=10_000)
@@ -352,14 +291,7 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=96)
     parser.add_argument("--pooling", default="avg", help="the features' pooling (default avg: MobileNetV2's 1,280 features)")
     parser.add_argument("--storage", default=os.path.join(tempfile.gettempdir(), "audit-bench"))
-    parser.add_argument("--index-only", action="store_true")
-    parser.add_argument("--vectors", type=int, default=1_000_000)
-    parser.add_argument("--dimension", type=int, default=1280)
-    arguments = parser.parse_args()
-    if arguments.index_only:
-        index_benchmark(arguments)
-    else:
-        audit_benchmark(arguments)
+    audit_benchmark(parser.parse_args())
 
 
 if __name__ == "__main__":
