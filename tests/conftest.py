@@ -82,15 +82,10 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop.
-
-    Under pytest-xdist (`-n N`; `--dist loadgroup` is in the options), the tests of a module that share a
-    module-scoped fixture form one group, run by one worker, so the fixture is made once; the rest spread freely."""
+    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop."""
     for item in items:
         if "prefect_api" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
-        if any(definitions[-1].scope == "module" for definitions in item._fixtureinfo.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -113,6 +113,19 @@ def chromium_page(problems: list[str], requests: list[str] | None = None):
             browser.close()
 
 
+@contextlib.contextmanager
+def offline_page(path: Path):
+    """`path` opened in a `chromium_page`; once the test is done with it, it must have raised no error and requested
+    nothing but itself and data: URLs (it works offline)."""
+    problems: list[str] = []
+    requests: list[str] = []
+    with chromium_page(problems, requests) as page:
+        page.goto(path.as_uri(), wait_until="load")
+        yield page
+    assert problems == []
+    assert requests and all(url == path.as_uri() or url.startswith("data:") for url in requests), requests
+
+
 THUMB_PIXELS = """() => {
   const canvas = document.getElementById("tsne-thumb");
   return Array.from(canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data);
@@ -124,11 +137,7 @@ def test_the_page_works_offline_in_chromium(tmp_path):
     inputs = report_inputs()
     report = tmp_path / "report.html"
     report.write_text(render_html_report(**inputs), encoding="utf-8")
-    problems: list[str] = []
-    requests: list[str] = []
-    with chromium_page(problems, requests) as page:
-        page.goto(report.as_uri(), wait_until="load")
-
+    with offline_page(report) as page:
         assert page.evaluate("window.reportMap.count") == 200
         assert page.locator("#tsne-tooltip").is_hidden()
         page.locator("#tsne-canvas").scroll_into_view_if_needed()
@@ -186,5 +195,3 @@ def test_the_page_works_offline_in_chromium(tmp_path):
         assert all(item["width"] == 32 for item in gallery)
         first = gallery[0]["index"]
         assert f"predicted: {CLASSES[inputs['test_predicted'][first]]}" in gallery[0]["text"]
-    assert problems == []
-    assert requests and all(url == report.as_uri() or url.startswith("data:") for url in requests), requests

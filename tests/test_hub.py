@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from test_flow import tiny_config
 
 from cifar_transfer import extractors
+from cifar_transfer.audit.similar import similar
 from cifar_transfer.backbones import build_extractor, get_backbone
 from cifar_transfer.backbones.hub import keras_hub, stage_blocks
 from cifar_transfer.backbones.seeded_presets import Sizes, write_seeded_preset
@@ -24,7 +26,7 @@ from cifar_transfer.config import PipelineConfig, load_config
 from cifar_transfer.engines import BF16_MIN_COSINE, choose_engine, mean_cosine
 from cifar_transfer.errors import ConfigError
 from cifar_transfer.export import ExportResult, export_model
-from cifar_transfer.flows.pipeline import cifar_transfer
+from cifar_transfer.flows.pipeline import audit_features, cifar_transfer
 from cifar_transfer.predict import Predictor
 from cifar_transfer.report import RunSummary
 from cifar_transfer.trained import find_head
@@ -274,6 +276,35 @@ def test_each_family_end_to_end(end_to_end, presets, family):
         assert found.shape == run.predicted.shape, fmt
         assert np.mean(found.argmax(axis=1) == answers) >= 0.99, fmt
         assert np.max(np.abs(found[np.arange(len(found)), answers] - confidence)) < 1e-3, fmt
+
+
+@pytest.mark.slow
+def test_the_audit_and_similar_images_work_on_a_hub_backbones_features(end_to_end, tmp_path):
+    """The audit of a hub family's run (DINOv2's: TensorFlow, bicubic resizing), and an image file found again among
+    the set's images through the preset's own extractor."""
+    run = end_to_end["dinov2"]
+    config = run.config.model_copy(update={"storage": str(tmp_path / "storage")})
+    shutil.copytree(run.config.storage, config.storage)  # the audit writes beside the features
+    audited = audit_features(config)
+    assert len(pd.read_parquet(audited.files.label_issues)) == 150 and len(pd.read_parquet(audited.files.outliers)) == 150
+    images = np.load(next((tmp_path / "storage" / "datasets").glob("cifar10-*/train_images.npy")))
+    picture = tmp_path / "query.png"
+    Image.fromarray(images[11]).save(picture)  # lossless, at the archive's 32 px
+    first = similar(config.storage, str(picture), k=3)[0]
+    assert (first.split, first.index, first.rank) == ("train", 11, 1) and first.similarity > 0.999
+
+
+@pytest.mark.slow
+def test_export_leaves_openvino_out_of_a_model_it_cannot_convert_and_says_so(end_to_end, tmp_path, caplog):
+    """CLIP's bicubic resizing has no OpenVINO conversion: the default formats leave openvino out with a warning, and
+    asked for by name it fails in one line naming the formats that work."""
+    storage = end_to_end["clip"].config.storage
+    refused = r"^OpenVINO cannot convert this model \(.*ResizeBicubic.*\): export --format keras --format savedmodel$"
+    with pytest.raises(ConfigError, match=refused):
+        export_model(storage, str(tmp_path / "openvino-only"), formats=("openvino",))
+    exported = export_model(storage, str(tmp_path / "default"))
+    assert set(exported.files) == {"keras", "savedmodel"}
+    assert "OpenVINO cannot convert this model" in caplog.text and "the openvino format is left out" in caplog.text
 
 
 @pytest.mark.slow
