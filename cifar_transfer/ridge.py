@@ -90,7 +90,7 @@ def _solve_from_rows(rows: tuple[np.ndarray, np.ndarray], deviation: np.ndarray,
 
     With Z the standardized rows and Y their one-hot labels, each strength's (Z^T Z / n + alpha I)^-1 Z^T Y / n is
     Z^T (Z Z^T + n alpha I)^-1 Y: one eigendecomposition of the n x n kernel Z Z^T serves every strength, n²d work
-    in all instead of a d³ factorization per strength (at 240 rows of 2,816 features, 11 strengths: 0.05 s, not 20 s)."""
+    in all instead of a d³ factorization per strength (at 240 rows of 2,816 features, 11 strengths: 0.05 s, not 4 s)."""
     centred, labels = rows
     standardized = (centred / deviation.astype(np.float32)).astype(np.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(standardized @ standardized.T)

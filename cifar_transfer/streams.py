@@ -198,17 +198,13 @@ def gram_upper(rows: np.ndarray) -> np.ndarray:
     return get_blas_funcs("syrk", (transposed,))(1.0, transposed)
 
 
-_NO_ROWS: tuple[np.ndarray, np.ndarray] = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
-
-
 def _kept_rows(
     kept: tuple[np.ndarray, np.ndarray] | None, rows: np.ndarray, labels: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """`kept` with `rows` added, while the `count` rows so far are fewer than the features; else None."""
     if kept is None or count >= rows.shape[1]:
         return None
-    kept_rows = rows.astype(np.float32) if not len(kept[0]) else np.concatenate([kept[0], rows.astype(np.float32)])
-    return kept_rows, np.concatenate([kept[1], np.asarray(labels, np.int64)])
+    return np.concatenate([kept[0], rows.astype(np.float32)]), np.concatenate([kept[1], np.asarray(labels, np.int64)])
 
 
 @dataclass
@@ -251,6 +247,7 @@ class Moments:
                 gram=np.zeros((width, width)) if self.with_gram else None,
                 class_totals=np.zeros((self.classes, width)),
                 class_counts=np.zeros(self.classes),
+                rows=(np.zeros((0, width), np.float32), np.zeros(0, np.int64)) if self.with_gram else None,
             )
         sums = self.sums
         shifted = features - sums.shift
@@ -259,7 +256,7 @@ class Moments:
         sums.squares += np.square(shifted).sum(axis=0, dtype=np.float64)
         if sums.gram is not None:
             sums.gram += gram_upper(shifted)
-            sums.rows = _kept_rows(sums.rows if self.count > len(features) else _NO_ROWS, shifted, labels, self.count)
+            sums.rows = _kept_rows(sums.rows, shifted, labels, self.count)
         one_hot = np.eye(self.classes, dtype=np.float32)[labels]
         sums.class_totals += (shifted.T @ one_hot).T  # (one_hot.T @ shifted took twice as long in OpenBLAS)
         sums.class_counts += one_hot.sum(axis=0)
