@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cifar_transfer.audit.index import top_k
 from cifar_transfer.audit.vectors import SetRows, normalized
@@ -46,11 +45,6 @@ RERANK_BLOCK = 256  # points whose candidates are compared at once (RERANK_BLOCK
 CHUNK = 64  # columns whose maximum is compared first when ranking a row's neighbours
 DUPLICATE_PARTNERS = 5  # near-duplicate partners listed for a point
 THUMBNAIL_SIZE = 32
-
-
-def _frame(storage: Storage, path: str):
-    with storage.fs.open(path, "rb") as stream:
-        return pq.read_table(stream).to_pandas()
 
 
 def _spread_shards(rows: SetRows, wanted: int) -> dict[str, list[int]]:
@@ -171,15 +165,15 @@ def map_audit(storage: Storage, features: FeatureSetInfo, head_key: str, splits:
     label_score = np.full(count, np.nan, np.float32)
     suggested = np.full(count, -1, np.int64)
     outlier_score = np.full(count, np.nan, np.float32)
-    issues = _frame(storage, audit.files.label_issues)
+    issues = storage.read_frame(audit.files.label_issues)
     at = places(issues)
     classes = {name: number for number, name in enumerate(features.classes)}
     label_score[at[at >= 0]] = issues["score"].to_numpy()[at >= 0]
     suggested[at[at >= 0]] = [classes.get(name, -1) for name in issues["suggested"][at >= 0]]
-    outliers = _frame(storage, audit.files.outliers)
+    outliers = storage.read_frame(audit.files.outliers)
     at = places(outliers)
     outlier_score[at[at >= 0]] = outliers["score"].to_numpy()[at >= 0]
-    duplicates = _frame(storage, audit.files.duplicates)
+    duplicates = storage.read_frame(audit.files.duplicates)
     duplicates = duplicates[duplicates["near_duplicate"]]
     left, right = places(duplicates, "split_a", "index_a"), places(duplicates, "split_b", "index_b")
     partners: dict[int, list[tuple[str, int, float]]] = {}
@@ -215,7 +209,7 @@ def write_explorer(
 ) -> ExplorerBuild:
     """Render the explorer of `tsne`'s map to `path` (an unchanged file is not rewritten)."""
     started = time.perf_counter()
-    embedding = _frame(storage, tsne.embedding)
+    embedding = storage.read_frame(tsne.embedding)
     splits = embedding["split"].to_numpy(dtype=object)
     index = embedding["index"].to_numpy(np.int64)
     collection = features.collection is not None
@@ -224,7 +218,7 @@ def write_explorer(
     searched = time.perf_counter()
     predicted = audit = None
     if head is not None:
-        predictions = _frame(storage, head.files.predictions).set_index(["split", "index"])["predicted"]
+        predictions = storage.read_frame(head.files.predictions).set_index(["split", "index"])["predicted"]
         predicted = predictions.reindex(list(zip(splits, index, strict=True))).fillna(-1).to_numpy(np.int64)
         audit = map_audit(storage, features, posixpath.basename(head.files.folder), splits, index)
     placed = int((splits == "test").sum())

@@ -9,7 +9,6 @@ import logging
 import posixpath
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from cifar_transfer import layout
@@ -127,11 +126,6 @@ def split_images(storage: Storage, features: FeatureSetInfo, split: str, ids: np
     return stored_source(features.collection).pictures(storage, features, split, ids, THUMBNAIL_SIZE)
 
 
-def _stored_frame(storage: Storage, path: str):
-    with storage.fs.open(path, "rb") as stream:
-        return pq.read_table(stream).to_pandas()
-
-
 def _known(values: dict) -> dict:
     return {name: value for name, value in values.items() if value is not None}
 
@@ -147,9 +141,9 @@ def audit_galleries(storage: Storage, features: FeatureSetInfo, head: HeadResult
     audit = read_audit(storage, features, posixpath.basename(head.files.folder))
     if audit is None:
         return None
-    duplicates = _stored_frame(storage, audit.files.duplicates).head(AUDIT_GALLERY)
-    issues = _stored_frame(storage, audit.files.label_issues).head(AUDIT_GALLERY)
-    outliers = _stored_frame(storage, audit.files.outliers).head(AUDIT_GALLERY)
+    duplicates = storage.read_frame(audit.files.duplicates).head(AUDIT_GALLERY)
+    issues = storage.read_frame(audit.files.label_issues).head(AUDIT_GALLERY)
+    outliers = storage.read_frame(audit.files.outliers).head(AUDIT_GALLERY)
 
     def pictures(splits, ids) -> list[np.ndarray]:
         """The rows' pictures, in order, read a split at a time."""
@@ -184,12 +178,12 @@ def audit_galleries(storage: Storage, features: FeatureSetInfo, head: HeadResult
 def write_html_report(config: PipelineConfig, features: FeatureSetInfo, tsne: TsneResult | None, head: HeadResult) -> str:
     """Render the run's self-contained HTML report next to the head's outputs; returns its path."""
     storage = Storage(config.storage)
-    predictions = _stored_frame(storage, head.files.predictions)
+    predictions = storage.read_frame(head.files.predictions)
     test = predictions[predictions["split"] == "test"].sort_values("index")
     train = predictions[predictions["split"] == "train"].set_index("index")
     map_points = map_truth = map_predicted = map_images = None
     if tsne is not None:
-        embedding = _stored_frame(storage, tsne.embedding).query("split == 'train'").reset_index(drop=True)
+        embedding = storage.read_frame(tsne.embedding).query("split == 'train'").reset_index(drop=True)
         embedding = embedding.iloc[sample_rows(len(embedding), MAP_POINTS, config.seed)]
         map_points = embedding[["x", "y"]].to_numpy()
         map_truth = embedding["label"].to_numpy()

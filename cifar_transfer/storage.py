@@ -126,6 +126,13 @@ class Storage:
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(path)
 
+    def read_frame(self, path: str):
+        """A Parquet file on this storage (a map's embedding, a head's predictions, an audit table) as a DataFrame."""
+        import pyarrow.parquet as pq
+
+        with self.fs.open(path, "rb") as stream:
+            return pq.read_table(stream).to_pandas()
+
     @contextlib.contextmanager
     def explaining_write_errors(self, path: str, size: int | None = None) -> Iterator[None]:
         """Turn "no space left on device" and "read-only" or "permission denied" into one line naming the storage and

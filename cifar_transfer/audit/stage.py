@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from cifar_transfer import layout, records
@@ -209,8 +208,3 @@ def audit_feature_set(
     storage.write_atomic(files.record, records.AUDIT.dump(record, exclude_none=True))
     log.info("audit of %s: %s", features.folder.rsplit("/", 1)[-1], summary.line())
     return AuditResult(files=files, record=record)
-
-
-def read_table(storage: Storage, path: str):
-    with storage.fs.open(path, "rb") as stream:
-        return pq.read_table(stream)
