@@ -47,7 +47,7 @@ class AuditSummary(BaseModel):
     test_with_train_duplicate: int  # test images with a near-duplicate in train
     duplicate_pairs: int  # near-duplicate pairs (score >= threshold)
     duplicate_clusters: int
-    label_issues: int  # rows whose data suggests another label (`issue`)
+    label_issues: int  # rows flagged as wrongly labelled (`issue`: as many as `tables.estimated_label_issues` counts)
     head_kinds: list[str]  # the head family the out-of-fold probabilities came from
     out_of_fold_accuracy: dict[str, float]
     index: str  # "exact" or "usearch"
