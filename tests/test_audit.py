@@ -14,7 +14,7 @@ from test_head import CLASSES, blobs, write_feature_set
 from cifar_transfer import layout
 from cifar_transfer.audit.index import Searcher, all_neighbours, exact_search, read_index_record, update_index
 from cifar_transfer.audit.similar import similar, write_neighbours
-from cifar_transfer.audit.stage import audit_feature_set
+from cifar_transfer.audit.stage import METHOD, audit_feature_set
 from cifar_transfer.audit.tables import Rows, label_issues_table
 from cifar_transfer.audit.vectors import SetRows
 from cifar_transfer.catalogue import find_feature_set
@@ -153,6 +153,14 @@ def test_audit_is_read_back_while_its_inputs_are_unchanged_and_is_readable_by_du
     assert json.loads(Storage(url).read_bytes(result.files.record))["format_version"] == 2
     count = duckdb.sql(f"select count(*) from '{result.files.label_issues}' where issue").fetchall()[0][0]
     assert count == result.summary.label_issues
+
+    made_before = json.loads(Storage(url).read_bytes(result.files.record))
+    assert made_before.pop("method") == METHOD
+    Storage(url).write_atomic(result.files.record, json.dumps(made_before).encode())  # a record from before methods
+    issues = pq.read_table(result.files.label_issues)
+    remade = audit_feature_set(url, features, head, settings)
+    assert remade.record.method == METHOD and pq.read_table(result.files.label_issues).equals(issues)  # made again, alike
+    assert all(Storage(url).fs.info(path)["mtime"] > stamps[path] for path in result.files.paths())
 
 
 def test_similar_finds_a_rows_near_copy_first_and_refuses_what_names_no_image(tmp_path):
