@@ -134,6 +134,29 @@ def pytest_unconfigure(config):
         config._shared_prefect_api.close()
 
 
+# Under the shared API, the flow runs a test starts in its own process carry its worker's tag, so that what a test
+# reads back from the API (`this_workers_runs`) is its own runs, not another worker's made meanwhile.
+WORKER_TAG = f"pytest-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+
+
+@pytest.fixture(autouse=True)
+def _tag_this_workers_runs():
+    if not os.environ.get(SHARED_API):
+        yield
+        return
+    from prefect import tags
+
+    with tags(WORKER_TAG):
+        yield
+
+
+def this_workers_runs():
+    """A flow-run filter field for the runs this worker started (None, all runs, outside the shared API)."""
+    from prefect.client.schemas.filters import FlowRunFilterTags
+
+    return FlowRunFilterTags(all_=[WORKER_TAG]) if os.environ.get(SHARED_API) else None
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real, temporary Prefect API (server + database) for the whole test session: the one the xdist controller

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from datetime import datetime, timezone
 
 import numpy as np
@@ -24,13 +25,16 @@ from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
 from cifar_transfer.verify import verify_feature_set
+from conftest import this_workers_runs
 
 
 def shard_flow_runs(started: datetime):
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(any_=["shards-MobileNetV2"]), start_time=FlowRunFilterStartTime(after_=started)
+                name=FlowRunFilterName(any_=["shards-MobileNetV2"]),
+                start_time=FlowRunFilterStartTime(after_=started),
+                tags=this_workers_runs(),
             )
         )
 
@@ -56,7 +60,7 @@ def run_twice_at_once(config) -> FeatureSetInfo:
     with ThreadPoolExecutor(3) as pool:
         holder = pool.submit(hold_last_shard)
         assert holding.wait(30), holder.exception(timeout=0)
-        runs = [pool.submit(extract_features, config) for _ in range(2)]
+        runs = [pool.submit(copy_context().run, extract_features, config) for _ in range(2)]  # with this test's tags
         try:
             wait_until(lambda: len(shard_flow_runs(started)) == 2 or any(run.done() for run in runs), timeout=120)
         finally:  # a failed wait must fail the test, not leave both runs waiting on the claim forever

@@ -23,7 +23,7 @@ from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extr
 from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
-from conftest import CLI, TINY_CLI, copy_of_finished_run
+from conftest import CLI, TINY_CLI, copy_of_finished_run, this_workers_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -57,7 +57,9 @@ TINY_ANALYSIS_CLI = ["--tsne-sample", "150", "--tsne-test", "--epochs", "3", "--
 def task_states_since(started: datetime) -> dict[str, list[str]]:
     """State names of every task run of the flow runs started after `started`, grouped by task name."""
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started)))
+        flow_runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started), tags=this_workers_runs())
+        )
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs])))
     states: dict[str, list[str]] = {}
     for run in task_runs:
