@@ -268,7 +268,7 @@ def audit_benchmark(arguments) -> None:
             },
             "label_issues": {
                 "audit_top": precision_recall(ranked_rows, flipped, len(flipped)),
-                "audit_flagged": precision_recall(ranked_rows, flipped, len(flagged_rows)),
+                "audit_flagged": precision_recall(flagged_rows, flipped, len(flagged_rows)),  # the flagged set itself
                 "out_of_fold_only_top": precision_recall(oof_only, flipped, len(flipped)),
                 "cleanlab": cleanlab_result,
             },

@@ -7,6 +7,7 @@ feature set's folder, so later runs and workers skip TensorFlow), so both engine
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import platform
@@ -277,7 +278,16 @@ def built_extractors() -> list[str]:
 def release_extractors() -> None:
     """Drop this process's extractors (once its shards are done, the memory goes to t-SNE and the heads)."""
     with _build_lock:
+        for extractor in _extractors.values():
+            if isinstance(extractor, OpenVINOExtractor):
+                extractor.requests.wait_all()  # every callback has run: no engine thread asks for Python after this
         _extractors.clear()
+
+
+# Before the interpreter is torn down, every OpenVINO request has run its Python callback: an engine thread that asks
+# for the interpreter while it finalizes is ended by it mid-C++ and aborts the process ("terminate called without an
+# active exception", exit status -6 after the work was done; one rerun in two in the engines tests).
+atexit.register(release_extractors)
 
 
 def get_extractor(

@@ -109,9 +109,38 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MOBILENET_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2_1.00_224_imagenet_no_top.weights.h5"
 
 
+SHARED_API = "CIFAR_TRANSFER_TEST_SHARED_PREFECT_API"  # set by the pytest-xdist controller for its workers
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the controller starts the session's one Prefect API before its workers exist and hands its
+    URL down to them: a run a session fixture made in one worker is then in the API every test reads."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None) or SHARED_API in os.environ:
+        return
+    if "not slow" in (config.getoption("markexpr") or ""):
+        return  # the fast loop runs no flow
+    from contextlib import ExitStack
+
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    config._shared_prefect_api = ExitStack()
+    config._shared_prefect_api.enter_context(prefect_test_harness(server_startup_timeout=120))
+    os.environ["PREFECT_API_URL"] = os.environ[SHARED_API] = PREFECT_API_URL.value()
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "_shared_prefect_api"):
+        config._shared_prefect_api.close()
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A real, temporary Prefect API (server + database) for the whole test session."""
+    """A real, temporary Prefect API (server + database) for the whole test session: the one the xdist controller
+    started, or one of this process's own."""
+    if os.environ.get(SHARED_API):
+        yield
+        return
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

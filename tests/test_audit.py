@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_head import CLASSES, blobs, write_feature_set
@@ -13,7 +14,8 @@ from test_head import CLASSES, blobs, write_feature_set
 from cifar_transfer import layout
 from cifar_transfer.audit.index import Searcher, all_neighbours, exact_search, read_index_record, update_index
 from cifar_transfer.audit.similar import similar, write_neighbours
-from cifar_transfer.audit.stage import audit_feature_set
+from cifar_transfer.audit.stage import METHOD, audit_feature_set
+from cifar_transfer.audit.tables import Rows, label_issues_table
 from cifar_transfer.audit.vectors import SetRows
 from cifar_transfer.catalogue import find_feature_set
 from cifar_transfer.config import AuditSettings, HeadSettings
@@ -152,6 +154,14 @@ def test_audit_is_read_back_while_its_inputs_are_unchanged_and_is_readable_by_du
     count = duckdb.sql(f"select count(*) from '{result.files.label_issues}' where issue").fetchall()[0][0]
     assert count == result.summary.label_issues
 
+    made_before = json.loads(Storage(url).read_bytes(result.files.record))
+    assert made_before.pop("method") == METHOD
+    Storage(url).write_atomic(result.files.record, json.dumps(made_before).encode())  # a record from before methods
+    issues = pq.read_table(result.files.label_issues)
+    remade = audit_feature_set(url, features, head, settings)
+    assert remade.record.method == METHOD and pq.read_table(result.files.label_issues).equals(issues)  # made again, alike
+    assert all(Storage(url).fs.info(path)["mtime"] > stamps[path] for path in result.files.paths())
+
 
 def test_similar_finds_a_rows_near_copy_first_and_refuses_what_names_no_image(tmp_path):
     url, folder, pairs, _ = faulty_set(tmp_path)
@@ -167,3 +177,45 @@ def test_similar_finds_a_rows_near_copy_first_and_refuses_what_names_no_image(tm
         similar(url, str(tmp_path / "missing.png"))
     write_neighbours(neighbours, str(tmp_path / "near.json"), "train:1")
     assert [row["key"] for row in json.loads((tmp_path / "near.json").read_text())["neighbours"]] == [n.key for n in neighbours]
+
+
+def scored_rows(rows: int, flips: int, margin: float, seed: int = 0) -> tuple[pa.Table, set[int]]:
+    """`label_issues_table` over rows whose out-of-fold probabilities and neighbours' votes come from a head and
+    neighbours that know each row's true class (`margin`: how well; 2.0 is about two-thirds accurate, as the
+    benchmark's head), with `flips` of the given labels changed to another class. Returns the table and the flips."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 10, rows)
+
+    def guesses() -> np.ndarray:
+        logits = rng.normal(0, 1, (rows, 10))
+        logits[np.arange(rows), truth] += margin
+        odds = np.exp(2 * logits)
+        return odds / odds.sum(axis=1, keepdims=True)
+
+    votes = np.zeros((rows, 10))
+    for _ in range(10):  # ten neighbours, each with a label drawn from what it resembles
+        np.add.at(votes, (np.arange(rows), (guesses().cumsum(axis=1) < rng.random((rows, 1))).sum(axis=1)), 0.1)
+    given = truth.copy()
+    flipped = rng.choice(rows, flips, replace=False)
+    given[flipped] = (truth[flipped] + rng.integers(1, 10, flips)) % 10
+    names = Rows(np.full(rows, "train", object), np.arange(rows), np.arange(rows).astype(str).astype(object), given, CLASSES)
+    return label_issues_table(names, guesses().astype(np.float32), votes, np.zeros(rows, np.int64)), set(flipped.tolist())
+
+
+def test_label_issues_flag_about_as_many_rows_as_are_wrongly_labelled_and_none_in_a_set_labelled_right():
+    flagged = {}
+    for flips in (0, 200, 600):
+        table, flipped = scored_rows(20_000, flips, margin=2.0)
+        issue = np.asarray(table.column("issue"))
+        found = set(np.asarray(table.column("index"))[issue].tolist())
+        flagged[flips] = len(found)
+        assert len(found & flipped) >= 0.6 * len(found)  # mostly the flipped rows
+        assert np.array_equal(issue, issue & (np.asarray(table.column("given")) != np.asarray(table.column("suggested"))))
+        assert not issue[np.argmax(~issue) :].any()  # the lowest scores, in the table's order
+        doubted = np.sum(np.asarray(table.column("given")) != np.asarray(table.column("suggested")))
+        assert doubted > 1_500  # every row the head takes for another class: what was flagged before
+    assert flagged[0] == 0
+    assert 0.6 * 200 <= flagged[200] <= 1.4 * 200 and 0.6 * 600 <= flagged[600] <= 1.4 * 600
+    table, _ = scored_rows(2_000, 0, margin=3.0)  # a confident head (about 90% accurate), every label right
+    assert (np.asarray(table.column("given")) != np.asarray(table.column("suggested"))).any()  # some taken for another class
+    assert not np.asarray(table.column("issue")).any()  # and none flagged

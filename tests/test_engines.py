@@ -68,13 +68,22 @@ def rerun_from_storage(images: np.ndarray, storage: Path, precision: str, scratc
     """Run the kept backbone on `images` in a new process (features left in scratch/images.npy); whether it loaded TensorFlow."""
     np.save(scratch / "images.npy", images)
     rerun = subprocess.run(
-        [sys.executable, "-c", CONVERTED_RERUN, str(scratch / "images.npy"), str(storage), json.dumps(options), precision],
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-c",
+            CONVERTED_RERUN,
+            str(scratch / "images.npy"),
+            str(storage),
+            json.dumps(options),
+            precision,
+        ],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],
-        check=True,
     )
-    assert "tensorflow loaded:" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "tensorflow loaded:" in rerun.stdout, (rerun.returncode, rerun.stdout + rerun.stderr[-3000:])
     return "tensorflow loaded: True" in rerun.stdout
 
 

@@ -2,7 +2,7 @@
 the run's head family, and the three tables, under `features/<set>/audit/` (`layout.audit_files`), `audit.json` last.
 
 The record names what the tables were made from (the fingerprint, a collection's content version, the head's key, the
-settings); while those are unchanged and every file is there, the audit is read back and nothing is written.
+settings, the method); while those are unchanged and every file is there, the audit is read back and nothing is written.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ from cifar_transfer.stored import stored_source
 log = logging.getLogger(__name__)
 
 PICTURE_BATCH = 4096
+# How the tables are made, raised when a change makes stored tables wrong: an audit made by another method is made
+# again (2: as many label issues flagged as `tables.estimated_label_issues` counts; 1: every row whose data suggested
+# another label, a third of a set under a head 62% accurate).
+METHOD = 2
 T = TypeVar("T")
 
 
@@ -47,7 +51,7 @@ class AuditSummary(BaseModel):
     test_with_train_duplicate: int  # test images with a near-duplicate in train
     duplicate_pairs: int  # near-duplicate pairs (score >= threshold)
     duplicate_clusters: int
-    label_issues: int  # rows whose data suggests another label (`issue`)
+    label_issues: int  # rows flagged as wrongly labelled (`issue`: as many as `tables.estimated_label_issues` counts)
     head_kinds: list[str]  # the head family the out-of-fold probabilities came from
     out_of_fold_accuracy: dict[str, float]
     index: str  # "exact" or "usearch"
@@ -67,6 +71,7 @@ class AuditRecord(BaseModel):
     content_version: str | None = None  # a collection's (None: an archive's, left out of the record)
     head_key: str
     settings: AuditSettings
+    method: int = 1  # `METHOD` when made (absent from records made before the method was recorded)
     threshold: float  # the score near-duplicates are over (`tables.duplicate_threshold`)
     summary: AuditSummary
     made_by: Lineage | None = None
@@ -82,9 +87,9 @@ class AuditResult(BaseModel):
 
 
 def finished_audit(storage: Storage, features: FeatureSetInfo, head_key: str, settings: AuditSettings) -> AuditResult | None:
-    """The set's audit if it was made from exactly these inputs (features, content, head, settings)."""
+    """The set's audit if it was made from exactly these inputs (features, content, head, settings) by this `METHOD`."""
     audit = read_audit(storage, features, head_key)
-    return audit if audit is not None and audit.record.settings == settings else None
+    return audit if audit is not None and (audit.record.settings, audit.record.method) == (settings, METHOD) else None
 
 
 def read_audit(storage: Storage, features: FeatureSetInfo, head_key: str) -> AuditResult | None:
@@ -199,6 +204,7 @@ def audit_feature_set(
         content_version=features.content_version,
         head_key=head_key,
         settings=settings,
+        method=METHOD,
         threshold=threshold,
         summary=summary,
         made_by=lineage,
