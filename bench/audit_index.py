@@ -86,8 +86,8 @@ def write_shards(root: str, mixture: Mixture, first: int, rows: int, records: li
     from test_head import CLASSES, synthetic_spec
 
     from cifar_transfer.commit import commit_feature_set
-    from cifar_transfer.shard_files import ShardRows, features_folder, shard_path, shard_table, write_shard
-    from cifar_transfer.shards import Shard
+    from cifar_transfer.shard_files import features_folder, shard_path, shard_table, write_shard
+    from cifar_transfer.shards import Shard, ShardRows
     from cifar_transfer.storage import Storage
 
     spec, storage = synthetic_spec(), Storage(root)

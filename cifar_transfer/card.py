@@ -102,7 +102,7 @@ def _dataset_info_yaml(description: FeatureSetDescription, found: dict[str, dict
 def _body(folder_uri: str, description: FeatureSetDescription, views: dict[str, list[ShardRecord]], written: str) -> list[str]:
     spec, rebuild, made_by = description.spec, description.rebuild, description.made_by
     kind = kind_of(rebuild.collection)
-    source = kind.title(spec["dataset_md5"], rebuild.collection.source if rebuild.collection else None)  # stored names
+    source = kind.title(spec["dataset_md5"], rebuild.collection)  # stored names
     weights = {"imagenet": "ImageNet weights", "none": f"random weights, seed {rebuild.seed}"}.get(
         rebuild.weights, f"the weights `{redact(rebuild.weights)}`"
     )

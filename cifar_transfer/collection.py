@@ -23,8 +23,8 @@ from cifar_transfer.config import CollectionSettings, stable_hash
 from cifar_transfer.errors import SourceError
 from cifar_transfer.feature_records import read_manifest
 from cifar_transfer.redact import printable, redact
-from cifar_transfer.shard_files import ShardRows, shard_items_from_metadata, shard_metadata
-from cifar_transfer.shards import FLIPPED, SPLITS, Shard
+from cifar_transfer.shard_files import shard_items_from_metadata, shard_metadata
+from cifar_transfer.shards import FLIPPED, SPLITS, Shard, ShardRows
 from cifar_transfer.sources import detect
 from cifar_transfer.sources.base import CollectionSource, Item, Listing, UnreadableItem
 from cifar_transfer.sources.folder import FolderSource

@@ -17,8 +17,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.cifar import archive_format_named, archive_format_of, read_archive
 from cifar_transfer.claims import claim
 from cifar_transfer.errors import ArchiveError
-from cifar_transfer.shard_files import ShardRows
-from cifar_transfer.shards import Shard, plan_shards
+from cifar_transfer.shards import Shard, ShardRows, plan_shards
 from cifar_transfer.sources.base import UnreadableItem
 from cifar_transfer.storage import Storage
 

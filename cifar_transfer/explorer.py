@@ -212,8 +212,7 @@ def write_explorer(
     embedding = storage.read_frame(tsne.embedding)
     splits = embedding["split"].to_numpy(dtype=object)
     index = embedding["index"].to_numpy(np.int64)
-    collection = features.collection is not None
-    keys = SetRows.open(storage, features.folder).keys(splits, index, collection)
+    keys = stored_source(features.collection).row_keys(storage, features.folder, splits, index)
     neighbours, similarities = map_neighbours(point_vectors(storage, features.folder, splits, index), NEIGHBOURS)
     searched = time.perf_counter()
     predicted = audit = None

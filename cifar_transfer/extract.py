@@ -29,7 +29,6 @@ from cifar_transfer.pause import pause_at, pausing_at
 from cifar_transfer.progress import ExtractedShard
 from cifar_transfer.shard_files import (
     SHARD_MISSING,
-    ShardRows,
     existing_shard_record,
     features_folder,
     listed_record,
@@ -39,7 +38,7 @@ from cifar_transfer.shard_files import (
     shard_table,
     write_shard,
 )
-from cifar_transfer.shards import Shard
+from cifar_transfer.shards import Shard, ShardRows
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
 
@@ -141,7 +140,7 @@ def _prepare(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard:
     if problem is None:
         held.close()
         return _reused(storage, path, shard, listed, "done by another run meanwhile")
-    conflict = shard_size_conflict(storage, path, spec, shard) if problem != SHARD_MISSING and shard.items is None else None
+    conflict = shard_size_conflict(storage, path, spec, shard) if problem != SHARD_MISSING else None
     if conflict:
         raise FeatureSetError(conflict)
     if problem != SHARD_MISSING:

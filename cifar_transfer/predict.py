@@ -12,10 +12,11 @@ happens here; an archive's (CIFAR) were 32x32 images resized inside the extracto
 reaches the head as the kind of image it was trained on. A head trained with flips averages the
 probabilities of each image and its mirror image, as it did on the test split.
 
-SOURCE is anything `sources.unlabelled.UnlabelledImages` lists: image files, folders, globs or Parquet tables of
-encoded images, local or at an fsspec URL. The source is processed in chunks: the next chunk is read and decoded while the
-current one runs through the backbone, so memory holds two chunks of pixels whatever the source's size. An
-image that cannot be read or decoded becomes a row with the reason, never a failed command.
+SOURCE is anything a collection format reads without labels (`sources.unlabelled.UnlabelledImages`, which picks
+the format): image files, folders, globs or Parquet tables of encoded images, local or at an fsspec URL. The
+source is processed in chunks: the next chunk is read and decoded while the current one runs through the backbone,
+so memory holds two chunks of pixels whatever the source's size. An image that cannot be read or decoded becomes a
+row with the reason, never a failed command.
 """
 
 from __future__ import annotations

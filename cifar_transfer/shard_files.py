@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +12,8 @@ import pyarrow.parquet as pq
 from cifar_transfer import layout, records
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.feature_records import Manifest, ShardRecord, library_versions
-from cifar_transfer.shards import Shard
-from cifar_transfer.sources.base import Item, UnreadableItem
+from cifar_transfer.shards import Shard, ShardRows
+from cifar_transfer.sources.base import Item
 from cifar_transfer.storage import Storage
 
 METADATA_KEY = b"cifar_transfer"
@@ -26,15 +25,6 @@ def features_folder(storage: Storage, spec: FeatureSpec) -> str:
 
 def shard_path(storage: Storage, spec: FeatureSpec, shard: Shard) -> str:
     return layout.shard_file(features_folder(storage, spec), shard.split, shard.file_name)
-
-
-class ShardRows(NamedTuple):
-    """What one shard's rows are, before their features: labels and ids, and for a collection its items."""
-
-    labels: np.ndarray  # int64, row for row
-    ids: np.ndarray  # int64: the `index` column (the row's position in an archive split; a stable id in a collection)
-    items: list[Item] | None = None  # a collection shard's decoded items, row for row
-    skipped: list[UnreadableItem] = []  # a collection shard's items that could not be read or decoded
 
 
 def shard_table(spec: FeatureSpec, shard: Shard, rows: ShardRows, features: np.ndarray) -> pa.Table:
@@ -56,17 +46,9 @@ def shard_table(spec: FeatureSpec, shard: Shard, rows: ShardRows, features: np.n
         "label": pa.array(rows.labels.astype(np.int64)),
         "features": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
     }
-    if shard.items is not None:
-        assert rows.items is not None, "a collection shard's rows carry its items (collection.shard_rows)"
-        metadata |= {
-            "items_digest": shard.items_digest,
-            "items": [[item.key, item.version, item.label] for item in shard.items],
-            "skipped": [entry.model_dump() for entry in rows.skipped],
-        }
-        columns |= {
-            "key": pa.array([item.key for item in rows.items], pa.string()),
-            "version": pa.array([item.version for item in rows.items], pa.string()),
-        }
+    extra_metadata, extra_columns = shard.content.footer(rows)
+    metadata |= extra_metadata
+    columns |= extra_columns
     return pa.table(columns).replace_schema_metadata({METADATA_KEY: records.SHARD.dump(metadata, indent=None)})
 
 
@@ -140,13 +122,7 @@ def shard_problem(storage: Storage, path: str, spec: FeatureSpec, shard: Shard, 
         return f"unreadable as Parquet ({exc})"
     if metadata.get("fingerprint") != spec.fingerprint:
         return f"written by another configuration (fingerprint {metadata.get('fingerprint')}, expected {spec.fingerprint})"
-    if shard.items is not None:  # a collection shard: its rows are the decodable ones among the items it was planned with
-        if (metadata.get("start"), metadata.get("items_digest")) != (shard.start, shard.items_digest):
-            return "holds other images than planned (the collection changed, or another plan wrote it)"
-        return None
-    if (rows, metadata.get("start"), metadata.get("stop")) != (shard.rows, shard.start, shard.stop):
-        return f"holds rows {metadata.get('start')}..{metadata.get('stop')} ({rows}), expected {shard.start}..{shard.stop}"
-    return None
+    return shard.content.mismatch(rows, metadata)
 
 
 def shard_size_conflict(storage: Storage, path: str, spec: FeatureSpec, shard: Shard) -> str | None:
@@ -155,13 +131,25 @@ def shard_size_conflict(storage: Storage, path: str, spec: FeatureSpec, shard: S
         _, metadata = shard_metadata(storage, path)
     except (OSError, pa.ArrowException):
         return None
-    if metadata.get("fingerprint") != spec.fingerprint or metadata.get("start") == shard.start and metadata.get("stop") == shard.stop:
+    if metadata.get("fingerprint") != spec.fingerprint or (size := shard.content.other_shard_size(metadata)) is None:
         return None
     return (
         f"{storage.uri(path)} holds rows {metadata.get('start')}..{metadata.get('stop')} of these features, "
-        f"cut with another shard size: pass --shard-size {metadata['stop'] - metadata['start']} "
+        f"cut with another shard size: pass --shard-size {size} "
         "(the size they were extracted with) or another --storage"
     )
+
+
+def recorded_shard(storage: Storage, path: str, record: ShardRecord) -> Shard:
+    """The shard a manifest's record names, holding what the footer of its file at `path` says it was planned with
+    (a collection's items), so that `shard_problem` checks the file against its own record."""
+    try:
+        _, metadata = shard_metadata(storage, path)
+    except (OSError, ValueError, pa.ArrowException):  # unreadable: `shard_problem` says so
+        metadata = {}
+    held = shard_items_from_metadata(metadata)
+    items = None if held is None else [Item(key=key, version=version, label=label) for key, version, label in held]
+    return Shard(split=record.split, number=record.number, start=record.start, stop=record.stop, items=items)
 
 
 def listed_record(manifest: Manifest | None, shard: Shard) -> ShardRecord | None:

@@ -1,8 +1,8 @@
 """What each kind of source keeps in storage besides its features, and how a rebuild reads it again.
 
 The other half of `sources.kinds`: these read decoded arrays, a collection's images and a set's keys, so they sit
-above the feature store, and the report, `verify` and its repair ask `stored_source(...)` instead of asking which
-kind of source a feature set was made from.
+above the feature store, and the report, the explorer, the audit, `similar`, `verify` and its repair ask
+`stored_source(...)` instead of asking which kind of source a feature set was made from.
 """
 
 from __future__ import annotations
@@ -28,6 +28,18 @@ class StoredSource(Protocol):
         """The images of a split's rows (by `index`) for the report, at `size` px where they are read anew."""
         ...
 
+    def pictures_kept(self, storage: Storage, features: FeatureSetInfo) -> bool:
+        """Whether `pictures` can still read the set's images (an archive's decoded arrays may have been evicted)."""
+        ...
+
+    def row_keys(self, storage: Storage, folder: str, split_of: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Every row's name (by split and `index`): a collection's image name, an archive's `<split>/<index>`."""
+        ...
+
+    def row_named(self, storage: Storage, folder: str, splits: list[str], name: str) -> tuple[str, int] | None:
+        """The split and `index` of the row named `name` (as `row_keys` names it), if a row of `splits` is."""
+        ...
+
     def problems(self, storage_url: str, dataset_id: str) -> dict[str, list[str]]:
         """Problems of what the kind keeps in storage besides the features (paths relative to the root)."""
         ...
@@ -46,6 +58,15 @@ class StoredArchive:
 
     def pictures(self, storage: Storage, features: FeatureSetInfo, split: str, ids: np.ndarray, size: int) -> np.ndarray:
         return stored_rows(storage, layout.dataset_files(storage, features.spec.dataset_id).array(split, "images"), ids)
+
+    def pictures_kept(self, storage: Storage, features: FeatureSetInfo) -> bool:
+        return storage.exists(layout.dataset_files(storage, features.spec.dataset_id).marker)
+
+    def row_keys(self, storage: Storage, folder: str, split_of: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.array([f"{split}/{number}" for split, number in zip(split_of, index, strict=True)], dtype=object)
+
+    def row_named(self, storage: Storage, folder: str, splits: list[str], name: str) -> tuple[str, int] | None:
+        return None  # `<split>/<index>` is a row's position, which a query names as such (`similar.ROW`)
 
     def problems(self, storage_url: str, dataset_id: str) -> dict[str, list[str]]:
         return decoded_problems(storage_url, dataset_id)
@@ -75,6 +96,20 @@ class StoredCollection:
         keys = read_keys(storage, features.folder, split)
         return thumbnails(features.collection, [keys[int(number)] for number in ids], size)
 
+    def pictures_kept(self, storage: Storage, features: FeatureSetInfo) -> bool:
+        return True  # read where they are (one that is gone since is a row's reason, not a missing set)
+
+    def row_keys(self, storage: Storage, folder: str, split_of: np.ndarray, index: np.ndarray) -> np.ndarray:
+        names = {split: read_keys(storage, folder, split) for split in dict.fromkeys(split_of.tolist())}
+        return np.array([names[split][int(number)] for split, number in zip(split_of, index, strict=True)], dtype=object)
+
+    def row_named(self, storage: Storage, folder: str, splits: list[str], name: str) -> tuple[str, int] | None:
+        for split in splits:
+            found = next((number for number, key in read_keys(storage, folder, split).items() if key == name), None)
+            if found is not None:
+                return split, found
+        return None
+
     def problems(self, storage_url: str, dataset_id: str) -> dict[str, list[str]]:
         return {}
 
@@ -90,5 +125,6 @@ STORED_SOURCES: dict[str, StoredSource] = {"archive": StoredArchive(), "collecti
 
 
 def stored_source(collection: CollectionSettings | None) -> StoredSource:
-    """What the source of a feature set (as its record says: `collection`, None for an archive) keeps in storage."""
+    """What the source of a feature set (as its record says: `collection`, None for an archive) keeps in storage, and
+    what names its rows."""
     return STORED_SOURCES[kind_of(collection).name]

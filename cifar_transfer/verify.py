@@ -1,7 +1,8 @@
 """Check a feature set and everything made from it by content, and repair what is wrong.
 
 Existence is not proof: every shard the manifest lists must have the listed
-size and SHA-256 and carry the set's fingerprint and row range in its footer.
+size and SHA-256 and carry the set's fingerprint and row range (a collection's:
+the digest of the items it lists) in its footer.
 Files the manifest does not list and leftover temporary files are reported
 too. The decoded dataset the set was made from, and every t-SNE map and head
 made from the set, must have all their files, readable. Repair deletes what is
@@ -23,8 +24,8 @@ from cifar_transfer.config import FeatureSpec, HeadSettings, PipelineConfig, Tsn
 from cifar_transfer.feature_records import feature_set_description, read_description, read_manifest
 from cifar_transfer.head import finished_head, train_head
 from cifar_transfer.layout import CLAIM_SUFFIX, TEMP_SUFFIX, DerivedFiles, HeadFiles, TsneFiles
-from cifar_transfer.shard_files import SHARD_MISSING, shard_problem
-from cifar_transfer.shards import SPLITS, VIEWS, Shard
+from cifar_transfer.shard_files import SHARD_MISSING, recorded_shard, shard_problem
+from cifar_transfer.shards import SPLITS, VIEWS
 from cifar_transfer.storage import Storage
 from cifar_transfer.stored import stored_source
 from cifar_transfer.tsne import finished_tsne, tsne_map
@@ -155,8 +156,7 @@ def _shard_content_problems(storage: Storage, path: str, spec: FeatureSpec, reco
         found.append(f"{len(payload)} bytes, the manifest says {record.bytes}")
     if hashlib.sha256(payload).hexdigest() != record.sha256:
         found.append("SHA-256 differs from the manifest")
-    shard = Shard(split=record.split, number=record.number, start=record.start, stop=record.stop)
-    problem = shard_problem(storage, path, spec, shard)
+    problem = shard_problem(storage, path, spec, recorded_shard(storage, path, record))
     if problem is not None:
         found.append(problem)
     return found

@@ -149,6 +149,7 @@ def test_a_mixed_folder_runs_end_to_end_skips_what_it_cannot_decode_and_reruns_a
     assert [entry["key"] for entries in skipped for entry in entries] == ["cat/broken.jpg"]
     with open(summary.html_report) as page:
         assert 'id="tsne-skipped"' in page.read()
+    assert verify_feature_set(config.storage, summary.features.folder) == {}, "a shard short of its skipped image is whole"
 
     started = datetime.now(timezone.utc)
     again = cifar_transfer(config)

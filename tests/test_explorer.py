@@ -247,7 +247,8 @@ def test_map_neighbours_rank_the_projections_candidates_by_the_full_vectors():
 
 
 def test_the_explorer_of_a_collection_names_its_images_and_shows_their_own_pictures(prefect_api, tmp_path):
-    """A folder of images: the explorer's keys are the image names, and each thumbnail is the image's own picture."""
+    """A folder of images: the explorer's keys are the image names, each thumbnail is the image's own picture, and
+    `similar` takes an image's name as its query."""
     import io
     import zlib
 
@@ -255,6 +256,7 @@ def test_the_explorer_of_a_collection_names_its_images_and_shows_their_own_pictu
     from test_collections import CLASSES as FOLDER_CLASSES
     from test_collections import folder_config, picture, write_tree
 
+    from cifar_transfer.audit.similar import similar
     from cifar_transfer.explorer import write_explorer
     from cifar_transfer.flows.pipeline import extract_features
     from cifar_transfer.storage import Storage
@@ -279,3 +281,5 @@ def test_the_explorer_of_a_collection_names_its_images_and_shows_their_own_pictu
     ]
     differences = np.array([[np.abs(thumb - other).mean() for other in pictures] for thumb in shown])
     assert (differences.argmin(axis=1) == np.arange(len(keys))).all()
+    neighbours = similar(config.storage, keys[0], k=3)  # a row named by its image's name, its neighbours by theirs
+    assert len(neighbours) == 3 and {neighbour.key for neighbour in neighbours} <= set(keys) - {keys[0]}

@@ -16,8 +16,8 @@ from cifar_transfer.head import refit_head, train_head
 from cifar_transfer.heads import HEADS, candidate_heads, softmax
 from cifar_transfer.heads.base import HeadData, stream_accuracy, stream_moments
 from cifar_transfer.heads.ensemble import EnsembleDetails, ensemble_head
-from cifar_transfer.shard_files import ShardRows, features_folder, shard_path, shard_table, write_shard
-from cifar_transfer.shards import FLIPPED, Shard
+from cifar_transfer.shard_files import features_folder, shard_path, shard_table, write_shard
+from cifar_transfer.shards import FLIPPED, Shard, ShardRows
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import read_split
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask

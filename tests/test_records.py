@@ -23,8 +23,16 @@ from cifar_transfer.download import read_source_record
 from cifar_transfer.errors import NewerFormatError
 from cifar_transfer.feature_records import FeatureSetDescription, Manifest, read_description, read_manifest
 from cifar_transfer.head import HeadMetrics, finished_head, train_head
-from cifar_transfer.shard_files import METADATA_KEY, ShardRows, shard_path, shard_problem, shard_table, write_shard
-from cifar_transfer.shards import Shard
+from cifar_transfer.shard_files import (
+    METADATA_KEY,
+    recorded_shard,
+    shard_path,
+    shard_problem,
+    shard_size_conflict,
+    shard_table,
+    write_shard,
+)
+from cifar_transfer.shards import Shard, ShardRows
 from cifar_transfer.sources.base import Item, UnreadableItem
 from cifar_transfer.storage import Storage
 from cifar_transfer.tsne import TsneResult
@@ -190,6 +198,32 @@ def test_a_shard_written_before_versions_is_still_a_finished_shard(tmp_path):
     assert shard_problem(storage, path, spec, shard) is None
     other = spec.model_copy(update={"input_size": 64})
     assert "another configuration" in shard_problem(storage, path, other, shard)
+
+
+def test_a_collection_shard_is_stored_and_recognised_as_before_the_shard_plan_had_one_shape(tmp_path):
+    """Plans (task parameters) keep their stored form; a collection shard's footer its keys, columns and digest (the
+    digest below is what the code before `Shard.content` wrote), so finished shards are reused as they were."""
+    storage = Storage(str(tmp_path))
+    spec = synthetic_spec(dataset_md5="folder-0123")
+    items = [Item(key=f"train/{number}.png", version="1", label=number % 2) for number in range(4)]
+    shard = Shard(split="train", number=0, start=0, stop=4, items=items)
+    rows = Shard(split="train", number=0, start=0, stop=4)
+    assert list(shard.model_dump()) == ["split", "number", "start", "stop", "items"] and rows.model_dump()["items"] is None
+    assert Shard.model_validate(json.loads(shard.model_dump_json())) == shard
+    decoded = items[:3]  # the fourth did not decode: its id is unused and the file holds 3 rows
+    skipped = [UnreadableItem(key=items[3].key, reason="not an image")]
+    table = shard_table(spec, shard, ShardRows(np.array([0, 1, 0]), np.arange(3), decoded, skipped), np.ones((3, 3), np.float32))
+    record = write_shard(storage, shard_path(storage, spec, shard), shard, table)
+    path = shard_path(storage, spec, shard)
+    footer = json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+    assert list(footer)[-3:] == ["items_digest", "items", "skipped"]
+    assert footer["items_digest"] == "af98e0ca77e157c4d7fe04a5caac7f88" and footer["items"][3] == ["train/3.png", "1", 1]
+    assert pq.read_schema(path).names == ["index", "label", "features", "key", "version"]
+    assert shard_problem(storage, path, spec, shard) is None and shard_size_conflict(storage, path, spec, shard) is None
+    changed = shard.model_copy(update={"items": [*items[:3], items[3].model_copy(update={"version": "2"})]})
+    assert shard_problem(storage, path, spec, changed).startswith("holds other images than planned (the collection changed")
+    assert shard_problem(storage, path, spec, rows) == "holds rows 0..4 (3), expected 0..4"
+    assert recorded_shard(storage, path, record) == shard  # verify checks the file against what its own footer lists
 
 
 def test_a_collection_set_keeps_its_content_version_and_keys_when_its_records_are_unversioned(tmp_path):

@@ -294,3 +294,35 @@ def test_identity_names_a_local_source_by_its_absolute_path(tmp_path, monkeypatc
     write_table(tmp_path / "t.parquet", [0], [0], names=CLASSES)
     monkeypatch.chdir(tmp_path)
     assert ParquetSource("t.parquet").list_items().identity["source"] == str(tmp_path / "t.parquet")
+
+
+def test_images_without_labels_are_read_by_the_format_that_reads_them(tmp_path, caplog):
+    """predict's and similar's SOURCE goes to a collection format's reader (`UNLABELLED_FORMATS`, keyed as the
+    collection formats): files found are images when any are, else tables; a file named on its own is a table when
+    it is one, else decoded as an image whatever its name."""
+    from cifar_transfer.collection import COLLECTION_FORMATS
+    from cifar_transfer.sources import detect
+    from cifar_transfer.sources.unlabelled import UNLABELLED_FORMATS, UnlabelledImages
+
+    assert list(UNLABELLED_FORMATS) == list(COLLECTION_FORMATS) == list(detect.COLLECTION_FORMATS)
+
+    def read(source) -> list[tuple[str, str | None]]:
+        return [(os.path.basename(path), reason) for chunk in UnlabelledImages(str(source)).chunks(8) for path, _, reason in chunk]
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.png").write_bytes(png(0))
+    write_table(mixed / "t.parquet", [1, 2], [0, 1], names=CLASSES)
+    with caplog.at_level(logging.INFO, logger="cifar_transfer"):
+        assert read(mixed) == [("a.png", None)]
+    assert "ignored 1 files of" in caplog.text and "that are not images" in caplog.text
+    os.remove(mixed / "a.png")
+    assert read(mixed) == [("t.parquet#0", None), ("t.parquet#1", None)]
+    assert read(mixed / "t.parquet") == [("t.parquet#0", None), ("t.parquet#1", None)]
+    (mixed / "notes.txt").write_text("not an image")
+    assert read(mixed / "notes.txt") == [("notes.txt", None)]  # named on its own: decoded (and reported) by predict
+    os.mkfifo(mixed / "pipe.parquet")
+    assert read(mixed / "pipe.parquet") == [("pipe.parquet", "not a regular file: a FIFO")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"^no image files \(bmp, gif, jpeg, jpg, png, tif, tiff, webp\) or Parquet tables at "):
+        UnlabelledImages(str(tmp_path / "empty"))

@@ -23,7 +23,7 @@ from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.redact import redact
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_keys
+from cifar_transfer.stored import stored_source
 
 ROW = re.compile(r"^(train|test)[:/](\d+)$")
 
@@ -50,12 +50,8 @@ def query_row(storage: Storage, features: FeatureSetInfo, rows: SetRows, query: 
         if not len(found):
             raise ConfigError(f"{split} has no row {number} (it has {rows.manifests[split].rows} rows): give an index it has")
         return int(found[0])
-    if features.collection is not None:
-        for split in rows.splits:
-            keys = {name: number for number, name in read_keys(storage, features.folder, split).items()}
-            if query in keys:
-                return query_row(storage, features, rows, f"{split}:{keys[query]}")
-    return None
+    named = stored_source(features.collection).row_named(storage, features.folder, rows.splits, query)
+    return query_row(storage, features, rows, f"{named[0]}:{named[1]}") if named is not None else None
 
 
 def image_vector(features: FeatureSetInfo, query: str, storage_url: str) -> np.ndarray:
@@ -120,7 +116,7 @@ def similar(storage_url: str, query: str, k: int = 10, fingerprint: str | None =
     finally:
         searcher.close()
     splits, index, labels = rows.names()
-    keys = rows.keys(splits, index, features.collection is not None)
+    keys = stored_source(features.collection).row_keys(storage, features.folder, splits, index)
     return [
         Neighbour(rank + 1, str(splits[p]), int(index[p]), str(keys[p]), features.classes[int(labels[p])], float(s), float(1 - s))
         for rank, (p, s) in enumerate(zip(positions[0], similarities[0], strict=True))

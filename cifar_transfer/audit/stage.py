@@ -130,7 +130,7 @@ def pixel_signatures(storage: Storage, features: FeatureSetInfo, names: Rows, wa
     """Signatures of the wanted rows' pictures (by position), read a batch at a time from what the set keeps; none
     (the scores then come from the features alone, said in the log) when its pictures are no longer kept."""
     source = stored_source(features.collection)
-    if features.collection is None and not storage.exists(layout.dataset_files(storage, features.spec.dataset_id).marker):
+    if not source.pictures_kept(storage, features):
         log.warning("audit: the decoded images of %s are gone, so duplicates are scored on features alone", features.folder)
         return {}
     found: dict[int, np.ndarray] = {}
@@ -160,7 +160,8 @@ def audit_feature_set(
     )
     set_rows = SetRows.open(storage, features.folder)
     split, number, label = set_rows.names()
-    names = Rows(split, number, set_rows.keys(split, number, features.collection is not None), label, features.classes)
+    keys = stored_source(features.collection).row_keys(storage, features.folder, split, number)
+    names = Rows(split, number, keys, label, features.classes)
     pixels = _timed(seconds, "pixels", lambda: pixel_signatures(storage, features, names, pixel_candidates(positions, similarities)))
     duplicates, threshold = _timed(seconds, "duplicates", lambda: duplicates_table(names, positions, similarities, pixels))
     fold, probabilities = _timed(

@@ -16,7 +16,7 @@ from cifar_transfer import layout
 from cifar_transfer.feature_records import Manifest, read_manifest
 from cifar_transfer.sources.base import SPLITS
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import iter_split, read_keys, read_shard
+from cifar_transfer.store import iter_split, read_shard
 
 
 def normalized(features: np.ndarray) -> np.ndarray:
@@ -118,13 +118,6 @@ class SetRows:
         if not index:
             return np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(splits), np.concatenate(index).astype(np.int64), np.concatenate(labels).astype(np.int64)
-
-    def keys(self, split_of: np.ndarray, index: np.ndarray, collection: bool) -> np.ndarray:
-        """Every row's key: a collection's image name, else `<split>/<index>`."""
-        if not collection:
-            return np.array([f"{split}/{number}" for split, number in zip(split_of, index, strict=True)], dtype=object)
-        names = {split: read_keys(self.storage, self.folder, split) for split in self.splits}
-        return np.array([names[split][int(number)] for split, number in zip(split_of, index, strict=True)], dtype=object)
 
 
 def _joined(blocks: list[Block]) -> Block:

@@ -9,9 +9,12 @@ into pixels is `images.decode_image`'s job, the same for every source.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from cifar_transfer.sources.files import NamedFiles
 
 SPLITS = ("train", "test")
 
@@ -47,4 +50,30 @@ class CollectionSource(Protocol):
 
     def read_items(self, items: list[Item]) -> Iterator[tuple[Item, bytes | None, str | None]]:
         """Each item with its encoded bytes, or None and the reason it could not be read; in the order given."""
+        ...
+
+
+class UnlabelledReader(Protocol):
+    """A format's images without labels (predict, similar): counted once, then read in order."""
+
+    total: int
+    path_width: int  # the widest row name, printed
+
+    def rows(self) -> Iterator[tuple[str, bytes | None, str | None]]:
+        """Each image's name with its encoded bytes, or None and the reason it could not be read; in order."""
+        ...
+
+
+class UnlabelledFormat(Protocol):
+    """How a collection format reads images without labels from the files a SOURCE names (`sources.unlabelled`)."""
+
+    wanted: str  # what it reads, in the message when a SOURCE holds nothing any format reads
+    what: str  # what its files are, in the log line about the files a SOURCE holds beside them
+
+    def select(self, named: NamedFiles) -> list[str]:
+        """The files of `named` this format reads (none: it does not read this SOURCE)."""
+        ...
+
+    def __call__(self, named: NamedFiles, files: list[str], image_column: str | None, limit: int) -> UnlabelledReader:
+        """Its reader of `files` (as `select` chose them), each image within `limit` bytes."""
         ...

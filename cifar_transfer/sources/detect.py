@@ -47,5 +47,15 @@ def collection_format(source: str, source_format: str) -> str:
     return "parquet" if any(name.endswith(".parquet") for name in names) else "folder"
 
 
+def unlabelled_format(selected: dict[str, list[str]], single: bool) -> str | None:
+    """Which format reads a SOURCE of images without labels, from the files each format would read of it (in
+    `sources.unlabelled.UNLABELLED_FORMATS`'s order, images first): a file named on its own goes to the last format
+    that reads it, the first one being the catch-all that decodes any file named (a table is a table, anything else
+    an image); files found in a folder or by a glob go to the first format that reads any (the images, else the
+    tables). None when no format reads any."""
+    order = list(reversed(selected)) if single else list(selected)
+    return next((name for name in order if selected[name]), None)
+
+
 def _names_a_table(path: str) -> bool:
     return path.endswith(".parquet") or any(mark in path for mark in "*?[")

@@ -17,6 +17,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from fsspec import AbstractFileSystem
 
@@ -42,6 +43,24 @@ def file_limit(max_file_mb: float) -> int:
 
 def over_limit(size: int, limit: int) -> str:
     return f"file is {size:,} bytes, over the cap of {limit:,} bytes (raise --max-file-mb if it is a real image)"
+
+
+@dataclass(frozen=True)
+class NamedFiles:
+    """The files a SOURCE of images without labels names, listed once: every file of a folder (hidden entries
+    left out), a glob's matches, or the one file named (`single`), sorted, with the sizes listed. Each format's
+    reader (`sources.unlabelled.UNLABELLED_FORMATS`) picks the files it reads from these."""
+
+    source: str
+    fs: AbstractFileSystem
+    local: bool
+    files: list[str]
+    sizes: dict[str, int]  # an object store's listed sizes, checked against the cap before a read
+    single: bool
+
+    def shown(self, name: str) -> str:
+        """A file as rows and messages show it: a local path as is, a URL without its secrets."""
+        return name if self.local else redact(self.fs.unstrip_protocol(name))
 
 
 def walk(root: str) -> tuple[dict[str, dict], list[str]]:

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.errors import ConfigError, SourceError, is_transient
-from cifar_transfer.redact import redact
+from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing
-from cifar_transfer.sources.files import GONE, MAX_FILE_MB, fetch, fetch_error, file_limit, read_bounded, walk
+from cifar_transfer.sources.files import GONE, MAX_FILE_MB, NamedFiles, fetch, fetch_error, file_limit, read_bounded, walk
 from cifar_transfer.storage import file_stamp, open_url
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -134,6 +134,40 @@ class FolderSource:
         """The seeded split rule: a uniform draw from the key's hash, so no other file changes the answer."""
         digest = hashlib.sha256(f"{self.split_seed}:{key}".encode()).hexdigest()
         return int(digest[:8], 16) / 2**32 < self.test_fraction
+
+
+class FolderImages:
+    """Image files without labels, for predict and similar: each file with an image's extension, or the one file
+    SOURCE names, decoded whatever its extension (or reported); read as a collection's files are."""
+
+    wanted = f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    what = "images"
+
+    @staticmethod
+    def select(named: NamedFiles) -> list[str]:
+        if named.single:
+            return named.files
+        return [name for name in named.files if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]
+
+    def __init__(self, named: NamedFiles, files: list[str], image_column: str | None, limit: int):
+        self.named, self.files, self.limit = named, files, limit
+        self.total = len(files)
+        self.path_width = max(len(printable(named.shown(name))) for name in files)
+
+    def rows(self) -> Iterator[tuple[str, bytes | None, str | None]]:
+        named = self.named
+        if named.local:
+            for name in self.files:
+                yield name, *read_bounded(name, self.limit)
+            return
+        sizes = [named.sizes.get(name, 0) for name in self.files]
+        for name, data in zip(self.files, fetch(named.fs, self.files, sizes, self.limit), strict=True):
+            if isinstance(data, str):
+                yield named.shown(name), None, data
+            elif isinstance(data, BaseException):
+                yield named.shown(name), None, fetch_error(data)
+            else:
+                yield named.shown(name), data, None
 
 
 def _listed_size(item: Item) -> int:

@@ -29,6 +29,12 @@ from cifar_transfer.sources import detect
 OFFICIAL_URLS = frozenset(archive_format.official_url for archive_format in ARCHIVE_FORMATS.values())
 
 
+class ReadAgain(Protocol):
+    """What a feature set records of how to read its source again (`config.CollectionSettings`), as far as a kind reads it."""
+
+    source: str
+
+
 class SourceKind(Protocol):
     """What a kind of source means for the feature sets made from it."""
 
@@ -44,8 +50,8 @@ class SourceKind(Protocol):
         """Refuse options this kind cannot work with (raises ValueError with the fix)."""
         ...
 
-    def title(self, dataset_id: str, source: str | None) -> str:
-        """Where a feature set's images came from, in a sentence of its card (`source`: a collection's, as recorded)."""
+    def title(self, dataset_id: str, collection: ReadAgain | None) -> str:
+        """Where a feature set's images came from, in a sentence of its card (from its record: `collection`, None for an archive)."""
         ...
 
     def predict_size(self, input_size: int) -> int:
@@ -64,7 +70,7 @@ class ArchiveKind:
         if source not in OFFICIAL_URLS and md5 is None:
             raise ValueError(f"source {source!r} is not the official URL: pass its MD5 (--md5 HEX) or --md5 none to skip the check")
 
-    def title(self, dataset_id: str, source: str | None) -> str:
+    def title(self, dataset_id: str, collection: ReadAgain | None) -> str:
         return f"the archive `{dataset_id}`"
 
     def predict_size(self, input_size: int) -> int:
@@ -83,8 +89,9 @@ class CollectionKind:
     def check(self, source: str, md5: str | None) -> None:
         return None  # every option of a collection is checked where it is declared
 
-    def title(self, dataset_id: str, source: str | None) -> str:
-        return f"the collection `{redact(source or '?')}`"
+    def title(self, dataset_id: str, collection: ReadAgain | None) -> str:
+        assert collection is not None, "a collection's feature set records how to read it"
+        return f"the collection `{redact(collection.source)}`"
 
     def predict_size(self, input_size: int) -> int:
         return input_size  # each image was decoded straight to the input size

@@ -32,9 +32,17 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar_transfer.errors import ConfigError, SourceError
-from cifar_transfer.redact import redact
+from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing, UnreadableItem
-from cifar_transfer.sources.files import MAX_FILE_MB, file_limit, not_a_regular_file, over_limit, read_bounded
+from cifar_transfer.sources.files import (
+    MAX_FILE_MB,
+    READ_BATCH,
+    NamedFiles,
+    file_limit,
+    not_a_regular_file,
+    over_limit,
+    read_bounded,
+)
 from cifar_transfer.storage import file_stamp, open_url
 
 log = logging.getLogger(__name__)
@@ -292,6 +300,65 @@ class ParquetSource:
             row += len(column)
             if row > last:
                 return
+
+
+class TableImages:
+    """Parquet tables of encoded images without labels, for predict and similar: each `.parquet` file SOURCE names
+    (a local one that is not a regular file is logged and left out), its rows in order, a row group at a time."""
+
+    wanted = "Parquet tables"
+    what = "Parquet files"
+
+    @staticmethod
+    def select(named: NamedFiles) -> list[str]:
+        return [name for name in named.files if name.lower().endswith(".parquet") and not (named.local and _unreadable_table(name))]
+
+    def __init__(self, named: NamedFiles, files: list[str], image_column: str | None, limit: int):
+        self.named, self.image_column, self.limit = named, image_column, limit
+        self.tables = [(name, self._table_rows(name)) for name in files]
+        self.total = sum(rows for _, rows in self.tables)
+        self.path_width = max(len(printable(named.shown(name))) + 1 + len(str(max(rows - 1, 0))) for name, rows in self.tables)
+
+    def _table_rows(self, name: str) -> int:
+        """The table's row count (from its footer), after checking it holds encoded images in the image column."""
+        with self.named.fs.open(name, "rb") as handle:
+            parquet = open_parquet(handle, self.named.shown(name))
+            schema = parquet.schema_arrow
+            columns = [column.name for column in schema if holds_encoded_images(column.type)]
+            if self.image_column is None:
+                self.image_column = "image" if "image" in columns else (columns[0] if len(columns) == 1 else None)
+            if self.image_column not in columns:
+                raise SourceError(
+                    f"{self.named.shown(name)}: no column {self.image_column or 'image'!r} of encoded images (binary, or a struct "
+                    f"with binary 'bytes') among {', '.join(schema.names)}: pass --image-column NAME"
+                )
+            return parquet.metadata.num_rows
+
+    def rows(self) -> Iterator[tuple[str, bytes | None, str | None]]:
+        """Each row's image, a row group at a time; a row group over the cap is not read (its rows say why)."""
+        for name, _ in self.tables:
+            shown = self.named.shown(name)
+            with self.named.fs.open(name, "rb") as handle:
+                parquet = open_parquet(handle, shown)
+                row = 0
+                for group in range(parquet.num_row_groups):
+                    rows = parquet.metadata.row_group(group).num_rows
+                    column = self.image_column or "image"  # set from the first table's columns
+                    if too_large := row_group_over_cap(parquet, group, column, self.limit, shown):
+                        yield from ((f"{shown}#{number}", None, too_large) for number in range(row, row + rows))
+                        row += rows
+                        continue
+                    for batch in parquet.iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=[column]):
+                        for cell in batch.column(0).to_pylist():
+                            yield f"{shown}#{row}", *image_bytes(cell)
+                            row += 1
+
+
+def _unreadable_table(name: str) -> bool:
+    """A local table that is not a regular file (a FIFO would block its reader): logged and left out."""
+    if problem := not_a_regular_file(name):
+        log.warning("images: skipped %s: %s", printable(name), problem)
+    return problem is not None
 
 
 def row_group_over_cap(parquet: pq.ParquetFile, group: int, image_column: str, limit: int, shown: str) -> str | None:

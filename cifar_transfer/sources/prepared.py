@@ -8,8 +8,7 @@ if TYPE_CHECKING:
     import numpy as np
     from pydantic import BaseModel
 
-    from cifar_transfer.shard_files import ShardRows
-    from cifar_transfer.shards import Shard
+    from cifar_transfer.shards import Shard, ShardRows
     from cifar_transfer.sources.base import UnreadableItem
     from cifar_transfer.storage import Storage
 
