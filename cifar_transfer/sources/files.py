@@ -159,6 +159,19 @@ def fetch(fs: AbstractFileSystem, paths: list[str], sizes: list[int], limit: int
             yield next(fetched) if size <= limit else over_limit(size, limit)
 
 
+def read_files(
+    fs: AbstractFileSystem, local: bool, paths: list[str], sizes: list[int], limit: int
+) -> Iterator[bytes | BaseException | str]:
+    """For each path, in order: its bytes, the error an object store's read met, or why it was not read (a local
+    file's `read_bounded` reason, an object's listed size over `limit`)."""
+    if not local:
+        yield from fetch(fs, paths, sizes, limit)
+        return
+    for path in paths:
+        data, reason = read_bounded(path, limit)
+        yield data if data is not None else str(reason)
+
+
 def fetch_error(error: BaseException) -> str:
     """What an object store's failed read says, in one line and without secrets."""
     return f"cannot read the file: {redact(' '.join(str(error).split())) or type(error).__name__}"

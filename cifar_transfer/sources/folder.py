@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from cifar_transfer.errors import ConfigError, SourceError, is_transient
 from cifar_transfer.redact import printable, redact
 from cifar_transfer.sources.base import SPLITS, Item, Listing
-from cifar_transfer.sources.files import GONE, MAX_FILE_MB, NamedFiles, fetch, fetch_error, file_limit, read_bounded, walk
+from cifar_transfer.sources.files import GONE, MAX_FILE_MB, NamedFiles, fetch_error, file_limit, read_files, walk
 from cifar_transfer.storage import file_stamp, open_url
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -94,12 +94,9 @@ class FolderSource:
 
         Errors a retry may fix (a network failure) are raised, so the shard is retried rather than thinned.
         """
-        if self._local:
-            for item in items:
-                yield item, *read_bounded(self._prefix + item.key, self.limit)
-            return
         paths = [self._prefix + item.key for item in items]
-        for item, data in zip(items, fetch(self._fs, paths, [_listed_size(item) for item in items], self.limit), strict=True):
+        sizes = [_listed_size(item) for item in items]
+        for item, data in zip(items, read_files(self._fs, self._local, paths, sizes, self.limit), strict=True):
             if isinstance(data, str):
                 yield item, None, data
             elif not isinstance(data, BaseException):
@@ -156,12 +153,8 @@ class FolderImages:
 
     def rows(self) -> Iterator[tuple[str, bytes | None, str | None]]:
         named = self.named
-        if named.local:
-            for name in self.files:
-                yield name, *read_bounded(name, self.limit)
-            return
         sizes = [named.sizes.get(name, 0) for name in self.files]
-        for name, data in zip(self.files, fetch(named.fs, self.files, sizes, self.limit), strict=True):
+        for name, data in zip(self.files, read_files(named.fs, named.local, self.files, sizes, self.limit), strict=True):
             if isinstance(data, str):
                 yield named.shown(name), None, data
             elif isinstance(data, BaseException):
