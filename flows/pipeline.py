@@ -14,8 +14,12 @@ download -> decode -> choose engine -> extract shards -> manifests -> (t-SNE, he
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from prefect import flow, tags
 from prefect.futures import PrefectFuture
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from cifar_transfer.audit.stage import AuditResult
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
@@ -40,6 +44,17 @@ from cifar_transfer.tasks.tsne import tsne_task
 
 DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is safe (validating it imports no Keras)
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def subflow(run: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`run(*args, **kwargs)`, a flow run inside this one's process, without a heartbeat of its own: the outermost run's
+    heartbeats already say the process is alive, and each heartbeat thread costs its flow run up to a second at the
+    end (Prefect's thread sleeps in whole seconds before it can be joined): three seconds of a job that reuses all."""
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return run(*args, **kwargs)
+
 
 @flow(name="extract-features", flow_run_name="extract-{config.backbone}")
 def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSetInfo, ExtractionStats]:
@@ -50,7 +65,7 @@ def extract_features(config: PipelineConfig = DEFAULT_CONFIG) -> tuple[FeatureSe
     spec = config.feature_spec(dataset.id, engine.engine, engine.precision)
     runner = config.runner_settings
     shards = extract_shards.with_options(task_runner=shard_runner(runner))
-    extracted = shards(config.storage, extraction, spec, dataset, runs_at_once(runner))
+    extracted = subflow(shards, config.storage, extraction, spec, dataset, runs_at_once(runner))
     features = commit_feature_set_task(
         config.storage, spec, extracted.records, dataset.classes, extracted.stats, extracted.retired, dataset.collection, dataset.unusable
     )
@@ -103,8 +118,8 @@ def analyze_features(
 
 @flow(name="cifar-transfer", flow_run_name="cifar-transfer-{config.backbone}")
 def cifar_transfer(config: PipelineConfig = DEFAULT_CONFIG) -> RunSummary:
-    features, extraction = extract_features(config)
-    return analyze_features(config, features.fingerprint, extraction)
+    features, extraction = subflow(extract_features, config)
+    return subflow(analyze_features, config, features.fingerprint, extraction)
 
 
 @flow(name="watch-collection", flow_run_name="watch-{config.source_format}")

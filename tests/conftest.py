@@ -17,6 +17,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Isolate Prefect's home (cache records, local results, profiles) from the user's.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cifar-transfer-prefect-")
+# The test servers send nothing out (and log no failed attempt where there is no network).
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import numpy as np
 import pytest
@@ -82,10 +84,13 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop."""
+    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop. The modules
+    that hold a `long` test come first (a stable sort), so that under pytest-xdist they start first."""
     for item in items:
-        if "prefect_api" in item.fixturenames:
+        if "prefect_api" in item.fixturenames or item.get_closest_marker("long"):
             item.add_marker(pytest.mark.slow)
+    long_modules = {item.module for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: item.module not in long_modules)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -196,6 +196,7 @@ def test_a_watch_says_changed_only_when_the_listing_changed(tmp_path):
     assert again.changed and again.previous_digest == first.dataset.listing_digest and again.dataset.sizes["test"] == 6
 
 
+@pytest.mark.long
 def test_a_kill_during_an_incremental_run_resumes_to_the_features_of_an_uninterrupted_one(tmp_path):
     """SIGKILL while a grown folder's new shards are computed: readers still see the old version whole, and the
     rerun computes only the new shards the kill left undone, ending bit for bit where a clean run ends."""

@@ -122,7 +122,7 @@ def one_machine(folder: Path) -> Path:
     return variant
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     path, md5 = tiny_archive
     prefect(server, "work-pool", "create", "cifar-transfer", "--type", "process")

@@ -149,6 +149,7 @@ def test_any_image_size_and_a_batch_of_one(run, exported):
     np.testing.assert_allclose(one[0], keras_model.predict(run["images"][:8], verbose=0)[0], atol=1e-5)
 
 
+@pytest.mark.long
 def test_spatial_maps_and_mirrored_views_are_exported_as_the_run_used_them(run, tmp_path):
     """A 2x2 map (flattened in the run's order) at 64 px (resized inside the model) and a --flip head (the mirrored
     image's probabilities averaged in): the export still gives the run's test answers."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime, timezone
 
 import duckdb
@@ -66,6 +67,41 @@ def task_states_since(started: datetime) -> dict[str, list[str]]:
         name = run.name if run.name.startswith("extract[") else run.name.rsplit("-", 1)[0]
         states.setdefault(name, []).append(run.state.name)
     return states
+
+
+def heartbeats_since(started: datetime) -> tuple[set[str], set[str]]:
+    """(the flow runs started after `started` that emitted a heartbeat event, the root ones among those runs), once
+    every event sent before this call is stored: a sentinel event sent last is waited for (a condition, not a sleep)."""
+    import uuid
+
+    import httpx
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started), tags=this_workers_runs())
+        )
+    sentinel = f"test.sentinel.{uuid.uuid4()}"
+    EventsWorker.drain_all()
+    emit_event("cifar-transfer.test.sentinel", resource={"prefect.resource.id": sentinel})
+    EventsWorker.drain_all()
+
+    def stored(names: list[str], resources: list[str]) -> list[dict]:
+        query = {"filter": {"event": {"name": names}, "resource": {"id": resources}}, "limit": 50}
+        response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=query, timeout=10)
+        response.raise_for_status()
+        return response.json()["events"]
+
+    deadline = time.monotonic() + 60
+    while not stored(["cifar-transfer.test.sentinel"], [sentinel]):
+        assert time.monotonic() < deadline, "the sentinel event was never stored"
+        time.sleep(0.2)
+    beating = stored(["prefect.flow-run.heartbeat"], [f"prefect.flow-run.{run.id}" for run in runs])
+    return {event["resource"]["prefect.resource.id"].rsplit(".", 1)[1] for event in beating}, {
+        str(run.id) for run in runs if run.parent_task_run_id is None
+    }
 
 
 def shard_files(features_folder: str) -> dict[str, tuple[int, int]]:
@@ -165,6 +201,8 @@ def test_rerun_recomputes_nothing_and_never_builds_the_backbone(finished_run, ti
     assert states["tsne"] == ["Cached"] and states["head"] == ["Cached"] and states["decode-archive"] == ["Cached"]
     assert shard_files(second.features.folder) == before
     assert second.test_accuracy == first.test_accuracy
+    beating, roots = heartbeats_since(started)
+    assert len(roots) == 1 and beating == roots, "a subflow in its parent's process beat on its own (each costs a second)"
 
 
 def test_changed_head_setting_reuses_features(finished_run, tiny_archive, tmp_path):

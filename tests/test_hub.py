@@ -251,7 +251,7 @@ def end_to_end(prefect_api, presets, tmp_path_factory) -> dict[str, EndToEnd]:
     return runs
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_end_to_end(end_to_end, presets, family):
     """A run on a preset folder with no network, a rerun that reuses everything, predict with the run's answers,

@@ -15,6 +15,7 @@ from cifar_transfer.tasks import runners
 from cifar_transfer.tasks.runners import gpu_cluster_spec, visible_gpu_ids
 
 
+@pytest.mark.long
 def test_ray_workers_compute_the_same_shards_bit_for_bit(tiny_archive, tmp_path, reference_features):
     pytest.importorskip("prefect_ray", reason="Ray is optional: pip install prefect-ray")
     threads, _ = reference_features()

@@ -171,7 +171,7 @@ def save_screenshots(api: str, folder: Path, run_id: str) -> None:
             browser.close()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_team_server_on_postgres_with_a_worker_on_another_host(tmp_path, postgres_database, s3, tiny_archive):  # noqa: F811
     database_url, version, query = postgres_database
     print(f"PostgreSQL server version {version}")
