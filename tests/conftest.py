@@ -114,6 +114,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MOBILENET_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2_1.00_224_imagenet_no_top.weights.h5"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at least 3 (many tests wait on a server, a worker or a child process, so a third
+    worker keeps 2 cores busy) and at most 8 (each worker holds TensorFlow, about 1.5 GB)."""
+    return max(3, min(os.cpu_count() or 1, 8))
+
+
 SHARED_API = "CIFAR_TRANSFER_TEST_SHARED_PREFECT_API"  # set by the pytest-xdist controller for its workers
 
 
