@@ -15,13 +15,15 @@ point's `CANDIDATES` nearest there are found by blocked matrix products, and tho
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -34,8 +36,13 @@ from cifar_transfer.storage import Storage
 from cifar_transfer.stored import stored_source
 from cifar_transfer.tsne import TsneResult
 
+if TYPE_CHECKING:
+    from cifar_transfer.audit.stage import AuditResult
+
 log = logging.getLogger(__name__)
 
+EXPLORER_FORMAT = 1  # raise when the page or what it shows changes: pages made before are made again
+INPUTS_META = "cifar-transfer-explorer-inputs"  # the page's <meta> naming what it was made of (`explorer_inputs`)
 NEIGHBOURS = 8  # neighbours shown for a clicked point
 PROJECTION = 128  # principal components the neighbour search runs in
 PCA_SAMPLE = 10_000  # rows the projection is fitted on
@@ -148,14 +155,8 @@ def nearest_points(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return positions, similarities
 
 
-def map_audit(storage: Storage, features: FeatureSetInfo, head_key: str, splits: np.ndarray, index: np.ndarray) -> ExplorerAudit | None:
-    """The audit's scores of the map's points, and their near-duplicate partners, when the set has an audit made with
-    this head (None otherwise)."""
-    from cifar_transfer.audit.stage import read_audit
-
-    audit = read_audit(storage, features, head_key)
-    if audit is None:
-        return None
+def map_audit(storage: Storage, features: FeatureSetInfo, audit: AuditResult, splits: np.ndarray, index: np.ndarray) -> ExplorerAudit:
+    """The audit's scores of the map's points, and their near-duplicate partners."""
     position = {(split, int(number)): place for place, (split, number) in enumerate(zip(splits, index, strict=True))}
 
     def places(frame, split: str = "split", number: str = "index") -> np.ndarray:
@@ -202,24 +203,56 @@ class ExplorerBuild:
     points: int
     bytes: int
     seconds: dict[str, float]  # "neighbours" (projection and search), "page" (thumbnails and the rest), "total"
+    reused: bool = False  # the page there was made of the same inputs: nothing was computed
+
+
+def explorer_inputs(
+    features: FeatureSetInfo, tsne: TsneResult, head: HeadResult | None, audit: AuditResult | None, report_href: str | None
+) -> str:
+    """What an explorer page is made of, as a digest kept in the page: its map, its head's answers, the audit it shows
+    (any new audit is another record), the rows' content and the page's format."""
+    made_of = {
+        "format": EXPLORER_FORMAT,
+        "features": [features.fingerprint, features.content_version],
+        "map": tsne.embedding.rsplit("/", 2)[-2:],
+        "head": posixpath.basename(head.files.folder) if head is not None else None,
+        "audit": audit.record.model_dump(mode="json") if audit is not None else None,
+        "report": report_href,
+    }
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_explorer(storage: Storage, path: str, inputs: str) -> bool:
+    """Whether `path` is an explorer page made of `inputs` (its head names them, in its first few kilobytes)."""
+    if not storage.exists(path):
+        return False
+    with storage.fs.open(path, "rb") as page:
+        return f'<meta name="{INPUTS_META}" content="{inputs}">'.encode() in page.read(4096)
 
 
 def write_explorer(
     storage: Storage, features: FeatureSetInfo, tsne: TsneResult, head: HeadResult | None, path: str, report_href: str | None
 ) -> ExplorerBuild:
-    """Render the explorer of `tsne`'s map to `path` (an unchanged file is not rewritten)."""
+    """Render the explorer of `tsne`'s map to `path`, unless the page there was made of the same inputs: its neighbour
+    search costs minutes on a large map, and a rerun that reuses the map and the head should not pay it again."""
+    from cifar_transfer.audit.stage import read_audit
+
     started = time.perf_counter()
     embedding = storage.read_frame(tsne.embedding)
+    audit = read_audit(storage, features, posixpath.basename(head.files.folder)) if head is not None else None
+    inputs = explorer_inputs(features, tsne, head, audit, report_href)
+    if current_explorer(storage, path, inputs):
+        log.info("map explorer of %d points is current: %s", len(embedding), storage.uri(path))
+        return ExplorerBuild(path, len(embedding), storage.fs.size(path), {"total": round(time.perf_counter() - started, 2)}, reused=True)
     splits = embedding["split"].to_numpy(dtype=object)
     index = embedding["index"].to_numpy(np.int64)
     keys = stored_source(features.collection).row_keys(storage, features.folder, splits, index)
     neighbours, similarities = map_neighbours(point_vectors(storage, features.folder, splits, index), NEIGHBOURS)
     searched = time.perf_counter()
-    predicted = audit = None
+    predicted = None
     if head is not None:
         predictions = storage.read_frame(head.files.predictions).set_index(["split", "index"])["predicted"]
         predicted = predictions.reindex(list(zip(splits, index, strict=True))).fillna(-1).to_numpy(np.int64)
-        audit = map_audit(storage, features, posixpath.basename(head.files.folder), splits, index)
     placed = int((splits == "test").sum())
     note = (
         f"{len(splits):,} points: the t-SNE map's {len(splits) - placed:,} train images"
@@ -237,8 +270,9 @@ def write_explorer(
         neighbours=neighbours,
         similarities=similarities,
         predicted=predicted,
-        audit=audit,
+        audit=map_audit(storage, features, audit, splits, index) if audit is not None else None,
         report_href=report_href,
+        meta={INPUTS_META: inputs},
     )
     data = page.encode()
     storage.write_if_changed(path, data)

@@ -69,9 +69,11 @@ def render_explorer(
     predicted: np.ndarray | None = None,
     audit: ExplorerAudit | None = None,
     report_href: str | None = None,
+    meta: dict[str, str] | None = None,
 ) -> str:
     """The explorer page. `tiles` gives the points' thumbnails in order, TILE at a time (the last may hold fewer), so the
-    caller reads the pictures a tile at a time; `neighbours` holds each point's nearest other points (-1: none)."""
+    caller reads the pictures a tile at a time; `neighbours` holds each point's nearest other points (-1: none);
+    `meta` is `html_page`'s."""
     points = np.asarray(points, np.float64)
     count = len(points)
     labels = np.asarray(labels, np.int64)
@@ -158,7 +160,7 @@ def render_explorer(
 <script type="application/json" id="explorer-data">{json_blob(data)}</script>
 {sprite_blocks}
 <script>{_JS}</script>"""
-    return html_page(title, _CSS, body)
+    return html_page(title, _CSS, body, meta)
 
 
 def _e(text) -> str:

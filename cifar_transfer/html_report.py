@@ -72,13 +72,15 @@ def render_html_report(
     return html_page(title, _CSS, body)
 
 
-def html_page(title: str, css: str, body: str) -> str:
-    """A whole page: its title, its inline style and its body (already HTML)."""
+def html_page(title: str, css: str, body: str, meta: dict[str, str] | None = None) -> str:
+    """A whole page: its title, its inline style and its body (already HTML); `meta` becomes `<meta name content>`
+    tags at the top of its head."""
+    tags = "".join(f'<meta name="{_e(name)}" content="{_e(value)}">\n' for name, value in (meta or {}).items())
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+{tags}<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>
 <style>{css}</style>
 </head>

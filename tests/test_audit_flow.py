@@ -71,17 +71,34 @@ def test_similar_finds_a_train_image_given_as_a_file_through_the_sets_own_extrac
 
 
 def test_the_explorer_reads_every_images_audit_scores_and_near_duplicate_partners(run):
+    from cifar_transfer.audit.stage import read_audit
     from cifar_transfer.audit.vectors import SetRows
-    from cifar_transfer.explorer import map_audit
+    from cifar_transfer.explorer import explorer_inputs, map_audit
     from cifar_transfer.storage import Storage
+    from cifar_transfer.tsne import TsneResult
 
     config, summary = run["config"], run["summary"]
     result = audit_features(config)  # made by the test above, or now
     storage = Storage(config.storage)
     features = summary.features.model_copy(update={"folder": storage.path("features", summary.features.folder.rsplit("/", 1)[-1])})
     splits, index, _ = SetRows.open(storage, features.folder).names()
-    shown = map_audit(storage, features, result.record.head_key, splits, index)
-    assert shown is not None and shown.summary == result.summary.line()
+    audit = read_audit(storage, features, result.record.head_key)
+    assert audit is not None and read_audit(storage, features, "another-head") is None
+    shown = map_audit(storage, features, audit, splits, index)
+    assert shown.summary == result.summary.line()
+    tsne = TsneResult(
+        embedding="tsne/abc/embedding.parquet",
+        picture="",
+        points=0,
+        test_points=0,
+        seconds=0,
+        map_knn_accuracy=0,
+        feature_knn_accuracy=0,
+        made_by=None,
+    )
+    remade = audit.model_copy(update={"record": audit.record.model_copy(update={"threshold": audit.record.threshold + 0.01})})
+    pages = {explorer_inputs(features, tsne, summary.head, shown_audit, None) for shown_audit in (None, audit, remade)}
+    assert len(pages) == 3, "an explorer page made before an audit, or before it was made again, would be kept"
     issues = pd.read_parquet(result.files.label_issues).set_index(["split", "index"])
     names = list(zip(splits, index.tolist(), strict=True))
     assert np.allclose(shown.label_score, issues.loc[names, "score"].to_numpy())
@@ -91,4 +108,3 @@ def test_the_explorer_reads_every_images_audit_scores_and_near_duplicate_partner
     near = pd.read_parquet(result.files.duplicates).query("near_duplicate")
     partnered = {(row.split_a, row.index_a) for row in near.itertuples()} | {(row.split_b, row.index_b) for row in near.itertuples()}
     assert {names[point] for point in shown.duplicates} == partnered
-    assert map_audit(storage, features, "another-head", splits, index) is None

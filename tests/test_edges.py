@@ -39,9 +39,12 @@ def png(colour=(200, 30, 30), size=(40, 40)) -> bytes:
     return buffer.getvalue()
 
 
-def cli(*arguments: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`cifar-transfer ARGUMENTS` as a user runs it: its own process, its own temporary Prefect API."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")} | (env or {})
+def cli(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cifar-transfer ARGUMENTS` as a user runs it, in its own process, against the session's Prefect API (the
+    temporary API a command starts without one has its own tests in test_flow.py)."""
+    from prefect.settings import PREFECT_API_URL
+
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.run(
         [*CLI, *arguments],
         capture_output=True,
@@ -132,7 +135,7 @@ UNDECODABLE = {"train/cat/clear\x1b[2J.png": "not an image in a supported format
 
 
 @pytest.mark.slow
-def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_the_rest(hostile_tree, tmp_path):
+def test_a_folder_of_entries_that_are_not_images_extracts_the_images_and_lists_the_rest(prefect_api, hostile_tree, tmp_path):
     listing = FolderSource(str(hostile_tree)).list_items()
     keys = {item.key for split in listing.splits.values() for item in split}
     assert set(SKIPPED | UNDECODABLE) <= keys and "train/dog/" + "dddd/" * 5 + "deep.png" in keys
@@ -434,7 +437,7 @@ def vm_size_kib(pid: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
-def test_out_of_memory_ends_the_command_with_one_line_and_exit_1(tmp_path):
+def test_out_of_memory_ends_the_command_with_one_line_and_exit_1(prefect_api, tmp_path):
     """An image the caps admit (121 megapixels: 462 MiB decoded) under a memory limit that cannot hold it, set on the
     running command once it has listed the collection: it ends at once with exit 1, never hangs."""
     root = tmp_path / "tree"
@@ -444,7 +447,9 @@ def test_out_of_memory_ends_the_command_with_one_line_and_exit_1(tmp_path):
             for number in range(3):
                 (root / split / name / f"{number}.png").write_bytes(png())
     Image.new("RGB", (11_000, 11_000), (9, 99, 199)).save(root / "train" / "cat" / "0.png")
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+    from prefect.settings import PREFECT_API_URL
+
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's API: no server to start
     environment["MALLOC_ARENA_MAX"] = "2"  # threads' malloc arenas reserve 64 MiB of address space each: keep the limit for pixels
     command = [
         *CLI,

@@ -270,6 +270,10 @@ def test_the_explorer_of_a_collection_names_its_images_and_shows_their_own_pictu
     tsne = tsne_map(config.storage, features.folder, key, config.tsne_settings, features.classes)
     build = write_explorer(Storage(config.storage), features, tsne, None, str(tmp_path / "explorer.html"), None)
     page = Path(build.path).read_text(encoding="utf-8")
+    again = write_explorer(Storage(config.storage), features, tsne, None, build.path, None)  # a rerun: the same inputs
+    assert not build.reused and again.reused and Path(build.path).read_text(encoding="utf-8") == page
+    linked = write_explorer(Storage(config.storage), features, tsne, None, build.path, "report.html")  # other inputs
+    assert not linked.reused and 'href="report.html"' in Path(build.path).read_text(encoding="utf-8")
     blob = json.loads(BLOB.search(page).group(1))
     assert build.points == blob["count"] == len(keys) and sorted(blob["keys"]) == sorted(keys)
     ((_, tile),) = SPRITES.findall(page)
