@@ -124,25 +124,30 @@ SHARED_API = "CIFAR_TRANSFER_TEST_SHARED_PREFECT_API"  # set by the pytest-xdist
 
 
 def pytest_configure(config):
-    """Under pytest-xdist the controller starts the session's one Prefect API before its workers exist and hands its
-    URL down to them: a run a session fixture made in one worker is then in the API every test reads."""
+    """Under pytest-xdist the controller starts the session's one Prefect API and hands its URL down to the workers: a
+    run a session fixture made in one worker is then in the API every test reads. Its port is chosen first and the
+    server starts in the background, so that the workers import and collect meanwhile (`prefect_api` waits for it)."""
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None) or SHARED_API in os.environ:
         return
     if "not slow" in (config.getoption("markexpr") or ""):
         return  # the fast loop runs no flow
-    from contextlib import ExitStack
+    import threading
 
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.testing.utilities import _find_available_port
 
-    config._shared_prefect_api = ExitStack()
-    config._shared_prefect_api.enter_context(prefect_test_harness(server_startup_timeout=120))
-    os.environ["PREFECT_API_URL"] = os.environ[SHARED_API] = PREFECT_API_URL.value()
+    server = SubprocessASGIServer(port=_find_available_port())  # its database: PREFECT_HOME's, this session's own
+    os.environ["PREFECT_API_URL"] = os.environ[SHARED_API] = server.api_url
+    starting = threading.Thread(target=server.start, kwargs={"timeout": 120}, name="shared Prefect API", daemon=True)
+    starting.start()
+    config._shared_prefect_api = (server, starting)
 
 
 def pytest_unconfigure(config):
     if hasattr(config, "_shared_prefect_api"):
-        config._shared_prefect_api.close()
+        server, starting = config._shared_prefect_api
+        starting.join()
+        server.stop()
 
 
 # Under the shared API, the flow runs a test starts in its own process carry its worker's tag, so that what a test
@@ -168,11 +173,29 @@ def this_workers_runs():
     return FlowRunFilterTags(all_=[WORKER_TAG]) if os.environ.get(SHARED_API) else None
 
 
+def wait_for_api(url: str, timeout: float = 180) -> None:
+    """Poll `url`'s health until it answers (the controller starts the shared API while the workers start)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the session's Prefect API at {url} did not answer in {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real, temporary Prefect API (server + database) for the whole test session: the one the xdist controller
     started, or one of this process's own."""
     if os.environ.get(SHARED_API):
+        wait_for_api(os.environ[SHARED_API])
         yield
         return
     from prefect.testing.utilities import prefect_test_harness
