@@ -179,13 +179,14 @@ def wait_for_api(url: str, timeout: float = 180) -> None:
 
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
+            return httpx.get(f"{url}/health", timeout=5).status_code == 200
         except httpx.HTTPError:
-            pass
+            return False
+
+    deadline = time.monotonic() + timeout
+    while not healthy():
         assert time.monotonic() < deadline, f"the session's Prefect API at {url} did not answer in {timeout:.0f} s"
         time.sleep(0.2)
 
