@@ -238,12 +238,13 @@ def write_explorer(
     from cifar_transfer.audit.stage import read_audit
 
     started = time.perf_counter()
-    embedding = storage.read_frame(tsne.embedding)
     audit = read_audit(storage, features, posixpath.basename(head.files.folder)) if head is not None else None
     inputs = explorer_inputs(features, tsne, head, audit, report_href)
     if current_explorer(storage, path, inputs):
-        log.info("map explorer of %d points is current: %s", len(embedding), storage.uri(path))
-        return ExplorerBuild(path, len(embedding), storage.fs.size(path), {"total": round(time.perf_counter() - started, 2)}, reused=True)
+        points = tsne.points + tsne.test_points
+        log.info("map explorer of %d points is current: %s", points, storage.uri(path))
+        return ExplorerBuild(path, points, storage.fs.size(path), {"total": round(time.perf_counter() - started, 2)}, reused=True)
+    embedding = storage.read_frame(tsne.embedding)
     splits = embedding["split"].to_numpy(dtype=object)
     index = embedding["index"].to_numpy(np.int64)
     keys = stored_source(features.collection).row_keys(storage, features.folder, splits, index)
