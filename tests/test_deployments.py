@@ -50,6 +50,12 @@ def poll(condition, what: str, timeout: float, processes=(), log: Path | None = 
         time.sleep(0.5)
 
 
+def assert_completed(runs: list[dict], worker_log: Path) -> None:
+    """Every run completed; otherwise say which did not, its state's message and the worker's last error."""
+    failed = [f"{run['name']}: {run['state_type']} {run['state'].get('message')!r}" for run in runs if run["state_type"] != "COMPLETED"]
+    assert runs and not failed, f"{failed}; worker.log: {last_error(worker_log)}"
+
+
 def start(command, environment, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=cwd, env=environment, start_new_session=True, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
@@ -161,9 +167,9 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
             return check
 
         extracted = poll(finished("extract-"), "the extract-only run", 300, [worker])
-        assert [run["state_type"] for run in extracted] == ["COMPLETED"]
+        assert_completed(extracted, tmp_path / "worker.log")
         analyzed = poll(finished("analyze-"), "the triggered analyze-new-features run", 300, [worker])
-        assert [run["state_type"] for run in analyzed] == ["COMPLETED"]
+        assert_completed(analyzed, tmp_path / "worker.log")
         assert analyzed[0]["parameters"]["config"]["storage"] == str(storage)
         assert list(storage.glob("features/*/heads/*/metrics.json"))
         artifacts = httpx.post(
@@ -171,7 +177,7 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
         ).json()
         assert artifacts and "MobileNetV2 at 32px" in artifacts[0]["data"]
         audited = poll(finished("audit-"), "the audit-new-head run the head's event starts", 300, [worker])
-        assert [run["state_type"] for run in audited] == ["COMPLETED"]
+        assert_completed(audited, tmp_path / "worker.log")
         assert list(storage.glob("features/*/audit/duplicates.parquet"))
 
         nightly = httpx.get(f"{server['PREFECT_API_URL']}/deployments/name/cifar-transfer/nightly", timeout=10).json()
@@ -193,7 +199,7 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
             return runs if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None
 
         changed = poll(extracted_on_change, "the extract-on-change run the watch's event starts", 300, [worker])
-        assert [run["state_type"] for run in changed] == ["COMPLETED"]
+        assert_completed(changed, tmp_path / "worker.log")
         assert changed[0]["parameters"]["config"]["backbone"] == "MobileNetV2", "the extraction did not get the watched config"
         assert len(list(storage.glob("features/*/train/part-*.parquet"))) == 2 + 2  # the archive's 2, the folder's 2 (12 images)
     finally:
