@@ -10,7 +10,8 @@ pooled, normalized vectors (as the audit's index and `similar` measure it). The 
 would be 10 TFLOP at 60,000 points of 2,816 floats (minutes on a laptop); instead the vectors are projected onto their
 first `PROJECTION` principal components (fitted on about `PCA_SAMPLE` rows from shards spread over the set), each
 point's `CANDIDATES` nearest there are found by blocked matrix products, and those are ranked by the full vectors
-(held at half precision: 340 MB at 60,000 x 2,816). `bench/explorer.py` measures the recall against the exact search.
+(held in float32: 675 MB at 60,000 x 2,816, and ranked four times as fast as from half precision, which numpy casts
+slowly). `bench/explorer.py` measures the recall against the exact search.
 """
 
 from __future__ import annotations
@@ -67,14 +68,15 @@ def _spread_shards(rows: SetRows, wanted: int) -> dict[str, list[int]]:
 
 class PointVectors(NamedTuple):
     projected: np.ndarray  # float32, the top principal components, normalized: where candidates are searched
-    full: np.ndarray  # float16, the pooled normalized features: what candidates are ranked by
+    full: np.ndarray  # float32, the pooled normalized features: what candidates are ranked by
 
 
 def point_vectors(storage: Storage, folder: str, splits: np.ndarray, index: np.ndarray, seed: int = 0) -> PointVectors:
-    """The points' pooled, normalized features (rows named by `splits`, `index`) at half precision, and their projection
+    """The points' pooled, normalized features (rows named by `splits`, `index`) and their projection
     onto the set's first PROJECTION principal components, normalized again; read a shard at a time."""
     rows = SetRows.open(storage, folder)
-    missing = sorted(set(splits.tolist()) - set(rows.splits))
+    named = set(splits.tolist())
+    missing = sorted(named - set(rows.splits))
     if missing:
         raise ValueError(f"the map names rows of {missing}, which the feature set has no complete split of: make the map again")
     position = {(split, int(number)): place for place, (split, number) in enumerate(zip(splits, index, strict=True))}
@@ -88,9 +90,9 @@ def point_vectors(storage: Storage, folder: str, splits: np.ndarray, index: np.n
         project = PCA(n_components=min(PROJECTION, len(sample)), svd_solver="randomized", random_state=seed).fit(sample)
         del sample
     projected = np.zeros((len(splits), project.n_components_ if project is not None else rows.width), np.float32)
-    full = np.zeros((len(splits), rows.width), np.float16)
+    full = np.zeros((len(splits), rows.width), np.float32)
     seen = np.zeros(len(splits), bool)
-    for block in rows.blocks():
+    for block in rows.blocks([split for split in rows.splits if split in named]):  # a map of train reads no test
         places = np.array([position.get((block.split, int(number)), -1) for number in block.index], np.int64)
         keep = places >= 0
         if not keep.any():
@@ -114,8 +116,8 @@ def map_neighbours(vectors: PointVectors, k: int) -> tuple[np.ndarray, np.ndarra
     similarities = np.full((len(candidates), k), np.nan, np.float32)
     for start in range(0, len(candidates), RERANK_BLOCK):
         chosen = candidates[start : start + RERANK_BLOCK]
-        queries = vectors.full[start : start + RERANK_BLOCK].astype(np.float32)
-        found = np.matmul(vectors.full[np.maximum(chosen, 0)].astype(np.float32), queries[:, :, None])[:, :, 0]  # 2.5x einsum's speed
+        queries = vectors.full[start : start + RERANK_BLOCK]
+        found = np.matmul(vectors.full[np.maximum(chosen, 0)], queries[:, :, None])[:, :, 0]  # faster than einsum
         found[chosen < 0] = -np.inf
         best, values = top_k(found, chosen, k)
         positions[start : start + len(chosen)] = np.where(np.isfinite(values), best, -1)

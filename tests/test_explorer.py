@@ -220,7 +220,7 @@ def test_a_run_writes_the_explorer_of_its_map_next_to_its_report_with_neighbours
     recall = np.mean([len(set(a) & set(b)) / NEIGHBOURS for a, b in zip(shown.tolist(), exact.tolist(), strict=True)])
     assert recall > 0.9, recall
     vectors = point_vectors(storage, summary.features.folder, splits, index)
-    assert np.allclose(np.linalg.norm(vectors.projected, axis=1), 1, atol=1e-5) and vectors.full.dtype == np.float16
+    assert np.allclose(np.linalg.norm(vectors.projected, axis=1), 1, atol=1e-5) and np.array_equal(vectors.full, full)
     with pytest.raises(ValueError, match="1 of the map's points are not in the feature set any more: make the map again"):
         point_vectors(storage, summary.features.folder, np.array(["train", "train"], dtype=object), np.array([0, 10**9]))
 
@@ -234,15 +234,14 @@ def test_map_neighbours_rank_the_projections_candidates_by_the_full_vectors():
     full = rng.normal(size=(400, 64)).astype(np.float32)
     full /= np.linalg.norm(full, axis=1, keepdims=True)
     projected = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
-    positions, similarities = map_neighbours(PointVectors(projected, full.astype(np.float16)), 3)
+    positions, similarities = map_neighbours(PointVectors(projected, full), 3)
     candidates, _ = nearest_points(projected, 32)
-    held = full.astype(np.float16).astype(np.float32)  # the full vectors as the ranking holds them
     for point in range(400):  # the best 3 of the 32 candidates, by the full vectors
-        ranked = candidates[point][np.argsort(-(held[candidates[point]] @ held[point]), kind="stable")][:3]
+        ranked = candidates[point][np.argsort(-(full[candidates[point]] @ full[point]), kind="stable")][:3]
         assert positions[point].tolist() == ranked.tolist()
     assert (positions != nearest_points(projected, 3)[0]).any(axis=1).mean() > 0.5  # the projection alone finds others
-    assert np.allclose(similarities, np.take_along_axis(full @ full.T, positions, axis=1), atol=2e-3)
-    few, values = map_neighbours(PointVectors(projected[:3], full[:3].astype(np.float16)), 4)
+    assert np.allclose(similarities, np.take_along_axis(full @ full.T, positions, axis=1), atol=1e-5)
+    few, values = map_neighbours(PointVectors(projected[:3], full[:3]), 4)
     assert (few[:, 2:] == -1).all() and np.isnan(values[:, 2:]).all()
 
 
