@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import io
@@ -84,13 +85,16 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop. The modules
-    that hold a `long` test come first (a stable sort), so that under pytest-xdist they start first."""
+    """A test that runs flows against the Prefect API is `slow`: `pytest -m "not slow"` is the fast loop. Under
+    pytest-xdist a module runs whole in one worker, in this order: those that hold a `long` test first, then the others
+    by their count of slow tests (a stable sort), so that the quick modules fill the workers' ends rather than a module
+    of flow runs ending the session alone while the other workers wait."""
     for item in items:
         if "prefect_api" in item.fixturenames or item.get_closest_marker("long"):
             item.add_marker(pytest.mark.slow)
     long_modules = {item.module for item in items if item.get_closest_marker("long")}
-    items.sort(key=lambda item: item.module not in long_modules)
+    slow_tests = collections.Counter(item.module for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (item.module not in long_modules, -slow_tests[item.module]))
 
 
 @pytest.hookimpl(hookwrapper=True)
