@@ -20,7 +20,7 @@ from PIL import Image
 
 from cifar_transfer.evaluation import confusion_matrix, sample_rows
 
-# matplotlib's tab10, the palette of the PNG scatter in tasks/plots.py, so both pictures agree.
+# matplotlib's tab10, the palette of the PNG scatter in cifar_transfer/plots.py, so both pictures agree.
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 SUBSAMPLE_SEED = 0
 

@@ -1,35 +1,37 @@
-"""The pictures people look at: the t-SNE scatter and the confusion matrix, as PNG bytes."""
+"""The pictures people look at: the t-SNE scatter and the confusion matrix, as PNG bytes.
+
+Figures are made with matplotlib's object API (`Figure`), never pyplot: the map and the head draw at once, in threads
+of one process, and pyplot's global state is not safe across threads (`matplotlib.use` beside pyplot's first import
+in another thread fails on a partially initialized `matplotlib.pyplot`: a deployment's run failed so).
+"""
 
 from __future__ import annotations
 
-import functools
 import io
 
 import numpy as np
 
 
-@functools.cache
-def _pyplot():
-    """matplotlib, off screen; loaded on the first picture (a run that draws none, such as `extract`, never pays for it)."""
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure of its own, drawn off screen (Agg) when saved; matplotlib is loaded on the first picture, so a run that
+    draws none, such as `extract`, never pays for it."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-
-    return matplotlib.pyplot
+    return Figure(figsize=(width, height))
 
 
 def save_png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
     return buffer.getvalue()
 
 
 def scatter_figure(points: np.ndarray, labels: np.ndarray, classes: list[str], title: str):
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(9, 8))
-    colours = plt.get_cmap("tab10")
+    from matplotlib import colormaps
+
+    figure = _figure(9, 8)
+    axes = figure.subplots()
+    colours = colormaps["tab10"]
     for number, name in enumerate(classes):
         chosen = labels == number
         axes.scatter(points[chosen, 0], points[chosen, 1], s=2, alpha=0.6, color=colours(number), label=name, rasterized=True)
@@ -41,7 +43,8 @@ def scatter_figure(points: np.ndarray, labels: np.ndarray, classes: list[str], t
 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
-    figure, axes = _pyplot().subplots(figsize=(8, 7))
+    figure = _figure(8, 7)
+    axes = figure.subplots()
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
