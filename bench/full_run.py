@@ -20,23 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_log import record  # noqa: E402
 from cifar_transfer.config import load_config  # noqa: E402
 from cifar_transfer.flows.cli import build_parser  # noqa: E402
+from cifar_transfer.report import RunSummary  # noqa: E402
 
 
-def main() -> None:
-    arguments = build_parser().parse_args(["run", *sys.argv[1:]])
-    config = load_config(**{k: v for k, v in vars(arguments).items() if k not in ("command", "verbose") and v is not None})
-    from cifar_transfer.flows.pipeline import cifar_transfer
-
-    started = time.perf_counter()
-    summary = cifar_transfer(config)
-    wall = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def job_stages(summary: RunSummary, wall: float) -> dict:
+    """What one whole job did and how long each stage took, with the job over its extraction (issue 25 goal 2)."""
     extraction, spec = summary.extraction, summary.features.spec
-    result = {
-        "backbone": config.extraction_settings.backbone_name,
-        "input_size": config.extraction_settings.resolved_input_size,
-        "pooling": config.pooling,
-        "weights": config.weights,
+    return {
         "engine": f"{spec.engine} {spec.precision}",
         "head": summary.head.kind,
         "head_selection": {candidate.head: candidate.validation_accuracy for candidate in summary.head.metrics.candidates},
@@ -51,9 +41,27 @@ def main() -> None:
         },
         "job_over_extraction": round(wall / extraction.seconds, 2) if extraction.seconds else None,
         "extraction_images_per_second": round(extraction.images_per_second, 1),
-        "peak_rss_mib": round(peak_mib),
         "test_accuracy": summary.test_accuracy,
         "validation_accuracy": summary.head.validation_accuracy,
+    }
+
+
+def main() -> None:
+    arguments = build_parser().parse_args(["run", *sys.argv[1:]])
+    config = load_config(**{k: v for k, v in vars(arguments).items() if k not in ("command", "verbose") and v is not None})
+    from cifar_transfer.flows.pipeline import cifar_transfer
+
+    started = time.perf_counter()
+    summary = cifar_transfer(config)
+    wall = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "backbone": config.extraction_settings.backbone_name,
+        "input_size": config.extraction_settings.resolved_input_size,
+        "pooling": config.pooling,
+        "weights": config.weights,
+        **job_stages(summary, wall),
+        "peak_rss_mib": round(peak_mib),
         "features": summary.features.folder,
     }
     record("full_run", result)

@@ -1,6 +1,7 @@
-"""Benchmark: InceptionV3 extraction on every visible GPU, then the pipeline on Dask with one worker per GPU.
+"""Benchmark: InceptionV3 extraction on every visible GPU, the pipeline on Dask with one worker per GPU, and the
+whole job on one GPU.
 
-    .venv/bin/python bench/gpu.py                  # on a CUDA machine; done in under 5 minutes
+    .venv/bin/python bench/gpu.py                  # on a CUDA machine; done in under 8 minutes
     .venv/bin/python bench/gpu.py --smoke          # anywhere, CPU included: tiny sizes, 64 images, end to end
 
 1. Kernels: one process per GPU (CUDA_VISIBLE_DEVICES pinned), all GPUs at once. For each shape (139px
@@ -10,6 +11,9 @@
    random images fed from host memory as the pipeline feeds them; images/s per GPU and summed.
 2. Pipeline: `extract_features` with --task-runner dask, one worker per GPU (pinned, see
    tasks/runners.py), on a seeded synthetic CIFAR-10 archive of --images images (nothing downloaded).
+3. Job: the whole `cifar-transfer` flow with its defaults (thread runner, engine and precision `auto`, the map, the
+   head, the explorer and the report) on the same archive into fresh storage: each stage's seconds and the job over
+   its extraction (issue 25 goal 2), as `bench/full_run.py` records them.
 
 Weights are seeded random (`none`) unless --weights imagenet (Keras' download or its cache): speed does
 not depend on them. Work that would not fit in --budget-seconds is skipped and reported as skipped.
@@ -54,8 +58,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--pipeline-size", type=int, default=139, help="input size of the pipeline run")
     parser.add_argument("--pipeline-batch-size", type=int, default=256, help="batch size of the pipeline run")
     parser.add_argument("--pipeline-precision", default="auto", choices=["auto", *PRECISIONS], help="precision of the pipeline run")
-    parser.add_argument("--budget-seconds", type=float, default=290, help="the whole benchmark's time limit")
+    parser.add_argument("--budget-seconds", type=float, default=480, help="the whole benchmark's time limit")
     parser.add_argument("--pipeline-seconds", type=float, default=80, help="the part of the budget kept for the pipeline run")
+    parser.add_argument("--job-seconds", type=float, default=150, help="the part of the budget kept for the whole job")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: the kernel plan of one GPU's process, as JSON
     arguments = parser.parse_args()
     if arguments.smoke:
@@ -163,12 +168,12 @@ def synthetic_archive(folder: Path, images: int, seed: int) -> tuple[Path, str]:
     return path, hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path) -> dict:
+def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path, archive: tuple[Path, str]) -> dict:
     """The extraction flow on Dask, one worker per GPU, into a fresh storage folder."""
     from cifar_transfer.config import load_config
     from cifar_transfer.flows.pipeline import extract_features
 
-    path, md5 = synthetic_archive(folder, arguments.images, arguments.seed)
+    path, md5 = archive
     config = load_config(
         source=str(path),
         md5=md5,
@@ -200,7 +205,29 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path) -> d
     }
 
 
-def markdown(devices: list[dict], kernels: list[dict], pipeline: dict) -> str:
+def job_run(arguments: argparse.Namespace, folder: Path, archive: tuple[Path, str]) -> dict:
+    """The whole default job (every option at its default but the source, weights, input size and precision asked
+    for) into a fresh storage folder: its stages' seconds and the job over its extraction."""
+    from bench.full_run import job_stages
+    from cifar_transfer.config import load_config
+    from cifar_transfer.flows.pipeline import cifar_transfer
+
+    path, md5 = archive
+    config = load_config(
+        source=str(path),
+        md5=md5,
+        storage=str(folder / "job-storage"),
+        weights=arguments.weights,
+        input_size=arguments.pipeline_size,
+        precision=arguments.pipeline_precision,
+        seed=arguments.seed,
+    )
+    started = time.perf_counter()
+    summary = cifar_transfer(config)
+    return job_stages(summary, time.perf_counter() - started)
+
+
+def markdown(devices: list[dict], kernels: list[dict], pipeline: dict, job: dict) -> str:
     names = [f"GPU{number}" for number in range(len(devices))] or ["CPU"]
     lines = [
         "| input | batch | precision | XLA | " + " | ".join(f"{name} img/s" for name in names) + " | total img/s | compile s | notes |",
@@ -219,6 +246,12 @@ def markdown(devices: list[dict], kernels: list[dict], pipeline: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| {pipeline['task_runner']} | {pipeline['images']} | {pipeline['precision']} | {pipeline['shard_phase_seconds']} "
         f"| {pipeline['total_seconds']} | {pipeline['images_per_second']} |",
+        "",
+        "| whole job | engine | extraction s (img/s) | t-SNE s | head s | not extraction s | total s | job / extraction |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {sum(job['images'].values())} images | {job['engine']} | {job['seconds']['extraction']} "
+        f"({job['extraction_images_per_second']}) | {job['seconds']['tsne']} | {job['seconds']['head']} "
+        f"| {job['seconds']['not_extraction']} | {job['seconds']['total']} | {job['job_over_extraction']} |",
     ]
     return "\n".join(lines)
 
@@ -262,12 +295,14 @@ def main() -> None:
     devices = gpus()
     if not devices and not arguments.smoke:
         sys.exit("bench/gpu.py: error: no GPU visible to TensorFlow: run it on a CUDA machine, or pass --smoke to check it on a CPU")
-    kernels_end = started + arguments.budget_seconds - arguments.pipeline_seconds
+    kernels_end = started + arguments.budget_seconds - arguments.pipeline_seconds - arguments.job_seconds
     plan = kernel_plan(arguments, stop_at=kernels_end)
     kernels = merge(kernels_on_every_gpu(visible_gpu_ids() or [None], plan, kill_at=kernels_end))
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
-        pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch))
-    print(markdown(devices, kernels, pipeline))
+        archive = synthetic_archive(Path(scratch), arguments.images, arguments.seed)
+        pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch), archive)
+        job = job_run(arguments, Path(scratch), archive)
+    print(markdown(devices, kernels, pipeline, job))
     options = {key: value for key, value in vars(arguments).items() if key != "child"}
     record(
         "gpu-smoke" if arguments.smoke else "gpu",
@@ -276,6 +311,7 @@ def main() -> None:
             "devices": devices,
             "kernels": kernels,
             "pipeline": pipeline,
+            "job": job,
             "seconds": round(time.time() - started, 1),
         },
     )
