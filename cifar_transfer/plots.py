@@ -2,7 +2,7 @@
 
 Figures are made with matplotlib's object API (`Figure`), never pyplot: the map and the head draw at once, in threads
 of one process, and pyplot's global state is not safe across threads (`matplotlib.use` beside pyplot's first import
-in another thread fails on a partially initialized `matplotlib.pyplot`: a deployment's run failed so).
+in another thread fails on a partially initialized `matplotlib.pyplot`).
 """
 
 from __future__ import annotations

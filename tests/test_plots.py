@@ -40,8 +40,7 @@ print(json.dumps({"sizes": sizes, "failures": failures, "pyplot": "matplotlib.py
 
 def test_pictures_drawn_at_once_from_threads_never_touch_pyplot():
     """Six threads make their first pictures at the same moment in a fresh process: every one is a whole PNG, and
-    pyplot (whose global state and backend switch broke a run when the map and the head first drew at once) is never
-    loaded."""
+    pyplot, whose global state is not safe across threads, is never loaded."""
     finished = subprocess.run([sys.executable, "-c", DRAW_AT_ONCE], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
     drawn = json.loads(finished.stdout.strip().splitlines()[-1])
