@@ -220,6 +220,9 @@ def main() -> None:
     from bench.results_log import record
 
     arguments = parse_arguments()
+    for name in ("source", "mobilenet_weights"):  # the measuring processes run in another folder
+        if Path(getattr(arguments, name)).exists():
+            setattr(arguments, name, str(Path(getattr(arguments, name)).resolve()))
     pythons = {"this checkout": sys.executable}
     if arguments.baseline_python:
         pythons = {"baseline": arguments.baseline_python, **pythons}
