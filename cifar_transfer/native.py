@@ -15,12 +15,14 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own Python-side INFO and WARNING lines
 
-_NATIVE_NOTICE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING: All log messages before absl::InitializeLog)")
+# absl's prefix: severity, date, time (before its log is set up, "00:00:" and the seconds since the epoch), thread
+_NATIVE_NOTICE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ |WARNING: All log messages before absl::InitializeLog)")
 
 
 @contextlib.contextmanager
@@ -45,9 +47,17 @@ def native_notices_to_log() -> Iterator[None]:
             print(line, file=sys.stderr)
 
 
-@functools.cache
+_FIRST_LOAD = threading.Lock()  # the notices' capture swaps the process's stderr: two threads at once would lose it
+
+
 def load_tensorflow():
-    """`tensorflow`, imported and its devices listed once, quietly."""
+    """`tensorflow`, imported and its devices listed once, quietly; threads that ask at once wait for the first."""
+    with _FIRST_LOAD:
+        return _loaded_tensorflow()
+
+
+@functools.cache
+def _loaded_tensorflow():
     with native_notices_to_log():
         import tensorflow as tf
 
