@@ -28,9 +28,9 @@ def pause_at(point: str) -> None:
     wanted, _, marker = os.environ.get(PAUSE_AT, "").partition("=")
     if wanted != point or not marker:
         return
-    written = f"{marker}.{os.getpid()}.tmp"
-    with open(written, "w") as stream:
-        stream.write(f"{os.getpid()}\n")
-    os.replace(written, marker)  # whole when it appears: a test that sees FILE reads the pid it waits for
+    from cifar_transfer.storage import Storage
+
+    path = os.path.abspath(marker)  # whole when it appears: a test that sees FILE reads the pid it waits for
+    Storage(os.path.dirname(path)).write_atomic(path, f"{os.getpid()}\n".encode())
     while os.path.exists(marker):
         time.sleep(0.02)
