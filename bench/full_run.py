@@ -49,9 +49,12 @@ def job_stages(summary: RunSummary, wall: float) -> dict:
 def main() -> None:
     arguments = build_parser().parse_args(["run", *sys.argv[1:]])
     config = load_config(**{k: v for k, v in vars(arguments).items() if k not in ("command", "verbose") and v is not None})
+    from cifar_transfer.flows import console
+    from cifar_transfer.flows.cli import load_run_modules
     from cifar_transfer.flows.pipeline import cifar_transfer
 
     started = time.perf_counter()
+    console.start_temporary_api(meanwhile=load_run_modules)  # as `cifar-transfer run` starts (none under PREFECT_API_URL)
     summary = cifar_transfer(config)
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

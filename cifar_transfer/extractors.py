@@ -27,7 +27,7 @@ from cifar_transfer.backbones import build_extractor
 from cifar_transfer.config import FeatureSpec, stable_hash
 from cifar_transfer.errors import FeatureSetError, OpConversionFailure, StorageNotWritable
 from cifar_transfer.feature_records import library_versions
-from cifar_transfer.native import load_tensorflow
+from cifar_transfer.native import compiled_forward
 from cifar_transfer.shard_files import features_folder
 from cifar_transfer.storage import Storage
 
@@ -49,15 +49,11 @@ class Extractor(Protocol):
 
 
 class KerasExtractor:
-    """TensorFlow: one compiled graph per batch shape, no `predict` loop overhead."""
+    """TensorFlow: one compiled graph for every batch, no `predict` loop overhead."""
 
     def __init__(self, model):
-        tf = load_tensorflow()
-
         self.model = model
-        # No autograph: a plain call needs no source conversion, and autograph's parsing raced with another
-        # thread's in CPython 3.11 once here ("SystemError: AST constructor recursion depth mismatch").
-        self.forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True, autograph=False)
+        self.forward = compiled_forward(model)
         self._computing = threading.Lock()  # one shard at a time: TensorFlow already spreads each batch over every core
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:

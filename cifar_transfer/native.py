@@ -71,3 +71,15 @@ def load_keras():
     import keras
 
     return keras
+
+
+def compiled_forward(model):
+    """`model`'s inference as one TensorFlow graph for every batch size: traced once, on the model's input with the
+    batch dimension left open. Traced per batch shape instead, a shard's last, shorter batch cost a second trace of
+    the whole network (as long as the first) and a third shape a third; the features are the same bit for bit."""
+    tf = load_tensorflow()
+    (inputs,) = model.inputs
+    signature = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype)]
+    # No autograph: a plain call needs no source conversion, and autograph's parsing raced with another thread's in
+    # CPython 3.11 once here ("SystemError: AST constructor recursion depth mismatch").
+    return tf.function(lambda rows: model(rows, training=False), input_signature=signature, autograph=False)

@@ -9,7 +9,9 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +96,13 @@ def start_console(verbose: bool) -> Path:
     return log_file
 
 
-def start_temporary_api() -> None:
+def start_temporary_api(meanwhile: Callable[[], object] | None = None) -> None:
     """Start the temporary Prefect API this command runs against (none when PREFECT_API_URL names a server) from the
     main thread, tied to this process: the kernel stops it when this process dies, however it dies (a `kill -9`
-    included), through the parent-death signal. Prefect reuses this server for the rest of the command."""
+    included), through the parent-death signal. Prefect reuses this server for the rest of the command.
+
+    `meanwhile` runs in a background thread while the server starts (several seconds), once its process is launched:
+    a fork from a process whose other threads are busy importing could inherit their locks."""
     import subprocess
 
     import prefect.server.api.server as server_module
@@ -105,6 +110,7 @@ def start_temporary_api() -> None:
 
     if get_current_settings().api.url or sys.platform != "linux":  # a server is given, or no parent-death signal
         return
+    waiting = [meanwhile] if meanwhile is not None else []
     parent = os.getpid()
     prctl = __import__("ctypes").CDLL(None, use_errno=True).prctl
 
@@ -122,7 +128,11 @@ def start_temporary_api() -> None:
         @staticmethod
         def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
             # mypy matches none of typeshed's Popen overloads when a keyword sits between *args and **kwargs
-            return subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)  # type: ignore[call-overload]
+            process = subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)  # type: ignore[call-overload]
+            if waiting:
+                # not a daemon: the interpreter waits for it at exit instead of tearing down a half-done import
+                threading.Thread(target=waiting.pop(), name="while the Prefect API starts").start()
+            return process
 
     server_module.subprocess = DyingWithParent()  # type: ignore[assignment]
     server_module.SubprocessASGIServer().start()
@@ -134,6 +144,11 @@ _PR_SET_PDEATHSIG = 1
 def record_failure(error: BaseException) -> None:
     """The whole traceback of a failed command, into the log file only."""
     _DETAILS.error("command failed", exc_info=error)
+
+
+def record_detail(message: str, error: BaseException) -> None:
+    """A failure the command goes on after, with its traceback, into the log file only."""
+    _DETAILS.warning(message, exc_info=error)
 
 
 def stop_prefect_quietly() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import hashlib
 import io
@@ -177,6 +178,15 @@ def this_workers_runs():
     return FlowRunFilterTags(all_=[WORKER_TAG]) if os.environ.get(SHARED_API) else None
 
 
+@functools.cache
+def http_client():
+    """One HTTP client per test process for the tests' calls to an API: `httpx.get` and `httpx.post` build a client,
+    and with it an SSL context, per call, which added up to a minute of CPU across the suite's polling loops."""
+    import httpx
+
+    return httpx.Client()
+
+
 def wait_for_api(url: str, timeout: float = 180) -> None:
     """Poll `url`'s health until it answers (the controller starts the shared API while the workers start)."""
     import time
@@ -185,7 +195,7 @@ def wait_for_api(url: str, timeout: float = 180) -> None:
 
     def healthy() -> bool:
         try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            return http_client().get(f"{url}/health", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 

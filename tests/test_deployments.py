@@ -17,6 +17,8 @@ import httpx
 import pytest
 from test_collections import write_tree
 
+from conftest import http_client
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -89,7 +91,7 @@ def prefect_server(tmp_path: Path, **settings: str):
 
     def healthy():
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+            return http_client().get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -114,7 +116,7 @@ def prefect(environment, *arguments, cwd: Path = ROOT) -> str:
 
 
 def flow_runs(environment) -> list[dict]:
-    response = httpx.post(f"{environment['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10)
+    response = http_client().post(f"{environment['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -133,7 +135,7 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
     path, md5 = tiny_archive
     prefect(server, "work-pool", "create", "cifar-transfer", "--type", "process")
     prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file", str(one_machine(tmp_path)))
-    response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
+    response = http_client().post(f"{server['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10)
     assert sorted(deployment["name"] for deployment in response.json()) == [
         "analyze-new-features",
         "audit-new-head",
@@ -172,15 +174,21 @@ def test_deploy_run_and_trigger_downstream(server, tiny_archive, tmp_path):
         assert_completed(analyzed, tmp_path / "worker.log")
         assert analyzed[0]["parameters"]["config"]["storage"] == str(storage)
         assert list(storage.glob("features/*/heads/*/metrics.json"))
-        artifacts = httpx.post(
-            f"{server['PREFECT_API_URL']}/artifacts/filter", timeout=10, json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}}
-        ).json()
+        artifacts = (
+            http_client()
+            .post(
+                f"{server['PREFECT_API_URL']}/artifacts/filter",
+                timeout=10,
+                json={"artifacts": {"key": {"any_": ["cifar-transfer-summary"]}}},
+            )
+            .json()
+        )
         assert artifacts and "MobileNetV2 at 32px" in artifacts[0]["data"]
         audited = poll(finished("audit-"), "the audit-new-head run the head's event starts", 300, [worker])
         assert_completed(audited, tmp_path / "worker.log")
         assert list(storage.glob("features/*/audit/duplicates.parquet"))
 
-        nightly = httpx.get(f"{server['PREFECT_API_URL']}/deployments/name/cifar-transfer/nightly", timeout=10).json()
+        nightly = http_client().get(f"{server['PREFECT_API_URL']}/deployments/name/cifar-transfer/nightly", timeout=10).json()
 
         def nightly_runs_scheduled():
             return [run for run in flow_runs(server) if run["deployment_id"] == nightly["id"] and run["state_type"] == "SCHEDULED"]

@@ -378,6 +378,38 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_archiv
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the temporary API is started by the command only on Linux")
+def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts():
+    code = """if True:
+        import json, os, threading, time
+        from cifar_transfer.flows import console
+        seen = {}
+        def children():
+            pids = [pid for task in os.listdir("/proc/self/task") for pid in open(f"/proc/self/task/{task}/children").read().split()]
+            return [open(f"/proc/{pid}/cmdline", "rb").read() for pid in pids]
+        def meanwhile():
+            seen["server launched"] = any(b"uvicorn" in line for line in children())
+            seen["in another thread"] = threading.current_thread() is not threading.main_thread()
+            seen["started"] = time.monotonic()
+        console.start_temporary_api(meanwhile=meanwhile)
+        returned = time.monotonic()
+        for thread in threading.enumerate():
+            if thread.name == "while the Prefect API starts":
+                thread.join()
+        print(json.dumps({**seen, "started": seen["started"] < returned}))
+        console.stop_prefect_quietly()
+    """
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "server launched": True,
+        "in another thread": True,
+        "started": True,  # before `start_temporary_api` returned, which waits for the server to answer
+    }
+
+
+@pytest.mark.slow
 def test_openvino_sends_no_telemetry_outside_ci_either():
     code = """if True:
         import sys, cifar_transfer

@@ -24,7 +24,7 @@ from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extr
 from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
-from conftest import CLI, TINY_CLI, copy_of_finished_run, this_workers_runs
+from conftest import CLI, TINY_CLI, copy_of_finished_run, http_client, this_workers_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -74,7 +74,6 @@ def heartbeats_since(started: datetime) -> tuple[set[str], set[str]]:
     every event sent before this call is stored: a sentinel event sent last is waited for (a condition, not a sleep)."""
     import uuid
 
-    import httpx
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL
@@ -90,7 +89,7 @@ def heartbeats_since(started: datetime) -> tuple[set[str], set[str]]:
 
     def stored(names: list[str], resources: list[str]) -> list[dict]:
         query = {"filter": {"event": {"name": names}, "resource": {"id": resources}}, "limit": 50}
-        response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=query, timeout=10)
+        response = http_client().post(f"{PREFECT_API_URL.value()}/events/filter", json=query, timeout=10)
         response.raise_for_status()
         return response.json()["events"]
 

@@ -1,9 +1,11 @@
-"""TensorFlow's native start-up notices: kept off the console, in the log."""
+"""TensorFlow's native start-up notices: kept off the console, in the log; its compiled forward pass: traced once."""
 
 from __future__ import annotations
 
 import logging
 import os
+
+import numpy as np
 
 from cifar_transfer.native import native_notices_to_log
 
@@ -23,3 +25,24 @@ def test_native_notices_go_to_the_log_and_other_lines_back_to_stderr(capfd, capl
             os.write(2, (line + "\n").encode())
     assert capfd.readouterr().err == "a line of the program's own\n"
     assert [record.getMessage() for record in caplog.records if record.name == "cifar_transfer.native"] == NOTICES
+
+
+def test_a_compiled_forward_traces_once_for_every_batch_size():
+    """A shard's last batch is shorter than the others; the graph must not be traced again for it (a second trace of a
+    whole backbone costs as much as the first), and every batch's result is the model's."""
+    from cifar_transfer.extractors import KerasExtractor
+    from cifar_transfer.native import load_keras
+
+    keras = load_keras()
+    keras.utils.set_random_seed(3)
+    images = keras.Input((8, 8, 3), dtype="uint8")
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(keras.ops.cast(images, "float32")))
+    model = keras.Model(images, features)
+    extractor = KerasExtractor(model)
+    rows = np.random.default_rng(3).integers(0, 256, (100, 8, 8, 3), dtype=np.uint8)
+
+    shard, tail = extractor(rows, 64), extractor(rows[:17], 64)  # batches of 64, 36 and 17 rows
+
+    assert extractor.forward.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(shard, model(rows, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tail, shard[:17], rtol=1e-6, atol=1e-6)

@@ -24,11 +24,12 @@ import threading
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 from test_deployments import ROOT, poll, prefect, prefect_server, start, stop
 from test_html_report import chromium_executable
 from test_remote_storage import BUCKET, object_sizes, s3  # noqa: F401  (s3: moto's S3 server, a fixture)
+
+from conftest import http_client
 
 POSTGRES = os.environ.get("CIFAR_TRANSFER_TEST_POSTGRES")  # postgresql://user:password@host:port/database, CI only
 SECRET = f"block-secret-{uuid.uuid4().hex}"  # the storage key the block holds: it must appear nowhere else
@@ -127,12 +128,13 @@ def worker_host(folder: Path) -> Path:
 
 
 def flow_run(api: str, run_id: str) -> dict:
-    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+    return http_client().get(f"{api}/flow_runs/{run_id}", timeout=10).json()
 
 
 def run_deployment(api: str, name: str, parameters: dict, **options) -> str:
-    deployment = httpx.get(f"{api}/deployments/name/{name}", timeout=10).json()
-    response = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters, **options}, timeout=10)
+    deployment = http_client().get(f"{api}/deployments/name/{name}", timeout=10).json()
+    body = {"parameters": parameters, **options}
+    response = http_client().post(f"{api}/deployments/{deployment['id']}/create_flow_run", json=body, timeout=10)
     response.raise_for_status()
     return response.json()["id"]
 
@@ -141,8 +143,8 @@ def everything_said(api: str, log_files: list[Path]) -> str:
     """Every log line, parameter, artifact and event the server holds, and the processes' own logs, as one text."""
     said = [file.read_text(errors="replace") for file in log_files]
     for kind in ("logs", "flow_runs", "artifacts", "task_runs"):
-        said.append(httpx.post(f"{api}/{kind}/filter", json={}, timeout=30).text)
-    said.append(httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=30).text)
+        said.append(http_client().post(f"{api}/{kind}/filter", json={}, timeout=30).text)
+    said.append(http_client().post(f"{api}/events/filter", json={"limit": 50}, timeout=30).text)
     return "\n".join(said)
 
 
@@ -199,7 +201,7 @@ def test_a_team_server_on_postgres_with_a_worker_on_another_host(tmp_path, postg
             "cifar-transfer-storage": f"s3://{BUCKET}/team",
             "cifar-transfer-storage-credentials": "team-s3",
         }.items():
-            httpx.post(f"{api}/variables/", json={"name": name, "value": value}, timeout=10).raise_for_status()
+            http_client().post(f"{api}/variables/", json={"name": name, "value": value}, timeout=10).raise_for_status()
 
         # The deploying clone: the server's setup (queues gpu-0 and gpu-1, limit 1 each; the automation), then the deployments.
         setup = subprocess.run(
@@ -211,7 +213,7 @@ def test_a_team_server_on_postgres_with_a_worker_on_another_host(tmp_path, postg
         )
         assert setup.returncode == 0, setup.stdout + setup.stderr
         prefect(server, "--no-prompt", "deploy", "--all", cwd=deployer)
-        extract_only = httpx.get(f"{api}/deployments/name/extract-features/extract-only", timeout=10).json()
+        extract_only = http_client().get(f"{api}/deployments/name/extract-features/extract-only", timeout=10).json()
         assert extract_only["parameters"]["config"] == {"storage": f"s3://{BUCKET}/team", "storage_credentials": "team-s3"}
         assert extract_only["global_concurrency_limit"]["limit"] == 1
         assert extract_only["concurrency_options"]["collision_strategy"] == "ENQUEUE"
@@ -273,7 +275,7 @@ def test_a_team_server_on_postgres_with_a_worker_on_another_host(tmp_path, postg
             )
             states = {run: flow_run(api, run)["state_type"] for run in (first, second, nightly)}
             assert states == {first: "COMPLETED", second: "COMPLETED", nightly: "FAILED"}, worker_log.read_text()[-3000:]
-            history = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": second}, timeout=10).json()
+            history = http_client().get(f"{api}/flow_run_states/", params={"flow_run_id": second}, timeout=10).json()
             assert "AwaitingConcurrencySlot" in [state["name"] for state in history]
 
             # The failure reached a person: the nightly run's one-line reason, from the automation the file made.
@@ -282,7 +284,7 @@ def test_a_team_server_on_postgres_with_a_worker_on_another_host(tmp_path, postg
             assert "failed" in alert["text"] and "has MD5" in alert["text"] and "\n" not in alert["text"].strip()
 
             # The code came through the deployment's pull steps; the outputs are on the shared S3.
-            logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [first]}}}, timeout=10).json()
+            logs = http_client().post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [first]}}}, timeout=10).json()
             steps = [log["message"] for log in logs if log["message"].startswith("Executing deployment step")]
             assert steps == [
                 f"Executing deployment step: {name}" for name in ("git_clone", "run_shell_script", "addsitedir", "set_working_directory")

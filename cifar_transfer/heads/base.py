@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from cifar_transfer.config import HeadSettings
-from cifar_transfer.native import load_tensorflow
+from cifar_transfer.native import compiled_forward
 from cifar_transfer.storage import Storage
 from cifar_transfer.streams import FeatureStream, Moments, validation_mask
 
@@ -128,8 +128,7 @@ def stream_moments(stream: FeatureStream, classes: int, feature_shape: list[int]
 
 def predictor(model):
     """A fast batch prediction function of a Keras head (no `predict` loop per call)."""
-    tf = load_tensorflow()
-    forward = tf.function(lambda rows: model(rows, training=False), reduce_retracing=True, autograph=False)
+    forward = compiled_forward(model)
 
     def predict(rows: np.ndarray) -> np.ndarray:
         return (
