@@ -101,8 +101,9 @@ def start_temporary_api(meanwhile: Callable[[], object] | None = None) -> None:
     main thread, tied to this process: the kernel stops it when this process dies, however it dies (a `kill -9`
     included), through the parent-death signal. Prefect reuses this server for the rest of the command.
 
-    `meanwhile` runs in a background thread while the server starts (several seconds), once its process is launched:
-    a fork from a process whose other threads are busy importing could inherit their locks."""
+    `meanwhile` runs in a background thread while the server starts (several seconds), once its process is launched
+    (a fork from a process whose other threads are busy importing could inherit their locks); not at all when there
+    is no server to start."""
     import subprocess
 
     import prefect.server.api.server as server_module
@@ -110,7 +111,7 @@ def start_temporary_api(meanwhile: Callable[[], object] | None = None) -> None:
 
     if get_current_settings().api.url or sys.platform != "linux":  # a server is given, or no parent-death signal
         return
-    waiting = [meanwhile] if meanwhile is not None else []
+    waiting = [meanwhile] if meanwhile is not None else []  # started once, though Prefect relaunches on a taken port
     parent = os.getpid()
     prctl = __import__("ctypes").CDLL(None, use_errno=True).prctl
 
