@@ -18,9 +18,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_log import record  # noqa: E402
-from cifar_transfer.config import load_config  # noqa: E402
+from cifar_transfer.config import PipelineConfig, load_config  # noqa: E402
 from cifar_transfer.flows.cli import build_parser  # noqa: E402
 from cifar_transfer.report import RunSummary  # noqa: E402
+
+
+def run_job(config: PipelineConfig) -> tuple[RunSummary, dict]:
+    """The whole job, started as `cifar-transfer run` starts it, and `job_stages` of it."""
+    from cifar_transfer.flows import console
+    from cifar_transfer.flows.cli import load_run_modules
+    from cifar_transfer.flows.pipeline import cifar_transfer
+
+    started = time.perf_counter()
+    console.start_temporary_api(meanwhile=load_run_modules)  # none under PREFECT_API_URL, or once one is running
+    summary = cifar_transfer(config)
+    return summary, job_stages(summary, time.perf_counter() - started)
 
 
 def job_stages(summary: RunSummary, wall: float) -> dict:
@@ -49,21 +61,14 @@ def job_stages(summary: RunSummary, wall: float) -> dict:
 def main() -> None:
     arguments = build_parser().parse_args(["run", *sys.argv[1:]])
     config = load_config(**{k: v for k, v in vars(arguments).items() if k not in ("command", "verbose") and v is not None})
-    from cifar_transfer.flows import console
-    from cifar_transfer.flows.cli import load_run_modules
-    from cifar_transfer.flows.pipeline import cifar_transfer
-
-    started = time.perf_counter()
-    console.start_temporary_api(meanwhile=load_run_modules)  # as `cifar-transfer run` starts (none under PREFECT_API_URL)
-    summary = cifar_transfer(config)
-    wall = time.perf_counter() - started
+    summary, stages = run_job(config)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "backbone": config.extraction_settings.backbone_name,
         "input_size": config.extraction_settings.resolved_input_size,
         "pooling": config.pooling,
         "weights": config.weights,
-        **job_stages(summary, wall),
+        **stages,
         "peak_rss_mib": round(peak_mib),
         "features": summary.features.folder,
     }

@@ -208,9 +208,8 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path, arch
 def job_run(arguments: argparse.Namespace, folder: Path, archive: tuple[Path, str]) -> dict:
     """The whole default job (every option at its default but the source, weights, input size and precision asked
     for) into a fresh storage folder: its stages' seconds and the job over its extraction."""
-    from bench.full_run import job_stages
+    from bench.full_run import run_job
     from cifar_transfer.config import load_config
-    from cifar_transfer.flows.pipeline import cifar_transfer
 
     path, md5 = archive
     config = load_config(
@@ -222,9 +221,7 @@ def job_run(arguments: argparse.Namespace, folder: Path, archive: tuple[Path, st
         precision=arguments.pipeline_precision,
         seed=arguments.seed,
     )
-    started = time.perf_counter()
-    summary = cifar_transfer(config)
-    return job_stages(summary, time.perf_counter() - started)
+    return run_job(config)[1]
 
 
 def markdown(devices: list[dict], kernels: list[dict], pipeline: dict, job: dict) -> str:
