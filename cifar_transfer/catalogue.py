@@ -13,10 +13,21 @@ from cifar_transfer.storage import Storage
 
 def describe_feature_set(storage: Storage, folder: str) -> FeatureSetInfo | None:
     """The feature set in `folder` with its complete splits, or None if there is none."""
+    found = read_feature_set(storage, folder)
+    return found[0] if found else None
+
+
+def read_feature_set(storage: Storage, folder: str) -> tuple[FeatureSetInfo, dict[str, Manifest]] | None:
+    """The feature set in `folder` and the manifests it was described from (one reading of each, so a caller that
+    checks them checks what the description says, even while another run commits), or None if there is none."""
     description = read_description(storage, folder)
     if description is None:
         return None
     manifests = {split: manifest for split in VIEWS if (manifest := read_manifest(storage, folder, split)) is not None}
+    return _described(storage, folder, description, manifests), manifests
+
+
+def _described(storage: Storage, folder: str, description: FeatureSetDescription, manifests: dict[str, Manifest]) -> FeatureSetInfo:
     return FeatureSetInfo(
         storage_url=storage.url,
         folder=folder,

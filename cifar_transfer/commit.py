@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from cifar_transfer import card, layout
-from cifar_transfer.catalogue import describe_feature_set
+from cifar_transfer.catalogue import describe_feature_set, read_feature_set
 from cifar_transfer.config import CollectionSettings, FeatureSpec
 from cifar_transfer.feature_records import (
     ExtractionRecord,
@@ -132,14 +132,17 @@ def view_shards(storage: Storage, folder: str, records: list[ShardRecord]) -> di
 
 
 def _committed_as(storage: Storage, folder: str, records: list[ShardRecord], classes: list[str]) -> FeatureSetInfo | None:
-    """The set as committed, when its description and every view's manifest already say exactly this; else None."""
-    info = describe_feature_set(storage, folder)
-    if info is None or info.classes != classes:
+    """The set as committed, when its description and every view's manifest already say exactly this; else None.
+
+    The manifests compared are the ones the description was made from: a run committing the same set at the same
+    time writes them one by one, and a manifest read again after describing could be one the description lacks."""
+    found = read_feature_set(storage, folder)
+    if found is None or found[0].classes != classes:
         return None
+    info, manifests = found
     for split in {record.split for record in records}:
-        manifest = read_manifest(storage, folder, split)
         view = sorted((record for record in records if record.split == split), key=lambda record: record.number)
-        if manifest is None or manifest.shards != view:
+        if split not in manifests or manifests[split].shards != view:
             return None
     return info
 

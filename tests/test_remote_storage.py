@@ -8,18 +8,26 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import boto3
+import numpy as np
 import pytest
 from test_concurrency import assert_same_features, run_twice_at_once
 from test_flow import task_states_since, tiny_config
 
+from cifar_transfer import layout
+from cifar_transfer.catalogue import find_feature_set
+from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.download import fetch_archive
 from cifar_transfer.errors import ChecksumMismatch
+from cifar_transfer.feature_records import ExtractionRecord, split_manifest
 from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
+from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -140,6 +148,33 @@ def test_two_runs_at_once_on_s3_compute_each_shard_once(tiny_archive, s3, refere
     assert [key for key in object_sizes(s3) if key.rsplit("/", 1)[1].startswith(".")] == [], "claim or temporary objects were left behind"
     alone, _ = reference_features()
     assert_same_features(config.storage, alone.storage_url)
+
+
+def test_a_run_that_commits_nothing_while_another_commits_reports_every_split(reference_features, s3):
+    """Two runs commit the same finished shards at once; the one that computed nothing only checks what is committed.
+    It once described the set, read the manifests again to compare, and reported a split whose manifest appeared in
+    between as missing (CI saw `{'test': 100}`). On S3, where each read takes milliseconds, a start up to 0.15 s
+    behind the other run's lands in that window in about one round of five on the old code: 25 rounds explore it."""
+    reference, _ = reference_features()
+    storage = Storage(f"s3://{BUCKET}/prefix")
+    storage.fs.put(Storage(reference.storage_url).path("features"), storage.path("features"), recursive=True)
+    info = find_feature_set(storage.url)
+    records = [record for split in ("train", "test") for record in split_manifest(storage, info.folder, split).shards]
+    computed = ExtractionRecord(seconds=1.0, images=300, images_per_second=300.0)
+    offsets = np.random.default_rng(0).uniform(0, 0.15, 25)
+    for offset in offsets:
+        for split in ("train", "test"):
+            storage.fs.rm(layout.manifest(info.folder, split))
+        both = threading.Barrier(2)
+
+        def commit(extraction: ExtractionRecord | None, delay: float, both: threading.Barrier = both):
+            both.wait()
+            time.sleep(delay)  # where in the other run's commit this one starts: not a synchronization
+            return commit_feature_set(storage.url, info.spec, records, info.classes, extraction=extraction)
+
+        with ThreadPoolExecutor(2) as pool:
+            writer, checker = pool.submit(commit, computed, 0.0), pool.submit(commit, None, offset)
+            assert writer.result().splits == checker.result().splits == {"train": 200, "test": 100}
 
 
 def test_a_failed_download_to_s3_leaves_no_object_and_no_pending_upload(tiny_archive, s3):
