@@ -109,7 +109,7 @@ def choose_engine(
             _int8_extractor(settings.feature_spec(dataset_id, remembered.engine, "int8"), storage_url, read_calibration_images)
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
-    failures = []
+    failures: list[str] = []
     for candidate in candidates[:-1]:
         reduced_spec = settings.feature_spec(dataset_id, candidate.engine, candidate.precision)
         if candidate.precision == "int8":
@@ -121,11 +121,10 @@ def choose_engine(
         batch = settings.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
         cosine = mean_cosine(reduced(check_images, batch), exact(check_images, batch))
         if cosine >= MIN_COSINE[candidate.precision]:
-            choice = candidate.model_copy(
-                update={"reason": f"{candidate.reason}; cosine to float32 {cosine:.6f} on {len(check_images)} images"}
-            )
+            measured = f"{candidate.reason}; cosine to float32 {cosine:.6f} on {len(check_images)} images"
+            choice = candidate.model_copy(update={"reason": "; ".join([*failures, measured])})
             break
-        forget_extractor(reduced_spec, check_images.shape[1:])
+        forget_extractor(reduced_spec, check_images.shape[1:], storage_url if candidate.precision == "int8" else None)
         minimum = MIN_COSINE[candidate.precision]
         failures.append(f"{candidate.precision} features were at cosine {cosine:.6f} < {minimum} to float32")
     else:

@@ -8,6 +8,7 @@ feature set's folder, so later runs and workers skip TensorFlow), so both engine
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import logging
 import platform
@@ -187,7 +188,9 @@ def quantized_model(model, images: np.ndarray):
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    nncf.set_log_level(logging.ERROR)  # its progress bars and notes would flood a run's log
+    # Its notes would flood a run's log. The logger's level, not `nncf.set_log_level`, which also sets the level of
+    # every handler on NNCF's logger: handlers shared with other loggers (a test's log capture) went deaf to INFO.
+    logging.getLogger("nncf").setLevel(logging.ERROR)
     started = time.perf_counter()
     dataset = nncf.Dataset([images[row : row + 1] for row in range(len(images))])
     quantized = nncf.quantize(
@@ -329,8 +332,20 @@ def _keras_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], preci
     )
 
 
-def forget_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int]) -> None:
+def forget_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], storage_url: str | None = None) -> None:
     """Drop one built extractor (a precision that failed its calibration: the run builds another, and this one's
-    memory goes back)."""
+    memory goes back); with `storage_url`, also the backbone kept for it there when that is all its folder holds.
+
+    The kept copy is an int8 candidate's quantized model: once it failed its check the verdict is remembered and it
+    is never read again, and a folder with nothing else in it would sit among the feature sets like an unfinished
+    one. A folder holding anything more (features computed in int8 on purpose) keeps its backbone."""
     with _build_lock:
         _extractors.pop((spec.fingerprint, tuple(image_shape)), None)
+    if storage_url is None:
+        return
+    storage = Storage(storage_url)
+    folder = features_folder(storage, spec)
+    kept = layout.converted_extractor(folder, _conversion_key(image_shape, spec.precision))
+    with contextlib.suppress(FileNotFoundError):  # another run turning down the same candidate got there first
+        if storage.exists(folder) and storage.fs.find(folder) == [kept]:
+            storage.fs.rm(folder, recursive=True)
