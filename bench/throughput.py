@@ -60,7 +60,7 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
     from cifar_transfer.dataset import decode_archive, shard_images
     from cifar_transfer.download import fetch_archive
     from cifar_transfer.engines import choose_engine
-    from cifar_transfer.extractors import build_engine_extractor, get_extractor
+    from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, build_engine_extractor, get_extractor
     from cifar_transfer.flows.pipeline import extract_shards
     from cifar_transfer.shard_files import features_folder
     from cifar_transfer.shards import Shard
@@ -73,13 +73,22 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
     dataset = decode_archive(config.storage, archive.path, archive.md5)
     test_images, _ = shard_images(config.storage, dataset, Shard(split="test", number=0, start=0, stop=ceiling_images))
     settings = config.extraction_settings
-    choice = choose_engine(settings, config.storage, dataset.md5, lambda: test_images[:64])
+
+    def first_train_images(count: int):  # what a run calibrates and checks a reduced precision on
+        return shard_images(config.storage, dataset, Shard(split="train", number=0, start=0, stop=count))[0]
+
+    choice = choose_engine(settings, config.storage, dataset.md5, first_train_images)
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
     size, batch = spec.input_size, settings.resolved_batch_size
     import tensorflow as tf
 
-    resized = tf.cast(tf.round(tf.image.resize(test_images, (size, size))), tf.uint8).numpy()
-    bare = build_engine_extractor(spec, (size, size, 3))
+    def resized_to_input(images):
+        return tf.cast(tf.round(tf.image.resize(images, (size, size))), tf.uint8).numpy()
+
+    resized = resized_to_input(test_images)
+    # int8: the ceiling's model is quantized as the run's was (same recipe, the same training images, resized first)
+    calibration = (lambda: resized_to_input(first_train_images(INT8_CALIBRATION_IMAGES))) if spec.precision == "int8" else None
+    bare = build_engine_extractor(spec, (size, size, 3), calibration=calibration)
     bare(resized[:batch], batch)  # compilation and first allocations
     get_extractor(spec, test_images.shape[1:], config.storage)(test_images[:batch], batch)
     subset = dataset.model_copy(update={"sizes": {"train": images}})
