@@ -124,7 +124,7 @@ def choose_engine(
             measured = f"{candidate.reason}; cosine to float32 {cosine:.6f} on {len(check_images)} images"
             choice = candidate.model_copy(update={"reason": "; ".join([*failures, measured])})
             break
-        forget_extractor(reduced_spec, check_images.shape[1:], storage_url if candidate.precision == "int8" else None)
+        forget_extractor(reduced_spec, check_images.shape[1:], storage_url)
         minimum = MIN_COSINE[candidate.precision]
         failures.append(f"{candidate.precision} features were at cosine {cosine:.6f} < {minimum} to float32")
     else:
