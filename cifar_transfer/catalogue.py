@@ -24,11 +24,7 @@ def read_feature_set(storage: Storage, folder: str) -> tuple[FeatureSetInfo, dic
     if description is None:
         return None
     manifests = {split: manifest for split in VIEWS if (manifest := read_manifest(storage, folder, split)) is not None}
-    return _described(storage, folder, description, manifests), manifests
-
-
-def _described(storage: Storage, folder: str, description: FeatureSetDescription, manifests: dict[str, Manifest]) -> FeatureSetInfo:
-    return FeatureSetInfo(
+    info = FeatureSetInfo(
         storage_url=storage.url,
         folder=folder,
         fingerprint=description.fingerprint,
@@ -43,6 +39,7 @@ def _described(storage: Storage, folder: str, description: FeatureSetDescription
         extraction=description.extraction,
         made_by=description.made_by,
     )
+    return info, manifests
 
 
 def content_version(description: FeatureSetDescription, manifests: dict[str, Manifest]) -> str | None:

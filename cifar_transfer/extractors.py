@@ -337,8 +337,8 @@ def forget_extractor(spec: FeatureSpec, image_shape: tuple[int, int, int], stora
     memory goes back); with `storage_url`, also the backbone kept for it there when that is all its folder holds.
 
     Only an int8 candidate keeps one (its quantized model, `choose_engine`): once it failed its check the verdict is
-    remembered and it is never read again, and a folder with nothing else in it would sit among the feature sets like an unfinished
-    one. A folder holding anything more (features computed in int8 on purpose) keeps its backbone."""
+    remembered and it is never read again, and a folder with nothing else in it would sit among the feature sets
+    like an unfinished one. A folder holding anything more (features computed in int8 on purpose) keeps its backbone."""
     with _build_lock:
         _extractors.pop((spec.fingerprint, tuple(image_shape)), None)
     if storage_url is None:
