@@ -7,7 +7,8 @@ seeded weights, so its rates and cosines count and its accuracy does not), the e
 builds for each precision (`extractors.build_engine_extractor`; int8 calibrated on the first 300 training images,
 as a run does) computes the features of the first `--train` training and `--test` test images. Each row: the
 engine's rate on preloaded batches, the mean cosine of the features to float32's, and the test accuracy of
-scikit-learn's standardized logistic regression (C=0.01) trained on them. bf16 is measured only where the CPU has
+scikit-learn's standardized logistic regression (C=0.01) trained on them, and the verdict of `auto`'s check
+(`engines.precision_failure`, on the training images after the calibration ones, as a run checks). bf16 is measured only where the CPU has
 native bf16 (elsewhere OpenVINO emulates it and the rate means nothing). Rows go to bench/results/int8.jsonl.
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from cifar_transfer.config import load_config
-    from cifar_transfer.engines import mean_cosine
+    from cifar_transfer.engines import PROBE_IMAGES, mean_cosine, precision_failure
     from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, build_engine_extractor
     from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, machine_description
 
@@ -69,6 +70,7 @@ def main() -> None:
     weights = str(WEIGHTS) if args.backbone == "MobileNetV2" else "none"
     rows: dict[str, dict] = {}
     reference: dict[str, np.ndarray] = {}
+    reference_train = np.empty(0)
     for precision in precisions:
         spec = load_config(
             source="x",
@@ -96,6 +98,11 @@ def main() -> None:
             "cosine_to_float32": round(mean_cosine(flat["test"], reference["test"]), 5),
             "test_accuracy": round(float(head.score(flat["test"], test_labels)), 4),
         }
+        if precision != "float32":  # what `auto` judges it by: the probe after the calibration images
+            probe = slice(INT8_CALIBRATION_IMAGES, INT8_CALIBRATION_IMAGES + PROBE_IMAGES)
+            failure, measured = precision_failure(precision, features["train"][probe], reference_train[probe], train_labels[probe])
+            rows[precision]["auto_check"] = {"passes": failure is None, "measured": measured, "failure": failure}
+        reference_train = features["train"] if precision == "float32" else reference_train
         print(precision, rows[precision], flush=True)
     record(
         "int8",

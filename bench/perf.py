@@ -140,7 +140,12 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
 
     start_prefect()
     config, dataset, test_images = prepared(options, storage)
-    choice = choose_engine(config.extraction_settings, config.storage, dataset.md5, lambda: test_images[:64])
+    choice = choose_engine(
+        config.extraction_settings,
+        config.storage,
+        dataset.md5,
+        lambda count: dataset.calibration_rows(config.storage, count, config.resolved_input_size),
+    )
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
     started = time.perf_counter()
     extract_shards(config.storage, config.extraction_settings, spec, dataset.model_copy(update={"sizes": {"train": images}}))

@@ -74,10 +74,10 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
     test_images, _ = shard_images(config.storage, dataset, Shard(split="test", number=0, start=0, stop=ceiling_images))
     settings = config.extraction_settings
 
-    def first_train_images(count: int):  # what a run calibrates and checks a reduced precision on
-        return shard_images(config.storage, dataset, Shard(split="train", number=0, start=0, stop=count))[0]
+    def first_train_rows(count: int):  # what a run calibrates and checks a reduced precision on
+        return dataset.calibration_rows(config.storage, count, settings.resolved_input_size)
 
-    choice = choose_engine(settings, config.storage, dataset.md5, first_train_images)
+    choice = choose_engine(settings, config.storage, dataset.md5, first_train_rows)
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
     size, batch = spec.input_size, settings.resolved_batch_size
     import tensorflow as tf
@@ -87,7 +87,7 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
 
     resized = resized_to_input(test_images)
     # int8: the ceiling's model is quantized as the run's was (same recipe, the same training images, resized first)
-    calibration = (lambda: resized_to_input(first_train_images(INT8_CALIBRATION_IMAGES))) if spec.precision == "int8" else None
+    calibration = (lambda: resized_to_input(first_train_rows(INT8_CALIBRATION_IMAGES)[0])) if spec.precision == "int8" else None
     bare = build_engine_extractor(spec, (size, size, 3), calibration=calibration)
     bare(resized[:batch], batch)  # compilation and first allocations
     get_extractor(spec, test_images.shape[1:], config.storage)(test_images[:batch], batch)

@@ -62,10 +62,11 @@ class CollectionDataset(BaseModel):
         labels = np.array([item.label for item in decoded.items], np.int64)
         return decoded.images, ShardRows(labels=labels, ids=ids, items=decoded.items, skipped=decoded.skipped)
 
-    def calibration_images(self, storage_url: str, count: int, input_size: int) -> np.ndarray:
+    def calibration_rows(self, storage_url: str, count: int, input_size: int) -> tuple[np.ndarray, np.ndarray]:
         items = listing_of(self).splits["train"][:count]
         first = Shard(split="train", number=0, start=0, stop=len(items), items=items)
-        return collection_images(self, first, input_size).images
+        images, rows = self.shard_rows(storage_url, first, input_size)
+        return images, rows.labels
 
 
 def _open_folder(settings: CollectionSettings) -> CollectionSource:

@@ -55,9 +55,9 @@ class DatasetInfo(BaseModel):
         images, labels = shard_images(storage_url, self, shard)
         return images, ShardRows(labels=labels, ids=np.arange(shard.start, shard.stop, dtype=np.int64))
 
-    def calibration_images(self, storage_url: str, count: int, input_size: int) -> np.ndarray:
+    def calibration_rows(self, storage_url: str, count: int, input_size: int) -> tuple[np.ndarray, np.ndarray]:
         first = Shard(split="train", number=0, start=0, stop=min(count, self.sizes["train"]))
-        return shard_images(storage_url, self, first)[0]
+        return shard_images(storage_url, self, first)
 
 
 def read_marker(storage: Storage, path: str) -> DatasetInfo:

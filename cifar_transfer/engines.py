@@ -3,8 +3,12 @@
 `auto` picks the fastest combination this hardware runs well: TensorFlow with
 mixed precision on a GPU; on a CPU, OpenVINO in int8 when the CPU has VNNI or
 AMX-INT8, else in bfloat16 when it has native bf16 (AVX512-BF16 / AMX), each
-only when its features stay within a cosine of `MIN_COSINE` of float32 on real
-images of this dataset (measured once, remembered in storage), else float32.
+only where it is safe on `PROBE_IMAGES` real training images of this dataset
+(measured once, remembered in storage), else float32. Safe means both:
+- its features stay within a cosine of `MIN_COSINE` of float32's;
+- a ridge head's cross-validated accuracy on its features (`ridge.probe_accuracy`) is at most `MAX_ACCURACY_DROP`
+  below the same head's on float32's. Cosine alone misses a small change that moves the classes: a feature the
+  classes differ by, lost to rounding, costs accuracy and hardly any cosine.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cifar_transfer.errors import ConfigError, OpConversionFailure, StorageNotWr
 from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, float32_reference, forget_extractor, get_extractor
 from cifar_transfer.feature_records import library_versions
 from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, gpus, machine_description, openvino_available
+from cifar_transfer.ridge import probe_accuracy
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
 
@@ -31,8 +36,11 @@ log = logging.getLogger(__name__)
 BF16_MIN_COSINE = 0.9999
 INT8_MIN_COSINE = 0.99
 MIN_COSINE = {"bfloat16": BF16_MIN_COSINE, "float16": BF16_MIN_COSINE, "int8": INT8_MIN_COSINE}
+MAX_ACCURACY_DROP = 0.01  # of the probe's ridge accuracy, below float32's (5 of 512 images)
+PROBE_IMAGES = 512  # training images a reduced precision is checked on, after int8's calibration images
+CHECKS = "cosine+head"  # what a remembered verdict was judged by: one judged by less is measured again
 
-CALIBRATION_IMAGES = 64
+ReadCalibrationRows = Callable[[int], tuple[np.ndarray, np.ndarray]]  # the first `count` train images and labels
 
 
 class EngineChoice(BaseModel):
@@ -76,29 +84,33 @@ def candidate_choices(settings: ExtractionSettings) -> list[EngineChoice]:
 
 def _choice_path(storage: Storage, spec: FeatureSpec, candidates: list[EngineChoice]) -> str:
     machine = {key: value for key, value in machine_description().items() if key != "cores"}
-    described = {"spec": spec.model_dump(exclude={"engine", "precision"}), "engine": spec.engine, "machine": machine}
-    if any(choice.precision == "int8" for choice in candidates):  # verdicts from before int8 was a candidate stay valid
-        described["candidates"] = [choice.precision for choice in candidates]
+    described = {
+        "spec": spec.model_dump(exclude={"engine", "precision"}),
+        "engine": spec.engine,
+        "machine": machine,
+        "candidates": [choice.precision for choice in candidates],
+        "checks": CHECKS,
+    }
     return layout.engine_choice(storage, stable_hash(described, 16))
 
 
 def choose_engine(
-    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_images: Callable[[int], np.ndarray]
+    settings: ExtractionSettings, storage_url: str, dataset_id: str, read_calibration_rows: ReadCalibrationRows
 ) -> EngineChoice:
     """The engine and precision of this run, logged; a reduced precision must earn its place.
 
-    When `auto` proposes int8, bfloat16 or float16, the features of `CALIBRATION_IMAGES` training images
-    (`read_calibration_images(count)`, the first `count` of the train split) in that precision are compared with
-    float32's; one below its `MIN_COSINE` gives way to the next candidate. The verdict is stored, so reruns don't
+    When `auto` proposes int8, bfloat16 or float16, it is checked on the `PROBE_IMAGES` training images after int8's
+    calibration images (`read_calibration_rows(count)`: the first `count` of the train split, and their labels) by
+    `precision_failure`; one that fails gives way to the next candidate. The verdict is stored, so reruns don't
     rebuild. An int8 backbone is quantized here, once for the whole run (`_int8_extractor`).
     """
     candidates = candidate_choices(settings)
     if candidates[0].engine == "openvino" and settings.engine == "auto" and get_backbone(settings.backbone).check_conversion:
-        candidates = _converted_or_tensorflow(settings, storage_url, dataset_id, read_calibration_images, candidates)
+        candidates = _converted_or_tensorflow(settings, storage_url, dataset_id, read_calibration_rows, candidates)
     if settings.precision != "auto" or len(candidates) == 1:
         choice = candidates[0]
         if choice.precision == "int8":
-            _int8_extractor(settings.feature_spec(dataset_id, choice.engine, choice.precision), storage_url, read_calibration_images)
+            _int8_extractor(settings.feature_spec(dataset_id, choice.engine, choice.precision), storage_url, read_calibration_rows)
         log.info("engine: %s %s (%s)", choice.engine, choice.precision, choice.reason)
         return choice
     storage = Storage(storage_url)
@@ -106,27 +118,30 @@ def choose_engine(
     if storage.exists(path):
         remembered = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
         if remembered.precision == "int8":
-            _int8_extractor(settings.feature_spec(dataset_id, remembered.engine, "int8"), storage_url, read_calibration_images)
+            _int8_extractor(settings.feature_spec(dataset_id, remembered.engine, "int8"), storage_url, read_calibration_rows)
         log.info("engine: %s %s (%s; measured earlier, %s)", remembered.engine, remembered.precision, remembered.reason, storage.uri(path))
         return remembered
+    images, labels = read_calibration_rows(INT8_CALIBRATION_IMAGES + PROBE_IMAGES)
+    apart = len(images) >= INT8_CALIBRATION_IMAGES + PROBE_IMAGES // 4  # else the probe is every image read
+    probe = slice(INT8_CALIBRATION_IMAGES if apart else 0, None)
+    probe_images, probe_labels = images[probe], labels[probe]
+    batch = settings.resolved_batch_size  # the run's own batches: a whole probe at 224 px would be the job's peak
+    exact: np.ndarray | None = None  # float32's features of the probe, computed once for every candidate
     failures: list[str] = []
     for candidate in candidates[:-1]:
         reduced_spec = settings.feature_spec(dataset_id, candidate.engine, candidate.precision)
         if candidate.precision == "int8":
-            reduced, check_images = _int8_extractor(reduced_spec, storage_url, read_calibration_images)
+            reduced = _int8_extractor(reduced_spec, storage_url, lambda count: (images[:count], labels[:count]))
         else:
-            check_images = read_calibration_images(CALIBRATION_IMAGES)
-            reduced = get_extractor(reduced_spec, check_images.shape[1:])
-        exact = float32_reference(reduced_spec, reduced, check_images.shape[1:])
-        batch = settings.resolved_batch_size  # the run's own batches: a whole 64-image batch at 224 px would be the job's peak
-        cosine = mean_cosine(reduced(check_images, batch), exact(check_images, batch))
-        if cosine >= MIN_COSINE[candidate.precision]:
-            measured = f"{candidate.reason}; cosine to float32 {cosine:.6f} on {len(check_images)} images"
-            choice = candidate.model_copy(update={"reason": "; ".join([*failures, measured])})
+            reduced = get_extractor(reduced_spec, images.shape[1:])
+        if exact is None:
+            exact = float32_reference(reduced_spec, reduced, images.shape[1:])(probe_images, batch)
+        failure, measured = precision_failure(candidate.precision, reduced(probe_images, batch), exact, probe_labels)
+        if failure is None:
+            choice = candidate.model_copy(update={"reason": "; ".join([*failures, f"{candidate.reason}; {measured}"])})
             break
-        forget_extractor(reduced_spec, check_images.shape[1:], storage_url)
-        minimum = MIN_COSINE[candidate.precision]
-        failures.append(f"{candidate.precision} features were at cosine {cosine:.6f} < {minimum} to float32")
+        forget_extractor(reduced_spec, images.shape[1:], storage_url)
+        failures.append(failure)
     else:
         choice = candidates[-1].model_copy(update={"reason": "; ".join(failures) + " on this backbone"})
     storage.write_atomic(path, records.ENGINE_CHOICE.dump(choice))
@@ -134,20 +149,36 @@ def choose_engine(
     return choice
 
 
-def _int8_extractor(spec: FeatureSpec, storage_url: str, read_calibration_images: Callable[[int], np.ndarray]):
-    """The run's int8 extractor and the images to check it on: quantized on the first `INT8_CALIBRATION_IMAGES`
-    training images and kept in storage (a rerun reads it back), checked on the `CALIBRATION_IMAGES` after them."""
-    images = read_calibration_images(INT8_CALIBRATION_IMAGES + CALIBRATION_IMAGES)
-    calibration = images[:INT8_CALIBRATION_IMAGES]
-    check_images = images[INT8_CALIBRATION_IMAGES:] if len(images) > INT8_CALIBRATION_IMAGES else images[-CALIBRATION_IMAGES:]
-    return get_extractor(spec, images.shape[1:], storage_url, calibration=lambda: calibration), check_images
+def precision_failure(precision: str, features: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> tuple[str | None, str]:
+    """(Why features computed in a reduced `precision` are not safe to use, or None; what was measured), against the
+    float32 features `exact` of the same labelled images."""
+    cosine = mean_cosine(features, exact)
+    accuracy, reference = probe_accuracy(pooled(features), labels), probe_accuracy(pooled(exact), labels)
+    measured = f"cosine to float32 {cosine:.6f}, probe accuracy {accuracy:.2%} (float32 {reference:.2%}) on {len(labels)} images"
+    if cosine < MIN_COSINE[precision]:
+        return f"{precision} features were at cosine {cosine:.6f} < {MIN_COSINE[precision]} to float32", measured
+    if accuracy < reference - MAX_ACCURACY_DROP:
+        return f"{precision} features' probe accuracy was {accuracy:.2%} < float32's {reference:.2%} - {MAX_ACCURACY_DROP:.0%}", measured
+    return None, measured
+
+
+def pooled(features: np.ndarray) -> np.ndarray:
+    """Spatial maps averaged to one vector a row (as the heads pool them), vectors as they are."""
+    return features.reshape(len(features), -1, features.shape[-1]).mean(axis=1) if features.ndim > 2 else features
+
+
+def _int8_extractor(spec: FeatureSpec, storage_url: str, read_calibration_rows: ReadCalibrationRows):
+    """The run's int8 extractor, quantized on the first `INT8_CALIBRATION_IMAGES` training images and kept in storage
+    (a rerun reads it back)."""
+    calibration, _ = read_calibration_rows(INT8_CALIBRATION_IMAGES)
+    return get_extractor(spec, calibration.shape[1:], storage_url, calibration=lambda: calibration)
 
 
 def _converted_or_tensorflow(
     settings: ExtractionSettings,
     storage_url: str,
     dataset_id: str,
-    read_calibration_images: Callable[[int], np.ndarray],
+    read_calibration_rows: ReadCalibrationRows,
     candidates: list[EngineChoice],
 ) -> list[EngineChoice]:
     """`candidates` if OpenVINO converts this backbone, else the same precisions on TensorFlow (int8, OpenVINO's
@@ -164,7 +195,7 @@ def _converted_or_tensorflow(
     if storage.exists(path):
         verdict = records.ENGINE_CHOICE.load(EngineChoice, storage.read_bytes(path), storage.uri(path))
     else:
-        images = read_calibration_images(CALIBRATION_IMAGES)
+        images, _ = read_calibration_rows(1)
         try:
             get_extractor(spec, images.shape[1:], storage_url)
             verdict = EngineChoice(engine="openvino", precision="float32", reason="OpenVINO converts this backbone")
@@ -195,10 +226,10 @@ def mean_cosine(features: np.ndarray, reference: np.ndarray) -> float:
 
 def choose_engine_for_dataset(settings: ExtractionSettings, storage_url: str, dataset: SourceDataset) -> EngineChoice:
     """`choose_engine`, calibrated on the first train images of the source (only read when a reduced precision must
-    be checked or quantized)."""
+    be checked or quantized, or a conversion tried)."""
     return choose_engine(
         settings,
         storage_url,
         dataset.id,
-        lambda count: dataset.calibration_images(storage_url, count, settings.resolved_input_size),
+        lambda count: dataset.calibration_rows(storage_url, count, settings.resolved_input_size),
     )

@@ -25,6 +25,7 @@ from cifar_transfer.streams import Moments
 
 RIDGE_STRENGTHS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)  # weak to strong regularization
 TEMPERATURES = tuple(np.geomspace(1.0, 100.0, 21))  # softmax inverse temperatures tried on validation
+PROBE_FOLDS = 4  # of `probe_accuracy`
 RELATIVE_DEVIATION_FLOOR = 1e-6  # of the largest: constant features stay out of the solution instead of dividing by zero
 
 
@@ -97,6 +98,24 @@ def _solve_from_rows(rows: tuple[np.ndarray, np.ndarray], deviation: np.ndarray,
     projected = eigenvectors.T @ np.eye(classes)[labels]  # U^T Y
     blocks = [eigenvectors @ (projected / (eigenvalues + len(labels) * strength)[:, None]) for strength in strengths]
     return (standardized.T @ np.concatenate(blocks, axis=1)) / deviation[:, None]
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = PROBE_FOLDS) -> float:
+    """How well a ridge head separates a few hundred labelled rows: its accuracy over `folds` interleaved folds, each
+    predicted by a head fitted on the others, at the best of `RIDGE_STRENGTHS`. The engine's precision check compares
+    it between float32's features and a reduced precision's of the same images."""
+    folds = min(folds, len(labels))
+    if folds < 2:
+        return float("nan")
+    classes = int(labels.max()) + 1
+    correct = np.zeros(len(RIDGE_STRENGTHS))
+    for fold in range(folds):
+        held = np.arange(len(labels)) % folds == fold
+        moments = Moments(classes)
+        moments.add(features[~held].astype(np.float32), labels[~held])
+        scores = solve(moments, RIDGE_STRENGTHS)(features[held].astype(np.float32))  # (rows, strengths, classes)
+        correct += (scores.argmax(axis=-1) == labels[held, None]).sum(axis=0)
+    return float(correct.max() / len(labels))
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

@@ -15,7 +15,16 @@ from test_flow import tiny_config
 
 from cifar_transfer import extractors
 from cifar_transfer.config import load_config
-from cifar_transfer.engines import BF16_MIN_COSINE, CALIBRATION_IMAGES, candidate_choice, candidate_choices, choose_engine, mean_cosine
+from cifar_transfer.engines import (
+    BF16_MIN_COSINE,
+    INT8_MIN_COSINE,
+    MAX_ACCURACY_DROP,
+    candidate_choice,
+    candidate_choices,
+    choose_engine,
+    mean_cosine,
+    precision_failure,
+)
 from cifar_transfer.errors import ConfigError, FeatureSetError
 from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, get_extractor
 from cifar_transfer.flows.pipeline import extract_features
@@ -130,7 +139,8 @@ def test_auto_on_this_cpu_proposes_openvino_in_the_fastest_precision_the_cpu_run
 @pytest.mark.slow
 def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
     config = load_config(**TINY, storage=str(tmp_path))
-    first = choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda count: images[:count])
+    one_class = np.zeros(len(images), np.int64)  # every head is right on it: the verdict here is the cosine's
+    first = choose_engine(config.extraction_settings, config.storage, "a" * 32, lambda count: (images[:count], one_class[:count]))
     stored = list(tmp_path.glob("engine-choices/*.json"))
     if cpu_has_int8_acceleration():  # seeded weights' activations vanish below int8's step: int8 is turned down
         assert "int8 features were at cosine" in first.reason, first.reason
@@ -144,14 +154,33 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
         measured = mean_cosine(reduced, exact)
         assert first.precision == ("bfloat16" if measured >= BF16_MIN_COSINE else "float32")
         assert f"{measured:.6f}" in first.reason
+        assert first.precision == "float32" or "probe accuracy 100.00% (float32 100.00%) on 40 images" in first.reason, first.reason
     assert len(stored) == 1 and json.loads(stored[0].read_text())["precision"] == first.precision
     extractors.release_extractors()
 
-    def never(count: int) -> np.ndarray:
+    def never(count: int) -> tuple[np.ndarray, np.ndarray]:
         pytest.fail("a remembered choice read images")
 
     assert choose_engine(config.extraction_settings, config.storage, "a" * 32, never) == first
     assert extractors.built_extractors() == [], "a remembered choice must not rebuild the backbone"
+
+
+def test_a_reduced_precision_that_keeps_the_cosine_but_loses_the_classes_is_turned_down():
+    """Cosine alone is blind to a small part of the features that carries the classes; the probe's head is not."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(512) % 10
+    shared = 40 * rng.normal(size=(1, 256))  # what every image's features have in common: most of their length
+    classes = rng.normal(size=(10, 256))
+    exact = shared + classes[labels] + 0.3 * rng.normal(size=(512, 256))
+    rounded_away = shared + 0.3 * rng.normal(size=(512, 256))  # the class part lost, as a coarse rounding could lose it
+    kept = exact + 0.01 * rng.normal(size=exact.shape)
+
+    failure, measured = precision_failure("int8", rounded_away, exact, labels)
+    assert mean_cosine(rounded_away, exact) > INT8_MIN_COSINE, "the cosine check alone would pass it"
+    assert failure is not None and failure.startswith("int8 features' probe accuracy was "), failure
+    assert f"< float32's 100.00% - {MAX_ACCURACY_DROP:.0%}" in failure and "on 512 images" in measured
+    passed, measured = precision_failure("int8", kept, exact, labels)
+    assert passed is None and "probe accuracy 100.00% (float32 100.00%) on 512 images" in measured, measured
 
 
 def test_int8_runs_on_openvino_only():
@@ -170,13 +199,13 @@ def test_int8_is_quantized_once_on_training_images_and_later_processes_read_it_b
     config = load_config(**pretrained, storage=str(storage), engine="openvino", precision="int8")
     asked = []
 
-    def read_calibration_images(count: int) -> np.ndarray:
+    def read_calibration_rows(count: int) -> tuple[np.ndarray, np.ndarray]:
         asked.append(count)
-        return training[:count]
+        return training[:count], np.zeros(count, np.int64)
 
     with caplog.at_level(logging.INFO, logger="cifar_transfer.extractors"):
-        choice = choose_engine(config.extraction_settings, config.storage, "a" * 32, read_calibration_images)
-    assert (choice.engine, choice.precision, asked) == ("openvino", "int8", [INT8_CALIBRATION_IMAGES + CALIBRATION_IMAGES])
+        choice = choose_engine(config.extraction_settings, config.storage, "a" * 32, read_calibration_rows)
+    assert (choice.engine, choice.precision, asked) == ("openvino", "int8", [INT8_CALIBRATION_IMAGES])
     assert f"quantized the backbone to int8 on {INT8_CALIBRATION_IMAGES} training images" in caplog.text
     [kept] = (storage / "features").glob("*/extractor/*.openvino.zip")
     spec = config.feature_spec("a" * 32)

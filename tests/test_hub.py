@@ -132,7 +132,7 @@ def test_openvino_runs_what_it_converts_and_tensorflow_the_rest_said_and_remembe
     storage = str(tmp_path / "storage")
     common = {"source": "/data/c.tar.gz", "md5": "none", "storage": storage, "precision": "float32"}
     clip = load_config(backbone=f"hub:{presets['clip']}", **common).extraction_settings
-    choice = choose_engine(clip, storage, "a" * 32, lambda count: IMAGES)
+    choice = choose_engine(clip, storage, "a" * 32, lambda count: (IMAGES, np.zeros(len(IMAGES), np.int64)))
     assert choice.engine == "tensorflow" and "OpenVINO cannot convert" in choice.reason and "ResizeBicubic" in choice.reason
     assert "ResizeBicubic" in caplog.text and "TensorFlow runs it" in caplog.text
     extractors.release_extractors()
@@ -140,7 +140,7 @@ def test_openvino_runs_what_it_converts_and_tensorflow_the_rest_said_and_remembe
     assert extractors.built_extractors() == []
 
     vit = load_config(backbone=f"hub:{presets['vit']}", **common).extraction_settings
-    assert choose_engine(vit, storage, "a" * 32, lambda count: IMAGES).engine == "openvino"
+    assert choose_engine(vit, storage, "a" * 32, lambda count: (IMAGES, np.zeros(len(IMAGES), np.int64))).engine == "openvino"
     on_openvino = extractors.get_extractor(vit.feature_spec("a" * 32, "openvino", "float32"), IMAGES.shape[1:])(IMAGES, 4)
     on_tensorflow = extractors.get_extractor(vit.feature_spec("a" * 32, "tensorflow", "float32"), IMAGES.shape[1:])(IMAGES, 4)
     assert mean_cosine(on_openvino, on_tensorflow) >= BF16_MIN_COSINE

@@ -42,6 +42,6 @@ class SourceDataset(Protocol):
         """The shard's images (uint8) and what its rows are."""
         ...
 
-    def calibration_images(self, storage_url: str, count: int, input_size: int) -> np.ndarray:
-        """The first `count` train images, as extraction would feed them to the backbone."""
+    def calibration_rows(self, storage_url: str, count: int, input_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `count` train images, as extraction would feed them to the backbone, and their labels."""
         ...
