@@ -29,6 +29,7 @@ from cifar_transfer.config import FeatureSpec, stable_hash
 from cifar_transfer.errors import FeatureSetError, OpConversionFailure, StorageNotWritable
 from cifar_transfer.feature_records import library_versions
 from cifar_transfer.native import compiled_forward
+from cifar_transfer.resize_graph import PRODUCT_PRECISIONS, RESIZE_NODES, resize_as_matmuls
 from cifar_transfer.shard_files import features_folder
 from cifar_transfer.storage import Storage
 
@@ -140,7 +141,8 @@ Calibration = Callable[[], np.ndarray]  # the training images an int8 backbone i
 
 def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage: Storage | None, calibration: Calibration | None = None):
     """The backbone of `spec` converted to OpenVINO: read from `storage` when a run before converted it (no
-    TensorFlow then: a rerun's start drops from seconds to a tenth of one), else converted from Keras and kept there.
+    TensorFlow then: a rerun's start drops from seconds to a tenth of one), else converted from Keras (in float32 and
+    int8 its bilinear resize as matrix products: `resize_graph`) and kept there.
     An int8 backbone is also quantized (`quantized_model`) on `calibration()` before it is kept, so every shard and
     every worker runs the same quantized model, and a resumed run computes the same features bit for bit.
 
@@ -169,6 +171,8 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
         model = ov.convert_model(source)
     except ov.frontend.OpConversionFailure as exc:
         raise OpConversionFailure(str(exc)) from exc
+    if spec.precision in PRODUCT_PRECISIONS:
+        model = resize_as_matmuls(model)
     if calibration is not None and spec.precision == "int8":
         model = quantized_model(model, calibration())
     if storage is not None and path is not None:
@@ -199,6 +203,7 @@ def quantized_model(model, images: np.ndarray):
         preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(images),
         advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
+        ignored_scope=nncf.IgnoredScope(patterns=[f"^{RESIZE_NODES}"], validate=False),  # the resize stays in float
     )
     log.info("quantized the backbone to int8 on %d training images in %.1f s", len(images), time.perf_counter() - started)
     return quantized
