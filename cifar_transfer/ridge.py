@@ -101,19 +101,25 @@ def _solve_from_rows(rows: tuple[np.ndarray, np.ndarray], deviation: np.ndarray,
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = PROBE_FOLDS) -> float:
-    """How well a ridge head separates a few hundred labelled rows: its accuracy over `folds` interleaved folds, each
+    """How well a ridge head separates a few hundred labelled rows: its accuracy over `folds` seeded random folds, each
     predicted by a head fitted on the others, at the best of `RIDGE_STRENGTHS`. The engine's precision check compares
-    it between float32's features and a reduced precision's of the same images."""
+    it between float32's features and a reduced precision's of the same images. Solved from the rows (n²d work, no
+    width² Gram matrix: at 512 rows of 4,096 features 0.1 s, not the 4 s of streamed `Moments`)."""
     folds = min(folds, len(labels))
     if folds < 2:
         return float("nan")
     classes = int(labels.max()) + 1
     correct = np.zeros(len(RIDGE_STRENGTHS))
+    fold_of = np.random.default_rng(0).permutation(len(labels)) % folds  # seeded: the same folds for every precision
     for fold in range(folds):
-        held = np.arange(len(labels)) % folds == fold
-        moments = Moments(classes)
-        moments.add(features[~held].astype(np.float32), labels[~held])
-        scores = solve(moments, RIDGE_STRENGTHS)(features[held].astype(np.float32))  # (rows, strengths, classes)
+        held = fold_of == fold
+        fit, fit_labels = features[~held].astype(np.float64), labels[~held]
+        mean = fit.mean(axis=0)
+        weights = _solve_from_rows(
+            ((fit - mean).astype(np.float32), fit_labels), standard_deviation(fit.var(axis=0)), classes, RIDGE_STRENGTHS
+        )
+        frequencies = np.bincount(fit_labels, minlength=classes) / len(fit_labels)
+        scores = ((features[held] - mean) @ weights + np.tile(frequencies, len(RIDGE_STRENGTHS))).reshape(int(held.sum()), -1, classes)
         correct += (scores.argmax(axis=-1) == labels[held, None]).sum(axis=0)
     return float(correct.max() / len(labels))
 

@@ -149,7 +149,7 @@ def test_auto_precision_is_measured_once_and_remembered(images, tmp_path):
         assert (first.precision, stored) == ("float32", [])
         return
     if cpu_has_native_bf16():
-        exact = features(config.model_copy(update={"engine": "tensorflow", "precision": "float32"}), images)  # the choice's reference
+        exact = features(config.model_copy(update={"engine": "openvino", "precision": "float32"}), images)  # the choice's reference
         reduced = features(config.model_copy(update={"engine": first.engine, "precision": "bfloat16"}), images)
         measured = mean_cosine(reduced, exact)
         assert first.precision == ("bfloat16" if measured >= BF16_MIN_COSINE else "float32")
