@@ -6,9 +6,10 @@ AMX-INT8, else in bfloat16 when it has native bf16 (AVX512-BF16 / AMX), each
 only where it is safe on `PROBE_IMAGES` real training images of this dataset
 (measured once, remembered in storage), else float32. Safe means both:
 - its features stay within a cosine of `MIN_COSINE` of float32's;
-- a ridge head's cross-validated accuracy on its features (`ridge.probe_accuracy`) is at most `MAX_ACCURACY_DROP`
-  below the same head's on float32's. Cosine alone misses a small change that moves the classes: a feature the
-  classes differ by, lost to rounding, costs accuracy and hardly any cosine.
+- a ridge head's cross-validated accuracy on its features (`ridge.probe_answers`) is not below the same head's on
+  float32's by more than `MAX_ACCURACY_DROP` and the comparison's noise (`precision_failure`).
+Cosine alone misses a small change that moves the classes: a feature the classes differ by, lost to rounding, costs
+accuracy and hardly any cosine.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cifar_transfer.errors import ConfigError, OpConversionFailure, StorageNotWr
 from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, float32_reference, forget_extractor, get_extractor
 from cifar_transfer.feature_records import library_versions
 from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, gpus, machine_description, openvino_available
-from cifar_transfer.ridge import probe_accuracy
+from cifar_transfer.ridge import probe_answers
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
 
@@ -151,14 +152,24 @@ def choose_engine(
 
 def precision_failure(precision: str, features: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> tuple[str | None, str]:
     """(Why features computed in a reduced `precision` are not safe to use, or None; what was measured), against the
-    float32 features `exact` of the same labelled images."""
+    float32 features `exact` of the same labelled images.
+
+    The head's accuracy is compared pairwise, image by image: a drop counts when it is over `MAX_ACCURACY_DROP` and
+    over twice its standard error (McNemar's: the images one precision's head gets right and the other's wrong).
+    On weak features many answers are near ties that any rounding flips both ways: seeded InceptionV3's features
+    (36% accurate) moved by 2 points between two fold draws while int8's test accuracy equalled float32's."""
     cosine = mean_cosine(features, exact)
-    accuracy, reference = probe_accuracy(pooled(features), labels), probe_accuracy(pooled(exact), labels)
-    measured = f"cosine to float32 {cosine:.6f}, probe accuracy {accuracy:.2%} (float32 {reference:.2%}) on {len(labels)} images"
+    right, reference = probe_answers(pooled(features), labels), probe_answers(pooled(exact), labels)
+    drop, noise = reference.mean() - right.mean(), 2 * np.sqrt(np.sum(right != reference)) / len(labels)
+    measured = (
+        f"cosine to float32 {cosine:.6f}, probe accuracy {right.mean():.2%} (float32 {reference.mean():.2%}, "
+        f"noise {noise:.2%}) on {len(labels)} images"
+    )
     if cosine < MIN_COSINE[precision]:
         return f"{precision} features were at cosine {cosine:.6f} < {MIN_COSINE[precision]} to float32", measured
-    if accuracy < reference - MAX_ACCURACY_DROP:
-        return f"{precision} features' probe accuracy was {accuracy:.2%} < float32's {reference:.2%} - {MAX_ACCURACY_DROP:.0%}", measured
+    if drop > max(MAX_ACCURACY_DROP, noise):
+        failure = f"{precision} features' probe accuracy was {right.mean():.2%} against float32's {reference.mean():.2%}"
+        return f"{failure}: over {MAX_ACCURACY_DROP:.0%} and twice the noise ({noise:.2%}) below", measured
     return None, measured
 
 
