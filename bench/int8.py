@@ -60,7 +60,7 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from cifar_transfer.config import load_config
-    from cifar_transfer.engines import PROBE_IMAGES, mean_cosine, precision_failure
+    from cifar_transfer.engines import PROBE_IMAGES, ProbeReference, mean_cosine, precision_failure
     from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, build_engine_extractor
     from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, machine_description
 
@@ -70,7 +70,8 @@ def main() -> None:
     weights = str(WEIGHTS) if args.backbone == "MobileNetV2" else "none"
     rows: dict[str, dict] = {}
     reference: dict[str, np.ndarray] = {}
-    reference_train = np.empty(0)
+    probe = slice(INT8_CALIBRATION_IMAGES, INT8_CALIBRATION_IMAGES + PROBE_IMAGES)  # a run's probe: after the calibration
+    probe_reference: ProbeReference | None = None
     for precision in precisions:
         spec = load_config(
             source="x",
@@ -98,11 +99,11 @@ def main() -> None:
             "cosine_to_float32": round(mean_cosine(flat["test"], reference["test"]), 5),
             "test_accuracy": round(float(head.score(flat["test"], test_labels)), 4),
         }
-        if precision != "float32":  # what `auto` judges it by: the probe after the calibration images
-            probe = slice(INT8_CALIBRATION_IMAGES, INT8_CALIBRATION_IMAGES + PROBE_IMAGES)
-            failure, measured = precision_failure(precision, features["train"][probe], reference_train[probe], train_labels[probe])
+        if probe_reference is None:  # float32, measured first
+            probe_reference = ProbeReference.of(features["train"][probe], train_labels[probe])
+        else:  # what `auto` judges a reduced precision by
+            failure, measured = precision_failure(precision, features["train"][probe], probe_reference)
             rows[precision]["auto_check"] = {"passes": failure is None, "measured": measured, "failure": failure}
-        reference_train = features["train"] if precision == "float32" else reference_train
         print(precision, rows[precision], flush=True)
     record(
         "int8",

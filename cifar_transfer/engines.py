@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel
@@ -28,6 +29,7 @@ from cifar_transfer.errors import ConfigError, OpConversionFailure, StorageNotWr
 from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, float32_reference, forget_extractor, get_extractor
 from cifar_transfer.feature_records import library_versions
 from cifar_transfer.hardware import cpu_has_int8_acceleration, cpu_has_native_bf16, gpus, machine_description, openvino_available
+from cifar_transfer.heads.base import spatial_mean
 from cifar_transfer.ridge import probe_answers
 from cifar_transfer.sources.prepared import SourceDataset
 from cifar_transfer.storage import Storage
@@ -127,7 +129,7 @@ def choose_engine(
     probe = slice(INT8_CALIBRATION_IMAGES if apart else 0, None)
     probe_images, probe_labels = images[probe], labels[probe]
     batch = settings.resolved_batch_size  # the run's own batches: a whole probe at 224 px would be the job's peak
-    exact: np.ndarray | None = None  # float32's features of the probe, computed once for every candidate
+    reference: ProbeReference | None = None
     failures: list[str] = []
     for candidate in candidates[:-1]:
         reduced_spec = settings.feature_spec(dataset_id, candidate.engine, candidate.precision)
@@ -135,9 +137,9 @@ def choose_engine(
             reduced = _int8_extractor(reduced_spec, storage_url, lambda count: (images[:count], labels[:count]))
         else:
             reduced = get_extractor(reduced_spec, images.shape[1:])
-        if exact is None:
-            exact = float32_reference(reduced_spec, reduced, images.shape[1:])(probe_images, batch)
-        failure, measured = precision_failure(candidate.precision, reduced(probe_images, batch), exact, probe_labels)
+        if reference is None:
+            reference = ProbeReference.of(float32_reference(reduced_spec, reduced, images.shape[1:])(probe_images, batch), probe_labels)
+        failure, measured = precision_failure(candidate.precision, reduced(probe_images, batch), reference)
         if failure is None:
             choice = candidate.model_copy(update={"reason": "; ".join([*failures, f"{candidate.reason}; {measured}"])})
             break
@@ -150,32 +152,41 @@ def choose_engine(
     return choice
 
 
-def precision_failure(precision: str, features: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> tuple[str | None, str]:
-    """(Why features computed in a reduced `precision` are not safe to use, or None; what was measured), against the
-    float32 features `exact` of the same labelled images.
+class ProbeReference(NamedTuple):
+    """Float32's side of the precision check, computed once for every candidate: its features of the probe images,
+    their labels, and which of them the probe's head gets right."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    answers: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray, labels: np.ndarray) -> ProbeReference:
+        return cls(features, labels, probe_answers(spatial_mean(features, list(features.shape[1:])), labels))
+
+
+def precision_failure(precision: str, features: np.ndarray, reference: ProbeReference) -> tuple[str | None, str]:
+    """(Why features computed in a reduced `precision` are not safe to use, or None; what was measured), against
+    float32's features of the same labelled images.
 
     The head's accuracy is compared pairwise, image by image: a drop counts when it is over `MAX_ACCURACY_DROP` and
     over twice its standard error (McNemar's: the images one precision's head gets right and the other's wrong).
     On weak features many answers are near ties that any rounding flips both ways: seeded InceptionV3's features
     (36% accurate) moved by 2 points between two fold draws while int8's test accuracy equalled float32's."""
-    cosine = mean_cosine(features, exact)
-    right, reference = probe_answers(pooled(features), labels), probe_answers(pooled(exact), labels)
-    drop, noise = reference.mean() - right.mean(), 2 * np.sqrt(np.sum(right != reference)) / len(labels)
+    cosine = mean_cosine(features, reference.features)
+    right = probe_answers(spatial_mean(features, list(features.shape[1:])), reference.labels)
+    accuracy, float32_accuracy = right.mean(), reference.answers.mean()
+    noise = 2 * np.sqrt(np.sum(right != reference.answers)) / len(right)
     measured = (
-        f"cosine to float32 {cosine:.6f}, probe accuracy {right.mean():.2%} (float32 {reference.mean():.2%}, "
-        f"noise {noise:.2%}) on {len(labels)} images"
+        f"cosine to float32 {cosine:.6f}, probe accuracy {accuracy:.2%} (float32 {float32_accuracy:.2%}, "
+        f"noise {noise:.2%}) on {len(right)} images"
     )
     if cosine < MIN_COSINE[precision]:
         return f"{precision} features were at cosine {cosine:.6f} < {MIN_COSINE[precision]} to float32", measured
-    if drop > max(MAX_ACCURACY_DROP, noise):
-        failure = f"{precision} features' probe accuracy was {right.mean():.2%} against float32's {reference.mean():.2%}"
+    if float32_accuracy - accuracy > max(MAX_ACCURACY_DROP, noise):
+        failure = f"{precision} features' probe accuracy was {accuracy:.2%} against float32's {float32_accuracy:.2%}"
         return f"{failure}: over {MAX_ACCURACY_DROP:.0%} and twice the noise ({noise:.2%}) below", measured
     return None, measured
-
-
-def pooled(features: np.ndarray) -> np.ndarray:
-    """Spatial maps averaged to one vector a row (as the heads pool them), vectors as they are."""
-    return features.reshape(len(features), -1, features.shape[-1]).mean(axis=1) if features.ndim > 2 else features
 
 
 def _int8_extractor(spec: FeatureSpec, storage_url: str, read_calibration_rows: ReadCalibrationRows):

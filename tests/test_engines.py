@@ -19,6 +19,7 @@ from cifar_transfer.engines import (
     BF16_MIN_COSINE,
     INT8_MIN_COSINE,
     MAX_ACCURACY_DROP,
+    ProbeReference,
     candidate_choice,
     candidate_choices,
     choose_engine,
@@ -178,11 +179,11 @@ def test_a_reduced_precision_that_keeps_the_cosine_but_loses_the_classes_is_turn
     rounded_away = shared + 0.3 * rng.normal(size=(512, 256))  # the class part lost, as a coarse rounding could lose it
     kept = exact + 0.01 * rng.normal(size=exact.shape)
 
-    failure, measured = precision_failure("int8", rounded_away, exact, labels)
+    failure, measured = precision_failure("int8", rounded_away, ProbeReference.of(exact, labels))
     assert mean_cosine(rounded_away, exact) > INT8_MIN_COSINE, "the cosine check alone would pass it"
     assert failure is not None and failure.startswith("int8 features' probe accuracy was "), failure
     assert f"against float32's 100.00%: over {MAX_ACCURACY_DROP:.0%} and twice the noise" in failure and "on 512 images" in measured
-    passed, measured = precision_failure("int8", kept, exact, labels)
+    passed, measured = precision_failure("int8", kept, ProbeReference.of(exact, labels))
     assert passed is None and "probe accuracy 100.00% (float32 100.00%, noise 0.00%) on 512 images" in measured, measured
 
 
@@ -195,7 +196,7 @@ def test_a_drop_within_the_noise_of_the_comparison_is_not_held_against_a_precisi
     right, reference = probe_answers(rounded, labels), probe_answers(exact, labels)
     assert mean_cosine(rounded, exact) > INT8_MIN_COSINE and reference.mean() - right.mean() > MAX_ACCURACY_DROP, "a 1-point rule fails it"
     assert np.sum(right != reference) > 30, "many answers changed, both ways"
-    failure, measured = precision_failure("int8", rounded, exact, labels)
+    failure, measured = precision_failure("int8", rounded, ProbeReference.of(exact, labels))
     assert failure is None and f"(float32 {reference.mean():.2%}, noise " in measured, (failure, measured)
 
 
