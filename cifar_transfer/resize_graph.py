@@ -69,7 +69,7 @@ def _rewritable(node) -> bool:
         and attributes["coordinate_transformation_mode"] == "half_pixel"
         and attributes["shape_calculation_mode"] == "sizes"
         and not attributes["antialias"]
-        and not any(attributes["pads_begin"]) + any(attributes["pads_end"])
+        and not any([*attributes["pads_begin"], *attributes["pads_end"]])
         and shape.rank.is_static
         and shape.rank.get_length() == 4
         and shape[1].is_static

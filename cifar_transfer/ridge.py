@@ -120,8 +120,8 @@ def probe_answers(features: np.ndarray, labels: np.ndarray, folds: int = PROBE_F
             ((fit - mean).astype(np.float32), fit_labels), standard_deviation(fit.var(axis=0)), classes, RIDGE_STRENGTHS
         )
         frequencies = np.bincount(fit_labels, minlength=classes) / len(fit_labels)
-        scores = ((features[held] - mean) @ weights + np.tile(frequencies, len(RIDGE_STRENGTHS))).reshape(int(held.sum()), -1, classes)
-        right[held] = scores.argmax(axis=-1) == labels[held, None]
+        scores = LinearScores(weights, np.tile(frequencies, len(RIDGE_STRENGTHS)) - mean @ weights, classes)  # as `solve` folds
+        right[held] = scores(features[held]).argmax(axis=-1) == labels[held, None]
     return right[:, int(right.sum(axis=0).argmax())]
 
 
