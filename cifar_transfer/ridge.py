@@ -74,14 +74,20 @@ def solve(moments: Moments, strengths: tuple[float, ...]) -> LinearScores:
 def _solve_from_moments(moments: Moments, deviation: np.ndarray, strengths: tuple[float, ...]) -> np.ndarray:
     from scipy.linalg import cho_factor, cho_solve
 
-    correlation = moments.covariance() / np.outer(deviation, deviation)
+    # One width² matrix for the temporaries and every strength's factor: fresh memory at each step (LAPACK copies
+    # a row-major matrix it is handed) took longer than the factorizations at 4,096 features.
+    regularized = np.empty((len(deviation), len(deviation)))
+    correlation = moments.covariance(scratch=regularized)  # upper triangle
+    np.multiply(deviation[:, None], deviation[None, :], out=regularized)
+    correlation /= regularized
     targets = moments.target_covariance() / deviation[:, None]
     diagonal = np.diag_indices_from(correlation)
     blocks = []
     for strength in strengths:
-        regularized = correlation.copy()
+        np.copyto(regularized, correlation)
         regularized[diagonal] += strength
-        factor = cho_factor(regularized, overwrite_a=True, check_finite=False)
+        # Factored in place as its column-major transpose, whose lower triangle is this upper one.
+        factor = cho_factor(regularized.T, lower=True, overwrite_a=True, check_finite=False)
         blocks.append(cho_solve(factor, targets, check_finite=False) / deviation[:, None])
     return np.concatenate(blocks, axis=1)
 

@@ -4,9 +4,11 @@ A `FeatureStream` is one split of a feature set (with its mirrored view when
 heads use flips) and a selection of its rows (the fit or the validation part);
 it yields `ViewBatch`es of at most one shard, in index order or shuffled (a
 seeded shard order, rows mixed within a window of shards). `held` reads a split
-once and keeps it in memory when it fits in `HELD_BYTES`, so heads that pass over
+once into one array per column when it fits in `HELD_BYTES`, so heads that pass over
 the rows many times (moments, validation, L-BFGS steps, the refit, predictions)
-read the Parquet shards once instead of once per pass; above it they stream. `Moments` are the
+read the Parquet shards once instead of once per pass; above it they stream. Parts
+of a held split laid out together (the fit and validation parts) are views of it,
+not copies: fresh memory is what the head stage paid for most. `Moments` are the
 streamed statistics the heads need (mean, variance, centred Gram, per-class
 target sums); they add up, so the moments of all train rows are the fit part's
 plus the validation part's, which makes a refit on all rows free.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,6 +42,12 @@ class ViewBatch:
     labels: np.ndarray
     features: np.ndarray
     mirrored: np.ndarray | None = None
+
+    def rows(self, start: int, stop: int) -> ViewBatch:
+        """Rows `start:stop`, as views."""
+        part = slice(start, stop)
+        mirrored = None if self.mirrored is None else self.mirrored[part]
+        return ViewBatch(self.positions[part], self.index[part], self.labels[part], self.features[part], mirrored)
 
     def take(self, rows: np.ndarray) -> ViewBatch:
         return ViewBatch(
@@ -78,7 +86,8 @@ class FeatureStream:
     shards: tuple[ShardRecord, ...]  # the split's, in index order
     mirrored_shards: tuple[ShardRecord, ...] | None  # the mirrored view's, shard for shard (None: no mirrored view read)
     selected: np.ndarray | None = None  # a mask over the split's rows; None: all of them
-    kept: tuple[ViewBatch, ...] | None = None  # each shard's selected rows in memory (`held`); None: read from storage
+    # The selected rows in memory (`held`), in runs each sorted by position; None: read from storage.
+    memory: ViewBatch | None = None
 
     @classmethod
     def open(cls, storage: Storage, folder: str, split: str, mirrored: bool) -> FeatureStream:
@@ -115,17 +124,53 @@ class FeatureStream:
         return self.rows if self.selected is None else int(self.selected.sum())
 
     def select(self, mask: np.ndarray) -> FeatureStream:
-        """The rows `mask` marks (of the whole split); a held split's selection is held too (a copy of those rows)."""
-        if self.kept is None or self.selected is not None:
-            return replace(self, selected=mask, kept=None)
-        return replace(self, selected=mask, kept=tuple(batch.take(np.flatnonzero(mask[batch.positions])) for batch in self.kept))
+        """The rows `mask` marks (of the whole split). A held split's selection is held too: a view when its rows lie
+        together in memory (`held`'s `order` put them so), else a copy of them."""
+        if self.memory is None or self.selected is not None:
+            return replace(self, selected=mask, memory=None)
+        rows = np.flatnonzero(mask[self.memory.positions])
+        together = len(rows) == 0 or rows[-1] - rows[0] + 1 == len(rows)
+        memory = self.memory.rows(int(rows[0]), int(rows[-1]) + 1) if together and len(rows) else self.memory.take(rows)
+        return replace(self, selected=mask, memory=memory)
 
-    def held(self, budget: int = HELD_BYTES) -> FeatureStream:
-        """This stream with its rows read once and kept in memory when they take at most `budget` bytes, else itself."""
+    def held(self, budget: int = HELD_BYTES, order: np.ndarray | None = None) -> FeatureStream:
+        """This stream with its rows read once into memory when they take at most `budget` bytes, else itself.
+
+        `order`: the positions of the selected rows in the order memory keeps them (default: by position). Parts
+        a caller will `select` laid out one after another, each by position, are then views of it."""
         size = self.count * self.width * np.dtype(np.float32).itemsize * (2 if self.mirrored else 1)
-        if self.kept is not None or size > budget:
+        if self.memory is not None or size > budget:
             return self
-        return replace(self, kept=tuple(self._read(shard) for shard in range(len(self.shards))))
+        wanted = np.arange(self.rows) if self.selected is None else np.flatnonzero(self.selected)
+        order = wanted if order is None else np.asarray(order, np.int64)
+        if not np.array_equal(np.sort(order), wanted):
+            raise ValueError("held(order=...) must list each selected row's position once")
+        slot = np.empty(self.rows, np.int64)
+        slot[order] = np.arange(len(order))
+        memory = ViewBatch(
+            order,
+            np.empty(len(order), np.int64),
+            np.empty(len(order), np.int64),
+            np.empty((len(order), self.width), np.float32),
+            np.empty((len(order), self.width), np.float32) if self.mirrored else None,
+        )
+        for shard in range(len(self.shards)):
+            batch = self._read(shard)
+            where = slot[batch.positions]
+            memory.index[where], memory.labels[where], memory.features[where] = batch.index, batch.labels, batch.features
+            if memory.mirrored is not None:
+                memory.mirrored[where] = batch.mirrored
+        return replace(self, memory=memory)
+
+    def blocks(self, max_bytes: int) -> Iterator[ViewBatch]:
+        """The selected rows in blocks of about `max_bytes` of features, in no set order: views of a held stream's
+        memory, else shards read in index order."""
+        if self.memory is None:
+            yield from self.batches()
+            return
+        step = max(1, max_bytes // max(1, self.memory.features[:1].nbytes))
+        for start in range(0, len(self.memory.index), step):
+            yield self.memory.rows(start, start + step)
 
     def batches(self, seed: int | None = None) -> Iterator[ViewBatch]:
         """The selected rows, a shard at a time: in index order, or with `seed` shuffled within a window of shards."""
@@ -142,8 +187,8 @@ class FeatureStream:
             yield batch
 
     def _read(self, shard: int) -> ViewBatch:
-        if self.kept is not None:
-            return self.kept[shard]
+        if self.memory is not None:
+            return self._held_shard(shard)
         shape = list(self.feature_shape)
         original = read_shard(self.storage, self.folder, self.split, self.shards[shard], shape)
         flipped = None
@@ -154,6 +199,21 @@ class FeatureStream:
         positions = self._offsets[shard] + np.arange(len(original.index))
         batch = ViewBatch(positions, original.index, original.labels, original.features, None if flipped is None else flipped.features)
         return batch if self.selected is None else batch.take(np.flatnonzero(self.selected[positions]))
+
+    def _held_shard(self, shard: int) -> ViewBatch:
+        """A shard's rows from memory, by position: a view when memory keeps them in one sorted run."""
+        assert self.memory is not None
+        low, high = self._offsets[shard], self._offsets[shard] + self.shards[shard].rows
+        positions = self.memory.positions
+        if self._memory_sorted:
+            start, stop = np.searchsorted(positions, [low, high])
+            return self.memory.rows(int(start), int(stop))
+        rows = np.flatnonzero((positions >= low) & (positions < high))
+        return self.memory.take(rows[np.argsort(positions[rows], kind="stable")])
+
+    @functools.cached_property
+    def _memory_sorted(self) -> bool:
+        return self.memory is not None and bool(np.all(np.diff(self.memory.positions) > 0))
 
     @functools.cached_property
     def _offsets(self) -> np.ndarray:
@@ -189,13 +249,17 @@ def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def gram_upper(rows: np.ndarray) -> np.ndarray:
-    """The upper triangle of rows^T rows (the lower is zero), by BLAS `syrk`: half a matrix product's work, and
-    the fastest form of it (rows^T is the column-major matrix `syrk` reads without a copy)."""
+def gram_upper(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The upper triangle of rows^T rows (the lower is zero, or what `out` held: keep it zero), by BLAS `syrk`: half a matrix
+    product's work, and the fastest form of it (rows^T is the column-major matrix `syrk` reads without a copy).
+    `out` (column-major, rows' dtype) is written in place: a width² result is fresh memory at every call otherwise."""
     from scipy.linalg.blas import get_blas_funcs
 
     transposed = np.asarray(rows).T
-    return get_blas_funcs("syrk", (transposed,))(1.0, transposed)
+    syrk = get_blas_funcs("syrk", (transposed,))
+    if out is None:
+        return syrk(1.0, transposed)
+    return syrk(1.0, transposed, beta=0.0, c=out, overwrite_c=True)
 
 
 def _kept_rows(
@@ -220,6 +284,25 @@ class Sums:
     # The rows themselves, (x - shift) in float32 with their labels, while there are fewer of them than features:
     # then the Gram matrix has low rank and a solve from the rows is far cheaper (`ridge.solve`); None above that.
     rows: tuple[np.ndarray, np.ndarray] | None = None
+    # Work arrays reused by every addition (the shifted rows, their Gram matrix): fresh memory is slow, and at 4,096
+    # features each addition's temporaries were 200 MB.
+    work: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def scratch(self, features: np.ndarray) -> np.ndarray:
+        """Where `features - shift` go: at least as many rows, reused."""
+        dtype = np.result_type(features, self.shift)
+        held = self.work.get("shifted")
+        if held is None or held.dtype != dtype or len(held) < len(features):
+            held = self.work["shifted"] = np.empty(features.shape, dtype)
+        return held[: len(features)]
+
+    def block_gram(self, dtype: np.dtype) -> np.ndarray:
+        """Where one addition's Gram matrix goes (column-major, as `syrk` writes it), reused."""
+        held = self.work.get("gram")
+        if held is None or held.dtype != dtype:
+            assert self.gram is not None
+            held = self.work["gram"] = np.zeros(self.gram.shape, dtype, order="F")  # syrk leaves the lower zero
+        return held
 
 
 @dataclass
@@ -250,16 +333,16 @@ class Moments:
                 rows=(np.zeros((0, width), np.float32), np.zeros(0, np.int64)) if self.with_gram else None,
             )
         sums = self.sums
-        shifted = features - sums.shift
+        shifted = np.subtract(features, sums.shift, out=sums.scratch(features))
         self.count += len(features)
         sums.total += shifted.sum(axis=0, dtype=np.float64)
-        sums.squares += np.square(shifted).sum(axis=0, dtype=np.float64)
         if sums.gram is not None:
-            sums.gram += gram_upper(shifted)
+            sums.gram += gram_upper(shifted, sums.block_gram(shifted.dtype))
             sums.rows = _kept_rows(sums.rows, shifted, labels, self.count)
         one_hot = np.eye(self.classes, dtype=np.float32)[labels]
         sums.class_totals += (shifted.T @ one_hot).T  # (one_hot.T @ shifted took twice as long in OpenBLAS)
         sums.class_counts += one_hot.sum(axis=0)
+        sums.squares += np.square(shifted, out=shifted).sum(axis=0, dtype=np.float64)  # last: squares in place
 
     def __add__(self, other: Moments) -> Moments:
         if self.sums is None:
@@ -309,12 +392,17 @@ class Moments:
         centred = self._sums.total / self.count
         return np.maximum(self._sums.squares / self.count - centred**2, 0.0)
 
-    def covariance(self) -> np.ndarray:
+    def covariance(self, scratch: np.ndarray | None = None) -> np.ndarray:
+        """The covariance matrix's upper triangle (the lower is not set: solves read one triangle). `scratch`, a
+        width² float64 array, holds the temporary: a fresh one is slow memory, at 4,096 features 134 MB."""
         if self._sums.gram is None:
             raise ValueError("these moments were summed without their Gram matrix (with_gram=False)")
         centred = self._sums.total / self.count
-        upper = np.triu(self._sums.gram)
-        return (upper + np.triu(upper, 1).T) / self.count - np.outer(centred, centred)
+        covariance = self._sums.gram / self.count
+        scratch = np.empty_like(covariance) if scratch is None else scratch
+        np.multiply(centred[:, None], centred[None, :], out=scratch)
+        covariance -= scratch
+        return covariance
 
     def target_covariance(self) -> np.ndarray:
         """(width, classes): the covariance of each feature with each class's one-hot indicator."""

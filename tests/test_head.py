@@ -105,12 +105,14 @@ def test_streams_read_every_selected_row_once_and_shuffle_reproducibly(vector_se
     assert max(len(batch.index) for batch in fit.batches(seed=3)) <= 4 * 100  # a window of shards, never the split
 
 
-def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set):
+@pytest.mark.parametrize("laid_out", [False, True])  # by position; the fit rows first, as the head stage holds them
+def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set, laid_out):
     storage, folder = vector_set
     stream = FeatureStream.open(storage, folder, "train", mirrored=False)
     held_out = validation_mask(stream.rows, 0.2, 0)
-    assert stream.held(budget=1000 * 32 * 4 - 1).kept is None  # 1,000 rows of 32 float32 features: one byte too many
-    held = stream.held(budget=1000 * 32 * 4)
+    assert stream.held(budget=1000 * 32 * 4 - 1).memory is None  # 1,000 rows of 32 float32 features: one byte too many
+    order = np.concatenate([np.flatnonzero(~held_out), np.flatnonzero(held_out)]) if laid_out else None
+    held = stream.held(budget=1000 * 32 * 4, order=order)
     streamed = {name: list(part.batches()) for name, part in (("train", stream), ("fit", stream.select(~held_out)))}
     streamed["shuffled"] = list(stream.select(held_out).batches(seed=3))
     parts = {"train": held, "fit": held.select(~held_out), "shuffled": held.select(held_out)}
@@ -121,6 +123,11 @@ def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set):
         for mine, theirs in zip(batches, streamed[name], strict=True):
             np.testing.assert_array_equal(mine.index, theirs.index)
             np.testing.assert_array_equal(mine.features, theirs.features)
+    assert held.memory is not None
+    for part in (parts["fit"], parts["shuffled"]):
+        assert part.memory is not None and np.shares_memory(part.memory.features, held.memory.features) == laid_out
+    assert [len(block.index) for block in parts["fit"].blocks(100 * 32 * 4)] == [100] * 8  # views of 100 rows
+    assert sorted(np.concatenate([block.index for block in held.blocks(300 * 32 * 4)])) == sorted(held.memory.index)
 
 
 def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):
@@ -132,7 +139,7 @@ def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):
     whole = halves[0] + halves[1]
     np.testing.assert_allclose(whole.mean, features.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(whole.variance, features.var(axis=0), rtol=1e-4)
-    np.testing.assert_allclose(whole.covariance(), np.cov(features.T, bias=True), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.triu(whole.covariance()), np.triu(np.cov(features.T, bias=True)), rtol=1e-4, atol=1e-4)
     one_hot = np.eye(10)[labels]
     expected = (features - features.mean(axis=0)).T @ one_hot / len(labels)
     np.testing.assert_allclose(whole.target_covariance(), expected, rtol=1e-4, atol=1e-5)

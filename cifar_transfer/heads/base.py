@@ -45,8 +45,8 @@ class HeadDetails(BaseModel):
 @dataclass(frozen=True)
 class HeadData:
     """What every head reads: the train split's fit and validation parts, the whole train split, the test split.
-    The train split is held in memory when it fits in `streams.HELD_BYTES` (its parts then too, as copies: at most
-    twice that in all); the test split, read once, streams."""
+    The train split is held in memory when it fits in `streams.HELD_BYTES` (its parts then too, as views of it);
+    the test split, read once, streams."""
 
     train: FeatureStream
     fit: FeatureStream
@@ -56,8 +56,10 @@ class HeadData:
 
     @classmethod
     def open(cls, storage: Storage, folder: str, settings: HeadSettings, classes: int) -> HeadData:
-        train = FeatureStream.open(storage, folder, "train", settings.flip).held()  # every head passes over it several times
+        train = FeatureStream.open(storage, folder, "train", settings.flip)
         held_out = validation_mask(train.rows, settings.validation_split, settings.seed)
+        # Every head passes over the train split several times: held, its fit rows first, so both parts are views.
+        train = train.held(order=np.concatenate([np.flatnonzero(~held_out), np.flatnonzero(held_out)]))
         return cls(
             train, train.select(~held_out), train.select(held_out), FeatureStream.open(storage, folder, "test", settings.flip), classes
         )
@@ -97,14 +99,26 @@ def spatial_mean(features: np.ndarray, feature_shape: list[int]) -> np.ndarray:
 class BlockedMoments:
     """`Moments` fed in blocks of about `MOMENT_BLOCK_BYTES`: each addition adds a width² float32 product into the
     float64 Gram matrix, which at 2,816 features took as long as the products when added a shard (or a validation
-    part's hundred rows) at a time."""
+    part's hundred rows) at a time. Smaller batches are gathered in one buffer, reused (fresh memory is slow)."""
 
     moments: Moments
-    block: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    buffer: tuple[np.ndarray, np.ndarray] | None = None  # (rows, labels) gathered so far, at the front
+    filled: int = 0
 
     def add(self, features: np.ndarray, labels: np.ndarray) -> None:
-        self.block.append((features, labels))
-        if sum(rows.nbytes for rows, _ in self.block) >= MOMENT_BLOCK_BYTES:
+        row_bytes = max(1, features[:1].nbytes)
+        if not self.filled and features.nbytes >= MOMENT_BLOCK_BYTES:
+            self.moments.add(features, labels)  # a block already
+            return
+        if self.buffer is None or self.filled + len(features) > len(self.buffer[0]) or self.buffer[0][:1].nbytes != row_bytes:
+            self._flush()
+        if self.buffer is None or len(features) > len(self.buffer[0]) or self.buffer[0][:1].nbytes != row_bytes:
+            rows = max(len(features), MOMENT_BLOCK_BYTES // row_bytes)
+            self.buffer = (np.empty((rows, features.shape[1]), features.dtype), np.empty(rows, np.int64))
+        self.buffer[0][self.filled : self.filled + len(features)] = features
+        self.buffer[1][self.filled : self.filled + len(features)] = labels
+        self.filled += len(features)
+        if self.filled * row_bytes >= MOMENT_BLOCK_BYTES:
             self._flush()
 
     def done(self) -> Moments:
@@ -112,15 +126,15 @@ class BlockedMoments:
         return self.moments
 
     def _flush(self) -> None:
-        if self.block:
-            self.moments.add(np.concatenate([rows for rows, _ in self.block]), np.concatenate([labels for _, labels in self.block]))
-            self.block = []
+        if self.buffer is not None and self.filled:
+            self.moments.add(self.buffer[0][: self.filled], self.buffer[1][: self.filled])
+        self.filled = 0
 
 
 def stream_moments(stream: FeatureStream, classes: int, feature_shape: list[int], with_gram: bool) -> Moments:
     """The moments of a stream's training rows (both views when it has two), pooled for spatial maps."""
     moments = BlockedMoments(Moments(classes, with_gram))
-    for batch in stream.batches():
+    for batch in stream.blocks(MOMENT_BLOCK_BYTES):
         features, labels = batch.training_rows()
         moments.add(spatial_mean(features, feature_shape), labels)
     return moments.done()

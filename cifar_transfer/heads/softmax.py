@@ -79,16 +79,20 @@ class HeldRows:
         rows = cls(stream, feature_shape, None)
         if size > IN_MEMORY_BYTES:
             return rows
-        together = concatenate(list(rows.batches()))
-        return replace(rows, kept=[] if together is None else [together])
+        # A held stream's rows already are one batch (in no set order, which these sums do not need).
+        together = rows.pooled(stream.memory) if stream.memory is not None else concatenate(list(rows.batches()))
+        return replace(rows, kept=[] if together is None or not len(together.index) else [together])
 
     def batches(self) -> Iterator[ViewBatch]:
         if self.kept is not None:
             yield from self.kept
             return
         for batch in self.stream.batches():
-            mirrored = None if batch.mirrored is None else spatial_mean(batch.mirrored, self.feature_shape)
-            yield replace(batch, features=spatial_mean(batch.features, self.feature_shape), mirrored=mirrored)
+            yield self.pooled(batch)
+
+    def pooled(self, batch: ViewBatch) -> ViewBatch:
+        mirrored = None if batch.mirrored is None else spatial_mean(batch.mirrored, self.feature_shape)
+        return replace(batch, features=spatial_mean(batch.features, self.feature_shape), mirrored=mirrored)
 
 
 @dataclass(frozen=True)
