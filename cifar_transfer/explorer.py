@@ -5,13 +5,9 @@ The explorer shows the map's points: the t-SNE sample of train (`tsne_sample`, a
 split's size) and, with `tsne_test`, the test images placed into the map, so a map of the whole collection gives an
 explorer of the whole collection.
 
-Neighbours are searched at report time from the stored features, read a shard at a time, by cosine similarity of the
-pooled, normalized vectors (as the audit's index and `similar` measure it). The exact search over the full width
-would be 10 TFLOP at 60,000 points of 2,816 floats (minutes on a laptop); instead the vectors are projected onto their
-first `PROJECTION` principal components (fitted on about `PCA_SAMPLE` rows from shards spread over the set), each
-point's `CANDIDATES` nearest there are found by blocked matrix products, and those are ranked by the full vectors
-(held in float32: 675 MB at 60,000 x 2,816, and ranked four times as fast as from half precision, which numpy casts
-slowly). `bench/explorer.py` measures the recall against the exact search.
+Each point's nearest neighbours (`cifar_transfer.neighbours`) come with the map: the t-SNE stage searched them on the
+features it held. A map made before it kept them has them searched here, from the stored features read a shard at a
+time (`point_vectors`), the projection fitted on about `PCA_SAMPLE` rows from shards spread over the set.
 """
 
 from __future__ import annotations
@@ -24,18 +20,18 @@ import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cifar_transfer.audit.index import top_k
 from cifar_transfer.audit.vectors import SetRows, normalized
 from cifar_transfer.explorer_html import TILE, ExplorerAudit, render_explorer
 from cifar_transfer.feature_records import FeatureSetInfo
 from cifar_transfer.head import HeadResult
+from cifar_transfer.neighbours import NEIGHBOURS, PROJECTION, PointVectors, map_neighbours
 from cifar_transfer.storage import Storage
 from cifar_transfer.stored import stored_source
-from cifar_transfer.tsne import TsneResult
+from cifar_transfer.tsne import NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN, TsneResult
 
 if TYPE_CHECKING:
     from cifar_transfer.audit.stage import AuditResult
@@ -44,13 +40,7 @@ log = logging.getLogger(__name__)
 
 EXPLORER_FORMAT = 1  # raise when the page or what it shows changes: pages made before are made again
 INPUTS_META = "cifar-transfer-explorer-inputs"  # the page's <meta> naming what it was made of (`explorer_inputs`)
-NEIGHBOURS = 8  # neighbours shown for a clicked point
-PROJECTION = 128  # principal components the neighbour search runs in
 PCA_SAMPLE = 10_000  # rows the projection is fitted on
-QUERY_BLOCK = 1024  # query rows compared with every point at once (QUERY_BLOCK x points floats in memory)
-CANDIDATES = 32  # nearest points in the projection whose full features are compared
-RERANK_BLOCK = 256  # points whose candidates are compared at once (RERANK_BLOCK x CANDIDATES x width floats)
-CHUNK = 64  # columns whose maximum is compared first when ranking a row's neighbours
 DUPLICATE_PARTNERS = 5  # near-duplicate partners listed for a point
 THUMBNAIL_SIZE = 32
 
@@ -64,11 +54,6 @@ def _spread_shards(rows: SetRows, wanted: int) -> dict[str, list[int]]:
     for split, number in shards[::step]:
         chosen.setdefault(split, []).append(number)
     return chosen
-
-
-class PointVectors(NamedTuple):
-    projected: np.ndarray  # float32, the top principal components, normalized: where candidates are searched
-    full: np.ndarray  # float32, the pooled normalized features: what candidates are ranked by
 
 
 def point_vectors(storage: Storage, folder: str, splits: np.ndarray, index: np.ndarray, seed: int = 0) -> PointVectors:
@@ -104,57 +89,6 @@ def point_vectors(storage: Storage, folder: str, splits: np.ndarray, index: np.n
     if not seen.all():
         raise ValueError(f"{int((~seen).sum())} of the map's points are not in the feature set any more: make the map again")
     return PointVectors(normalized(projected), full)
-
-
-def map_neighbours(vectors: PointVectors, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each point's k nearest other points by the cosine of its full features, best first (-1 and NaN where there are
-    fewer): the CANDIDATES nearest in the projection, ranked by their full features. On CIFAR-10's 2,816-float
-    MobileNetV2 features the projection alone finds 68% of the exact 8 nearest (128, 256 or 512 components alike);
-    ranking its 32 nearest finds 97%, at a twentieth of the exact search's work."""
-    candidates, _ = nearest_points(vectors.projected, max(k, CANDIDATES))
-    positions = np.full((len(candidates), k), -1, np.int64)
-    similarities = np.full((len(candidates), k), np.nan, np.float32)
-    for start in range(0, len(candidates), RERANK_BLOCK):
-        chosen = candidates[start : start + RERANK_BLOCK]
-        queries = vectors.full[start : start + RERANK_BLOCK]
-        found = np.matmul(vectors.full[np.maximum(chosen, 0)], queries[:, :, None])[:, :, 0]  # faster than einsum
-        found[chosen < 0] = -np.inf
-        best, values = top_k(found, chosen, k)
-        positions[start : start + len(chosen)] = np.where(np.isfinite(values), best, -1)
-        similarities[start : start + len(chosen)] = np.where(np.isfinite(values), values, np.nan)
-    return positions, similarities
-
-
-def block_top_k(similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k largest columns, best first: (columns, values). Columns are taken CHUNK at a time: the k chunks
-    with the largest maxima hold the k largest values (a chunk without one has a smaller maximum than each of them),
-    so only those k x CHUNK values are ranked: 4 to 6 times faster than `argpartition` over 60,000-column rows."""
-    rows, columns = similarities.shape
-    chunks = -(-columns // CHUNK)
-    padded = np.full((rows, chunks * CHUNK), -np.inf, np.float32)
-    padded[:, :columns] = similarities
-    padded = padded.reshape(rows, chunks, CHUNK)
-    best_chunks = top_k(padded.max(axis=2), np.broadcast_to(np.arange(chunks), (rows, chunks)), min(k, chunks))[0]
-    candidates = np.take_along_axis(padded, best_chunks[:, :, None], axis=1).reshape(rows, -1)
-    places = (best_chunks[:, :, None] * CHUNK + np.arange(CHUNK)).reshape(rows, -1)
-    return top_k(candidates, places, k)
-
-
-def nearest_points(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k most similar other rows by cosine (rows normalized), best first: (positions, similarities);
-    -1 and NaN where there are fewer than k other rows."""
-    count = len(vectors)
-    positions = np.full((count, k), -1, np.int64)
-    similarities = np.full((count, k), np.nan, np.float32)
-    wanted = min(k, count - 1)
-    if wanted < 1:
-        return positions, similarities
-    for start in range(0, count, QUERY_BLOCK):
-        stop = min(count, start + QUERY_BLOCK)
-        block = vectors[start:stop] @ vectors.T
-        block[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never its own neighbour
-        positions[start:stop, :wanted], similarities[start:stop, :wanted] = block_top_k(block, wanted)
-    return positions, similarities
 
 
 def map_audit(storage: Storage, features: FeatureSetInfo, audit: AuditResult, splits: np.ndarray, index: np.ndarray) -> ExplorerAudit:
@@ -232,6 +166,18 @@ def current_explorer(storage: Storage, path: str, inputs: str) -> bool:
         return f'<meta name="{INPUTS_META}" content="{inputs}">'.encode() in page.read(4096)
 
 
+def map_point_neighbours(
+    storage: Storage, features: FeatureSetInfo, embedding, splits: np.ndarray, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each map point's `NEIGHBOURS` nearest (positions, similarities): as the t-SNE stage kept them in the map, or
+    searched here from the stored features for a map made before it did."""
+    if NEIGHBOURS_COLUMN in embedding.columns and len(embedding) and len(embedding[NEIGHBOURS_COLUMN].iloc[0]) >= NEIGHBOURS:
+        kept = (np.stack(embedding[column].to_numpy())[:, :NEIGHBOURS] for column in (NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN))
+        positions, similarities = kept
+        return positions.astype(np.int64), similarities.astype(np.float32)
+    return map_neighbours(point_vectors(storage, features.folder, splits, index), NEIGHBOURS)
+
+
 def write_explorer(
     storage: Storage, features: FeatureSetInfo, tsne: TsneResult, head: HeadResult | None, path: str, report_href: str | None
 ) -> ExplorerBuild:
@@ -250,7 +196,7 @@ def write_explorer(
     splits = embedding["split"].to_numpy(dtype=object)
     index = embedding["index"].to_numpy(np.int64)
     keys = stored_source(features.collection).row_keys(storage, features.folder, splits, index)
-    neighbours, similarities = map_neighbours(point_vectors(storage, features.folder, splits, index), NEIGHBOURS)
+    neighbours, similarities = map_point_neighbours(storage, features, embedding, splits, index)
     searched = time.perf_counter()
     predicted = None
     if head is not None:

@@ -50,17 +50,20 @@ def read_split(
     split: str,
     pooled: bool = False,
     rows: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index, label, features) of a complete split in index order, or of its rows at the sorted positions `rows`,
-    into one preallocated array per column: memory is the size of the result plus one shard.
-    `pooled=True` averages spatial maps over height and width."""
+    into one preallocated array per column (the features into `out` when given: rows x width float32): memory is
+    the size of the result plus one shard. `pooled=True` averages spatial maps over height and width."""
     manifest = split_manifest(storage, folder, split)
     shape = manifest.feature_shape
     width = shape[-1] if pooled else int(np.prod(shape))
     wanted = np.arange(manifest.rows) if rows is None else rows
     index = np.empty(len(wanted), np.int64)
     labels = np.empty(len(wanted), np.int64)
-    features = np.empty((len(wanted), width), np.float32)
+    features = np.empty((len(wanted), width), np.float32) if out is None else out
+    if features.shape != (len(wanted), width) or features.dtype != np.float32:
+        raise ValueError(f"read_split(out=...) needs a {len(wanted)} x {width} float32 array, not {features.shape} {features.dtype}")
     start = filled = 0
     for batch in iter_split(storage, folder, split, pooled):
         stop = start + len(batch.index)

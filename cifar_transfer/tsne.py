@@ -3,6 +3,9 @@
 The features are reduced to 50 principal components first (the usual practice
 for t-SNE on wide features: the neighbour search gets much cheaper and the map
 does not change in kind); spatial maps are averaged to one vector per image.
+The components are fitted on a seeded 5,000 of the sample's rows: at 25,000
+points of 4,096 features that took 1.1 s instead of 3-8 s, and the map's 10-NN
+accuracy moved by -0.17 (InceptionV3) and +0.15 points (MobileNetV2).
 Up to `EXACT_NEIGHBOURS_UP_TO` points the neighbours are exact (scikit-learn,
 3x faster here than openTSNE's default Annoy index on 50 dimensions, and
 exact); beyond, openTSNE's approximate search. The FFT-accelerated gradient
@@ -35,6 +38,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import Lineage, split_manifest
+from cifar_transfer.neighbours import Projection, point_neighbours
 from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import save_png, scatter_figure
 from cifar_transfer.shard_files import parquet_bytes
@@ -43,7 +47,11 @@ from cifar_transfer.store import read_split
 
 log = logging.getLogger(__name__)
 
+# The explorer's neighbours of each point (positions in the table, -1 where there are fewer) and their cosine
+# similarities, kept in the map's table; maps made before have neither.
+NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN = "neighbours", "neighbour_similarity"
 PCA_COMPONENTS = 50
+PCA_BASIS_ROWS = 5_000  # rows of the sample the components are fitted on
 NEIGHBOURS = 10
 EXACT_NEIGHBOURS_UP_TO = 100_000  # brute force is quadratic: beyond this, approximate neighbours
 GRID_INTERVALS_PER_CELL = 2  # openTSNE's ints_in_interval (default 1): a coarser interpolation grid
@@ -60,6 +68,11 @@ class TsneResult(BaseModel):
     map_knn_accuracy: float  # 10-NN class accuracy of the train points in 2-D
     feature_knn_accuracy: float  # the same in the PCA space the map was made from
     made_by: Lineage | None  # the flow run that made it (None: not made by a flow run)
+
+
+def fixed_rows(values: np.ndarray) -> pa.FixedSizeListArray:
+    """A 2-D array as one fixed-size list per row."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).ravel()), values.shape[1])
 
 
 def finished_tsne(storage: Storage, folder: str, key: str) -> TsneResult | None:
@@ -120,16 +133,23 @@ def shared_search(search):
     return SharedSearch()
 
 
+def basis_rows(rows: int, seed: int) -> np.ndarray | slice:
+    """The rows the principal components are fitted on: a seeded `PCA_BASIS_ROWS` of them, in order."""
+    if rows <= PCA_BASIS_ROWS:
+        return slice(None)
+    return np.sort(np.random.default_rng(seed).choice(rows, PCA_BASIS_ROWS, replace=False))
+
+
 def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int, new_points: np.ndarray | None = None) -> Embedding:
     """2-D openTSNE embedding of `features` (rows are points) and `new_points` placed into it."""
     from openTSNE import TSNE
     from openTSNE.affinity import MultiscaleMixture, get_knn_index
     from sklearn.decomposition import PCA
 
-    reduce = None
+    project = None
     if features.shape[1] > PCA_COMPONENTS and len(features) > PCA_COMPONENTS:
-        reduce = PCA(n_components=PCA_COMPONENTS, random_state=seed).fit(features)
-        features = reduce.transform(features)
+        project = Projection.of(PCA(n_components=PCA_COMPONENTS, random_state=seed).fit(features[basis_rows(len(features), seed)]))
+        features = project(features)
     perplexity = min(perplexity, max((len(features) - 1) / 3, 1.0))
     jobs = os.cpu_count() or 1
     method = "exact" if len(features) <= EXACT_NEIGHBOURS_UP_TO else "auto"
@@ -148,7 +168,7 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
     neighbours = search.found[0][:, : min(NEIGHBOURS, len(features) - 1)]
     placed = None
     if new_points is not None:
-        placed = np.asarray(embedding.transform(reduce.transform(new_points) if reduce else new_points), dtype=np.float32)
+        placed = np.asarray(embedding.transform(project(new_points) if project else new_points), dtype=np.float32)
     return Embedding(np.asarray(embedding, dtype=np.float32), features, vote_accuracy(neighbours, labels), placed)
 
 
@@ -164,13 +184,20 @@ def tsne_map(
     files = layout.tsne_files(folder, key)
     storage.write_atomic(files.settings, records.TSNE_SETTINGS.dump(settings))
     pause_at("tsne")  # a test hook, inert unless CIFAR_TRANSFER_PAUSE_AT names it
-    rows = sample_rows(split_manifest(storage, folder, "train").rows, settings.sample, settings.seed)
-    index, labels, features = read_split(storage, folder, "train", pooled=True, rows=rows)  # the sample only, a shard at a time
-    test_index = test_labels = test_features = None
+    train = split_manifest(storage, folder, "train")
+    rows = sample_rows(train.rows, settings.sample, settings.seed)
+    # The map's points, the sample and then the test images placed into it, in one array: the neighbour search
+    # reads them all together afterwards.
+    tests = split_manifest(storage, folder, "test").rows if settings.test else 0
+    vectors = np.empty((len(rows) + tests, train.feature_shape[-1]), np.float32)
+    features, test_features = vectors[: len(rows)], vectors[len(rows) :] if settings.test else None
+    index, labels, _ = read_split(storage, folder, "train", pooled=True, rows=rows, out=features)  # a shard at a time
+    test_index = test_labels = None
     if settings.test:
-        test_index, test_labels, test_features = read_split(storage, folder, "test", pooled=True)
+        test_index, test_labels, _ = read_split(storage, folder, "test", pooled=True, out=test_features)
     coordinates, reduced, feature_knn_accuracy, placed = embed(features, labels, settings.perplexity, settings.seed, test_features)
-    del features, test_features
+    neighbours, similarities = point_neighbours(vectors, settings.seed)  # the explorer's, while the features are here
+    del features, test_features, vectors
     embedding_path, picture_path = files.embedding, files.picture
     figure = scatter_figure(coordinates, labels, classes, f"t-SNE of {len(rows)} train images ({posixpath.basename(folder)})")
     storage.write_atomic(picture_path, save_png(figure))
@@ -179,6 +206,9 @@ def tsne_map(
         assert test_index is not None, "a map places the test split only when it was read"
         test = {"split": ["test"] * len(test_index), "index": test_index, "label": test_labels, "x": placed[:, 0], "y": placed[:, 1]}
         table = pa.concat_tables([table, pa.table(test, schema=table.schema)])
+    table = table.append_column(NEIGHBOURS_COLUMN, fixed_rows(neighbours.astype(np.int32))).append_column(
+        SIMILARITIES_COLUMN, fixed_rows(similarities)
+    )
     result = TsneResult(
         embedding=embedding_path,
         picture=picture_path,

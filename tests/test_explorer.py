@@ -14,8 +14,10 @@ import pytest
 from test_html_report import CLASSES, offline_page
 
 from cifar_transfer.audit.vectors import SetRows
-from cifar_transfer.explorer import NEIGHBOURS, map_neighbours, nearest_points, point_vectors
+from cifar_transfer.explorer import map_point_neighbours, point_vectors
 from cifar_transfer.explorer_html import TILE, ExplorerAudit, render_explorer
+from cifar_transfer.neighbours import NEIGHBOURS, map_neighbours, nearest_points
+from cifar_transfer.tsne import NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN
 
 BLOB = re.compile(r'<script type="application/json" id="explorer-data">(.*?)</script>', re.S)
 SPRITES = re.compile(r'<script type="text/plain" class="explorer-sprite" data-tile="(\d+)">(.*?)</script>', re.S)
@@ -184,7 +186,7 @@ def test_the_explorer_draws_zooms_shows_thumbnails_neighbours_and_audit_scores_o
         assert page.evaluate("window.explorer.view()")["scale"] == 2
 
 
-def test_a_run_writes_the_explorer_of_its_map_next_to_its_report_with_neighbours_from_the_features(finished_run):
+def test_a_run_writes_the_explorer_of_its_map_next_to_its_report_with_neighbours_from_the_features(finished_run, tmp_path):
     """The session's whole run: its report links the explorer, which holds every point of the map, the head's
     predictions, and neighbours close to the exact full-width cosine ones."""
     import pandas as pd
@@ -221,6 +223,16 @@ def test_a_run_writes_the_explorer_of_its_map_next_to_its_report_with_neighbours
     assert recall > 0.9, recall
     vectors = point_vectors(storage, summary.features.folder, splits, index)
     assert np.allclose(np.linalg.norm(vectors.projected, axis=1), 1, atol=1e-5) and np.array_equal(vectors.full, full)
+
+    # The map kept them (the t-SNE stage searched the features it held): the explorer reads no features, and a
+    # map made before maps kept them has them searched from the features.
+    kept = np.stack(embedding[NEIGHBOURS_COLUMN].to_numpy())
+    assert np.array_equal(shown, kept)
+    nowhere = Storage(str(tmp_path / "nothing-here"))
+    assert np.array_equal(map_point_neighbours(nowhere, summary.features, embedding, splits, index)[0], kept)
+    old_map = embedding.drop(columns=[NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN])
+    searched, _ = map_point_neighbours(storage, summary.features, old_map, splits, index)
+    assert np.mean([len(set(a) & set(b)) / NEIGHBOURS for a, b in zip(searched.tolist(), kept.tolist(), strict=True)]) > 0.9
     with pytest.raises(ValueError, match="1 of the map's points are not in the feature set any more: make the map again"):
         point_vectors(storage, summary.features.folder, np.array(["train", "train"], dtype=object), np.array([0, 10**9]))
 
@@ -228,7 +240,7 @@ def test_a_run_writes_the_explorer_of_its_map_next_to_its_report_with_neighbours
 def test_map_neighbours_rank_the_projections_candidates_by_the_full_vectors():
     """Vectors whose nearest neighbours differ only outside the projection's components: ranking by the full vectors
     finds them, and points with fewer than k others are marked missing."""
-    from cifar_transfer.explorer import PointVectors
+    from cifar_transfer.neighbours import PointVectors
 
     rng = np.random.default_rng(2)
     full = rng.normal(size=(400, 64)).astype(np.float32)

@@ -27,3 +27,19 @@ def test_embedding_keeps_clusters_and_places_new_points_near_their_own():
     assert feature_knn_accuracy == knn_accuracy(reduced, labels) > 0.95  # read off the map's own neighbour search
     nearest = np.linalg.norm(placed[:, None] - points[None], axis=2).argmin(axis=1)
     assert np.mean(labels[nearest] == new_labels) > 0.9
+
+
+def test_components_fitted_on_a_seeded_part_of_a_large_sample_project_like_scikit_learn(monkeypatch):
+    from sklearn.decomposition import PCA
+
+    from cifar_transfer import tsne
+
+    monkeypatch.setattr(tsne, "PCA_BASIS_ROWS", 400)
+    rows = np.random.default_rng(2).normal(size=(1000, 64)).astype(np.float32) + 3.0
+    part = tsne.basis_rows(len(rows), seed=0)
+    assert isinstance(part, np.ndarray) and len(part) == 400 and np.array_equal(part, tsne.basis_rows(len(rows), seed=0))
+    assert tsne.basis_rows(400, seed=0) == slice(None)  # a sample no larger is fitted whole
+    pca = PCA(n_components=tsne.PCA_COMPONENTS, random_state=0).fit(rows[part])
+    projected = tsne.Projection.of(pca)(rows)
+    assert projected.dtype == np.float32
+    np.testing.assert_allclose(projected, pca.transform(rows), rtol=1e-4, atol=1e-4)
