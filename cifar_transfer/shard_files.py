@@ -64,14 +64,29 @@ def shard_items_from_metadata(metadata: dict) -> list[tuple[str, str, int]] | No
 def parquet_bytes(table: pa.Table) -> bytes:
     """A table as the bytes of one Parquet file, to hash and commit atomically.
 
-    The features are written plain (no dictionary: float features almost never repeat, so building one only to
-    drop it cost half the write) and without min/max statistics, which no reader of features uses; the small
-    columns keep both. The file is smaller and reads the same.
+    The features are written without min/max statistics, which no reader of features uses, and with a dictionary
+    only when they take few distinct values (`features_repeat`); the small columns keep both.
     """
     sink = pa.BufferOutputStream()
     small_columns = [name for name in table.column_names if name != "features"]
-    pq.write_table(table, sink, use_dictionary=small_columns, write_statistics=small_columns)
+    every_column = "features" in table.column_names and features_repeat(table)  # (a nested column is named by its leaf)
+    pq.write_table(table, sink, use_dictionary=True if every_column else small_columns, write_statistics=small_columns)
     return sink.getvalue().to_pybytes()
+
+
+DICTIONARY_SAMPLE = 1 << 18  # feature values `features_repeat` looks at, evenly spaced
+DICTIONARY_MAX_DISTINCT = 1 << 15  # distinct values among them up to which a dictionary is written
+
+
+def features_repeat(table: pa.Table) -> bool:
+    """Whether a dictionary pays for the features column. An int8 backbone's features repeat: 21,812 distinct values
+    in a shard of 4,096,000 (InceptionV3), where a dictionary made the file 36% smaller, its write 26% and its read
+    48% faster. Float features do not (1.2 million distinct in 2.8 million, MobileNetV2): a dictionary there made the
+    file larger and its write 40% slower, only to be dropped. Decided from the values alone, so a shard written
+    again is the same bytes."""
+    values = table.column("features").combine_chunks().flatten().to_numpy()
+    step = max(1, len(values) // DICTIONARY_SAMPLE)
+    return len(np.unique(values[::step])) <= DICTIONARY_MAX_DISTINCT
 
 
 def write_shard(storage: Storage, path: str, shard: Shard, table: pa.Table) -> ShardRecord:

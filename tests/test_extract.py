@@ -220,6 +220,23 @@ def test_shard_parquet_follows_the_contract(one_shard):
     assert again.record == record and again.inference_seconds is None
 
 
+def test_features_that_repeat_as_quantized_ones_do_get_a_dictionary_and_float_ones_are_written_plain():
+    """A dictionary where the features take few values (an int8 backbone's), none where they do not; either way the
+    file reads back the same features, and the same table is the same bytes."""
+    from cifar_transfer.shard_files import parquet_bytes
+
+    rng = np.random.default_rng(0)
+    floats = rng.normal(size=(200, 2048)).astype(np.float32)
+    quantized = np.round(floats * 8) / 8  # about a hundred distinct values
+    for values, dictionary in ((floats, False), (quantized, True)):
+        table = pa.table({"index": np.arange(200), "features": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 2048)})
+        payload = parquet_bytes(table)
+        encodings = pq.ParquetFile(pa.BufferReader(payload)).metadata.row_group(0).column(1).encodings
+        assert ("RLE_DICTIONARY" in encodings) == dictionary, encodings
+        back = pq.read_table(pa.BufferReader(payload)).column("features").combine_chunks().flatten().to_numpy()
+        assert np.array_equal(back.reshape(200, 2048), values) and parquet_bytes(table) == payload
+
+
 @pytest.mark.slow
 def test_shards_through_one_pipeline_are_each_its_own_rows_features_in_order(one_shard):
     """OpenVINO keeps the next shard's batches queued behind the current one's; every file still holds exactly its own
