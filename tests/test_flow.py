@@ -138,8 +138,11 @@ def test_end_to_end_outputs_follow_the_contract(finished_run):
     assert list_feature_sets(config.storage)[0].splits == {"train": 200, "test": 100}
 
     embedding = pd.read_parquet(summary.tsne.embedding)
-    assert list(embedding.columns) == ["split", "index", "label", "x", "y"]
+    assert list(embedding.columns) == ["split", "index", "label", "x", "y", "neighbours", "neighbour_similarity"]
     assert embedding["split"].value_counts().to_dict() == {"train": 150, "test": 100}
+    neighbours = np.stack(embedding["neighbours"].to_numpy())  # the explorer's: other points of the map, by position
+    assert neighbours.shape == (250, 8) and neighbours.min() >= 0 and neighbours.max() < 250
+    assert not (neighbours == np.arange(250)[:, None]).any()
     train_points, test_points = embedding[embedding["split"] == "train"], embedding[embedding["split"] == "test"]
     assert test_points["x"].between(train_points["x"].min() - 1, train_points["x"].max() + 1).all()
     assert 0 <= summary.tsne.map_knn_accuracy <= 1 and 0 <= summary.tsne.feature_knn_accuracy <= 1
