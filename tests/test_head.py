@@ -145,6 +145,29 @@ def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):
     np.testing.assert_allclose(whole.target_covariance(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_moments_fed_in_blocks_are_the_moments_of_every_row_whatever_the_batch_sizes(monkeypatch):
+    """Batches smaller than a block are gathered in one reused buffer (grown for a larger batch arriving behind
+    others), a batch of a block or more on an empty buffer goes in as it is: every row counts once."""
+    from cifar_transfer.heads import base
+
+    monkeypatch.setattr(base, "MOMENT_BLOCK_BYTES", 40 * 16 * 4)  # 40 rows of 16 float32 features
+    rng = np.random.default_rng(4)
+    features, labels = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 5, 300)
+    blocked, whole = base.BlockedMoments(Moments(5)), Moments(5)
+    sizes = [3, 7, 60, 1, 39, 40, 2, 100, 48]
+    assert sum(sizes) == 300
+    start = 0
+    for size in sizes:
+        blocked.add(features[start : start + size], labels[start : start + size])
+        start += size
+    whole.add(features, labels)
+    done = blocked.done()
+    assert done.count == 300
+    np.testing.assert_allclose(done.mean, whole.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.triu(done.covariance()), np.triu(whole.covariance()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(done.target_covariance(), whole.target_covariance(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("rows", [1000, 24])  # more rows than the 32 features (moments), then fewer (the rows' kernel)
 def test_ridge_solution_equals_least_squares_on_standardized_features(vector_set, rows):
     storage, folder = vector_set
