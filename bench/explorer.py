@@ -4,8 +4,10 @@ the page's open time in headless Chromium; with `--screenshots FOLDER`, the pict
     .venv/bin/python bench/explorer.py --storage /path/to/storage [--fingerprint F] [--map KEY] [--screenshots docs/images]
 
 It renders the explorer of an existing map of a feature set (`--map`, default the map with the most points) exactly as
-the report stage does, without a head (so no predictions nor audit scores), to `<storage>/explorer-bench.html`. The
-neighbours shown (cosine in the set's top principal components) are compared with the exact full-width cosine
+the report stage does, without a head (so no predictions nor audit scores), to `<storage>/explorer-bench.html`. A map
+made by this version kept its points' neighbours (the t-SNE stage searched them); an older map has them searched here,
+in the build time. The neighbours shown (cosine in the top principal components, ranked by the full features) are
+compared with the exact full-width cosine
 neighbours (`audit.index.exact_search`) of `--queries` sampled points: recall at k. Results: bench/results/explorer.jsonl.
 """
 
