@@ -172,9 +172,8 @@ def map_point_neighbours(
     """Each map point's `NEIGHBOURS` nearest (positions, similarities): as the t-SNE stage kept them in the map, or
     searched here from the stored features for a map made before it did."""
     if NEIGHBOURS_COLUMN in embedding.columns and len(embedding) and len(embedding[NEIGHBOURS_COLUMN].iloc[0]) >= NEIGHBOURS:
-        kept = (np.stack(embedding[column].to_numpy())[:, :NEIGHBOURS] for column in (NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN))
-        positions, similarities = kept
-        return positions.astype(np.int64), similarities.astype(np.float32)
+        positions = np.stack(embedding[NEIGHBOURS_COLUMN].to_numpy())[:, :NEIGHBOURS].astype(np.int64)
+        return positions, np.stack(embedding[SIMILARITIES_COLUMN].to_numpy())[:, :NEIGHBOURS].astype(np.float32)
     return map_neighbours(point_vectors(storage, features.folder, splits, index), NEIGHBOURS)
 
 

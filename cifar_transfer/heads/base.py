@@ -106,19 +106,18 @@ class BlockedMoments:
     filled: int = 0
 
     def add(self, features: np.ndarray, labels: np.ndarray) -> None:
-        row_bytes = max(1, features[:1].nbytes)
         if not self.filled and features.nbytes >= MOMENT_BLOCK_BYTES:
             self.moments.add(features, labels)  # a block already
             return
-        if self.buffer is None or self.filled + len(features) > len(self.buffer[0]) or self.buffer[0][:1].nbytes != row_bytes:
+        if self.buffer is not None and self.filled + len(features) > len(self.buffer[0]):
             self._flush()
-        if self.buffer is None or len(features) > len(self.buffer[0]) or self.buffer[0][:1].nbytes != row_bytes:
-            rows = max(len(features), MOMENT_BLOCK_BYTES // row_bytes)
+        if self.buffer is None or len(features) > len(self.buffer[0]):
+            rows = max(len(features), MOMENT_BLOCK_BYTES // max(1, features[:1].nbytes))
             self.buffer = (np.empty((rows, features.shape[1]), features.dtype), np.empty(rows, np.int64))
         self.buffer[0][self.filled : self.filled + len(features)] = features
         self.buffer[1][self.filled : self.filled + len(features)] = labels
         self.filled += len(features)
-        if self.filled * row_bytes >= MOMENT_BLOCK_BYTES:
+        if self.buffer[0][: self.filled].nbytes >= MOMENT_BLOCK_BYTES:
             self._flush()
 
     def done(self) -> Moments:
