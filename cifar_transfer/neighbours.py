@@ -17,6 +17,7 @@ import numpy as np
 
 from cifar_transfer.audit.index import top_k
 from cifar_transfer.audit.vectors import normalized
+from cifar_transfer.evaluation import sample_rows
 
 NEIGHBOURS = 8  # neighbours shown for a clicked point
 PROJECTION = 128  # principal components the neighbour search runs in
@@ -110,7 +111,6 @@ def point_neighbours(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS) -> tup
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     if vectors.shape[1] <= PROJECTION or len(vectors) <= 1:
         return map_neighbours(PointVectors(vectors, vectors), k)
-    rows = len(vectors)
-    basis = np.sort(np.random.default_rng(seed).choice(rows, min(rows, PROJECTION_BASIS_ROWS), replace=False))
+    basis = sample_rows(len(vectors), PROJECTION_BASIS_ROWS, seed)
     project = Projection.of(PCA(n_components=min(PROJECTION, len(basis)), svd_solver="randomized", random_state=seed).fit(vectors[basis]))
     return map_neighbours(PointVectors(normalized(project(vectors)), vectors), k)

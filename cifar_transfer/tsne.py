@@ -133,13 +133,6 @@ def shared_search(search):
     return SharedSearch()
 
 
-def basis_rows(rows: int, seed: int) -> np.ndarray | slice:
-    """The rows the principal components are fitted on: a seeded `PCA_BASIS_ROWS` of them, in order."""
-    if rows <= PCA_BASIS_ROWS:
-        return slice(None)
-    return np.sort(np.random.default_rng(seed).choice(rows, PCA_BASIS_ROWS, replace=False))
-
-
 def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int, new_points: np.ndarray | None = None) -> Embedding:
     """2-D openTSNE embedding of `features` (rows are points) and `new_points` placed into it."""
     from openTSNE import TSNE
@@ -148,7 +141,8 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
 
     project = None
     if features.shape[1] > PCA_COMPONENTS and len(features) > PCA_COMPONENTS:
-        project = Projection.of(PCA(n_components=PCA_COMPONENTS, random_state=seed).fit(features[basis_rows(len(features), seed)]))
+        basis = features[sample_rows(len(features), PCA_BASIS_ROWS, seed)]
+        project = Projection.of(PCA(n_components=PCA_COMPONENTS, random_state=seed).fit(basis))
         features = project(features)
     perplexity = min(perplexity, max((len(features) - 1) / 3, 1.0))
     jobs = os.cpu_count() or 1

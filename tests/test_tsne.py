@@ -33,12 +33,13 @@ def test_components_fitted_on_a_seeded_part_of_a_large_sample_project_like_sciki
     from sklearn.decomposition import PCA
 
     from cifar_transfer import tsne
+    from cifar_transfer.evaluation import sample_rows
 
     monkeypatch.setattr(tsne, "PCA_BASIS_ROWS", 400)
     rows = np.random.default_rng(2).normal(size=(1000, 64)).astype(np.float32) + 3.0
-    part = tsne.basis_rows(len(rows), seed=0)
-    assert isinstance(part, np.ndarray) and len(part) == 400 and np.array_equal(part, tsne.basis_rows(len(rows), seed=0))
-    assert tsne.basis_rows(400, seed=0) == slice(None)  # a sample no larger is fitted whole
+    part = sample_rows(len(rows), tsne.PCA_BASIS_ROWS, seed=0)
+    assert len(part) == 400 and np.array_equal(part, sample_rows(len(rows), tsne.PCA_BASIS_ROWS, seed=0))
+    assert np.array_equal(sample_rows(400, tsne.PCA_BASIS_ROWS, seed=0), np.arange(400))  # a sample no larger is fitted whole
     pca = PCA(n_components=tsne.PCA_COMPONENTS, random_state=0).fit(rows[part])
     projected = tsne.Projection.of(pca)(rows)
     assert projected.dtype == np.float32
