@@ -92,7 +92,7 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     import tensorflow as tf
 
     from cifar_transfer.extractors import build_engine_extractor, get_extractor
-    from cifar_transfer.flows.pipeline import extract_shards
+    from cifar_transfer.flows.pipeline import extract_shards, subflow
 
     start_prefect()
     config, dataset, images = prepared({**options, "engine": engine, "precision": precision}, storage)
@@ -106,7 +106,7 @@ def engine_point(options: dict, engine: str, precision: str, storage: str, test_
     test_only = dataset.model_copy(update={"sizes": {"test": test_images}})
     rates = ceiling_passes(bare, resized, batch)
     started = time.perf_counter()
-    extract_shards(config.storage, config.extraction_settings, spec, test_only)
+    subflow(extract_shards, config.storage, config.extraction_settings, spec, test_only)  # as the job runs it
     pipeline = test_images / (time.perf_counter() - started)
     rates += ceiling_passes(bare, resized, batch)
     ceiling, typical = max(rates), statistics.median(rates)
@@ -136,7 +136,7 @@ def test_features(storage: str, fingerprint: str):
 def scaling_point(options: dict, storage: str, images: int) -> dict:
     """The extraction stage over the first `images` train images with the default engine, model build included."""
     from cifar_transfer.engines import choose_engine
-    from cifar_transfer.flows.pipeline import extract_shards
+    from cifar_transfer.flows.pipeline import extract_shards, subflow
 
     start_prefect()
     config, dataset, test_images = prepared(options, storage)
@@ -148,7 +148,7 @@ def scaling_point(options: dict, storage: str, images: int) -> dict:
     )
     spec = config.feature_spec(dataset.md5, choice.engine, choice.precision)
     started = time.perf_counter()
-    extract_shards(config.storage, config.extraction_settings, spec, dataset.model_copy(update={"sizes": {"train": images}}))
+    subflow(extract_shards, config.storage, config.extraction_settings, spec, dataset.model_copy(update={"sizes": {"train": images}}))
     seconds = time.perf_counter() - started
     return {
         "images": images,

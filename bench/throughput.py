@@ -61,7 +61,7 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
     from cifar_transfer.download import fetch_archive
     from cifar_transfer.engines import choose_engine
     from cifar_transfer.extractors import INT8_CALIBRATION_IMAGES, build_engine_extractor, get_extractor
-    from cifar_transfer.flows.pipeline import extract_shards
+    from cifar_transfer.flows.pipeline import extract_shards, subflow
     from cifar_transfer.shard_files import features_folder
     from cifar_transfer.shards import Shard
     from cifar_transfer.storage import Storage
@@ -90,7 +90,11 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
     calibration = (lambda: resized_to_input(first_train_rows(INT8_CALIBRATION_IMAGES)[0])) if spec.precision == "int8" else None
     bare = build_engine_extractor(spec, (size, size, 3), calibration=calibration)
     bare(resized[:batch], batch)  # compilation and first allocations
-    get_extractor(spec, test_images.shape[1:], config.storage)(test_images[:batch], batch)
+
+    def warm_extractor() -> None:  # built and run once, as the engine choice leaves it before the shards
+        get_extractor(spec, test_images.shape[1:], config.storage)(test_images[:batch], batch)
+
+    warm_extractor()
     subset = dataset.model_copy(update={"sizes": {"train": images}})
     folder = Path(features_folder(Storage(config.storage), spec))
     answer({"engine": choice.engine, "precision": choice.precision, "batch": batch, "fingerprint": spec.fingerprint})
@@ -103,8 +107,9 @@ def serve(options: dict, images: int, ceiling_images: int) -> None:
         elif command == "pipeline":
             for view in ("train", "test"):
                 shutil.rmtree(folder / view, ignore_errors=True)
+            warm_extractor()  # the flow before released it when its shards were done
             started = time.perf_counter()
-            extract_shards(config.storage, settings, spec, subset)
+            subflow(extract_shards, config.storage, settings, spec, subset)  # as the job runs it: no heartbeat of its own
             answer({"images_per_second": images / (time.perf_counter() - started), "load": os.getloadavg()[0]})
     shutil.rmtree(storage, ignore_errors=True)
 

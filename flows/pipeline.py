@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from prefect import flow, tags
+from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -81,8 +81,9 @@ def extract_shards(
     plan = plan_extraction_task(storage_url, spec, dataset, settings.shard_size, settings.flip)
 
     def submit(shards: list[Shard]) -> PrefectFuture[ExtractedShards]:
-        with tags(spec.backbone, *sorted({shard.split for shard in shards})):
-            return extract_shards_task.submit(storage_url, spec, dataset, shards, settings.resolved_batch_size)
+        # Untagged: a tagged task run first asks the server for its tags' concurrency slots, a call that took 2 s
+        # at times (Prefect 3.9 on SQLite) while the engine waited for the run's shards.
+        return extract_shards_task.submit(storage_url, spec, dataset, shards, settings.resolved_batch_size)
 
     records, stats = extract_in_runs(plan.reused, plan.to_compute, submit, runs_at_once)
     release_extractors()  # shards of the thread runner ran here; Dask/Ray workers keep theirs
