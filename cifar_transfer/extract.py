@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from cifar_transfer.claims import claim
 from cifar_transfer.config import FeatureSpec
 from cifar_transfer.errors import FeatureSetError
-from cifar_transfer.extractors import get_extractor
+from cifar_transfer.extractors import ComputedFeatures, get_extractor
 from cifar_transfer.feature_records import ShardRecord, read_manifest
 from cifar_transfer.pause import pause_at, pausing_at
 from cifar_transfer.progress import ExtractedShard
@@ -92,7 +92,7 @@ def extract_shards(
                 wait([result for result in results.values() if isinstance(result, Future)])
                 pause_at(shard.name)
             extractor = get_extractor(spec, prepared.images.shape[1:], storage_url)
-            submitted = _InFlight(number, prepared, extractor.submit(prepared.images, batch_size), in_flight)
+            submitted = _InFlight(number, prepared, extractor.submit(prepared.images, batch_size))
             _finish(in_flight, committing, results)  # the engine computes `submitted` meanwhile
             in_flight = submitted
         _finish(in_flight, committing, results)
@@ -109,21 +109,10 @@ class _Prepared:
 
 
 class _InFlight:
-    """A shard whose batches are queued on the engine: when they were, and when the engine finished them."""
+    """A shard whose batches are queued on the engine."""
 
-    def __init__(self, number: int, prepared: _Prepared, features: Future[np.ndarray], behind: _InFlight | None):
-        self.number, self.prepared, self.features, self.behind = number, prepared, features, behind
-        self.submitted_at = self.done_at = time.perf_counter()
-        features.add_done_callback(self._done)
-
-    def _done(self, _: Future) -> None:
-        self.done_at = time.perf_counter()
-
-    def engine_seconds(self) -> float:
-        """The engine's time on this shard: from its submission, or the end of the shard queued before it, to its end."""
-        started = max(self.submitted_at, self.behind.done_at) if self.behind is not None else self.submitted_at
-        self.behind = None  # keep no chain of finished shards
-        return self.done_at - started
+    def __init__(self, number: int, prepared: _Prepared, features: ComputedFeatures):
+        self.number, self.prepared, self.features = number, prepared, features
 
 
 def _prepare(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard: Shard, claims: ExitStack) -> _Prepared | ExtractedShard:
@@ -153,7 +142,7 @@ def _finish(shard: _InFlight | None, committing: ThreadPoolExecutor, results: di
     """Wait for the engine to finish `shard`, then hand it to the commit thread."""
     if shard is not None:
         features = shard.features.result()
-        results[shard.number] = committing.submit(_commit, shard.prepared, features, shard.engine_seconds())
+        results[shard.number] = committing.submit(_commit, shard.prepared, features, shard.features.engine_seconds)
 
 
 def _commit(prepared: _Prepared, features: np.ndarray, seconds: float) -> ExtractedShard:

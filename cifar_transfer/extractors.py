@@ -41,13 +41,22 @@ _OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "
 INT8_CALIBRATION_IMAGES = 300  # NNCF's default subset: activation ranges settle well before it
 
 
+class ComputedFeatures(Future[np.ndarray]):
+    """A shard's features to come; once they are there, `engine_seconds` is the engine's time on them alone (from
+    when it took their first batch, or finished the shard before them, to their last batch), whichever run or
+    thread submitted the shards around them."""
+
+    engine_seconds = 0.0
+
+
 class Extractor(Protocol):
-    """`submit` queues a shard's batches behind those already submitted and returns at once with its features'
-    future, so the engine goes from one shard to the next without draining; calling it waits for the features."""
+    """`submit` queues a shard's batches behind those already submitted (waiting only for free requests) and returns
+    its features' future, so the engine goes from one shard to the next without draining; calling it waits for the
+    features."""
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray: ...
 
-    def submit(self, images: np.ndarray, batch_size: int) -> Future[np.ndarray]: ...
+    def submit(self, images: np.ndarray, batch_size: int) -> ComputedFeatures: ...
 
 
 class KerasExtractor:
@@ -62,12 +71,15 @@ class KerasExtractor:
         outputs = [self.forward(images[start : start + batch_size]).numpy() for start in range(0, len(images), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output.shape[1:]), np.float32)
 
-    def submit(self, images: np.ndarray, batch_size: int) -> Future[np.ndarray]:
+    def submit(self, images: np.ndarray, batch_size: int) -> ComputedFeatures:
         """TensorFlow runs a batch at a time on every core, so there is nothing to keep in flight: computed now."""
-        done: Future[np.ndarray] = Future()
+        done = ComputedFeatures()
         try:
             with self._computing:
-                done.set_result(self(images, batch_size))
+                started = time.perf_counter()
+                features = self(images, batch_size)
+                done.engine_seconds = time.perf_counter() - started
+            done.set_result(features)
         except Exception as error:
             done.set_exception(error)
         return done
@@ -87,16 +99,19 @@ class OpenVINOExtractor:
         self.output_shape = tuple(dimension.get_length() for dimension in self.compiled.output(0).get_partial_shape()[1:])
         self.float_model = float_model  # the float OpenVINO model it was made from, when converted in this process
         self._submitting = threading.Lock()  # one shard's batches enter the queue together, in order
+        self._last_job: _OpenVINOJob | None = None  # the shard queued last: the next one's engine time starts at its end
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         return self.submit(images, batch_size).result()
 
-    def submit(self, images: np.ndarray, batch_size: int) -> Future[np.ndarray]:
+    def submit(self, images: np.ndarray, batch_size: int) -> ComputedFeatures:
         """Queue every batch of `images` behind those in flight (waiting only for free requests) and return."""
         job = _OpenVINOJob(np.empty((len(images), *self.output_shape), np.float32), -(-len(images) // batch_size))
         with self._submitting:
+            job.behind, self._last_job = self._last_job, job
             for start in range(0, len(images), batch_size):
                 self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=(job, start))
+                job.started_at = job.started_at or time.perf_counter()  # the engine took its first batch
         if not len(images):
             job.done.set_result(job.features)
         return job.done
@@ -108,8 +123,10 @@ class _OpenVINOJob:
     def __init__(self, features: np.ndarray, batches: int):
         self.features = features
         self.batches_left = batches
-        self.done: Future[np.ndarray] = Future()
+        self.done = ComputedFeatures()
         self.lock = threading.Lock()
+        self.behind: _OpenVINOJob | None = None  # the shard queued before it, until this one is done
+        self.started_at = self.finished_at = 0.0
 
     @staticmethod
     def collect(request, userdata: tuple[_OpenVINOJob, int]) -> None:
@@ -125,6 +142,9 @@ class _OpenVINOJob:
             job.batches_left -= 1
             finished = job.batches_left == 0
         if finished and not job.done.done():
+            job.finished_at = time.perf_counter()
+            before = job.behind.finished_at if job.behind is not None else 0.0
+            job.done.engine_seconds, job.behind = job.finished_at - max(job.started_at, before), None
             job.done.set_result(job.features)
 
 

@@ -61,6 +61,35 @@ def test_openvino_float32_computes_the_tensorflow_model(images):
     )
 
 
+def test_each_shards_engine_time_is_its_own_when_two_runs_share_the_engine(images):
+    """Two task runs feed one engine: a shard's engine time must not count the other run's shards queued before
+    it (the log's per-shard rate), so the times of all shards add up to no more than the engine's wall time."""
+    import threading
+    import time
+
+    extractor = get_extractor(load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32), (32, 32, 3))
+    shard = np.concatenate([images] * 10)  # 400 images, 25 batches
+    extractor(shard[:16], 16)
+    together, futures = threading.Barrier(2), []
+
+    def run() -> None:
+        together.wait()
+        futures.extend([extractor.submit(shard, 16) for _ in range(4)])
+
+    started = time.perf_counter()
+    runs = [threading.Thread(target=run) for _ in range(2)]
+    for one in runs:
+        one.start()
+    for one in runs:
+        one.join()
+    for future in futures:
+        future.result()
+    wall = time.perf_counter() - started
+    seconds = [future.engine_seconds for future in futures]
+    assert len(seconds) == 8 and all(one > 0 for one in seconds)
+    assert 0.5 * wall < sum(seconds) <= wall, (seconds, wall)
+
+
 CONVERTED_RERUN = """
 import json
 import sys
