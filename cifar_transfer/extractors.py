@@ -43,8 +43,8 @@ INT8_CALIBRATION_IMAGES = 300  # NNCF's default subset: activation ranges settle
 
 class ComputedFeatures(Future[np.ndarray]):
     """A shard's features to come; once they are there, `engine_seconds` is the engine's time on them alone (from
-    when it took their first batch, or finished the shard before them, to their last batch), whichever run or
-    thread submitted the shards around them."""
+    their submission, or the end of the shard queued before them, to their last batch), whichever run or thread
+    submitted the shards around them."""
 
     engine_seconds = 0.0
 
@@ -108,10 +108,11 @@ class OpenVINOExtractor:
         """Queue every batch of `images` behind those in flight (waiting only for free requests) and return."""
         job = _OpenVINOJob(np.empty((len(images), *self.output_shape), np.float32), -(-len(images) // batch_size))
         with self._submitting:
-            job.behind, self._last_job = self._last_job, job
+            # Its engine time starts now or when the shard queued before it is done, whichever is later (set before
+            # the first batch goes in: a one-batch shard can be done before `start_async` returns).
+            job.behind, self._last_job, job.started_at = self._last_job, job, time.perf_counter()
             for start in range(0, len(images), batch_size):
                 self.requests.start_async({0: np.ascontiguousarray(images[start : start + batch_size])}, userdata=(job, start))
-                job.started_at = job.started_at or time.perf_counter()  # the engine took its first batch
         if not len(images):
             job.done.set_result(job.features)
         return job.done
