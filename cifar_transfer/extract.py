@@ -75,6 +75,7 @@ def extract_shards(
     """
     results: dict[int, ExtractedShard | Future[ExtractedShard]] = {}
     in_flight: _InFlight | None = None
+    spare: list[np.ndarray] = []  # features arrays of committed shards, for the engine to fill again
     with ExitStack() as claims, ThreadPoolExecutor(1, "shard-read") as reading, ThreadPoolExecutor(1, "shard-commit") as committing:
         upcoming = reading.submit(_prepare, storage_url, spec, dataset, shards[0], claims) if shards else None
         for number, shard in enumerate(shards):
@@ -87,15 +88,15 @@ def extract_shards(
                 results[number] = prepared
                 continue
             if pausing_at(shard.name):  # the test hook holds this shard with every shard before it committed
-                _finish(in_flight, committing, results)
+                _finish(in_flight, committing, results, spare)
                 in_flight = None
                 wait([result for result in results.values() if isinstance(result, Future)])
                 pause_at(shard.name)
             extractor = get_extractor(spec, prepared.images.shape[1:], storage_url)
-            submitted = _InFlight(number, prepared, extractor.submit(prepared.images, batch_size))
-            _finish(in_flight, committing, results)  # the engine computes `submitted` meanwhile
+            submitted = _InFlight(number, prepared, extractor.submit(prepared.images, batch_size, spare.pop() if spare else None))
+            _finish(in_flight, committing, results, spare)  # the engine computes `submitted` meanwhile
             in_flight = submitted
-        _finish(in_flight, committing, results)
+        _finish(in_flight, committing, results, spare)
         return [result.result() if isinstance(result, Future) else result for _, result in sorted(results.items())]
 
 
@@ -138,11 +139,19 @@ def _prepare(storage_url: str, spec: FeatureSpec, dataset: SourceDataset, shard:
     return _Prepared(storage, spec, shard, images, rows, held)
 
 
-def _finish(shard: _InFlight | None, committing: ThreadPoolExecutor, results: dict[int, ExtractedShard | Future[ExtractedShard]]) -> None:
-    """Wait for the engine to finish `shard`, then hand it to the commit thread."""
+def _finish(
+    shard: _InFlight | None,
+    committing: ThreadPoolExecutor,
+    results: dict[int, ExtractedShard | Future[ExtractedShard]],
+    spare: list[np.ndarray],
+) -> None:
+    """Wait for the engine to finish `shard`, then hand it to the commit thread; once committed (its file written
+    and nothing left that reads its features), its features array goes to `spare`."""
     if shard is not None:
         features = shard.features.result()
-        results[shard.number] = committing.submit(_commit, shard.prepared, features, shard.features.engine_seconds)
+        committed = committing.submit(_commit, shard.prepared, features, shard.features.engine_seconds)
+        committed.add_done_callback(lambda done: spare.append(features) if done.exception() is None else None)
+        results[shard.number] = committed
 
 
 def _commit(prepared: _Prepared, features: np.ndarray, seconds: float) -> ExtractedShard:

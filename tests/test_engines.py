@@ -89,6 +89,13 @@ def test_each_shards_engine_time_is_its_own_when_two_runs_share_the_engine(image
     assert len(seconds) == 8 and all(one > 0 for one in seconds)
     assert 0.5 * wall < sum(seconds) <= wall, (seconds, wall)
 
+    # The pipeline hands a committed shard's array back to be filled again: the same memory, the same features.
+    reused = futures[0].result()
+    again = extractor.submit(shard[::-1].copy(), 16, into=reused).result()
+    assert again is reused
+    np.testing.assert_array_equal(again, extractor(shard[::-1].copy(), 16))
+    assert extractor.submit(shard[:5], 16, into=reused).result() is not reused  # another shape: a new array
+
 
 CONVERTED_RERUN = """
 import json
