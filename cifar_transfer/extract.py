@@ -150,7 +150,12 @@ def _finish(
     if shard is not None:
         features = shard.features.result()
         committed = committing.submit(_commit, shard.prepared, features, shard.features.engine_seconds)
-        committed.add_done_callback(lambda done: spare.append(features) if done.exception() is None else None)
+
+        def reuse(done: Future[ExtractedShard]) -> None:
+            if done.exception() is None:  # a failed commit's traceback may still hold a table over the array
+                spare.append(features)
+
+        committed.add_done_callback(reuse)
         results[shard.number] = committed
 
 

@@ -6,6 +6,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -64,9 +66,6 @@ def test_openvino_float32_computes_the_tensorflow_model(images):
 def test_each_shards_engine_time_is_its_own_when_two_runs_share_the_engine(images):
     """Two task runs feed one engine: a shard's engine time must not count the other run's shards queued before
     it (the log's per-shard rate), so the times of all shards add up to no more than the engine's wall time."""
-    import threading
-    import time
-
     extractor = get_extractor(load_config(**TINY, engine="openvino", precision="float32").feature_spec("a" * 32), (32, 32, 3))
     shard = np.concatenate([images] * 10)  # 400 images, 25 batches
     extractor(shard[:16], 16)
