@@ -6,7 +6,6 @@ every array are there at their recorded sizes, so a deleted or truncated array i
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 
@@ -64,10 +63,11 @@ def read_marker(storage: Storage, path: str) -> DatasetInfo:
     return records.DATASET.load(DatasetInfo, storage.read_bytes(path), storage.uri(path), storage.root)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+def _write_npy(storage: Storage, path: str, array: np.ndarray) -> int:
+    """Write `array` as a .npy file atomically, straight from its memory (no copy of it as bytes); its size."""
+    with storage.open_atomic(path, array.nbytes) as stream:
+        np.lib.format.write_array(stream, array, allow_pickle=False)
+        return stream.tell()
 
 
 def dataset_id(archive_md5: str, archive_format: str = "cifar10", label_mode: str | None = None) -> str:
@@ -149,9 +149,7 @@ def _decode(
     for split, (images, labels) in splits.items():
         for kind, array in (("images", images), ("labels", labels)):
             path = files.array(split, kind)
-            payload = _npy_bytes(array)
-            storage.write_atomic(path, payload)
-            sizes[path.rsplit("/", 1)[-1]] = len(payload)
+            sizes[path.rsplit("/", 1)[-1]] = _write_npy(storage, path, array)
     info = DatasetInfo(
         folder=files.folder,
         md5=archive_md5,

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cifar_transfer.audit.index import top_k
-from cifar_transfer.audit.vectors import normalized
+from cifar_transfer.audit.vectors import normalized, row_norms
 from cifar_transfer.evaluation import sample_rows
 
 NEIGHBOURS = 8  # neighbours shown for a clicked point
@@ -59,10 +59,13 @@ def map_neighbours(vectors: PointVectors, k: int) -> tuple[np.ndarray, np.ndarra
     candidates, _ = nearest_points(vectors.projected, max(k, CANDIDATES))
     positions = np.full((len(candidates), k), -1, np.int64)
     similarities = np.full((len(candidates), k), np.nan, np.float32)
+    # One buffer for every block's gathered candidates: a new 34 MB array each block would be fresh memory each time.
+    gathered = np.empty((RERANK_BLOCK, candidates.shape[1], vectors.full.shape[1]), np.float32)
     for start in range(0, len(candidates), RERANK_BLOCK):
         chosen = candidates[start : start + RERANK_BLOCK]
         queries = vectors.full[start : start + RERANK_BLOCK]
-        found = np.matmul(vectors.full[np.maximum(chosen, 0)], queries[:, :, None])[:, :, 0]  # faster than einsum
+        rows = np.take(vectors.full, chosen, axis=0, out=gathered[: len(chosen)], mode="clip")  # -1 (none) reads row 0
+        found = np.matmul(rows, queries[:, :, None])[:, :, 0]  # faster than einsum
         found[chosen < 0] = -np.inf
         best, values = top_k(found, chosen, k)
         positions[start : start + len(chosen)] = np.where(np.isfinite(values), best, -1)
@@ -108,7 +111,7 @@ def point_neighbours(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS) -> tup
     a seeded `PROJECTION_BASIS_ROWS` of the points."""
     from sklearn.decomposition import PCA
 
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors /= np.maximum(row_norms(vectors), 1e-12)[:, None]
     if vectors.shape[1] <= PROJECTION or len(vectors) <= 1:
         return map_neighbours(PointVectors(vectors, vectors), k)
     basis = sample_rows(len(vectors), PROJECTION_BASIS_ROWS, seed)
