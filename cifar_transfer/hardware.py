@@ -1,11 +1,14 @@
-"""What this machine offers the engine choice: CPU flags and model, cores, GPUs, OpenVINO."""
+"""What this machine offers the engine choice (CPU flags and model, cores, GPUs, OpenVINO), and how the pipeline's
+processes use its memory."""
 
 from __future__ import annotations
 
 import functools
 import glob
 import importlib.util
+import os
 import platform
+import re
 import sys
 
 from cifar_transfer.native import load_tensorflow
@@ -91,3 +94,32 @@ def _openvino_version() -> str | None:
     import openvino
 
     return openvino.get_version()
+
+
+THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"
+# Kernel settings under which memory advised for huge pages is compacted while the faulting thread waits.
+STALLING_DEFRAG = frozenset({"always", "madvise", "defer+madvise"})
+
+
+def avoid_huge_page_stalls(defrag_setting: str = THP_DEFRAG) -> bool:
+    """Stop numpy advising huge pages for its large arrays where the kernel serves that advice by compacting memory
+    while the thread waits (`defrag_setting` names `always`, `madvise` or `defer+madvise`; numpy issue 31590).
+    On this project's 2-core VM every new GiB cost 1.2-4.8 s that way against 0.3 s without the advice: the head's
+    read of its train split, the map's sample and the archive's decode spent most of their time there. Returns
+    whether it did; a user's own NUMPY_MADVISE_HUGEPAGE is left to numpy. Set in the environment too, so worker
+    processes started from this one (a local Dask or Ray cluster) do the same."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return False
+    try:
+        with open(defrag_setting) as setting:
+            chosen = re.search(r"\[([^\]]+)\]", setting.read())
+    except OSError:  # not Linux, or no transparent huge pages
+        return False
+    if chosen is None or chosen.group(1) not in STALLING_DEFRAG:
+        return False
+    import numpy as np
+
+    multiarray = importlib.import_module("numpy.core.multiarray" if np.__version__.startswith("1.") else "numpy._core.multiarray")
+    multiarray._set_madvise_hugepage(False)  # numpy's own switch behind NUMPY_MADVISE_HUGEPAGE
+    os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
+    return True
