@@ -446,8 +446,7 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int, 
 
 def _split_arrays(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """A split's images (N x 32 x 32 x 3) and labels from its batches' channel-first rows, each batch transposed
-    straight into place: one new array, not a joined copy and then a transposed one (new memory cost seconds a
-    GiB on some VMs)."""
+    straight into place: one new array, not a joined copy and then a transposed one."""
     images = np.empty((sum(len(rows) for rows, _ in batches), 32, 32, 3), np.uint8)
     start = 0
     for rows, _ in batches:

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 _OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "f32"}
 
 INT8_CALIBRATION_IMAGES = 300  # NNCF's default subset: activation ranges settle well before it
-# Calibration images per NNCF statistics step. One at a time, seeded InceptionV3 139 px quantized in 7.4 s to a cosine
-# of 0.99961 to float32 (probe accuracy 34.57% against float32's 36.52%); in 20s, 5.2 s to 0.99982 (36.72%); ImageNet
-# MobileNetV2 64 px 4.0 s to 0.925, 2.3 s to 0.951 (`int8` refused by `auto` either way).
+# Calibration images per NNCF statistics step. Seeded InceptionV3 139 px, one image a step: 7.4 s, cosine to float32
+# 0.99961, probe accuracy 34.57% (float32 36.52%); 20 a step: 5.2 s, 0.99982, 36.72%. ImageNet MobileNetV2 64 px:
+# 4.0 s and 0.925 against 2.3 s and 0.951 (refused by `auto` either way).
 INT8_CALIBRATION_BATCH = 20
 
 
