@@ -25,7 +25,6 @@ from cifar_transfer.audit.stage import AuditResult
 from cifar_transfer.config import ExtractionSettings, FeatureSpec, PipelineConfig
 from cifar_transfer.extractors import release_extractors
 from cifar_transfer.feature_records import FeatureSetInfo
-from cifar_transfer.hardware import avoid_huge_page_stalls
 from cifar_transfer.progress import ExtractedFeatures, ExtractedShards, ExtractionStats
 from cifar_transfer.report import RunSummary
 from cifar_transfer.shards import Shard
@@ -42,8 +41,6 @@ from cifar_transfer.tasks.report import publish_report_task
 from cifar_transfer.tasks.runners import runs_at_once, shard_runner
 from cifar_transfer.tasks.sources import PreparedSource, prepare_source
 from cifar_transfer.tasks.tsne import tsne_task
-
-avoid_huge_page_stalls()  # every flow run imports this module before its first large array
 
 DEFAULT_CONFIG = PipelineConfig()  # frozen, so sharing one default instance is safe (validating it imports no Keras)
 

@@ -54,13 +54,15 @@ def test_a_users_own_setting_is_left_to_numpy(tmp_path):
     assert probe(defrag, NUMPY_MADVISE_HUGEPAGE="1") == {"changed": False, "advised": True, "child_advised": True}
 
 
-def test_a_flow_run_process_follows_this_machines_setting():
-    """What a deployment's flow-run process does on import of the flows, by this machine's own kernel setting."""
+@pytest.mark.parametrize("entry", ["cifar_transfer.flows.cli", "cifar_transfer.flows.pipeline"])
+def test_the_command_line_and_a_flow_run_process_follow_this_machines_setting(entry):
+    """What the command line and a deployment's flow-run process do once they import their module, by this machine's
+    own kernel setting."""
     try:
         chosen = Path(THP_DEFRAG).read_text().split("[", 1)[1].split("]", 1)[0]
     except (OSError, IndexError):
         chosen = None
     env = {name: value for name, value in os.environ.items() if name != "NUMPY_MADVISE_HUGEPAGE"}
-    code = "import cifar_transfer.flows.pipeline; from numpy._core.multiarray import _get_madvise_hugepage as g; print(g())"
+    code = f"import {entry}; from numpy._core.multiarray import _get_madvise_hugepage as g; print(g())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip().splitlines()[-1] == str(chosen not in STALLING_DEFRAG)
