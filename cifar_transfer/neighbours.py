@@ -22,6 +22,10 @@ from cifar_transfer.evaluation import sample_rows
 NEIGHBOURS = 8  # neighbours shown for a clicked point
 PROJECTION = 128  # principal components the neighbour search runs in
 PROJECTION_BASIS_ROWS = 10_000  # rows of the points the projection is fitted on (`point_neighbours`)
+# Power iterations of the projection's randomized PCA (scikit-learn's "auto": 7 here). The projection only picks the
+# candidates the full features rank: at 25,000 points of 4,096 InceptionV3 features, 2 took 0.8 s instead of 2.3 s
+# and found 92.40% of the exact 8 nearest against 92.31% (1,000 queries).
+PROJECTION_POWER_ITERATIONS = 2
 # Blocks small enough that their temporaries stay in memory the allocator reuses: at 25,000 points of 4,096 features
 # blocks of 1,024 queries (100 MB of similarities) and 256 reranked points (134 MB of candidates) took 8.2 s, these 4.6.
 QUERY_BLOCK = 128  # query rows compared with every point at once (QUERY_BLOCK x points floats in memory)
@@ -115,5 +119,6 @@ def point_neighbours(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS) -> tup
     if vectors.shape[1] <= PROJECTION or len(vectors) <= 1:
         return map_neighbours(PointVectors(vectors, vectors), k)
     basis = sample_rows(len(vectors), PROJECTION_BASIS_ROWS, seed)
-    project = Projection.of(PCA(n_components=min(PROJECTION, len(basis)), svd_solver="randomized", random_state=seed).fit(vectors[basis]))
+    pca = PCA(min(PROJECTION, len(basis)), svd_solver="randomized", iterated_power=PROJECTION_POWER_ITERATIONS, random_state=seed)
+    project = Projection.of(pca.fit(vectors[basis]))
     return map_neighbours(PointVectors(normalized(project(vectors)), vectors), k)
