@@ -29,6 +29,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import HeadSettings
 from cifar_transfer.evaluation import confusion_matrix, per_class_accuracy
 from cifar_transfer.feature_records import Lineage
+from cifar_transfer.hardware import sharing_cores
 from cifar_transfer.heads import HEADS, candidate_heads
 from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, predictor
 from cifar_transfer.heads.ensemble import EnsembleDetails, average_model, ensemble_head
@@ -159,6 +160,11 @@ def train_head(
     done = finished_head(storage, folder, key)
     if done is not None:
         return done
+    with sharing_cores():
+        return _new_head(storage, folder, key, settings, classes, lineage)
+
+
+def _new_head(storage: Storage, folder: str, key: str, settings: HeadSettings, classes: list[str], lineage: Lineage | None) -> HeadResult:
     started = time.perf_counter()
     files = layout.head_files(folder, key)
     storage.write_atomic(files.settings, records.HEAD_SETTINGS.dump(settings))

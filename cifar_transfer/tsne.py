@@ -38,6 +38,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import Lineage, split_manifest
+from cifar_transfer.hardware import sharing_cores
 from cifar_transfer.neighbours import Projection, point_neighbours
 from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import save_png, scatter_figure
@@ -174,6 +175,11 @@ def tsne_map(
     done = finished_tsne(storage, folder, key)
     if done is not None:
         return done
+    with sharing_cores():
+        return _new_map(storage, folder, key, settings, classes, lineage)
+
+
+def _new_map(storage: Storage, folder: str, key: str, settings: TsneSettings, classes: list[str], lineage: Lineage | None) -> TsneResult:
     started = time.perf_counter()
     files = layout.tsne_files(folder, key)
     storage.write_atomic(files.settings, records.TSNE_SETTINGS.dump(settings))

@@ -1,0 +1,54 @@
+"""Stages side by side share the cores: OpenBLAS's threads are divided among the CPU-heavy stages running at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# A fresh interpreter with numpy's and scipy's OpenBLAS both loaded, as in a run. The main thread sets the count first
+# (after which OpenBLAS ignores its plain setter in other threads); a stage then runs in the main thread, as the head
+# does in a flow, and another in a worker thread, as the map does.
+PROBE = """
+import json, threading
+import numpy, scipy.optimize
+from threadpoolctl import ThreadpoolController
+from cifar_transfer.hardware import sharing_cores
+
+def counts():
+    return sorted(library.get_num_threads() for library in ThreadpoolController().select(internal_api="openblas").lib_controllers)
+
+ThreadpoolController().limit(limits=ThreadpoolController().select(internal_api="openblas").lib_controllers[0].get_num_threads())
+seen = {"before": counts()}
+entered, leave, left = threading.Event(), threading.Event(), threading.Event()
+
+def second_stage():
+    with sharing_cores():
+        seen["worker_inside"] = counts()
+        entered.set()
+        leave.wait()
+    left.set()
+
+with sharing_cores():
+    seen["alone"] = counts()
+    worker = threading.Thread(target=second_stage)
+    worker.start()
+    entered.wait()
+    seen["together"] = counts()
+    leave.set()
+    left.wait()
+    seen["alone_again"] = counts()
+worker.join()
+seen["after"] = counts()
+print(json.dumps(seen))
+"""
+
+
+def test_two_stages_at_once_divide_openblas_threads_and_one_alone_gets_them_all():
+    seen = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout)
+    before = seen["before"]
+    assert len(before) == 2, f"numpy's and scipy's OpenBLAS were not both loaded: {before}"
+    assert min(before) >= 2, f"OpenBLAS runs {before} threads here: the division needs a machine of 2 cores or more"
+    halved = [count // 2 for count in before]
+    assert seen["together"] == seen["worker_inside"] == halved
+    assert seen["alone"] == seen["alone_again"] == seen["after"] == before
