@@ -1,11 +1,13 @@
 """Benchmark: the stages after extraction (the head, the t-SNE map), before and after, against the set's extraction.
 
     git worktree add /tmp/stages-before <commit>
-    .venv/bin/python bench/stages.py storage/features/<set> --baseline-checkout /tmp/stages-before [--stages head,tsne]
+    .venv/bin/python bench/stages.py storage/features/<set> --baseline-checkout /tmp/stages-before \
+        [--stages head,tsne,together]
 
 For one complete feature set, each stage runs in a fresh process per checkout, alternating (baseline, then this
 checkout), with that checkout's default settings: the head by `train_head` on a fresh hard-linked copy of the set
-(`bench/heads.py`; nothing reused), the map by `tsne_map` into a folder of its own. Each row of
+(`bench/heads.py`; nothing reused), the map by `tsne_map` into a folder of its own; `together` runs the two side by
+side as `analyze-features` does (the map in a thread, the head in the main one). Each row of
 bench/results/stages.jsonl holds one stage of one checkout: its seconds, those over the set's own extraction time
 (`feature_set.json`), and its quality (the head's validation and test accuracy, the map's 10-NN class accuracy in
 2-D and in PCA space, as the report shows them).
@@ -39,16 +41,40 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "points"
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+# Runs in the child: the map and the head at once, each into a key of its own, as a run's analysis runs them.
+TOGETHER_CHILD = """
+import json, resource, sys, threading, time
+from cifar_transfer.config import PipelineConfig
+from cifar_transfer.head import train_head
+from cifar_transfer.tsne import tsne_map
+storage, folder, key = sys.argv[1], sys.argv[2], sys.argv[3]
+config, classes, seconds, results = PipelineConfig(), [str(n) for n in range(10)], {}, {}
+def tsne():
+    started = time.perf_counter()
+    results["tsne"] = tsne_map(storage, folder, key, config.tsne_settings, classes)
+    seconds["tsne"] = time.perf_counter() - started
+started = time.perf_counter()
+beside = threading.Thread(target=tsne)
+beside.start()
+results["head"] = train_head(storage, folder, key, config.head_settings, classes)
+seconds["head"] = time.perf_counter() - started
+beside.join()
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "tsne_seconds": seconds["tsne"],
+      "head_seconds": seconds["head"], "test_accuracy": results["head"].test_accuracy,
+      "map_knn_accuracy": results["tsne"].map_knn_accuracy,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
-def run_tsne(checkout: Path, folder: str, key: str) -> dict:
-    return run_child(checkout, TSNE_CHILD, str(Path(folder).parents[1]), folder, key)
+
+def run_tsne(checkout: Path, folder: str, key: str, code: str = TSNE_CHILD) -> dict:
+    return run_child(checkout, code, str(Path(folder).parents[1]), folder, key)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("features", help="a complete feature set folder")
     parser.add_argument("--baseline-checkout", required=True, help="the checkout before (git worktree add DIR COMMIT)")
-    parser.add_argument("--stages", default="head,tsne", help="stages to measure, comma-separated (default: head,tsne)")
+    parser.add_argument("--stages", default="head,tsne", help="head, tsne, together; comma-separated (default: head,tsne)")
     arguments = parser.parse_args()
     extraction = json.loads((Path(arguments.features) / "feature_set.json").read_text())["extraction"]["seconds"]
     checkouts = {"before": Path(arguments.baseline_checkout), "after": REPO}
@@ -59,10 +85,10 @@ def main() -> None:
             for name, checkout in checkouts.items():
                 if stage == "head":
                     result = run_head(checkout, folder, {})
-                elif stage == "tsne":
-                    result = run_tsne(checkout, folder, f"bench-{name}")
+                elif stage in ("tsne", "together"):
+                    result = run_tsne(checkout, folder, f"bench-{stage}-{name}", TSNE_CHILD if stage == "tsne" else TOGETHER_CHILD)
                 else:
-                    raise SystemExit(f"unknown stage {stage!r}: give head or tsne")
+                    raise SystemExit(f"unknown stage {stage!r}: give head, tsne or together")
                 row = base | {"stage": stage, "checkout": name, **result, "per_extraction": result["seconds"] / extraction}
                 record("stages", json.loads(json.dumps(row), parse_float=lambda text: round(float(text), 4)))
 
