@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -45,7 +46,12 @@ print(json.dumps(seen))
 
 
 def test_two_stages_at_once_divide_openblas_threads_and_one_alone_gets_them_all():
-    seen = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout)
+    # Two threads each, whatever an earlier test in this process left in the environment (Dask and Ray set
+    # OMP_NUM_THREADS=1, which OpenBLAS also reads).
+    threads = {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS"}
+    environment = {name: value for name, value in os.environ.items() if name not in threads} | {"OPENBLAS_NUM_THREADS": "2"}
+    finished = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=environment)
+    seen = json.loads(finished.stdout)
     before = seen["before"]
     assert len(before) == 2, f"numpy's and scipy's OpenBLAS were not both loaded: {before}"
     assert min(before) >= 2, f"OpenBLAS runs {before} threads here: the division needs a machine of 2 cores or more"
