@@ -170,7 +170,7 @@ def sharing_cores() -> Iterator[None]:
     """Run a CPU-heavy stage (the map, the head) with OpenBLAS's threads divided among the stages running at once.
     One OpenBLAS keeps one pool of threads for the whole process, and two stages calling it at once from their own
     threads wait on each other for it: on 2 cores the map and the head side by side took 40 s sharing a pool of 2
-    threads and 29-30 s with a thread each, while the head alone is faster with both (20.5 s, not 26-28 s)."""
+    threads and 29-30 s with a thread each, while the head alone is faster with both (20.5-22.3 s, not 25.9-28.2 s)."""
     _stages_running.change(+1)
     try:
         yield
