@@ -66,8 +66,11 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "tsne_se
 """
 
 
-def run_tsne(checkout: Path, folder: str, key: str, code: str = TSNE_CHILD) -> dict:
-    return run_child(checkout, code, str(Path(folder).parents[1]), folder, key)
+CHILDREN = {"tsne": TSNE_CHILD, "together": TOGETHER_CHILD}  # the stages run by `tsne_map` into a key of their own
+
+
+def run_keyed(checkout: Path, stage: str, folder: str, key: str) -> dict:
+    return run_child(checkout, CHILDREN[stage], str(Path(folder).parents[1]), folder, key)
 
 
 def main() -> None:
@@ -85,8 +88,8 @@ def main() -> None:
             for name, checkout in checkouts.items():
                 if stage == "head":
                     result = run_head(checkout, folder, {})
-                elif stage in ("tsne", "together"):
-                    result = run_tsne(checkout, folder, f"bench-{stage}-{name}", TSNE_CHILD if stage == "tsne" else TOGETHER_CHILD)
+                elif stage in CHILDREN:
+                    result = run_keyed(checkout, stage, folder, f"bench-{stage}-{name}")
                 else:
                     raise SystemExit(f"unknown stage {stage!r}: give head, tsne or together")
                 row = base | {"stage": stage, "checkout": name, **result, "per_extraction": result["seconds"] / extraction}
