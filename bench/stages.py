@@ -66,7 +66,7 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "tsne_se
 """
 
 
-CHILDREN = {"tsne": TSNE_CHILD, "together": TOGETHER_CHILD}  # the stages run by `tsne_map` into a key of their own
+CHILDREN = {"tsne": TSNE_CHILD, "together": TOGETHER_CHILD}  # the stages whose child writes under a key it is given
 
 
 def run_keyed(checkout: Path, stage: str, folder: str, key: str) -> dict:
