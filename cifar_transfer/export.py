@@ -35,7 +35,6 @@ import posixpath
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -263,12 +262,9 @@ def _write_openvino(model, classes: list[str], path: str) -> None:
     """float32 weights (save_model would halve them to float16 by default): the IR computes what the Keras model does."""
     import openvino as ov
 
-    with warnings.catch_warnings():  # Keras notes that the converter passes the one input as a tuple
-        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
-        try:
-            converted = ov.convert_model(model)
-        except ov.frontend.OpConversionFailure as exc:
-            raise OpConversionFailure(str(exc)) from exc
+    from cifar_transfer.extractors import converted_keras_model
+
+    converted = converted_keras_model(model)
     converted.output(0).get_tensor().set_names({"probabilities"})
     converted.set_rt_info(json.dumps(classes), OPENVINO_CLASSES_KEY)
     os.makedirs(os.path.dirname(path), exist_ok=True)

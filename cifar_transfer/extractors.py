@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -180,8 +181,6 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
     library versions; a damaged copy (the zip's checksums) is converted again and replaced. Returns the OpenVINO
     model and the float model it was made from (itself unless quantized; None when read).
     """
-    import openvino as ov
-
     key = _conversion_key(image_shape, spec.precision)
     path = layout.converted_extractor(features_folder(storage, spec), key) if storage else None
     if storage is not None and path is not None and storage.exists(path):
@@ -195,12 +194,7 @@ def openvino_model(spec: FeatureSpec, image_shape: tuple[int, int, int], storage
             f"the int8 backbone of {spec.backbone} is not at {where}: it is quantized when a run chooses its engine, "
             "so run `cifar-transfer extract` with the same options (not a worker on its own) first"
         )
-    source = _keras_extractor(spec, image_shape, "float32")  # OpenVINO takes the precision when it compiles
-    _mend_openvino_tensorflow_frontend()
-    try:
-        model = ov.convert_model(source)
-    except ov.frontend.OpConversionFailure as exc:
-        raise OpConversionFailure(str(exc)) from exc
+    model = converted_keras_model(_keras_extractor(spec, image_shape, "float32"))  # OpenVINO takes the precision when it compiles
     if spec.precision in PRODUCT_PRECISIONS:
         model = resize_as_matmuls(model)
     converted = model
@@ -238,6 +232,20 @@ def quantized_model(model, images: np.ndarray):
     )
     log.info("quantized the backbone to int8 on %d training images in %.1f s", len(images), time.perf_counter() - started)
     return quantized
+
+
+def converted_keras_model(model):
+    """A Keras model as an OpenVINO model, by OpenVINO's TensorFlow frontend (mended first on Python 3.13); ops it cannot
+    convert raise `OpConversionFailure`. Every conversion goes through here, the run's backbones and `export` alike."""
+    import openvino as ov
+
+    _mend_openvino_tensorflow_frontend()
+    with warnings.catch_warnings():  # Keras notes, every time, that the converter passes the one input as a tuple
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+        try:
+            return ov.convert_model(model)
+        except ov.frontend.OpConversionFailure as exc:
+            raise OpConversionFailure(str(exc)) from exc
 
 
 def _mend_openvino_tensorflow_frontend() -> None:

@@ -225,9 +225,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_command(arguments: argparse.Namespace) -> int:
+    """Export as `arguments` ask and print where each format went and how many class names came with it."""
     from cifar_transfer.export import export_model
 
-    """Export as `arguments` ask and print where each format went and how many class names came with it."""
     result = export_model(arguments.storage, arguments.output, arguments.formats, arguments.fingerprint, arguments.head_key)
     for fmt in result.files:
         print(printable(f"{fmt}: {result.location(fmt)}"))

@@ -132,6 +132,22 @@ def test_the_openvino_ir_gives_the_same_classes_and_carries_the_names(run, expor
     assert_agrees(compiled(run["images"])["probabilities"], run["expected"])
 
 
+def test_the_command_in_a_fresh_process_exports_the_openvino_ir(run, tmp_path):
+    """`cifar-transfer export` as a user runs it, after the run and in a process of its own: the run's process had
+    converted a backbone already, which readies OpenVINO's converter for Python 3.13; this one converts first."""
+    command = "import sys; from cifar_transfer.flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    output = tmp_path / "fresh"
+    arguments = ["export", "--storage", run["config"].storage, "--output", str(output), "--format", "openvino"]
+    finished = subprocess.run([sys.executable, "-c", command, *arguments], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"openvino: {output / 'openvino' / 'model.xml'}" in finished.stdout.splitlines()
+    assert "The structure of `inputs`" not in finished.stderr, "Keras's note on the converter's tuple reached the user"
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(output / "openvino" / "model.xml"), "CPU", OPENVINO_COMPILE_CONFIG)
+    assert_agrees(compiled(run["images"])["probabilities"], run["expected"])
+
+
 def test_any_image_size_and_a_batch_of_one(run, exported):
     import openvino as ov
 
