@@ -170,7 +170,9 @@ def test_sigkill_during_download_leaves_no_result_and_the_rerun_fetches_cleanly(
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(storage.glob("raw/.*.tmp")), process)  # the stream is open and blocked mid-body
+        # The stream is open and blocked mid-body: the archive's own temporary file, not the claim's (made just before,
+        # `..cifar-10-python.tar.gz.claim.<id>.tmp`), which a kill can also catch being made.
+        wait_for(lambda: any(storage.glob("raw/.cifar-10-python.tar.gz.*.tmp")), process)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
