@@ -146,22 +146,24 @@ class _StagesRunning:
             self.running += step
             for library in ThreadpoolController().select(internal_api="openblas").lib_controllers:
                 original = self.original.setdefault(library.filepath, library.get_num_threads())
-                _thread_count_setter(library)(max(1, original // self.running) if self.running else original)
+                set_threads = _process_wide_setter(library.filepath) or library.set_num_threads
+                set_threads(max(1, original // self.running) if self.running else original)
 
 
 _stages_running = _StagesRunning()
 
 
-def _thread_count_setter(library) -> Callable[[int], object]:
+@functools.cache
+def _process_wide_setter(library_file: str) -> Callable[[int], int] | None:
     """What sets an OpenBLAS's thread count from any thread: its `openblas_set_num_threads_local` (0.3.27 on; despite
-    its name, for the whole process). Its plain setter, which threadpoolctl calls, is ignored in a thread other than
-    the main one once the main thread has set the count, with numpy's and scipy's OpenBLAS both loaded (0.3.31)."""
+    its name, for the whole process), or None where it has none. Its plain setter, which threadpoolctl calls, is
+    ignored in a thread other than the main one once the main thread has set the count, with numpy's and scipy's
+    OpenBLAS both loaded (0.3.31)."""
     import ctypes
 
-    setter = getattr(ctypes.CDLL(library.filepath), "openblas_set_num_threads_local", None)
-    if setter is None:
-        return library.set_num_threads
-    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    setter = getattr(ctypes.CDLL(library_file), "openblas_set_num_threads_local", None)
+    if setter is not None:
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
     return setter
 
 
