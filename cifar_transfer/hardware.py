@@ -129,25 +129,32 @@ def avoid_huge_page_stalls(defrag_setting: str = THP_DEFRAG) -> bool:
 
 
 class _StagesRunning:
-    """The CPU-heavy stages running in this process (`sharing_cores`), and each OpenBLAS's thread count from before
-    the first of them began."""
+    """The CPU-heavy stages running in this process (`sharing_cores`), the optimizer loops among them
+    (`quiet_scipy_blas`), and each OpenBLAS's thread count from before the first of them began."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running = 0
+        self.quiet = 0
         self.original: dict[str, int] = {}  # by the library's file
 
-    def change(self, step: int) -> None:
+    def change(self, running: int = 0, quiet: int = 0) -> None:
         from threadpoolctl import ThreadpoolController
 
         with self.lock:
-            if not self.running:
+            if not self.running and not self.quiet:
                 self.original = {}
-            self.running += step
+            self.running += running
+            self.quiet += quiet
             for library in ThreadpoolController().select(internal_api="openblas").lib_controllers:
                 original = self.original.setdefault(library.filepath, library.get_num_threads())
                 set_threads = _process_wide_setter(library.filepath) or library.set_num_threads
-                set_threads(max(1, original // self.running) if self.running else original)
+                set_threads(self.threads(library.filepath, original))
+
+    def threads(self, library_file: str, original: int) -> int:
+        if self.quiet and _private_to_scipy(library_file):
+            return 1
+        return max(1, original // self.running) if self.running else original
 
 
 _stages_running = _StagesRunning()
@@ -167,14 +174,37 @@ def _process_wide_setter(library_file: str) -> Callable[[int], int] | None:
     return setter
 
 
+@functools.cache
+def _private_to_scipy(library_file: str) -> bool:
+    """Whether an OpenBLAS is scipy's own copy (a wheel's `scipy.libs`, or `scipy/.dylibs` on macOS), which numpy does
+    not call; where both share one library (conda, a distribution's packages) there is one pool and nothing to quiet."""
+    import scipy
+
+    package = os.path.dirname(os.path.realpath(scipy.__file__))
+    return os.path.realpath(library_file).startswith((package + os.sep, package + ".libs" + os.sep))
+
+
 @contextlib.contextmanager
 def sharing_cores() -> Iterator[None]:
     """Run a CPU-heavy stage (the map, the head) with OpenBLAS's threads divided among the stages running at once.
     One OpenBLAS keeps one pool of threads for the whole process, and two stages calling it at once from their own
     threads wait on each other for it: on 2 cores the map and the head side by side took 40 s sharing a pool of 2
     threads and 29-30 s with a thread each, while the head alone is faster with both (20.5-22.3 s, not 25.9-28.2 s)."""
-    _stages_running.change(+1)
+    _stages_running.change(running=+1)
     try:
         yield
     finally:
-        _stages_running.change(-1)
+        _stages_running.change(running=-1)
+
+
+@contextlib.contextmanager
+def quiet_scipy_blas() -> Iterator[None]:
+    """Run an optimizer loop (scipy's L-BFGS-B around numpy's matrix products) with scipy's own OpenBLAS on one thread.
+    After each call an OpenBLAS's idle threads spin for about 0.1 s before they sleep, so L-BFGS-B's vector
+    operations on scipy's 2-thread pool left a spinning thread against every numpy product that followed: on 2 cores
+    the head's passes over its rows took 0.19 s instead of 0.12-0.14 s. L-BFGS-B's own work is light on one thread."""
+    _stages_running.change(quiet=+1)
+    try:
+        yield
+    finally:
+        _stages_running.change(quiet=-1)

@@ -58,3 +58,45 @@ def test_two_stages_at_once_divide_openblas_threads_and_one_alone_gets_them_all(
     halved = [count // 2 for count in before]
     assert seen["together"] == seen["worker_inside"] == halved
     assert seen["alone"] == seen["alone_again"] == seen["after"] == before
+
+
+# The head's optimizer loop: scipy's own OpenBLAS (the wheel's private copy) keeps one thread, numpy's all of its own,
+# also while the map's stage starts and ends beside it in another thread.
+QUIET_PROBE = """
+import json, threading
+import numpy, scipy, scipy.optimize
+from threadpoolctl import ThreadpoolController
+from cifar_transfer.hardware import quiet_scipy_blas, sharing_cores
+
+def counts():
+    libraries = ThreadpoolController().select(internal_api="openblas").lib_controllers
+    return {("scipy" if "scipy" + ".libs" in library.filepath else "numpy"): library.get_num_threads() for library in libraries}
+
+ThreadpoolController().limit(limits=2, user_api="blas")
+seen = {"before": counts()}
+with sharing_cores():
+    with quiet_scipy_blas():
+        seen["quiet"] = counts()
+        second_stage = sharing_cores()  # held here: it begins in another thread and does not end before this one
+        beside = threading.Thread(target=second_stage.__enter__)
+        beside.start()
+        beside.join()
+        seen["quiet_beside_another"] = counts()
+    seen["loud_beside_another"] = counts()
+    second_stage.__exit__(None, None, None)
+    seen["loud_alone"] = counts()
+seen["after"] = counts()
+print(json.dumps(seen))
+"""
+
+
+def test_an_optimizer_loop_keeps_scipys_own_openblas_on_one_thread_and_numpys_on_its_share():
+    threads = {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS"}
+    environment = {name: value for name, value in os.environ.items() if name not in threads} | {"OPENBLAS_NUM_THREADS": "2"}
+    finished = subprocess.run([sys.executable, "-c", QUIET_PROBE], capture_output=True, text=True, check=True, env=environment)
+    seen = json.loads(finished.stdout)
+    assert seen["before"] == {"numpy": 2, "scipy": 2}, f"numpy's and scipy's own OpenBLAS were not both loaded with 2 threads: {seen}"
+    assert seen["quiet"] == {"numpy": 2, "scipy": 1}
+    assert seen["quiet_beside_another"] == {"numpy": 1, "scipy": 1}
+    assert seen["loud_beside_another"] == {"numpy": 1, "scipy": 1}
+    assert seen["loud_alone"] == seen["after"] == seen["before"]

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from scipy.optimize import minimize
 
 from cifar_transfer.config import HeadSettings
+from cifar_transfer.hardware import quiet_scipy_blas
 from cifar_transfer.heads import ridge as ridge_head
 from cifar_transfer.heads.base import FittedHead, HeadData, HeadDetails, Trainer, spatial_mean
 from cifar_transfer.ridge import RIDGE_STRENGTHS, LinearScores, ridge_model, softmax, standard_deviation
@@ -157,9 +158,14 @@ def descend(
     rows: HeldRows, scale: Standardization, strength: float, count: int, start: LinearScores, iterations: int = ITERATIONS
 ) -> LinearScores:
     """`iterations` L-BFGS steps at `strength` from `start`."""
-    fitted = minimize(
-        objective(rows, scale, strength, count), scale.standardized(start), jac=True, method="L-BFGS-B", options={"maxiter": iterations}
-    )
+    with quiet_scipy_blas():
+        fitted = minimize(
+            objective(rows, scale, strength, count),
+            scale.standardized(start),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": iterations},
+        )
     return scale.raw(fitted.x)
 
 
