@@ -20,7 +20,7 @@ from cifar_transfer.shard_files import features_folder, shard_path, shard_table,
 from cifar_transfer.shards import FLIPPED, Shard, ShardRows
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import read_split
-from cifar_transfer.streams import FeatureStream, Moments, validation_mask
+from cifar_transfer.streams import FeatureStream, Moments, run_or_rows, validation_mask
 
 SETTINGS = HeadSettings(
     head="auto", seed=0, learning_rate=1e-3, epochs=30, batch_size=64, patience=5, validation_split=0.2, flip=False, refit=False
@@ -128,6 +128,13 @@ def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set, 
         assert part.memory is not None and np.shares_memory(part.memory.features, held.memory.features) == laid_out
     assert [len(block.index) for block in parts["fit"].blocks(100 * 32 * 4)] == [100] * 8  # views of 100 rows
     assert sorted(np.concatenate([block.index for block in held.blocks(300 * 32 * 4)])) == sorted(held.memory.index)
+
+
+def test_rows_in_one_increasing_run_are_copied_as_a_slice():
+    assert run_or_rows(np.arange(5, 9)) == slice(5, 9)
+    for rows in (np.array([5, 7, 8]), np.array([8, 7, 6]), np.array([5, 5, 6, 8])):
+        assert isinstance(run_or_rows(rows), np.ndarray) and np.array_equal(run_or_rows(rows), rows)
+    assert len(run_or_rows(np.zeros(0, np.int64))) == 0
 
 
 def test_streamed_moments_match_the_whole_array_and_add_up(vector_set):
