@@ -45,13 +45,17 @@ print(json.dumps(seen))
 """
 
 
-def test_two_stages_at_once_divide_openblas_threads_and_one_alone_gets_them_all():
-    # Two threads each, whatever an earlier test in this process left in the environment (Dask and Ray set
-    # OMP_NUM_THREADS=1, which OpenBLAS also reads).
+def run_probe(code: str) -> dict:
+    """What a probe printed, run by a fresh interpreter with two OpenBLAS threads, whatever an earlier test in this
+    process left in the environment (Dask and Ray set OMP_NUM_THREADS=1, which OpenBLAS also reads)."""
     threads = {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS"}
     environment = {name: value for name, value in os.environ.items() if name not in threads} | {"OPENBLAS_NUM_THREADS": "2"}
-    finished = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=environment)
-    seen = json.loads(finished.stdout)
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment)
+    return json.loads(finished.stdout)
+
+
+def test_two_stages_at_once_divide_openblas_threads_and_one_alone_gets_them_all():
+    seen = run_probe(PROBE)
     before = seen["before"]
     assert len(before) == 2, f"numpy's and scipy's OpenBLAS were not both loaded: {before}"
     assert min(before) >= 2, f"OpenBLAS runs {before} threads here: the division needs a machine of 2 cores or more"
@@ -70,7 +74,7 @@ from cifar_transfer.hardware import quiet_scipy_blas, sharing_cores
 
 def counts():
     libraries = ThreadpoolController().select(internal_api="openblas").lib_controllers
-    return {("scipy" if "scipy" + ".libs" in library.filepath else "numpy"): library.get_num_threads() for library in libraries}
+    return {("scipy" if "scipy.libs" in library.filepath else "numpy"): library.get_num_threads() for library in libraries}
 
 ThreadpoolController().limit(limits=2, user_api="blas")
 seen = {"before": counts()}
@@ -91,10 +95,7 @@ print(json.dumps(seen))
 
 
 def test_an_optimizer_loop_keeps_scipys_own_openblas_on_one_thread_and_numpys_on_its_share():
-    threads = {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS"}
-    environment = {name: value for name, value in os.environ.items() if name not in threads} | {"OPENBLAS_NUM_THREADS": "2"}
-    finished = subprocess.run([sys.executable, "-c", QUIET_PROBE], capture_output=True, text=True, check=True, env=environment)
-    seen = json.loads(finished.stdout)
+    seen = run_probe(QUIET_PROBE)
     assert seen["before"] == {"numpy": 2, "scipy": 2}, f"numpy's and scipy's own OpenBLAS were not both loaded with 2 threads: {seen}"
     assert seen["quiet"] == {"numpy": 2, "scipy": 1}
     assert seen["quiet_beside_another"] == {"numpy": 1, "scipy": 1}
