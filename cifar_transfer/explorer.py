@@ -27,6 +27,7 @@ import numpy as np
 from cifar_transfer.audit.vectors import SetRows, normalized
 from cifar_transfer.explorer_html import TILE, ExplorerAudit, render_explorer
 from cifar_transfer.feature_records import FeatureSetInfo
+from cifar_transfer.hardware import quiet_scipy_blas
 from cifar_transfer.head import HeadResult
 from cifar_transfer.neighbours import NEIGHBOURS, PROJECTION, PointVectors, map_neighbours
 from cifar_transfer.storage import Storage
@@ -72,7 +73,8 @@ def point_vectors(storage: Storage, folder: str, splits: np.ndarray, index: np.n
         sample = np.concatenate(
             [block.vectors for split, numbers in _spread_shards(rows, PCA_SAMPLE).items() for block in rows.shard_blocks(split, numbers)]
         )
-        project = PCA(n_components=min(PROJECTION, len(sample)), svd_solver="randomized", random_state=seed).fit(sample)
+        with quiet_scipy_blas():  # its power iterations alternate numpy's products with scipy's LU
+            project = PCA(n_components=min(PROJECTION, len(sample)), svd_solver="randomized", random_state=seed).fit(sample)
         del sample
     projected = np.zeros((len(splits), project.n_components_ if project is not None else rows.width), np.float32)
     full = np.zeros((len(splits), rows.width), np.float32)

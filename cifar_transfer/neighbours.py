@@ -18,6 +18,7 @@ import numpy as np
 from cifar_transfer.audit.index import top_k
 from cifar_transfer.audit.vectors import normalized, row_norms
 from cifar_transfer.evaluation import sample_rows
+from cifar_transfer.hardware import quiet_scipy_blas
 
 NEIGHBOURS = 8  # neighbours shown for a clicked point
 PROJECTION = 128  # principal components the neighbour search runs in
@@ -136,5 +137,6 @@ def point_neighbours(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS) -> tup
         return map_neighbours(PointVectors(vectors, vectors), k)
     basis = sample_rows(len(vectors), PROJECTION_BASIS_ROWS, seed)
     pca = PCA(min(PROJECTION, len(basis)), svd_solver="randomized", iterated_power=PROJECTION_POWER_ITERATIONS, random_state=seed)
-    project = Projection.of(pca.fit(vectors[basis]))
+    with quiet_scipy_blas():  # its power iterations alternate numpy's products with scipy's LU
+        project = Projection.of(pca.fit(vectors[basis]))
     return map_neighbours(PointVectors(normalized(project(vectors)), vectors), k)
