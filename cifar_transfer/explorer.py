@@ -27,9 +27,8 @@ import numpy as np
 from cifar_transfer.audit.vectors import SetRows, normalized
 from cifar_transfer.explorer_html import TILE, ExplorerAudit, render_explorer
 from cifar_transfer.feature_records import FeatureSetInfo
-from cifar_transfer.hardware import quiet_scipy_blas
 from cifar_transfer.head import HeadResult
-from cifar_transfer.neighbours import NEIGHBOURS, PROJECTION, PointVectors, map_neighbours
+from cifar_transfer.neighbours import NEIGHBOURS, PROJECTION, PointVectors, fitted_pca, map_neighbours
 from cifar_transfer.storage import Storage
 from cifar_transfer.stored import stored_source
 from cifar_transfer.tsne import NEIGHBOURS_COLUMN, SIMILARITIES_COLUMN, TsneResult
@@ -68,13 +67,10 @@ def point_vectors(storage: Storage, folder: str, splits: np.ndarray, index: np.n
     position = {(split, int(number)): place for place, (split, number) in enumerate(zip(splits, index, strict=True))}
     project = None
     if rows.width > PROJECTION:
-        from sklearn.decomposition import PCA
-
         sample = np.concatenate(
             [block.vectors for split, numbers in _spread_shards(rows, PCA_SAMPLE).items() for block in rows.shard_blocks(split, numbers)]
         )
-        with quiet_scipy_blas():  # its power iterations alternate numpy's products with scipy's LU
-            project = PCA(n_components=min(PROJECTION, len(sample)), svd_solver="randomized", random_state=seed).fit(sample)
+        project = fitted_pca(sample, seed, n_components=min(PROJECTION, len(sample)), svd_solver="randomized")
         del sample
     projected = np.zeros((len(splits), project.n_components_ if project is not None else rows.width), np.float32)
     full = np.zeros((len(splits), rows.width), np.float32)

@@ -52,6 +52,15 @@ class Projection(NamedTuple):
         return rows.astype(self.components.dtype, copy=False) @ self.components.T - self.offset
 
 
+def fitted_pca(rows: np.ndarray, seed: int, **options):
+    """scikit-learn's PCA of `rows` (`options` as its own), fitted with scipy's own OpenBLAS on one thread: a randomized
+    PCA's power iterations alternate numpy's products with scipy's LU (`hardware.quiet_scipy_blas`)."""
+    from sklearn.decomposition import PCA
+
+    with quiet_scipy_blas():
+        return PCA(random_state=seed, **options).fit(rows)
+
+
 class PointVectors(NamedTuple):
     projected: np.ndarray  # float32, the top principal components, normalized: where candidates are searched
     full: np.ndarray  # float32, the pooled normalized features: what candidates are ranked by
@@ -101,8 +110,9 @@ def nearest_points(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     for start in range(0, count, QUERY_BLOCK):
         stop = min(count, start + QUERY_BLOCK)
         queries = stop - start
-        if queries < QUERY_BLOCK:  # the last block: columns of their own, contiguous
-            scores, halves = scores[:, :queries].copy(), halves[:, :, :queries].copy()
+        if queries < QUERY_BLOCK:  # the last block: contiguous arrays as wide as it
+            scores = np.full((chunks * CHUNK, queries), -np.inf, np.float32)
+            halves = np.empty((chunks, CHUNK // 2, queries), np.float32)
         np.matmul(vectors, vectors[start:stop].T, out=scores[:count])
         scores[np.arange(start, stop), np.arange(queries)] = -np.inf  # never its own neighbour
         by_chunk = scores.reshape(chunks, CHUNK, queries)
@@ -130,13 +140,10 @@ def point_neighbours(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS) -> tup
     """`map_neighbours` of points given as pooled float32 features, which are normalized in place (the caller is done
     with them: a normalized copy would be fresh memory the size of the map's features). The projection is fitted on
     a seeded `PROJECTION_BASIS_ROWS` of the points."""
-    from sklearn.decomposition import PCA
-
     vectors /= np.maximum(row_norms(vectors), 1e-12)[:, None]
     if vectors.shape[1] <= PROJECTION or len(vectors) <= 1:
         return map_neighbours(PointVectors(vectors, vectors), k)
     basis = sample_rows(len(vectors), PROJECTION_BASIS_ROWS, seed)
-    pca = PCA(min(PROJECTION, len(basis)), svd_solver="randomized", iterated_power=PROJECTION_POWER_ITERATIONS, random_state=seed)
-    with quiet_scipy_blas():  # its power iterations alternate numpy's products with scipy's LU
-        project = Projection.of(pca.fit(vectors[basis]))
+    options = {"n_components": min(PROJECTION, len(basis)), "svd_solver": "randomized", "iterated_power": PROJECTION_POWER_ITERATIONS}
+    project = Projection.of(fitted_pca(vectors[basis], seed, **options))
     return map_neighbours(PointVectors(normalized(project(vectors)), vectors), k)

@@ -38,8 +38,8 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import Lineage, split_manifest
-from cifar_transfer.hardware import quiet_scipy_blas, sharing_cores
-from cifar_transfer.neighbours import Projection, point_neighbours
+from cifar_transfer.hardware import sharing_cores
+from cifar_transfer.neighbours import Projection, fitted_pca, point_neighbours
 from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import save_png, scatter_figure
 from cifar_transfer.shard_files import parquet_bytes
@@ -138,13 +138,11 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
     """2-D openTSNE embedding of `features` (rows are points) and `new_points` placed into it."""
     from openTSNE import TSNE
     from openTSNE.affinity import MultiscaleMixture, get_knn_index
-    from sklearn.decomposition import PCA
 
     project = None
     if features.shape[1] > PCA_COMPONENTS and len(features) > PCA_COMPONENTS:
         basis = features[sample_rows(len(features), PCA_BASIS_ROWS, seed)]
-        with quiet_scipy_blas():  # its power iterations alternate numpy's products with scipy's LU
-            project = Projection.of(PCA(n_components=PCA_COMPONENTS, random_state=seed).fit(basis))
+        project = Projection.of(fitted_pca(basis, seed, n_components=PCA_COMPONENTS))
         features = project(features)
     perplexity = min(perplexity, max((len(features) - 1) / 3, 1.0))
     jobs = os.cpu_count() or 1
