@@ -75,7 +75,8 @@ class FittedHead:
     validation_accuracy: float
     details: HeadDetails  # what was chosen on validation (strength, epochs) and the curve behind it
     members: list[FittedHead] = field(default_factory=list)  # an ensemble's heads
-    moments: tuple[Moments, Moments] | None = None  # a ridge head's fit and validation moments, for its refit
+    # A ridge head's fit moments and its validation rows' moments (without their Gram matrix), for its refit.
+    moments: tuple[Moments, Moments] | None = None
 
 
 @dataclass(frozen=True)

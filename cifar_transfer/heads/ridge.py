@@ -26,10 +26,12 @@ class RidgeDetails(HeadDetails):
 
 
 def fit(data: HeadData, settings: HeadSettings, strengths: tuple[float, ...] = ridge.RIDGE_STRENGTHS) -> FittedHead:
-    """Ridge along `strengths`: one pass for the fit moments, one solve, one validation pass judging all strengths."""
+    """Ridge along `strengths`: one pass for the fit moments, one solve, one validation pass judging all strengths.
+    The validation rows' moments (for a refit's standardization) leave out their Gram matrix: only ridge's own refit
+    needs it, and computes it then (at 4,096 features it was a second of every softmax head's time)."""
     shape = data.feature_shape
     fit_moments = stream_moments(data.fit, data.classes, shape, with_gram=True)
-    validation_moments = BlockedMoments(Moments(data.classes, with_gram=True))  # for the refit
+    validation_moments = BlockedMoments(Moments(data.classes, with_gram=False))
     scores = ridge.solve(fit_moments, strengths)
     tally = ridge.ValidationTally.empty(len(strengths))
     for batch in data.validation.batches():
@@ -54,7 +56,8 @@ def fit(data: HeadData, settings: HeadSettings, strengths: tuple[float, ...] = r
 def refit(chosen: FittedHead, data: HeadData, settings: HeadSettings):
     """The fit and validation moments summed: the moments of every train row, solved at the chosen strength."""
     assert isinstance(chosen.details, RidgeDetails) and chosen.moments is not None, "refit gets what this trainer's fit chose"
-    fit_moments, validation_moments = chosen.moments
+    fit_moments, _ = chosen.moments
+    validation_moments = stream_moments(data.validation, data.classes, data.feature_shape, with_gram=True)
     scores = ridge.solve(fit_moments + validation_moments, (chosen.details.strength,))
     return ridge.ridge_model(scores, chosen.details.temperature, data.feature_shape)
 
