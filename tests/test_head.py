@@ -307,6 +307,23 @@ def test_refit_learns_from_the_validation_rows_with_what_validation_chose(tmp_pa
     assert np.mean(alone.model.predict(test_features[nines], verbose=0).argmax(axis=1) == 9) > 0.9
 
 
+def test_ridge_refit_solves_the_moments_of_every_train_row_though_its_fit_left_out_the_validation_gram(vector_set):
+    """The fit sums no Gram matrix of the validation rows (a softmax head refits with their mean and variance alone);
+    ridge's own refit computes it, and solves exactly what a fit on every train row would."""
+    storage, folder = vector_set
+    data = HeadData.open(storage, folder, SETTINGS, 10)
+    chosen = fit_head("ridge", data, SETTINGS)
+    assert chosen.moments is not None
+    fit_moments, validation_moments = chosen.moments
+    assert fit_moments.sums is not None and fit_moments.sums.gram is not None
+    assert validation_moments.sums is not None and validation_moments.sums.gram is None
+    weights, bias = refit_head(chosen, data, SETTINGS).model.layers[-1].get_weights()
+    every_row = ridge.solve(stream_moments(data.train, 10, data.feature_shape, with_gram=True), (chosen.details.strength,))
+    for refit, expected in ((weights, every_row.weights), (bias, every_row.bias)):
+        expected = chosen.details.temperature * expected
+        np.testing.assert_allclose(refit, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_train_head_refits_the_chosen_head_and_writes_every_output(vector_set):
     storage, folder = vector_set
     result = train_head(storage.url, folder, "k", SETTINGS.model_copy(update={"refit": True}), CLASSES)
