@@ -257,19 +257,17 @@ def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def gram_upper(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The upper triangle of rows^T rows, row-major (the lower is zero, or what `out` held: keep it zero), by BLAS
-    `syrk`: half a matrix product's work, and the fastest form of it (rows^T is the column-major matrix `syrk` reads
-    without a copy). `syrk` fills the lower triangle of a column-major result, which is the upper one of the same
-    memory read row-major: so the float64 sum it is added to is row-major too, and that addition runs along memory
-    (across layouts it took 0.11 s a block at 4,096 features, against 0.02 s). `out` (row-major, rows' dtype) is
-    written in place: a width² result is fresh memory at every call otherwise."""
+def gram_upper(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The upper triangle of rows^T rows written into `out` (row-major, rows' dtype; its lower triangle is left as it
+    is: keep it zero), by BLAS `syrk`: half a matrix product's work, and the fastest form of it (rows^T is the
+    column-major matrix `syrk` reads without a copy). `syrk` fills the lower triangle of a column-major result, which
+    is the upper one of the same memory read row-major: so the float64 sum it is added to is row-major too, and that
+    addition runs along memory (across layouts it took 0.11 s a block at 4,096 features, against 0.02 s). `out` is
+    reused: a width² result is fresh memory at every call otherwise."""
     from scipy.linalg.blas import get_blas_funcs
 
     transposed = np.asarray(rows).T
     syrk = get_blas_funcs("syrk", (transposed,))
-    if out is None:
-        return syrk(1.0, transposed, lower=1).T
     return syrk(1.0, transposed, beta=0.0, c=out.T, overwrite_c=True, lower=1).T
 
 
