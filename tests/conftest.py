@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import gzip
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Isolate Prefect's home (cache records, local results, profiles) from the user's.
+# Isolate Prefect's home (cache records, local results, profiles) from the user's; removed when this process exits.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cifar-transfer-prefect-")
 # The test servers send nothing out (and log no failed attempt where there is no network).
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -26,6 +27,10 @@ import numpy as np
 import pytest
 
 from cifar_transfer.cifar import CLASS_NAMES
+
+# Each test process's Prefect home holds about 35 MB of Prefect's database after a suite. Registered before Prefect
+# registers the stop of a temporary server it starts, so it runs after that stop.
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 BATCH_DIR = "cifar-10-batches-py"
 # The command line as a user runs it, in a process of its own.
