@@ -213,7 +213,8 @@ def quiet_scipy_blas() -> Iterator[None]:
     OpenBLAS's idle threads spin for about 0.1 s before they sleep, so scipy's 2-thread pool left a spinning thread
     against every numpy product that followed: on 2 cores the head's passes over its rows took 0.19 s instead of
     0.12-0.14 s, and the map's PCA of 5,000 rows of 4,096 features 1.0 s instead of 0.46 s. Those scipy calls are
-    light on one thread, and their results no longer depend on whether another stage runs beside them."""
+    light on one thread. (numpy's products still run on the stage's share of threads, and OpenBLAS's results change
+    in the last bits with its thread count: see the guide's "Threads".)"""
     _stages_running.change(quiet=+1)
     try:
         yield
