@@ -25,12 +25,12 @@ from cifar_transfer.report import RunSummary  # noqa: E402
 
 def run_job(config: PipelineConfig) -> tuple[RunSummary, dict]:
     """The whole job, started as `cifar-transfer run` starts it, and `job_stages` of it."""
-    from cifar_transfer.flows import console
+    from cifar_transfer.flows import temporary_api
     from cifar_transfer.flows.cli import load_run_modules
     from cifar_transfer.flows.pipeline import cifar_transfer
 
     started = time.perf_counter()
-    console.start_temporary_api(meanwhile=load_run_modules)  # none under PREFECT_API_URL, or once one is running
+    temporary_api.start(meanwhile=load_run_modules)  # none under PREFECT_API_URL, or once one is running
     summary = cifar_transfer(config)
     return summary, job_stages(summary, time.perf_counter() - started)
 

@@ -17,7 +17,7 @@ import typing
 from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config, option_stage
 from cifar_transfer.errors import PermanentError
 from cifar_transfer.export import FORMATS
-from cifar_transfer.flows import console  # first: it sets Prefect's settings before Prefect is imported
+from cifar_transfer.flows import console, temporary_api  # console first: it sets Prefect's settings before Prefect is imported
 from cifar_transfer.predict import CHUNK
 from cifar_transfer.redact import printable, redact, refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             return evict_command(arguments)
         if arguments.command == "verify":
             if options.get("repair"):
-                console.start_temporary_api()
+                temporary_api.start()
             return verify_command(options["storage"], options.get("fingerprint"), options.get("repair", False))
         if arguments.command == "predict":
             return predict_command(arguments)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "audit":
             return audit_command(options)
         config = load_config(**options)
-        console.start_temporary_api(meanwhile=load_run_modules if arguments.command == "run" else None)
+        temporary_api.start(meanwhile=load_run_modules if arguments.command == "run" else None)
         from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 
         if arguments.command == "extract":
@@ -409,7 +409,7 @@ def audit_command(options: dict) -> int:
     """The `audit-features` flow on a finished head's feature set; prints the summary line and the tables."""
     fingerprint, head_key = options.pop("fingerprint", None), options.pop("head_key", None)
     config = load_config(**options)
-    console.start_temporary_api()
+    temporary_api.start()
     from cifar_transfer.flows.pipeline import audit_features
 
     result = audit_features(config, fingerprint, head_key)

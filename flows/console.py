@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from cifar_transfer.errors import ConfigError
+from cifar_transfer.flows import temporary_api
 from cifar_transfer.redact import printable
 
 # Before Prefect reads its settings: no telemetry calls (offline they log an error at every start), and a first
@@ -96,52 +92,6 @@ def start_console(verbose: bool) -> Path:
     return log_file
 
 
-def start_temporary_api(meanwhile: Callable[[], object] | None = None) -> None:
-    """Start the temporary Prefect API this command runs against (none when PREFECT_API_URL names a server) from the
-    main thread, tied to this process: the kernel stops it when this process dies, however it dies (a `kill -9`
-    included), through the parent-death signal. Prefect reuses this server for the rest of the command.
-
-    `meanwhile` runs in a background thread while the server starts (several seconds), once its process is launched
-    (a fork from a process whose other threads are busy importing could inherit their locks); not at all when there
-    is no server to start."""
-    import subprocess
-
-    import prefect.server.api.server as server_module
-    from prefect.settings import get_current_settings
-
-    if get_current_settings().api.url or sys.platform != "linux":  # a server is given, or no parent-death signal
-        return
-    waiting = [meanwhile] if meanwhile is not None else []  # started once, though Prefect relaunches on a taken port
-    parent = os.getpid()
-    prctl = __import__("ctypes").CDLL(None, use_errno=True).prctl
-
-    def die_with_parent() -> None:  # in the child, between fork and exec: only async-signal-safe calls
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    class DyingWithParent:
-        """Prefect's `subprocess` as its server module sees it, with the parent-death signal armed in children."""
-
-        def __getattr__(self, name: str):
-            return getattr(subprocess, name)
-
-        @staticmethod
-        def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
-            # mypy matches none of typeshed's Popen overloads when a keyword sits between *args and **kwargs
-            process = subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)  # type: ignore[call-overload]
-            if waiting:
-                # not a daemon: the interpreter waits for it at exit instead of tearing down a half-done import
-                threading.Thread(target=waiting.pop(), name="while the Prefect API starts").start()
-            return process
-
-    server_module.subprocess = DyingWithParent()  # type: ignore[assignment]
-    server_module.SubprocessASGIServer().start()
-
-
-_PR_SET_PDEATHSIG = 1
-
-
 def record_failure(error: BaseException) -> None:
     """The whole traceback of a failed command, into the log file only."""
     _DETAILS.error("command failed", exc_info=error)
@@ -156,18 +106,12 @@ def stop_prefect_quietly() -> None:
     """Send the last log lines to the API, then stop the ephemeral API this command started (never a server given by
     PREFECT_API_URL), so its goodbye cannot follow a failure's reason."""
     from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
 
     APILogWorker.drain_all(timeout=5)
-    if get_current_settings().api.url:
-        return
-
     announcer = logging.getLogger("prefect")
     level = announcer.level
     announcer.setLevel(logging.WARNING)
     try:
-        for server in list(SubprocessASGIServer._instances.values()):
-            server.stop()
+        temporary_api.stop()
     finally:
         announcer.setLevel(level)

@@ -379,10 +379,10 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_archiv
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the temporary API is started by the command only on Linux")
-def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts():
+def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_never_imports_the_server():
     code = """if True:
-        import json, os, threading, time
-        from cifar_transfer.flows import console
+        import json, os, sys, threading, time
+        from cifar_transfer.flows import console, temporary_api
         seen = {}
         def children():
             pids = [pid for task in os.listdir("/proc/self/task") for pid in open(f"/proc/self/task/{task}/children").read().split()]
@@ -391,12 +391,15 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts():
             seen["server launched"] = any(b"uvicorn" in line for line in children())
             seen["in another thread"] = threading.current_thread() is not threading.main_thread()
             seen["started"] = time.monotonic()
-        console.start_temporary_api(meanwhile=meanwhile)
+        temporary_api.start(meanwhile=meanwhile)
         returned = time.monotonic()
         for thread in threading.enumerate():
-            if thread.name == "while the Prefect API starts":
+            if thread.name == temporary_api.MEANWHILE_THREAD:
                 thread.join()
-        print(json.dumps({**seen, "started": seen["started"] < returned}))
+        from prefect import flow
+        answered = flow(lambda: "answered", name="first")()  # a real flow run against the temporary API
+        server_imported = "prefect.server.api.server" in sys.modules
+        print(json.dumps({**seen, "started": seen["started"] < returned, "answered": answered, "server imported": server_imported}))
         console.stop_prefect_quietly()
     """
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
@@ -405,7 +408,9 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts():
     assert json.loads(done.stdout.splitlines()[-1]) == {
         "server launched": True,
         "in another thread": True,
-        "started": True,  # before `start_temporary_api` returned, which waits for the server to answer
+        "started": True,  # before `temporary_api.start` returned, which waits for the server to answer
+        "answered": "answered",
+        "server imported": False,  # the command is the API's client: Prefect's server modules load in the server only
     }
 
 
