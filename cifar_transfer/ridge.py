@@ -77,7 +77,7 @@ def _solve_from_moments(moments: Moments, deviation: np.ndarray, strengths: tupl
     # One width² matrix for the temporaries and every strength's factor: fresh memory at each step (LAPACK copies
     # a row-major matrix it is handed) took longer than the factorizations at 4,096 features.
     regularized = np.empty((len(deviation), len(deviation)))
-    correlation = moments.covariance(scratch=regularized)  # upper triangle
+    correlation = moments.covariance(scratch=regularized)
     np.multiply(deviation[:, None], deviation[None, :], out=regularized)
     correlation /= regularized
     targets = moments.target_covariance() / deviation[:, None]

@@ -257,18 +257,13 @@ def validation_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def gram_upper(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The upper triangle of rows^T rows written into `out` (row-major, rows' dtype; its lower triangle is left as it
-    is: keep it zero), by BLAS `syrk`: half a matrix product's work, and the fastest form of it (rows^T is the
-    column-major matrix `syrk` reads without a copy). `syrk` fills the lower triangle of a column-major result, which
-    is the upper one of the same memory read row-major: so the float64 sum it is added to is row-major too, and that
-    addition runs along memory (across layouts it took 0.11 s a block at 4,096 features, against 0.02 s). `out` is
-    reused: a width² result is fresh memory at every call otherwise."""
-    from scipy.linalg.blas import get_blas_funcs
-
-    transposed = np.asarray(rows).T
-    syrk = get_blas_funcs("syrk", (transposed,))
-    return syrk(1.0, transposed, beta=0.0, c=out.T, overwrite_c=True, lower=1).T
+def gram(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """rows^T rows written into `out` (row-major, rows' dtype) by numpy's product of a matrix with its own transpose:
+    BLAS `syrk` (half a matrix product's work) and a copy of its triangle, with the GIL released. scipy's `syrk`
+    wrapper is as fast alone but holds the GIL throughout: beside the map, whose optimizer needs the GIL between its
+    native steps, it stalled the map for 7.3 s of a 32 s analysis. `out` is reused: a width² result is fresh memory
+    at every call otherwise."""
+    return np.dot(rows.T, rows, out=out)
 
 
 def _kept_rows(
@@ -287,7 +282,7 @@ class Sums:
     shift: np.ndarray
     total: np.ndarray  # sum of (x - shift)
     squares: np.ndarray  # sum of (x - shift)^2
-    gram: np.ndarray | None  # sum of (x - shift)(x - shift)^T, when asked for: its upper triangle (the lower is not read)
+    gram: np.ndarray | None  # sum of (x - shift)(x - shift)^T, when asked for
     class_totals: np.ndarray  # (classes, width): sum of (x - shift) per class
     class_counts: np.ndarray
     # The rows themselves, (x - shift) in float32 with their labels, while there are fewer of them than features:
@@ -306,11 +301,11 @@ class Sums:
         return held[: len(features)]
 
     def block_gram(self, dtype: np.dtype) -> np.ndarray:
-        """Where one addition's Gram matrix goes (row-major, as `gram_upper` writes it), reused."""
+        """Where one addition's Gram matrix goes (row-major, as `gram` writes it), reused."""
         held = self.work.get("gram")
         if held is None or held.dtype != dtype:
             assert self.gram is not None
-            held = self.work["gram"] = np.zeros(self.gram.shape, dtype)  # gram_upper leaves the lower zero
+            held = self.work["gram"] = np.empty(self.gram.shape, dtype)
         return held
 
 
@@ -346,7 +341,7 @@ class Moments:
         self.count += len(features)
         sums.total += shifted.sum(axis=0, dtype=np.float64)
         if sums.gram is not None:
-            sums.gram += gram_upper(shifted, sums.block_gram(shifted.dtype))
+            sums.gram += gram(shifted, sums.block_gram(shifted.dtype))
             sums.rows = _kept_rows(sums.rows, shifted, labels, self.count)
         one_hot = np.eye(self.classes, dtype=np.float32)[labels]
         sums.class_totals += (shifted.T @ one_hot).T  # (one_hot.T @ shifted took twice as long in OpenBLAS)
@@ -402,8 +397,8 @@ class Moments:
         return np.maximum(self._sums.squares / self.count - centred**2, 0.0)
 
     def covariance(self, scratch: np.ndarray | None = None) -> np.ndarray:
-        """The covariance matrix's upper triangle (the lower is not set: solves read one triangle). `scratch`, a
-        width² float64 array, holds the temporary: a fresh one is slow memory, at 4,096 features 134 MB."""
+        """The covariance matrix. `scratch`, a width² float64 array, holds the temporary: a fresh one is slow memory,
+        at 4,096 features 134 MB."""
         if self._sums.gram is None:
             raise ValueError("these moments were summed without their Gram matrix (with_gram=False)")
         centred = self._sums.total / self.count
