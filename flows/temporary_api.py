@@ -28,7 +28,9 @@ from dataclasses import dataclass
 log = logging.getLogger("prefect")  # where Prefect announces its temporary server
 
 MEANWHILE_THREAD = "while the Prefect API starts"
-PORT_TAKEN = 3  # uvicorn's exit status when its port was taken before it bound it: launched again on another
+# uvicorn's exit status when its start failed, a port taken between our probe and its bind among the reasons:
+# launched again on another port, up to LAUNCHES times in all
+PORT_TAKEN, LAUNCHES = 3, 3
 STOP_SECONDS = 5  # after SIGTERM, before SIGKILL
 _PR_SET_PDEATHSIG = 1
 
@@ -66,7 +68,7 @@ def start(meanwhile: Callable[[], object] | None = None) -> None:
     }
     deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
     waiting = [meanwhile] if meanwhile is not None else []
-    while True:
+    for launch in range(1, LAUNCHES + 1):
         port = _free_port()
         log.info("Starting temporary server on http://127.0.0.1:%d", port)
         process = _launch(port, environment)
@@ -75,11 +77,9 @@ def start(meanwhile: Callable[[], object] | None = None) -> None:
         url = f"http://127.0.0.1:{port}/api"
         if _answers(process, url, deadline):
             break
-        if process.returncode != PORT_TAKEN:
-            _end(process)
-            raise RuntimeError(
-                f"the temporary Prefect API did not start (exit status {process.returncode}); set PREFECT_API_URL to a running server"
-            )
+        if process.returncode != PORT_TAKEN or launch == LAUNCHES:
+            reason = f"the temporary Prefect API exited with status {process.returncode} as it started (launch {launch})"
+            raise RuntimeError(f"{reason}: its reason is above; or set PREFECT_API_URL to a running Prefect server")
     _running = TemporaryAPI(process, url)
     atexit.register(stop)
     os.environ["PREFECT_API_URL"] = url

@@ -379,6 +379,25 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_archiv
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the temporary API is started by the command only on Linux")
+def test_a_temporary_prefect_server_that_cannot_start_ends_the_command_in_one_line_with_the_fix(tiny_archive, tmp_path):
+    path, md5 = tiny_archive
+    (tmp_path / "a-file").write_text("not a folder")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+    # A database its server cannot open: every start fails the same way
+    environment["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{tmp_path}/a-file/prefect.db"
+    command = [*CLI, "extract", "--source", str(path), "--md5", md5, "--storage", str(tmp_path / "storage"), *TINY_CLI]
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said
+    assert said.count("Starting temporary server") == 3, said  # launched again, then given up
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cifar-transfer: error: RuntimeError: the temporary Prefect API exited with status 3 as it started")
+    assert "set PREFECT_API_URL to a running Prefect server" in last
+    assert not list((tmp_path / "storage").rglob("*.parquet")), "nothing is extracted without an API"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the temporary API is started by the command only on Linux")
 def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_never_imports_the_server():
     code = """if True:
         import json, os, sys, threading, time
@@ -399,8 +418,10 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_n
         from prefect import flow
         answered = flow(lambda: "answered", name="first")()  # a real flow run against the temporary API
         server_imported = "prefect.server.api.server" in sys.modules
-        print(json.dumps({**seen, "started": seen["started"] < returned, "answered": answered, "server imported": server_imported}))
         console.stop_prefect_quietly()
+        stopped = "PREFECT_API_URL" not in os.environ and not any(b"uvicorn" in line for line in children())
+        print(json.dumps({**seen, "started": seen["started"] < returned, "answered": answered, "server imported": server_imported,
+                          "stopped": stopped}))
     """
     environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=REPO, timeout=300)
@@ -411,6 +432,7 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_n
         "started": True,  # before `temporary_api.start` returned, which waits for the server to answer
         "answered": "answered",
         "server imported": False,  # the command is the API's client: Prefect's server modules load in the server only
+        "stopped": True,  # its process ended, and the command's PREFECT_API_URL with it
     }
 
 
