@@ -295,6 +295,9 @@ def main() -> None:
     kernels_end = started + arguments.budget_seconds - arguments.pipeline_seconds - arguments.job_seconds
     plan = kernel_plan(arguments, stop_at=kernels_end)
     kernels = merge(kernels_on_every_gpu(visible_gpu_ids() or [None], plan, kill_at=kernels_end))
+    from cifar_transfer.flows import temporary_api
+
+    temporary_api.start()  # one temporary Prefect API for the pipeline and the job, as a command has (none under PREFECT_API_URL)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
         archive = synthetic_archive(Path(scratch), arguments.images, arguments.seed)
         pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch), archive)
