@@ -39,6 +39,7 @@ _PR_SET_PDEATHSIG = 1
 class TemporaryAPI:
     process: subprocess.Popen
     url: str  # the API's URL, ending in /api
+    set_ui_url: bool  # whether `start` set PREFECT_UI_URL (to none), for `stop` to take back
 
 
 _running: TemporaryAPI | None = None
@@ -47,7 +48,8 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the lo
 
 def start(meanwhile: Callable[[], object] | None = None) -> None:
     """Start the temporary API, unless a server is given (PREFECT_API_URL, from the environment or a Prefect profile)
-    or this is not Linux (no parent-death signal). `meanwhile` runs in a thread of its own (not a daemon: the
+    or this is not Linux (no parent-death signal). Call it from the main thread: the kernel sends the parent-death
+    signal when the thread that launched the server ends. `meanwhile` runs in a thread of its own (not a daemon: the
     interpreter waits for it at exit instead of tearing down a half-done import) once the server's process is
     launched, so that the fork never copies locks its imports hold."""
     global _running
@@ -80,10 +82,11 @@ def start(meanwhile: Callable[[], object] | None = None) -> None:
         if process.returncode != PORT_TAKEN or launch == LAUNCHES:
             reason = f"the temporary Prefect API exited with status {process.returncode} as it started (launch {launch})"
             raise RuntimeError(f"{reason}: its reason is above; or set PREFECT_API_URL to a running Prefect server")
-    _running = TemporaryAPI(process, url)
+    _running = TemporaryAPI(process, url, set_ui_url="PREFECT_UI_URL" not in os.environ)
     atexit.register(stop)
     os.environ["PREFECT_API_URL"] = url
-    os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI: no "View at" links to it
+    if _running.set_ui_url:
+        os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" links to it
     refresh_global_settings_context()
 
 
@@ -99,11 +102,9 @@ def stop() -> None:
     _end(running.process)
     if os.environ.get("PREFECT_API_URL") == running.url:
         del os.environ["PREFECT_API_URL"]
+    if running.set_ui_url:
+        os.environ.pop("PREFECT_UI_URL", None)
     refresh_global_settings_context()
-
-
-def running() -> bool:
-    return _running is not None
 
 
 def _free_port() -> int:

@@ -419,7 +419,7 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_n
         answered = flow(lambda: "answered", name="first")()  # a real flow run against the temporary API
         server_imported = "prefect.server.api.server" in sys.modules
         console.stop_prefect_quietly()
-        stopped = "PREFECT_API_URL" not in os.environ and not any(b"uvicorn" in line for line in children())
+        stopped = not {"PREFECT_API_URL", "PREFECT_UI_URL"} & set(os.environ) and not any(b"uvicorn" in line for line in children())
         print(json.dumps({**seen, "started": seen["started"] < returned, "answered": answered, "server imported": server_imported,
                           "stopped": stopped}))
     """
@@ -432,7 +432,7 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_n
         "started": True,  # before `temporary_api.start` returned, which waits for the server to answer
         "answered": "answered",
         "server imported": False,  # the command is the API's client: Prefect's server modules load in the server only
-        "stopped": True,  # its process ended, and the command's PREFECT_API_URL with it
+        "stopped": True,  # its process ended, and the URLs it set for the command with it
     }
 
 
