@@ -17,7 +17,7 @@ import typing
 from cifar_transfer.config import EXTRACTION_STAGES, URL_OPTIONS, PipelineConfig, load_config, option_stage
 from cifar_transfer.errors import PermanentError
 from cifar_transfer.export import FORMATS
-from cifar_transfer.flows import console, temporary_api  # console first: it sets Prefect's settings before Prefect is imported
+from cifar_transfer.flows import console, temporary_api  # before Prefect: temporary_api sets its server settings
 from cifar_transfer.predict import CHUNK
 from cifar_transfer.redact import printable, redact, refuse_secrets
 from cifar_transfer.sources.files import MAX_FILE_MB

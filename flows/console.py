@@ -11,13 +11,8 @@ import time
 from pathlib import Path
 
 from cifar_transfer.errors import ConfigError
-from cifar_transfer.flows import temporary_api
+from cifar_transfer.flows import temporary_api  # first: it sets Prefect's server settings before Prefect is imported
 from cifar_transfer.redact import printable
-
-# Before Prefect reads its settings: no telemetry calls (offline they log an error at every start), and a first
-# start of the ephemeral API on a fresh PREFECT_HOME migrates its database, which takes 2 cores longer than 20 s.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 class _Printable(logging.Formatter):

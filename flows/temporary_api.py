@@ -25,6 +25,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# Before Prefect reads its settings (this module imports none of Prefect's): no telemetry calls from the server
+# (offline they log an error at every start), and time for a first start on a fresh PREFECT_HOME, which migrates its
+# database (longer than Prefect's 20 s on 2 cores).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
 log = logging.getLogger("prefect")  # where Prefect announces its temporary server
 
 MEANWHILE_THREAD = "while the Prefect API starts"

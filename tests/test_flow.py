@@ -56,15 +56,27 @@ TINY_ANALYSIS_CLI = ["--tsne-sample", "150", "--tsne-test", "--epochs", "3", "--
 
 
 def task_states_since(started: datetime) -> dict[str, list[str]]:
-    """State names of every task run of the flow runs started after `started`, grouped by task name."""
+    """State names of every task run of the flow runs started after `started`, grouped by task name. A task run's
+    state reaches the API as an event the server records on its own time, so its runs are read again until each has
+    one (a condition, not a sleep: under load a run was read before its state once)."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started), tags=this_workers_runs())
         )
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs])))
+        while True:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs])))
+            if all(run.state is not None for run in task_runs):
+                break
+            assert time.monotonic() < deadline, "a task run's state never reached the API"
+            time.sleep(0.2)
     states: dict[str, list[str]] = {}
     for run in task_runs:
         name = run.name if run.name.startswith("extract[") else run.name.rsplit("-", 1)[0]
+        assert run.state is not None
         states.setdefault(name, []).append(run.state.name)
     return states
 
