@@ -15,6 +15,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -192,10 +193,19 @@ def http_client():
     return httpx.Client()
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """`condition()`'s first true value, read again every `interval` seconds (polling a condition with a deadline, not
+    a sleep standing in for one); an AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def wait_for_api(url: str, timeout: float = 180) -> None:
     """Poll `url`'s health until it answers (the controller starts the shared API while the workers start)."""
-    import time
-
     import httpx
 
     def healthy() -> bool:
@@ -204,10 +214,7 @@ def wait_for_api(url: str, timeout: float = 180) -> None:
         except httpx.HTTPError:
             return False
 
-    deadline = time.monotonic() + timeout
-    while not healthy():
-        assert time.monotonic() < deadline, f"the session's Prefect API at {url} did not answer in {timeout:.0f} s"
-        time.sleep(0.2)
+    wait_until(healthy, timeout, f"the session's Prefect API at {url}", interval=0.2)
 
 
 @pytest.fixture(scope="session")

@@ -24,16 +24,10 @@ import pytest
 from cifar_transfer import claims as claims_module
 from cifar_transfer.claims import Claim
 from cifar_transfer.storage import Storage
+from conftest import wait_until
 
 CONTENDERS = 8
 HOLD_SECONDS = 0.2  # how long each contender keeps the claim: long enough for an overlap to show
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def claim_file(storage: Storage, path: str, holder: dict) -> str:
@@ -137,15 +131,15 @@ def test_a_stuck_holder_is_taken_over_after_its_deadline_and_never_touches_the_n
     storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
     stuck = Claim(storage, path, hold_seconds=1.0)
     stuck.acquire()
-    wait_until(lambda: claim_content(stuck)["beat"] >= 2)  # alive and renewing, but making no progress
+    wait_until(lambda: claim_content(stuck)["beat"] >= 2, 30, "two beats", interval=0.01)  # alive and renewing, but making no progress
     taker = Claim(storage, path, hold_seconds=60)
     with caplog.at_level(logging.INFO, logger=claims_module.__name__):
         taker.acquire()
         assert time.time() >= stuck.deadline
-        wait_until(lambda: stuck.lost)  # its next heartbeat found the claim taken over
+        wait_until(lambda: stuck.lost, 30, "the claim lost", interval=0.01)  # its next heartbeat found the claim taken over
         stuck.release()
         beat_when_released = claim_content(taker)["beat"]
-        wait_until(lambda: claim_content(taker)["beat"] >= beat_when_released + 2)
+        wait_until(lambda: claim_content(taker)["beat"] >= beat_when_released + 2, 30, "two beats of the taker", interval=0.01)
     assert claim_content(taker)["id"] == taker.holder["id"] and claim_content(taker)["deadline"] == taker.deadline
     messages = [record.getMessage() for record in caplog.records]
     takeovers = [message for message in messages if message.startswith("took over")]
@@ -160,7 +154,7 @@ def test_a_live_holder_is_waited_for_and_renews_its_claim(tmp_path, monkeypatch)
     storage, path = Storage(str(tmp_path)), str(tmp_path / "part-00000.parquet")
     holder = Claim(storage, path)
     holder.acquire()
-    wait_until(lambda: claim_content(holder)["beat"] >= 2)
+    wait_until(lambda: claim_content(holder)["beat"] >= 2, 30, "two beats", interval=0.01)
 
     acquired = threading.Event()
     waiting = Claim(storage, path)
@@ -171,7 +165,7 @@ def test_a_live_holder_is_waited_for_and_renews_its_claim(tmp_path, monkeypatch)
 
     waiter = threading.Thread(target=wait_for_claim)
     waiter.start()
-    wait_until(lambda: claim_content(holder)["beat"] >= 4)  # beats went on while the waiter polled
+    wait_until(lambda: claim_content(holder)["beat"] >= 4, 30, "four beats", interval=0.01)  # beats went on while the waiter polled
     assert not acquired.is_set()
     holder.release()
     waiter.join(timeout=30)

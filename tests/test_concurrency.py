@@ -7,7 +7,6 @@ themselves are tested in test_claims.py.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from cifar_transfer.shards import plan_shards
 from cifar_transfer.storage import Storage
 from cifar_transfer.store import load_features
 from cifar_transfer.verify import verify_feature_set
-from conftest import this_workers_runs
+from conftest import this_workers_runs, wait_until
 
 
 def shard_flow_runs(started: datetime):
@@ -62,7 +61,9 @@ def run_twice_at_once(config) -> FeatureSetInfo:
         assert holding.wait(30), holder.exception(timeout=0)
         runs = [pool.submit(copy_context().run, extract_features, config) for _ in range(2)]  # with this test's tags
         try:
-            wait_until(lambda: len(shard_flow_runs(started)) == 2 or any(run.done() for run in runs), timeout=120)
+            wait_until(
+                lambda: len(shard_flow_runs(started)) == 2 or any(run.done() for run in runs), 120, "two shard flow runs", interval=0.01
+            )
         finally:  # a failed wait must fail the test, not leave both runs waiting on the claim forever
             release.set()
         holder.result()
@@ -87,10 +88,3 @@ def test_two_runs_started_together_compute_each_shard_once(tiny_archive, tmp_pat
     assert not list((tmp_path / "shared").rglob(".*")), "a claim or temporary file was left behind"
     alone, _ = reference_features()
     assert_same_features(config.storage, alone.storage_url)
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)

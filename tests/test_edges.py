@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from cifar_transfer.errors import StorageNotWritable, is_transient
 from cifar_transfer.flows import console
 from cifar_transfer.flows.cli import main
 from cifar_transfer.sources.folder import FolderSource
-from conftest import CLI, TINY_CLI, copy_of_finished_run
+from conftest import CLI, TINY_CLI, copy_of_finished_run, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,15 +328,6 @@ def children_of(pid: int) -> dict[int, str]:
             except (OSError, IndexError):
                 continue
     return found
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        time.sleep(0.1)  # polling a condition with a deadline, not a sleep standing in for one
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.mark.slow

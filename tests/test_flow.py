@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import datetime, timezone
 
 import duckdb
@@ -24,7 +23,7 @@ from cifar_transfer.flows.pipeline import analyze_features, cifar_transfer, extr
 from cifar_transfer.store import load_features
 from cifar_transfer.tasks.report import METRICS_KEY, REPORT_LINK_KEY, SUMMARY_KEY
 from cifar_transfer.verify import verify_feature_set
-from conftest import CLI, TINY_CLI, copy_of_finished_run, http_client, this_workers_runs
+from conftest import CLI, TINY_CLI, copy_of_finished_run, http_client, this_workers_runs, wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -62,17 +61,17 @@ def task_states_since(started: datetime) -> dict[str, list[str]]:
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all()
-    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=started), tags=this_workers_runs())
         )
-        while True:
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs])))
-            if all(run.state is not None for run in task_runs):
-                break
-            assert time.monotonic() < deadline, "a task run's state never reached the API"
-            time.sleep(0.2)
+        run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in flow_runs]))
+
+        def every_state_recorded() -> tuple[list] | None:  # a tuple: true also when there is no task run
+            task_runs = client.read_task_runs(flow_run_filter=run_filter)
+            return (task_runs,) if all(run.state is not None for run in task_runs) else None
+
+        (task_runs,) = wait_until(every_state_recorded, 60, "every task run's state in the API", interval=0.2)
     states: dict[str, list[str]] = {}
     for run in task_runs:
         name = run.name if run.name.startswith("extract[") else run.name.rsplit("-", 1)[0]
@@ -105,10 +104,7 @@ def heartbeats_since(started: datetime) -> tuple[set[str], set[str]]:
         response.raise_for_status()
         return response.json()["events"]
 
-    deadline = time.monotonic() + 60
-    while not stored(["cifar-transfer.test.sentinel"], [sentinel]):
-        assert time.monotonic() < deadline, "the sentinel event was never stored"
-        time.sleep(0.2)
+    wait_until(lambda: stored(["cifar-transfer.test.sentinel"], [sentinel]), 60, "the sentinel event to be stored", interval=0.2)
     beating = stored(["prefect.flow-run.heartbeat"], [f"prefect.flow-run.{run.id}" for run in runs])
     return {event["resource"]["prefect.resource.id"].rsplit(".", 1)[1] for event in beating}, {
         str(run.id) for run in runs if run.parent_task_run_id is None
