@@ -1,13 +1,20 @@
 """Benchmark: an image folder of JPEG files against the archive path, and an incremental run after it grew by 1%.
 
     .venv/bin/python bench/collections.py --source ../shared/data/cifar-10-python.tar.gz \
-        --md5 3fa5040838d1a02829aec1f95cc5c67f --images 200000 --input-size 64
+        --md5 3fa5040838d1a02829aec1f95cc5c67f --images 200000 --input-size 64 \
+        [--photo-width 400] [--baseline-checkout /tmp/before]
 
 Writes a folder of `--images` JPEG files (CIFAR-10's images, repeated under new names past 60,000) in the
 `ROOT/train/<class>/`, `ROOT/test/<class>/` layout, then, each in a fresh process (`cifar-transfer extract`),
 one after another on this machine: the archive path on its 60,000 images, the folder's full extraction, and
 the folder's incremental run after 1% more images were added. Records listing time, images/s, wall time and
 peak memory to bench/results/collections.jsonl (and prints them).
+
+`--photo-width W` writes each image as a photo is stored instead of at 32 px: upscaled to W x 3W/4 with seeded
+noise (a camera's grain), JPEG quality 90, so decoding costs what a real folder's does. The folder's decoding alone
+is then measured too (`sources.images.decode_into` over the first shard's worth of files, on one thread and on
+every core, alternating), and `--baseline-checkout DIR` (e.g. `git worktree add DIR <commit>`) runs the folder's
+full extraction with that checkout's library as well, right after this checkout's, so before and after are one run.
 
 The runs report to a real `prefect server` started for the benchmark, as a deployment's runs do (a worker
 never starts Prefect's temporary server); `--ephemeral-api` gives each run its own temporary server instead,
@@ -44,18 +51,28 @@ CLI = [
 ]
 
 
-def write_jpegs(job: tuple[str, list[tuple[str, int]], str]) -> int:
-    """Write one chunk of images (the archive's `index`-th image of `split`) as JPEG files under `root`."""
+PHOTO_NOISE = 6.0  # standard deviation of the grain added to an upscaled image, in 8-bit levels
+DECODE_ROUNDS = 3
+
+
+def write_jpegs(job: tuple[str, list[tuple[str, int]], str, int]) -> int:
+    """Write one chunk of images (the archive's `index`-th image of `split`) as JPEG files under `root`, as they are
+    or, with `photo_width`, as photos (see `--photo-width`)."""
     import numpy as np
     from PIL import Image
 
-    root, names, arrays = job
+    root, names, arrays, photo_width = job
     images = {split: np.load(f"{arrays}/{split}_images.npy", mmap_mode="r") for split in ("train", "test")}
     for name, index in names:
         split = name.split("/", 1)[0]
         path = Path(root) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(images[split][index])).save(path, "JPEG", quality=90)
+        image = Image.fromarray(np.asarray(images[split][index]))
+        if photo_width:
+            image = image.resize((photo_width, photo_width * 3 // 4), Image.Resampling.BICUBIC)
+            grain = np.random.default_rng(index).normal(0.0, PHOTO_NOISE, (image.height, image.width, 3))
+            image = Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
+        image.save(path, "JPEG", quality=90)
     return len(names)
 
 
@@ -69,12 +86,36 @@ def image_names(total: int, start: int, sizes: dict[str, int], labels: dict[str,
     return names
 
 
-def write_folder(root: str, arrays: str, names: list[tuple[str, int]]) -> float:
+def write_folder(root: str, arrays: str, names: list[tuple[str, int]], photo_width: int) -> float:
     started = time.perf_counter()
     chunks = [names[start : start + 5000] for start in range(0, len(names), 5000)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        sum(pool.map(write_jpegs, [(root, chunk, arrays) for chunk in chunks]))
+        sum(pool.map(write_jpegs, [(root, chunk, arrays, photo_width) for chunk in chunks]))
     return time.perf_counter() - started
+
+
+def decoding_rates(root: str, names: list[tuple[str, int]], size: int) -> dict:
+    """Images/s of `decode_into` over the files of the first `SHARD_SIZE` names, on one thread and on every core,
+    alternating for `DECODE_ROUNDS` rounds (the files read beforehand: decoding alone)."""
+    import numpy as np
+
+    from cifar_transfer.config import PipelineConfig
+    from cifar_transfer.sources.images import decode_into, decoding_threads
+
+    encoded = [((Path(root) / name).read_bytes(), None) for name, _ in names[: PipelineConfig().shard_size]]
+    pixels = np.empty((len(encoded), size, size, 3), np.uint8)
+    rates: dict[str, list[float]] = {"one_thread": [], "every_core": []}
+    for _ in range(DECODE_ROUNDS):
+        for name, threads in (("one_thread", 1), ("every_core", decoding_threads())):
+            started = time.perf_counter()
+            decode_into(pixels, encoded, threads=threads)
+            rates[name].append(round(len(encoded) / (time.perf_counter() - started)))
+    return {
+        "threads": decoding_threads(),
+        "images": len(encoded),
+        "mean_jpeg_kib": round(sum(len(data) for data, _ in encoded) / len(encoded) / 1024, 1),
+        "images_per_second": rates,
+    }
 
 
 @contextlib.contextmanager
@@ -109,8 +150,11 @@ def prefect_server(home: str) -> Iterator[dict[str, str]]:
         server.wait(timeout=60)
 
 
-def extract(options: list[str], storage: str, environment: dict[str, str] | None) -> dict:
-    """One `cifar-transfer extract` in its own process: wall time, peak memory, and the extraction's own figures."""
+def extract(options: list[str], storage: str, environment: dict[str, str] | None, library: str | None = None) -> dict:
+    """One `cifar-transfer extract` in its own process: wall time, peak memory, and the extraction's own figures;
+    with `library`, another checkout's `cifar_transfer` (first on PYTHONPATH; the Prefect layer stays this one's)."""
+    if library is not None:
+        environment = {**(environment or os.environ), "PYTHONPATH": library}
     started = time.perf_counter()
     done = subprocess.run([*CLI, "extract", *options, "--storage", storage], capture_output=True, text=True, env=environment)
     wall = time.perf_counter() - started
@@ -134,6 +178,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--backbone", default="MobileNetV2")
     parser.add_argument("--ephemeral-api", action="store_true", help="each run starts its own temporary Prefect server")
+    parser.add_argument("--photo-width", type=int, default=0, help="write the images as photos this wide (0: as they are, 32 px)")
+    parser.add_argument("--baseline-checkout", help="also extract the folder with this checkout's library, after this checkout's")
     arguments = parser.parse_args()
     from cifar_transfer.collection import list_collection
     from cifar_transfer.config import load_config
@@ -162,7 +208,8 @@ def main() -> None:
         labels = {split: np.load(f"{dataset.folder}/{split}_labels.npy").tolist() for split in ("train", "test")}
         root = f"{scratch}/photos"
         names = image_names(arguments.images, 0, dataset.sizes, labels, dataset.classes)
-        write_seconds = write_folder(root, dataset.folder, names)
+        write_seconds = write_folder(root, dataset.folder, names, arguments.photo_width)
+        decoding = decoding_rates(root, names, arguments.input_size) if arguments.photo_width else None
         settings = load_config(source=root, storage=f"{scratch}/folder-storage").collection_settings
         started = time.perf_counter()
         listed, _ = list_collection(settings)
@@ -170,8 +217,12 @@ def main() -> None:
 
         archive_run = extract(["--source", arguments.source, "--md5", arguments.md5, *common], archive_storage, environment)
         folder_run = extract(["--source", root, *common], f"{scratch}/folder-storage", environment)
+        baseline_run = None
+        if arguments.baseline_checkout:
+            options = ["--source", root, *common]
+            baseline_run = extract(options, f"{scratch}/baseline-storage", environment, library=arguments.baseline_checkout)
         grown = image_names(arguments.images // 100, arguments.images, dataset.sizes, labels, dataset.classes)
-        write_folder(root, dataset.folder, grown)
+        write_folder(root, dataset.folder, grown, arguments.photo_width)
         incremental_run = extract(["--source", root, *common], f"{scratch}/folder-storage", environment)
         folder_rate, archive_rate = folder_run["extraction_images_per_second"], archive_run["extraction_images_per_second"]
         record(
@@ -182,11 +233,14 @@ def main() -> None:
                 "backbone": f"{arguments.backbone} (seeded weights)",
                 "engine": "openvino float32",
                 "prefect_api": "ephemeral" if arguments.ephemeral_api else "prefect server",
+                "photo_width": arguments.photo_width or None,
                 "jpeg_write_seconds": round(write_seconds, 1),
+                "decoding": decoding,
                 "listing_seconds": round(listing_seconds, 2),
                 "listed": listed.sizes,
                 "archive_run": archive_run | {"images": sum(dataset.sizes.values())},
                 "folder_run": folder_run,
+                "baseline_folder_run": baseline_run,
                 "folder_vs_archive_images_per_second": round(folder_rate / archive_rate, 3),
                 "incremental_run": incremental_run | {"images_added": len(grown)},
                 "incremental_vs_full_wall": round(incremental_run["wall_seconds"] / folder_run["wall_seconds"], 3),

@@ -11,7 +11,9 @@ whole job on one GPU.
    random images fed from host memory as the pipeline feeds them; images/s per GPU and summed.
 2. Pipeline: `extract_features` with --task-runner dask, one worker per GPU (pinned, see
    tasks/runners.py), on a seeded synthetic CIFAR-10 archive of --images images (nothing downloaded).
-3. Job: the whole `cifar-transfer` flow with its defaults (thread runner, engine and precision `auto`, the map, the
+3. Pipeline ceiling: the shards flow of the job's backbone with an engine that costs nothing
+   (`bench/pipeline_ceiling.py`), on this machine's CPUs: the rate above which the GPUs would wait for the pipeline.
+4. Job: the whole `cifar-transfer` flow with its defaults (thread runner, engine and precision `auto`, the map, the
    head, the explorer and the report) on the same archive into fresh storage: each stage's seconds and the job over
    its extraction (issue 25 goal 2), as `bench/full_run.py` records them.
 
@@ -61,6 +63,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--budget-seconds", type=float, default=480, help="the whole benchmark's time limit")
     parser.add_argument("--pipeline-seconds", type=float, default=80, help="the part of the budget kept for the pipeline run")
     parser.add_argument("--job-seconds", type=float, default=150, help="the part of the budget kept for the whole job")
+    parser.add_argument("--ceiling-seconds", type=float, default=45, help="the part of the budget kept for the pipeline ceiling")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: the kernel plan of one GPU's process, as JSON
     arguments = parser.parse_args()
     if arguments.smoke:
@@ -205,6 +208,18 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path, arch
     }
 
 
+def ceiling_run(arguments: argparse.Namespace, archive: tuple[Path, str]) -> dict:
+    """The pipeline's own ceiling: the shards flow of InceptionV3 at the pipeline's input size with an engine that
+    costs nothing, in a process of its own (`bench/pipeline_ceiling.py`)."""
+    from bench.pipeline_ceiling import run_child
+
+    path, md5 = archive
+    options = {"source": str(path), "md5": md5, "backbone": "InceptionV3", "weights": arguments.weights}
+    options["input_size"] = arguments.pipeline_size
+    measured = run_child(None, options, 2)
+    return measured | {"images_per_second": round(max(measured["rates"]), 1)}
+
+
 def job_run(arguments: argparse.Namespace, folder: Path, archive: tuple[Path, str]) -> dict:
     """The whole default job (every option at its default but the source, weights, input size and precision asked
     for) into a fresh storage folder: its stages' seconds and the job over its extraction."""
@@ -224,7 +239,7 @@ def job_run(arguments: argparse.Namespace, folder: Path, archive: tuple[Path, st
     return run_job(config)[1]
 
 
-def markdown(devices: list[dict], kernels: list[dict], pipeline: dict, job: dict) -> str:
+def markdown(devices: list[dict], kernels: list[dict], pipeline: dict, ceiling: dict, job: dict) -> str:
     names = [f"GPU{number}" for number in range(len(devices))] or ["CPU"]
     lines = [
         "| input | batch | precision | XLA | " + " | ".join(f"{name} img/s" for name in names) + " | total img/s | compile s | notes |",
@@ -243,6 +258,9 @@ def markdown(devices: list[dict], kernels: list[dict], pipeline: dict, job: dict
         "|---|---|---|---|---|---|",
         f"| {pipeline['task_runner']} | {pipeline['images']} | {pipeline['precision']} | {pipeline['shard_phase_seconds']} "
         f"| {pipeline['total_seconds']} | {pipeline['images_per_second']} |",
+        "",
+        f"Pipeline ceiling (an engine that costs nothing, {ceiling['width']} features a row): {ceiling['images_per_second']} img/s "
+        f"over {ceiling['images']} images.",
         "",
         "| whole job | engine | extraction s (img/s) | t-SNE s | head s | not extraction s | total s | job / extraction |",
         "|---|---|---|---|---|---|---|---|",
@@ -292,7 +310,7 @@ def main() -> None:
     devices = gpus()
     if not devices and not arguments.smoke:
         sys.exit("bench/gpu.py: error: no GPU visible to TensorFlow: run it on a CUDA machine, or pass --smoke to check it on a CPU")
-    kernels_end = started + arguments.budget_seconds - arguments.pipeline_seconds - arguments.job_seconds
+    kernels_end = started + arguments.budget_seconds - arguments.pipeline_seconds - arguments.job_seconds - arguments.ceiling_seconds
     plan = kernel_plan(arguments, stop_at=kernels_end)
     kernels = merge(kernels_on_every_gpu(visible_gpu_ids() or [None], plan, kill_at=kernels_end))
     from cifar_transfer.flows import temporary_api
@@ -301,8 +319,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
         archive = synthetic_archive(Path(scratch), arguments.images, arguments.seed)
         pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch), archive)
+        ceiling = ceiling_run(arguments, archive)
         job = job_run(arguments, Path(scratch), archive)
-    print(markdown(devices, kernels, pipeline, job))
+    print(markdown(devices, kernels, pipeline, ceiling, job))
     options = {key: value for key, value in vars(arguments).items() if key != "child"}
     record(
         "gpu-smoke" if arguments.smoke else "gpu",
@@ -311,6 +330,7 @@ def main() -> None:
             "devices": devices,
             "kernels": kernels,
             "pipeline": pipeline,
+            "pipeline_ceiling": ceiling,
             "job": job,
             "seconds": round(time.time() - started, 1),
         },

@@ -10,7 +10,6 @@ lists old and new shards at once (see `commit.write_manifest`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -242,25 +241,24 @@ class CollectionImages(BaseModel):
 def collection_images(dataset: CollectionDataset, shard: Shard, size: int) -> CollectionImages:
     """Read and decode the shard's images straight from the source, resized once to `size`; mirrored for a flipped view.
 
-    Each image is decoded into its row of one array (no list of images stacked afterwards: at 224 px a shard's
+    Each image is decoded into its row of one array, on every core (`decode_into`), and the rows of those that
+    could not be read or decoded are closed up in place (no list of images stacked afterwards: at 224 px a shard's
     pixels are 150 MB, and two shards are in flight).
     """
-    from cifar_transfer.sources.images import UndecodableImage, decode_image
+    from cifar_transfer.sources.images import decode_into
 
     items = shard.items or []
     pixels = np.empty((len(items), size, size, 3), np.uint8)
+    read = open_collection(dataset.settings).read_items(items)
+    reasons = decode_into(pixels, ((data, reason) for _, data, reason in read), mirrored=shard.flipped)
     decoded: list[Item] = []
     skipped: list[UnreadableItem] = []
-    for item, data, reason in open_collection(dataset.settings).read_items(items):
-        if data is None:
-            skipped.append(UnreadableItem(key=item.key, reason=reason or "unreadable"))
+    for row, (item, reason) in enumerate(zip(items, reasons, strict=True)):
+        if reason is not None:
+            skipped.append(UnreadableItem(key=item.key, reason=reason))
             continue
-        try:
-            image = decode_image(data, size)
-        except UndecodableImage as exc:
-            skipped.append(UnreadableItem(key=item.key, reason=str(exc)))
-            continue
-        pixels[len(decoded)] = image[:, ::-1] if shard.flipped else image
+        if row != len(decoded):
+            pixels[len(decoded)] = pixels[row]
         decoded.append(item)
     for entry in skipped:
         log.warning("extract[%s]: skipped %s: %s", shard.name, entry.key, entry.reason)
@@ -269,12 +267,9 @@ def collection_images(dataset: CollectionDataset, shard: Shard, size: int) -> Co
 
 def thumbnails(settings: CollectionSettings, keys: list[str], size: int) -> np.ndarray:
     """Small pictures of the named images for the report (a grey square where one can no longer be read)."""
-    from cifar_transfer.sources.images import UndecodableImage, decode_image
+    from cifar_transfer.sources.images import decode_into
 
-    pictures = np.full((len(keys), size, size, 3), 128, np.uint8)
+    pictures = np.full((len(keys), size, size, 3), 128, np.uint8)  # the rows decode_into cannot fill stay grey
     items = [Item(key=key, label=0, version="") for key in keys]
-    for number, (_, data, _) in enumerate(open_collection(settings).read_items(items)):
-        if data is not None:
-            with contextlib.suppress(UndecodableImage):
-                pictures[number] = decode_image(data, size)
+    decode_into(pictures, ((data, reason) for _, data, reason in open_collection(settings).read_items(items)))
     return pictures

@@ -192,6 +192,12 @@ if kind == "image":
         decode_image(open(path, "rb").read(), 224)
     except UndecodableImage as error:
         outcome = error.reason
+elif kind == "images":  # the same image twice in one shard, on two threads
+    import numpy as np
+    from cifar_transfer.sources.images import decode_into
+    data = open(path, "rb").read()
+    reasons = decode_into(np.empty((2, 224, 224, 3), np.uint8), [(data, None), (data, None)], threads=2)
+    outcome = "ok" if reasons == [None, None] else repr(reasons)
 elif kind == "predict":
     from cifar_transfer.sources.unlabelled import UnlabelledImages
     reasons = {reason for chunk in UnlabelledImages(path).chunks(8) for _, _, reason in chunk}
@@ -213,7 +219,8 @@ def peak_of(kind: str, path: Path) -> dict:
 
 @pytest.mark.slow
 def test_peak_memory_stays_bounded_for_the_largest_images_the_caps_admit(tmp_path):
-    """A 100-megapixel 16-bit PNG and an RGBA one (a few hundred KB each) took 2,034 and 1,653 MB to decode."""
+    """A 100-megapixel 16-bit PNG and an RGBA one (a few hundred KB each) took 2,034 and 1,653 MB to decode; two such
+    images of one shard, decoded on two threads, may not hold two at once."""
     side = 9_999  # 99,980,001 pixels
     gray16, rgba = tmp_path / "gray16.png", tmp_path / "rgba.png"
     gradient = (np.arange(side, dtype=np.uint32) * 6 % 65536).astype(np.uint16)
@@ -223,6 +230,10 @@ def test_peak_memory_stays_bounded_for_the_largest_images_the_caps_admit(tmp_pat
         measured = peak_of("image", path)
         assert measured["outcome"] == "ok"
         assert measured["peak_mib"] < held_mib * 1.2, (path.name, measured)
+    # Two of them in one shard, on two decoding threads: still one image's memory, as they decode one at a time.
+    measured = peak_of("images", gray16)
+    assert measured["outcome"] == "ok"
+    assert measured["peak_mib"] < (191 + 95) * 1.2, measured
 
 
 @pytest.mark.slow

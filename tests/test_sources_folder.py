@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -27,7 +28,7 @@ from PIL import Image
 
 from cifar_transfer.errors import ConfigError, SourceError
 from cifar_transfer.sources.folder import FolderSource
-from cifar_transfer.sources.images import MAX_DECODE_MB, UndecodableImage, decode_image
+from cifar_transfer.sources.images import MAX_DECODE_MB, UndecodableImage, decode_image, decode_into
 
 SIZE = 16
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -179,6 +180,38 @@ def test_every_image_decodes_to_square_rgb_and_a_corrupt_one_says_why(class_tree
     for key in ("cat/nested/deep/alpha.png", "cat/palette.png"):  # transparency is composited over white
         pixels = decode_image(IMAGES[key][0], SIZE)
         assert (pixels[:, :4] == WHITE).all() and (pixels[:, -4:] == BLUE).all(), key
+
+
+def test_a_shards_images_decode_on_several_threads_into_the_rows_one_thread_gives():
+    """`decode_into` as a shard uses it: every image of IMAGES (the corrupt one included) and one that was never read,
+    many times over, on four threads and on one; both views. The rows, the reasons and their order are the same, and
+    the images really were decoded on several threads (their names, seen while the encoded images are taken)."""
+    keys = list(IMAGES) * 6
+    encoded = [(IMAGES[key][0], None) for key in keys] + [(None, "gone since the listing")]
+    seen_threads: set[str] = set()
+
+    def taken(rows):
+        for row in rows:
+            seen_threads.update(thread.name for thread in threading.enumerate() if thread.name.startswith("decode"))
+            yield row
+
+    for mirrored in (False, True):
+        one = np.zeros((len(encoded), SIZE, SIZE, 3), np.uint8)
+        four = np.zeros_like(one)
+        reasons_one = decode_into(one, iter(encoded), mirrored=mirrored, threads=1)
+        reasons_four = decode_into(four, taken(encoded), mirrored=mirrored, threads=4)
+        assert reasons_four == reasons_one
+        assert np.array_equal(four, one)
+        for row, key in enumerate(keys):
+            data = IMAGES[key][0]
+            if key == "cat/corrupt.jpg":
+                assert reasons_one[row].startswith("cannot decode the image: "), reasons_one[row]
+                continue
+            assert reasons_one[row] is None
+            expected = decode_image(data, SIZE)
+            assert np.array_equal(one[row], expected[:, ::-1] if mirrored else expected), (key, mirrored)
+        assert reasons_one[-1] == "gone since the listing"
+    assert len(seen_threads) > 1, seen_threads
 
 
 def test_exif_orientation_is_applied():

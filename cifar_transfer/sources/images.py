@@ -17,6 +17,11 @@ How pixels are made, so that every source agrees:
   (`Image.draft`), never below `size`: several times faster, and the difference is below what the resize
   keeps anyway.
 
+Threads: a shard's images decode on every core this process may use (`decode_into`; Pillow's decoders and resize
+release the GIL), so the images of a folder keep up with an engine faster than one core decodes: a GPU's thousands
+of images a second, where one thread decodes a few hundred photos. Any decode holding more than `SMALL_DECODE_MB`
+runs alone (one at a time in the process), so the memory bound below holds whatever the threads.
+
 Memory: the cap is on the bytes a decode holds, not on a pixel count: the decoded image in Pillow's own layout
 (1 byte a pixel for grayscale and palette, 2 for 16-bit, 4 for colour) plus the one full-size copy a conversion
 needs, at most `MAX_DECODE_MB`. An image whose decoded form is over `SMALL_DECODE_MB` is first box-reduced
@@ -27,9 +32,16 @@ above, unchanged, so a collection's features do not depend on when its images we
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import re
+import threading
 import warnings
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -50,6 +62,8 @@ _ONE_BYTE_MODES = frozenset({"1", "L", "P"})
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Modes `Image.reduce` cannot reduce, and the mode each is converted to first (the one full-size copy).
 _BEFORE_REDUCE = {"1": "L", "P": "RGBA", **{mode: "L" for mode in _SIXTEEN_BIT}}
+READ_AHEAD_PER_THREAD = 4  # encoded images `decode_into` holds per decoding thread, read ahead of their decode
+_LARGE_DECODES = threading.Lock()  # held by every decode over SMALL_DECODE_MB: one at a time in the process
 _STRIP_PIXELS = 1 << 22  # large images are reduced, and 16-bit ones scaled to 8 bits, a strip of this many pixels at a time
 _ORIENTATIONS = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -60,6 +74,37 @@ _ORIENTATIONS = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }  # EXIF orientation -> what makes the picture stand upright
+
+
+class _PillowQuiet:
+    """Pillow's warnings (odd EXIF, palettes, big images) ignored while any thread decodes: an image's reason says
+    enough. One `warnings.catch_warnings` for all of them, entered by the first and left by the last: it saves and
+    restores the process's one filter list, so one per thread would restore each other's state (a warning leaks, or
+    the silence outlives them). Only warnings issued in Pillow or this module are ignored: other threads' still show."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._decoding = 0
+        self._silence: warnings.catch_warnings | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._decoding:
+                self._silence = warnings.catch_warnings()
+                self._silence.__enter__()
+                warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+                warnings.filterwarnings("ignore", module=re.escape(__name__) + "$")
+            self._decoding += 1
+
+    def __exit__(self, *_) -> None:
+        with self._lock:
+            self._decoding -= 1
+            if not self._decoding and self._silence is not None:
+                self._silence.__exit__(None, None, None)
+                self._silence = None
+
+
+_pillow_quiet = _PillowQuiet()
 # Pillow's one error log (a TIFF asking for too many samples a pixel) repeats the SyntaxError reported here.
 logging.getLogger("PIL.TiffImagePlugin").setLevel(logging.CRITICAL)
 
@@ -76,14 +121,59 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """The image in `data` as a (size, size, 3) uint8 RGB array; `UndecodableImage` says why when it cannot be."""
     if size < 1:
         raise ValueError(f"size must be at least 1, got {size}")
-    with warnings.catch_warnings():  # Pillow warns about odd EXIF, palettes or big images: the reason says enough
-        warnings.simplefilter("ignore")
+    with _pillow_quiet:
+        return _checked_decode(data, size)
+
+
+def decoding_threads() -> int:
+    """The threads a shard's images decode on: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_into(
+    pixels: np.ndarray, encoded: Iterable[tuple[bytes | None, str | None]], mirrored: bool = False, threads: int | None = None
+) -> list[str | None]:
+    """Decode each encoded image into its row of `pixels` ((rows, size, size, 3) uint8; mirrored left to right with
+    `mirrored`), on `threads` threads (default `decoding_threads()`), and give each row's reason when it holds no
+    image: the reason it came with (bytes None: unread) or why it would not decode; None where it decoded.
+
+    `encoded` is consumed in order, at most `READ_AHEAD_PER_THREAD` images a thread ahead of their decode, so a
+    shard's encoded bytes are never all in memory at once. Rows decode in any order; each lands in its own row,
+    so the result is the same as one thread's, bit for bit."""
+    size = pixels.shape[1]
+    reasons: list[str | None] = []
+
+    def decode_row(row: int, data: bytes) -> None:
         try:
-            return _decode(data, size)
-        except UndecodableImage:
-            raise
-        except _PILLOW_FAILURES as exc:
-            raise UndecodableImage(_reason(exc)) from None
+            image = _checked_decode(data, size)
+        except UndecodableImage as exc:
+            reasons[row] = exc.reason
+            return
+        pixels[row] = image[:, ::-1] if mirrored else image
+
+    threads = threads or decoding_threads()
+    with _pillow_quiet, ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        pending: deque[Future[None]] = deque()
+        for row, (data, reason) in enumerate(encoded):
+            reasons.append(None if data is not None else reason or "unreadable")
+            if data is None:
+                continue
+            if len(pending) >= threads * READ_AHEAD_PER_THREAD:
+                pending.popleft().result()
+            pending.append(pool.submit(decode_row, row, data))
+        for decoding in pending:
+            decoding.result()  # raises what a decode raised beyond a refusal
+    return reasons
+
+
+def _checked_decode(data: bytes, size: int) -> np.ndarray:
+    """`_decode`, Pillow's failures as `UndecodableImage`."""
+    try:
+        return _decode(data, size)
+    except UndecodableImage:
+        raise
+    except _PILLOW_FAILURES as exc:
+        raise UndecodableImage(_reason(exc)) from None
 
 
 def _decode(data: bytes, size: int) -> np.ndarray:
@@ -97,10 +187,11 @@ def _decode(data: bytes, size: int) -> np.ndarray:
                 f"image is {width}x{height} pixels of {image.mode}: decoding it takes {(decoded + converted) / 2**20:,.0f} "
                 f"MiB, over the cap of {MAX_DECODE_MB} MiB"
             )
-        if decoded > SMALL_DECODE_MB * 2**20 and min(width, height) >= 4 * size:
-            return _decode_large(image, size)
-        upright = ImageOps.exif_transpose(image)
-        return _square(_rgb(upright), size)
+        with _LARGE_DECODES if decoded + converted > SMALL_DECODE_MB * 2**20 else contextlib.nullcontext():
+            if decoded > SMALL_DECODE_MB * 2**20 and min(width, height) >= 4 * size:
+                return _decode_large(image, size)
+            upright = ImageOps.exif_transpose(image)
+            return _square(_rgb(upright), size)
 
 
 def _decode_large(image: Image.Image, size: int) -> np.ndarray:
