@@ -18,6 +18,7 @@ import threading
 import time
 import warnings
 import zipfile
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Protocol
@@ -44,6 +45,7 @@ INT8_CALIBRATION_IMAGES = 300  # NNCF's default subset: activation ranges settle
 # 0.99961, probe accuracy 34.57% (float32 36.52%); 20 a step: 5.2 s, 0.99982, 36.72%. ImageNet MobileNetV2 64 px:
 # 4.0 s and 0.925 against 2.3 s and 0.951 (refused by `auto` either way).
 INT8_CALIBRATION_BATCH = 20
+IN_FLIGHT_BATCHES = 4  # TensorFlow batches handed to the device before the first of them is read back
 
 
 class ComputedFeatures(Future[np.ndarray]):
@@ -74,7 +76,16 @@ class KerasExtractor:
         self._computing = threading.Lock()  # one shard at a time: TensorFlow already spreads each batch over every core
 
     def __call__(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        outputs = [self.forward(images[start : start + batch_size]).numpy() for start in range(0, len(images), batch_size)]
+        """Each batch's features, read back `IN_FLIGHT_BATCHES` batches after it was handed over: on a GPU TensorFlow
+        runs a call's kernels after the call returns, until `.numpy()` waits for them, so the device computes the next
+        batches while the host reads one back (on a CPU a call has computed its batch when it returns)."""
+        handed: deque = deque()
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            handed.append(self.forward(images[start : start + batch_size]))
+            if len(handed) > IN_FLIGHT_BATCHES:
+                outputs.append(handed.popleft().numpy())
+        outputs += [features.numpy() for features in handed]
         return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output.shape[1:]), np.float32)
 
     def submit(self, images: np.ndarray, batch_size: int, into: np.ndarray | None = None) -> ComputedFeatures:

@@ -46,3 +46,23 @@ def test_a_compiled_forward_traces_once_for_every_batch_size():
     assert extractor.forward.experimental_get_tracing_count() == 1
     np.testing.assert_allclose(shard, model(rows, training=False).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tail, shard[:17], rtol=1e-6, atol=1e-6)
+
+
+def test_batches_handed_to_the_engine_ahead_of_their_read_back_come_back_in_order():
+    """`KerasExtractor` reads each batch back `IN_FLIGHT_BATCHES` batches after handing it over: with many more batches
+    than that, the shard's features are each batch's own, in order, bit for bit."""
+    from cifar_transfer.extractors import IN_FLIGHT_BATCHES, KerasExtractor
+    from cifar_transfer.native import load_keras
+
+    keras = load_keras()
+    keras.utils.set_random_seed(4)
+    images = keras.Input((8, 8, 3), dtype="uint8")
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(keras.ops.cast(images, "float32")))
+    extractor = KerasExtractor(keras.Model(images, features))
+    rows = np.random.default_rng(4).integers(0, 256, (100, 8, 8, 3), dtype=np.uint8)
+    batches = [rows[start : start + 8] for start in range(0, len(rows), 8)]
+    assert len(batches) > 2 * IN_FLIGHT_BATCHES
+
+    one_by_one = np.concatenate([extractor.forward(batch).numpy() for batch in batches])
+
+    assert np.array_equal(extractor(rows, 8), one_by_one)
