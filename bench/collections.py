@@ -100,18 +100,19 @@ def decoding_rates(root: str, names: list[tuple[str, int]], size: int) -> dict:
     import numpy as np
 
     from cifar_transfer.config import PipelineConfig
-    from cifar_transfer.sources.images import decode_into, decoding_threads
+    from cifar_transfer.hardware import usable_cores
+    from cifar_transfer.sources.images import decode_into
 
     encoded = [((Path(root) / name).read_bytes(), None) for name, _ in names[: PipelineConfig().shard_size]]
     pixels = np.empty((len(encoded), size, size, 3), np.uint8)
     rates: dict[str, list[float]] = {"one_thread": [], "every_core": []}
     for _ in range(DECODE_ROUNDS):
-        for name, threads in (("one_thread", 1), ("every_core", decoding_threads())):
+        for name, threads in (("one_thread", 1), ("every_core", usable_cores())):
             started = time.perf_counter()
             decode_into(pixels, encoded, threads=threads)
             rates[name].append(round(len(encoded) / (time.perf_counter() - started)))
     return {
-        "threads": decoding_threads(),
+        "threads": usable_cores(),
         "images": len(encoded),
         "mean_jpeg_kib": round(sum(len(data) for data, _ in encoded) / len(encoded) / 1024, 1),
         "images_per_second": rates,

@@ -73,7 +73,7 @@ def machine_description() -> dict:
     """What the engine choice depends on; also quoted by benchmarks."""
     return {
         "cpu": cpu_model(),
-        "cores": len(_affinity()),
+        "cores": usable_cores(),
         "native_bf16": cpu_has_native_bf16(),
         "gpus": gpus(),
         "openvino": _openvino_version(),
@@ -94,10 +94,9 @@ def blas_kernels() -> list[str]:
     return sorted({str(library.get("architecture")) for library in threadpool_info() if library["internal_api"] == "openblas"})
 
 
-def _affinity() -> set[int]:
-    import os
-
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or `taskset` may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _openvino_version() -> str | None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import threading
 import warnings
@@ -45,6 +44,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from cifar_transfer.hardware import usable_cores
 
 MAX_DECODE_MB = 512  # a 100-megapixel colour photo decodes into 400 MB; a crafted header could ask for far more
 SMALL_DECODE_MB = 64  # decoded images up to this size (16 megapixels of colour) take the direct path
@@ -125,16 +126,11 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return _checked_decode(data, size)
 
 
-def decoding_threads() -> int:
-    """The threads a shard's images decode on: one per core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def decode_into(
     pixels: np.ndarray, encoded: Iterable[tuple[bytes | None, str | None]], mirrored: bool = False, threads: int | None = None
 ) -> list[str | None]:
     """Decode each encoded image into its row of `pixels` ((rows, size, size, 3) uint8; mirrored left to right with
-    `mirrored`), on `threads` threads (default `decoding_threads()`), and give each row's reason when it holds no
+    `mirrored`), on `threads` threads (default: one per core, `hardware.usable_cores`), and give each row's reason when it holds no
     image: the reason it came with (bytes None: unread) or why it would not decode; None where it decoded.
 
     `encoded` is consumed in order, at most `READ_AHEAD_PER_THREAD` images a thread ahead of their decode, so a
@@ -151,7 +147,7 @@ def decode_into(
             return
         pixels[row] = image[:, ::-1] if mirrored else image
 
-    threads = threads or decoding_threads()
+    threads = threads or usable_cores()
     with _pillow_quiet, ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
         pending: deque[Future[None]] = deque()
         for row, (data, reason) in enumerate(encoded):
