@@ -76,6 +76,9 @@ _ORIENTATIONS = {
     8: Image.Transpose.ROTATE_90,
 }  # EXIF orientation -> what makes the picture stand upright
 
+# Pillow's one error log (a TIFF asking for too many samples a pixel) repeats the SyntaxError reported here.
+logging.getLogger("PIL.TiffImagePlugin").setLevel(logging.CRITICAL)
+
 
 class _PillowQuiet:
     """Pillow's warnings (odd EXIF, palettes, big images) ignored while any thread decodes: an image's reason says
@@ -106,8 +109,6 @@ class _PillowQuiet:
 
 
 _pillow_quiet = _PillowQuiet()
-# Pillow's one error log (a TIFF asking for too many samples a pixel) repeats the SyntaxError reported here.
-logging.getLogger("PIL.TiffImagePlugin").setLevel(logging.CRITICAL)
 
 
 class UndecodableImage(ValueError):
@@ -130,8 +131,9 @@ def decode_into(
     pixels: np.ndarray, encoded: Iterable[tuple[bytes | None, str | None]], mirrored: bool = False, threads: int | None = None
 ) -> list[str | None]:
     """Decode each encoded image into its row of `pixels` ((rows, size, size, 3) uint8; mirrored left to right with
-    `mirrored`), on `threads` threads (default: one per core, `hardware.usable_cores`), and give each row's reason when it holds no
-    image: the reason it came with (bytes None: unread) or why it would not decode; None where it decoded.
+    `mirrored`) on `threads` threads (default: one per core, `hardware.usable_cores`), and give each row's reason
+    when it holds no image: the reason it came with (bytes None: unread) or why it would not decode; None where it
+    decoded.
 
     `encoded` is consumed in order, at most `READ_AHEAD_PER_THREAD` images a thread ahead of their decode, so a
     shard's encoded bytes are never all in memory at once. Rows decode in any order; each lands in its own row,
