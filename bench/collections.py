@@ -76,13 +76,17 @@ def write_jpegs(job: tuple[str, list[tuple[str, int]], str, int]) -> int:
     return len(names)
 
 
-def image_names(total: int, start: int, sizes: dict[str, int], labels: dict[str, list[int]], classes: list[str]) -> list[tuple[str, int]]:
-    """Names for images [start, start + total): five in six train, one in six test, repeating the archive's images."""
+def image_names(dataset, total: int, start: int = 0) -> list[tuple[str, int]]:
+    """Names for images [start, start + total) of a decoded archive (`DatasetInfo`), each with its index in its
+    split: five in six train, one in six test, repeating the archive's images, in a folder per class."""
+    import numpy as np
+
+    labels = {split: np.load(f"{dataset.folder}/{split}_labels.npy") for split in ("train", "test")}
     names = []
     for number in range(start, start + total):
         split = "test" if number % 6 == 5 else "train"
-        index = number % sizes[split]
-        names.append((f"{split}/{classes[labels[split][index]]}/{number:07d}.jpg", index))
+        index = number % dataset.sizes[split]
+        names.append((f"{split}/{dataset.classes[labels[split][index]]}/{number:07d}.jpg", index))
     return names
 
 
@@ -204,11 +208,8 @@ def main() -> None:
         archive_storage = f"{scratch}/archive-storage"
         archive = fetch_archive(arguments.source, arguments.md5, archive_storage)
         dataset = decode_archive(archive_storage, archive.path, archive.md5)
-        import numpy as np
-
-        labels = {split: np.load(f"{dataset.folder}/{split}_labels.npy").tolist() for split in ("train", "test")}
         root = f"{scratch}/photos"
-        names = image_names(arguments.images, 0, dataset.sizes, labels, dataset.classes)
+        names = image_names(dataset, arguments.images)
         write_seconds = write_folder(root, dataset.folder, names, arguments.photo_width)
         decoding = decoding_rates(root, names, arguments.input_size) if arguments.photo_width else None
         settings = load_config(source=root, storage=f"{scratch}/folder-storage").collection_settings
@@ -222,7 +223,7 @@ def main() -> None:
         if arguments.baseline_checkout:
             options = ["--source", root, *common]
             baseline_run = extract(options, f"{scratch}/baseline-storage", environment, library=arguments.baseline_checkout)
-        grown = image_names(arguments.images // 100, arguments.images, dataset.sizes, labels, dataset.classes)
+        grown = image_names(dataset, arguments.images // 100, arguments.images)
         write_folder(root, dataset.folder, grown, arguments.photo_width)
         incremental_run = extract(["--source", root, *common], f"{scratch}/folder-storage", environment)
         folder_rate, archive_rate = folder_run["extraction_images_per_second"], archive_run["extraction_images_per_second"]

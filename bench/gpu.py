@@ -211,12 +211,13 @@ def pipeline_run(arguments: argparse.Namespace, workers: int, folder: Path, arch
 def ceiling_run(arguments: argparse.Namespace, archive: tuple[Path, str]) -> dict:
     """The pipeline's own ceiling: the shards flow of InceptionV3 at the pipeline's input size with an engine that
     costs nothing, in a process of its own (`bench/pipeline_ceiling.py`)."""
+    from bench.heads import REPO
     from bench.pipeline_ceiling import run_child
 
     path, md5 = archive
     options = {"source": str(path), "md5": md5, "backbone": "InceptionV3", "weights": arguments.weights}
     options["input_size"] = arguments.pipeline_size
-    measured = run_child(None, options, 2)
+    measured = run_child(REPO, options, 2)
     return measured | {"images_per_second": round(max(measured["rates"]), 1)}
 
 

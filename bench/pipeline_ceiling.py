@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import heads  # noqa: E402
 from bench.results_log import record  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-RESULT = "@@ceiling "
 
 # Runs in the child: the source prepared and the backbone built as a run does, then `rounds` timed shard flows.
 CHILD = """
@@ -77,21 +73,14 @@ for _ in range(rounds):
     started = time.perf_counter()
     subflow(extract_shards, storage, settings, spec, dataset)
     rates.append(sum(dataset.sizes.values()) / (time.perf_counter() - started))
-print("@@ceiling " + json.dumps({"images": sum(dataset.sizes.values()), "width": int(np.prod(template.shape[1:])), "rates": rates}))
+print("RESULT " + json.dumps({"images": sum(dataset.sizes.values()), "width": int(np.prod(template.shape[1:])), "rates": rates}))
 """
 
 
-def run_child(library: Path | None, options: dict, rounds: int) -> dict:
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if library is not None:
-        environment["PYTHONPATH"] = str(library)
-    with tempfile.TemporaryDirectory(prefix="ceiling-", dir=tempfile.gettempdir()) as storage:
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(options), storage, str(rounds)], env=environment, capture_output=True, text=True
-        )
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith(RESULT))[len(RESULT) :])
+def run_child(checkout: Path, options: dict, rounds: int) -> dict:
+    """`CHILD` on `checkout`'s library, into a storage folder of its own."""
+    with tempfile.TemporaryDirectory(prefix="ceiling-") as storage:
+        return heads.run_child(checkout, CHILD, json.dumps(options), storage, str(rounds))
 
 
 def main() -> None:
@@ -109,15 +98,15 @@ def main() -> None:
         write_photos(arguments)
     common = {"backbone": "MobileNetV2", "weights": "none", "input_size": arguments.input_size}
     sources = {"archive": {"source": arguments.source, "md5": arguments.md5}, "photos": {"source": arguments.photos}}
-    checkouts: dict[str, Path | None] = {"this checkout": None}
+    checkouts = {"this checkout": heads.REPO}
     if arguments.baseline_checkout:
         checkouts["baseline"] = Path(arguments.baseline_checkout)
     for name, source in sources.items():
         order = list(checkouts.items())
         rows = {}
         for round_number in range(arguments.rounds):  # one process a round, the checkouts alternating
-            for checkout, library in order if round_number % 2 == 0 else order[::-1]:
-                measured = run_child(library, {**common, **source}, 1)
+            for checkout, path in order if round_number % 2 == 0 else order[::-1]:
+                measured = run_child(path, {**common, **source}, 1)
                 rows.setdefault(checkout, {"images": measured["images"], "width": measured["width"], "rates": []})
                 rows[checkout]["rates"].append(round(measured["rates"][0]))
         for checkout, row in rows.items():
@@ -125,8 +114,6 @@ def main() -> None:
 
 
 def write_photos(arguments: argparse.Namespace) -> None:
-    import numpy as np
-
     from bench.collections import image_names, write_folder
     from cifar_transfer.dataset import decode_archive
     from cifar_transfer.download import fetch_archive
@@ -134,9 +121,7 @@ def write_photos(arguments: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ceiling-archive-") as storage:
         archive = fetch_archive(arguments.source, arguments.md5, storage)
         dataset = decode_archive(storage, archive.path, archive.md5)
-        labels = {split: np.load(f"{dataset.folder}/{split}_labels.npy").tolist() for split in ("train", "test")}
-        names = image_names(arguments.images, 0, dataset.sizes, labels, dataset.classes)
-        write_folder(arguments.photos, dataset.folder, names, arguments.photo_width)
+        write_folder(arguments.photos, dataset.folder, image_names(dataset, arguments.images), arguments.photo_width)
 
 
 if __name__ == "__main__":
