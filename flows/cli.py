@@ -8,6 +8,7 @@ every field with its default, and the CLI cannot drift from the flow
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import posixpath
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "audit":
             return audit_command(options)
         config = load_config(**options)
-        temporary_api.start(meanwhile=load_run_modules if arguments.command == "run" else None)
+        temporary_api.start(meanwhile=functools.partial(load_run_modules, keras=arguments.command == "run"))
         from cifar_transfer.flows.pipeline import cifar_transfer, extract_features
 
         if arguments.command == "extract":
@@ -392,15 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_run_modules() -> None:
-    """Import what a `run` needs anyway (the flows; TensorFlow, which its head and a first extraction load), while
-    the temporary Prefect API starts: several seconds taken off the run's start. A failure here is left to the
-    import that needs the module to report."""
+def load_run_modules(keras: bool = True) -> None:
+    """Import what a command's flows need anyway while the temporary Prefect API starts: the flows (0.7 s), and with
+    `keras` TensorFlow (3.5 s), which the heads of `run` and `audit` and a first extraction load, but a rerun of
+    `extract` does not.
+    A failure here is left to the import that needs the module to report."""
     try:
         import cifar_transfer.flows.pipeline  # noqa: F401 (imported for its load time)
         from cifar_transfer.native import load_keras
 
-        load_keras()
+        if keras:
+            load_keras()
     except Exception as error:  # reported again, as the command's failure, by the import that needs the module
         console.record_detail("loading ahead of the run failed", error)
 
@@ -409,7 +412,7 @@ def audit_command(options: dict) -> int:
     """The `audit-features` flow on a finished head's feature set; prints the summary line and the tables."""
     fingerprint, head_key = options.pop("fingerprint", None), options.pop("head_key", None)
     config = load_config(**options)
-    temporary_api.start()
+    temporary_api.start(meanwhile=load_run_modules)  # its folds' heads are Keras models
     from cifar_transfer.flows.pipeline import audit_features
 
     result = audit_features(config, fingerprint, head_key)

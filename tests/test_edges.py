@@ -437,6 +437,22 @@ def test_a_run_loads_its_modules_while_its_temporary_prefect_server_starts_and_n
     }
 
 
+def test_an_extract_loads_its_flows_while_its_server_starts_and_leaves_tensorflow_to_the_shards_that_need_it():
+    """What `extract` loads beside its temporary server (`load_run_modules(keras=False)`): the flows, not TensorFlow,
+    which a rerun never needs; a `run`'s (the default) loads both."""
+    code = """if True:
+        import json, sys
+        from cifar_transfer.flows.cli import load_run_modules
+        load_run_modules(keras=False)
+        extract = {"flows": "cifar_transfer.flows.pipeline" in sys.modules, "tensorflow": "tensorflow" in sys.modules}
+        load_run_modules()
+        print(json.dumps({"extract": extract, "run": {"tensorflow": "tensorflow" in sys.modules}}))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"extract": {"flows": True, "tensorflow": False}, "run": {"tensorflow": True}}
+
+
 @pytest.mark.slow
 def test_openvino_sends_no_telemetry_outside_ci_either():
     code = """if True:
