@@ -99,7 +99,7 @@ def write_folder(root: str, arrays: str, names: list[tuple[str, int]], photo_wid
 
 
 def decoding_rates(root: str, names: list[tuple[str, int]], size: int) -> dict:
-    """Images/s of `decode_into` over the files of the first `SHARD_SIZE` names, on one thread and on every core,
+    """Images/s of `decode_into` over the files of the first shard's worth of names, on one thread and on every core,
     alternating for `DECODE_ROUNDS` rounds (the files read beforehand: decoding alone)."""
     import numpy as np
 
