@@ -241,28 +241,21 @@ class CollectionImages(BaseModel):
 def collection_images(dataset: CollectionDataset, shard: Shard, size: int) -> CollectionImages:
     """Read and decode the shard's images straight from the source, resized once to `size`; mirrored for a flipped view.
 
-    Each image is decoded into its row of one array, on every core (`decode_into`), and the rows of those that
-    could not be read or decoded are closed up in place (no list of images stacked afterwards: at 224 px a shard's
-    pixels are 150 MB, and two shards are in flight).
+    Each image is decoded into its row of one array, on every core, and those that could not be read or decoded
+    are left out in place (`decode_kept`: no list of images stacked afterwards, since at 224 px a shard's pixels
+    are 150 MB and two shards are in flight).
     """
-    from cifar_transfer.sources.images import decode_into
+    from cifar_transfer.sources.images import decode_kept
 
     items = shard.items or []
-    pixels = np.empty((len(items), size, size, 3), np.uint8)
     read = open_collection(dataset.settings).read_items(items)
-    reasons = decode_into(pixels, ((data, reason) for _, data, reason in read), mirrored=shard.flipped)
-    decoded: list[Item] = []
-    skipped: list[UnreadableItem] = []
-    for row, (item, reason) in enumerate(zip(items, reasons, strict=True)):
-        if reason is not None:
-            skipped.append(UnreadableItem(key=item.key, reason=reason))
-            continue
-        if row != len(decoded):
-            pixels[len(decoded)] = pixels[row]
-        decoded.append(item)
+    pixels = np.empty((len(items), size, size, 3), np.uint8)
+    images, reasons = decode_kept(pixels, ((data, reason) for _, data, reason in read), mirrored=shard.flipped)
+    outcomes = list(zip(items, reasons, strict=True))
+    skipped = [UnreadableItem(key=item.key, reason=reason) for item, reason in outcomes if reason is not None]
     for entry in skipped:
         log.warning("extract[%s]: skipped %s: %s", shard.name, entry.key, entry.reason)
-    return CollectionImages(images=pixels[: len(decoded)], items=decoded, skipped=skipped)
+    return CollectionImages(images=images, items=[item for item, reason in outcomes if reason is None], skipped=skipped)
 
 
 def thumbnails(settings: CollectionSettings, keys: list[str], size: int) -> np.ndarray:

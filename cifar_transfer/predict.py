@@ -4,7 +4,7 @@ A head only understands the features it was trained on, so the images go through
 made them: the feature set's `FeatureSpec` (backbone, weights, input size, engine, precision) builds it with
 `extractors.get_extractor`, and its output is flattened as stored, (height, width, channels).
 
-Pixels are made by `sources.images.decode_into`, the decoding every collection source uses, at the size the
+Pixels are made by `sources.images.decode_kept`, the decoding every collection source uses, at the size the
 features' own images had: a collection's were decoded straight to the backbone's input size, so that is what
 happens here; an archive's (CIFAR) were 32x32 images resized inside the extractor, so images are decoded to
 32x32 and the same extractor resizes them. Either way a run's own images get exactly the run's features
@@ -40,7 +40,7 @@ from cifar_transfer.errors import ConfigError
 from cifar_transfer.extractors import KerasExtractor, get_extractor
 from cifar_transfer.progress import duration
 from cifar_transfer.redact import redact
-from cifar_transfer.sources.images import decode_into
+from cifar_transfer.sources.images import decode_kept
 from cifar_transfer.sources.kinds import kind_of
 from cifar_transfer.sources.unlabelled import UnlabelledImages
 from cifar_transfer.storage import Storage
@@ -179,10 +179,8 @@ class Predictor:
 
     def _decode(self, rows: list[tuple[str, bytes | None, str | None]]) -> _Decoded:
         pixels = np.empty((len(rows), self.size, self.size, 3), np.uint8)
-        reasons = decode_into(pixels, ((data, reason) for _, data, reason in rows))
-        decoded = [row for row, reason in enumerate(reasons) if reason is None]
-        kept = pixels if len(decoded) == len(rows) else pixels[decoded]
-        return _Decoded([(path, reason) for (path, _, _), reason in zip(rows, reasons, strict=True)], kept)
+        images, reasons = decode_kept(pixels, ((data, reason) for _, data, reason in rows))
+        return _Decoded([(path, reason) for (path, _, _), reason in zip(rows, reasons, strict=True)], images)
 
     def _answer(self, path: str, probabilities: np.ndarray, top_k: int) -> Prediction:
         best = np.argsort(-probabilities, kind="stable")[:top_k]

@@ -164,6 +164,21 @@ def decode_into(
     return reasons
 
 
+def decode_kept(
+    pixels: np.ndarray, encoded: Iterable[tuple[bytes | None, str | None]], mirrored: bool = False
+) -> tuple[np.ndarray, list[str | None]]:
+    """`decode_into`, then the decoded images closed up in order at the front of `pixels`, in place (no second copy
+    of a shard's pixels: 150 MB at 224 px): (the decoded images, a view of `pixels`; each row's reason)."""
+    reasons = decode_into(pixels, encoded, mirrored)
+    kept = 0
+    for row, reason in enumerate(reasons):
+        if reason is None:
+            if row != kept:
+                pixels[kept] = pixels[row]
+            kept += 1
+    return pixels[:kept], reasons
+
+
 def _checked_decode(data: bytes, size: int) -> np.ndarray:
     """`_decode`, Pillow's failures as `UndecodableImage`."""
     try:
