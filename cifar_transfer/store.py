@@ -6,7 +6,8 @@ Readers read only complete views (those with a manifest, `feature_records.split_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -15,7 +16,11 @@ import pyarrow.parquet as pq
 from cifar_transfer import layout
 from cifar_transfer.catalogue import find_feature_set
 from cifar_transfer.feature_records import ShardRecord, split_manifest
+from cifar_transfer.hardware import usable_cores
 from cifar_transfer.storage import Storage
+
+# Shards read at once (`read_each`) hold about this much memory at most: a reading thread per core up to it.
+READ_BYTES_IN_FLIGHT = 512 << 20
 
 
 class SplitBatch(NamedTuple):
@@ -37,6 +42,33 @@ def read_shard(storage: Storage, folder: str, split: str, record: ShardRecord, s
     return SplitBatch(table.column("index").to_numpy(), table.column("label").to_numpy(), values)
 
 
+def shard_bytes(records: Iterable[ShardRecord], width: int, views: int = 1) -> int:
+    """About what reading the largest of `records` holds: its features as Arrow reads them and as numpy gives them."""
+    return 2 * max((record.rows for record in records), default=0) * width * np.dtype(np.float32).itemsize * views
+
+
+def read_each(count: int, read: Callable[[int], None], bytes_each: int, threads: int | None = None) -> None:
+    """`read(0)`, ..., `read(count - 1)`, each reading one shard and putting its rows in place, on `threads` threads
+    (default: one per usable core, as many as `READ_BYTES_IN_FLIGHT` holds reads of `bytes_each`). pyarrow's reads and
+    numpy's copies release the GIL, so a split reads about as many times faster as there are cores: 50,000 rows of
+    4,096 features took 1.25-1.35 s on one of 2 cores and 0.76-0.83 s on both, and a head or a map on a machine of
+    many cores would otherwise wait for one. The first failure is raised once the reads under way end; reads not
+    begun are dropped."""
+    threads = min(count, threads or max(1, min(usable_cores(), READ_BYTES_IN_FLIGHT // max(bytes_each, 1))))
+    if threads <= 1:
+        for shard in range(count):
+            read(shard)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="shard-read") as pool:
+        reads = [pool.submit(read, shard) for shard in range(count)]
+        try:
+            for done in reads:
+                done.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 def iter_split(storage: Storage, folder: str, split: str, pooled: bool = False) -> Iterator[SplitBatch]:
     """A complete split shard by shard, in index order: one shard in memory at a time."""
     manifest = split_manifest(storage, folder, split)
@@ -51,10 +83,12 @@ def read_split(
     pooled: bool = False,
     rows: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index, label, features) of a complete split in index order, or of its rows at the sorted positions `rows`,
     into one preallocated array per column (the features into `out` when given: rows x width float32): memory is
-    the size of the result plus one shard. `pooled=True` averages spatial maps over height and width."""
+    the size of the result plus a shard per reading thread (`threads`, default `read_each`'s). `pooled=True` averages
+    spatial maps over height and width."""
     manifest = split_manifest(storage, folder, split)
     shape = manifest.feature_shape
     width = shape[-1] if pooled else int(np.prod(shape))
@@ -64,14 +98,16 @@ def read_split(
     features = np.empty((len(wanted), width), np.float32) if out is None else out
     if features.shape != (len(wanted), width) or features.dtype != np.float32:
         raise ValueError(f"read_split(out=...) needs a {len(wanted)} x {width} float32 array, not {features.shape} {features.dtype}")
-    start = filled = 0
-    for batch in iter_split(storage, folder, split, pooled):
-        stop = start + len(batch.index)
-        taken = wanted[(wanted >= start) & (wanted < stop)] - start
-        index[filled : filled + len(taken)] = batch.index[taken]
-        labels[filled : filled + len(taken)] = batch.labels[taken]
-        features[filled : filled + len(taken)] = batch.features[taken]
-        start, filled = stop, filled + len(taken)
+    starts = np.concatenate([[0], np.cumsum([record.rows for record in manifest.shards])]).astype(np.int64)
+    filled = np.searchsorted(wanted, starts)  # where each shard's wanted rows begin in the result
+
+    def place(shard: int) -> None:
+        batch = read_shard(storage, folder, split, manifest.shards[shard], shape, pooled)
+        low, high = filled[shard], filled[shard + 1]
+        taken = wanted[low:high] - starts[shard]
+        index[low:high], labels[low:high], features[low:high] = batch.index[taken], batch.labels[taken], batch.features[taken]
+
+    read_each(len(manifest.shards), place, shard_bytes(manifest.shards, int(np.prod(shape))), threads)
     return index, labels, features
 
 

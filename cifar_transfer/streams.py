@@ -27,7 +27,7 @@ from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.feature_records import ShardRecord, read_manifest, split_manifest
 from cifar_transfer.shards import FLIPPED
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_shard
+from cifar_transfer.store import read_each, read_shard, shard_bytes
 
 SHUFFLE_WINDOW = 4  # shards mixed together when training rows are shuffled
 HELD_BYTES = 1 << 30  # a split whose rows (both views) take at most this is kept in memory by `held`
@@ -133,8 +133,9 @@ class FeatureStream:
         memory = self.memory.rows(int(rows[0]), int(rows[-1]) + 1) if together and len(rows) else self.memory.take(rows)
         return replace(self, selected=mask, memory=memory)
 
-    def held(self, budget: int = HELD_BYTES, order: np.ndarray | None = None) -> FeatureStream:
-        """This stream with its rows read once into memory when they take at most `budget` bytes, else itself.
+    def held(self, budget: int = HELD_BYTES, order: np.ndarray | None = None, threads: int | None = None) -> FeatureStream:
+        """This stream with its rows read once into memory when they take at most `budget` bytes, else itself; its
+        shards are read on `threads` threads (default: `store.read_each`'s).
 
         `order`: the positions of the selected rows in the order memory keeps them (default: by position). Parts
         a caller will `select` laid out one after another, each by position, are then views of it."""
@@ -154,12 +155,15 @@ class FeatureStream:
             np.empty((len(order), self.width), np.float32),
             np.empty((len(order), self.width), np.float32) if self.mirrored else None,
         )
-        for shard in range(len(self.shards)):
+
+        def place(shard: int) -> None:
             batch = self._read(shard)
             where = run_or_rows(slot[batch.positions])
             memory.index[where], memory.labels[where], memory.features[where] = batch.index, batch.labels, batch.features
             if memory.mirrored is not None:
                 memory.mirrored[where] = batch.mirrored
+
+        read_each(len(self.shards), place, shard_bytes(self.shards, self.width, 2 if self.mirrored else 1), threads)
         return replace(self, memory=memory)
 
     def blocks(self, max_bytes: int) -> Iterator[ViewBatch]:

@@ -24,7 +24,6 @@ test images are placed into the finished map with openTSNE's `transform`.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import time
 from typing import NamedTuple
@@ -38,7 +37,7 @@ from cifar_transfer import layout, records
 from cifar_transfer.config import TsneSettings
 from cifar_transfer.evaluation import sample_rows
 from cifar_transfer.feature_records import Lineage, split_manifest
-from cifar_transfer.hardware import sharing_cores
+from cifar_transfer.hardware import sharing_cores, usable_cores
 from cifar_transfer.neighbours import Projection, fitted_pca, point_neighbours
 from cifar_transfer.pause import pause_at
 from cifar_transfer.plots import save_png, scatter_figure
@@ -145,7 +144,7 @@ def embed(features: np.ndarray, labels: np.ndarray, perplexity: float, seed: int
         project = Projection.of(fitted_pca(basis, seed, n_components=PCA_COMPONENTS))
         features = project(features)
     perplexity = min(perplexity, max((len(features) - 1) / 3, 1.0))
-    jobs = os.cpu_count() or 1
+    jobs = usable_cores()  # the cores this process may run on, not the machine's: a pinned worker or a container's share
     method = "exact" if len(features) <= EXACT_NEIGHBOURS_UP_TO else "auto"
     search = shared_search(
         get_knn_index(features, method, k=min(len(features) - 1, int(3 * perplexity)), metric="euclidean", n_jobs=jobs, random_state=seed)

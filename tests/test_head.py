@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from cifar_transfer import layout, ridge
 from cifar_transfer.commit import commit_feature_set
 from cifar_transfer.config import FeatureSpec, HeadSettings
+from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.head import refit_head, train_head
 from cifar_transfer.heads import HEADS, candidate_heads, softmax
 from cifar_transfer.heads.base import HeadData, stream_accuracy, stream_moments
@@ -19,7 +21,7 @@ from cifar_transfer.heads.ensemble import EnsembleDetails, ensemble_head
 from cifar_transfer.shard_files import features_folder, shard_path, shard_table, write_shard
 from cifar_transfer.shards import FLIPPED, Shard, ShardRows
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_split
+from cifar_transfer.store import iter_split, read_each, read_split
 from cifar_transfer.streams import FeatureStream, Moments, run_or_rows, validation_mask
 
 SETTINGS = HeadSettings(
@@ -128,6 +130,38 @@ def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set, 
         assert part.memory is not None and np.shares_memory(part.memory.features, held.memory.features) == laid_out
     assert [len(block.index) for block in parts["fit"].blocks(100 * 32 * 4)] == [100] * 8  # views of 100 rows
     assert sorted(np.concatenate([block.index for block in held.blocks(300 * 32 * 4)])) == sorted(held.memory.index)
+
+
+def test_shards_are_read_on_several_threads_at_once_and_a_failed_read_is_raised():
+    together = threading.Barrier(3, timeout=30)  # broken, and raising, unless three reads run at the same time
+    read_each(6, lambda shard: together.wait(), bytes_each=1, threads=3)
+
+    def read(shard: int) -> None:
+        if shard == 4:
+            raise FeatureSetError(f"shard {shard} is damaged")
+
+    with pytest.raises(FeatureSetError, match="shard 4 is damaged"):
+        read_each(10, read, bytes_each=1, threads=2)
+
+
+def test_a_split_read_on_several_threads_holds_what_one_thread_reads(vector_set):
+    storage, folder = vector_set
+    shards = list(iter_split(storage, folder, "train"))  # one shard after another, as they are stored
+    features, labels = np.concatenate([shard.features for shard in shards]), np.concatenate([shard.labels for shard in shards])
+    rows = np.sort(np.random.default_rng(0).choice(1000, 250, replace=False))
+    rows = rows[(rows < 300) | (rows >= 400)]  # one shard with no row wanted
+    for threads in (1, 3):
+        index, read_labels, read_features = read_split(storage, folder, "train", rows=rows, threads=threads)
+        np.testing.assert_array_equal(index, rows)
+        np.testing.assert_array_equal(read_labels, labels[rows])
+        np.testing.assert_array_equal(read_features, features[rows])
+    stream = FeatureStream.open(storage, folder, "train", mirrored=False)
+    order = np.random.default_rng(1).permutation(stream.rows)
+    one, several = (stream.held(order=order, threads=threads).memory for threads in (1, 3))
+    assert one is not None and several is not None
+    for column in ("positions", "index", "labels", "features"):
+        np.testing.assert_array_equal(getattr(several, column), getattr(one, column))
+    np.testing.assert_array_equal(several.features, features[order])
 
 
 def test_rows_in_one_increasing_run_are_copied_as_a_slice():
