@@ -192,6 +192,14 @@ def _private_to_scipy(library_file: str) -> bool:
     return os.path.realpath(library_file).startswith((package + os.sep, package + ".libs" + os.sep))
 
 
+def share_of_cores() -> int:
+    """The threads a stage's own thread pools (openTSNE's) may start now: the usable cores divided among the CPU-heavy
+    stages running (`sharing_cores`), as OpenBLAS's threads are. Asked again as the stage goes on, since the share
+    grows when the other stage ends."""
+    with _stages_running.lock:
+        return max(1, usable_cores() // max(1, _stages_running.running))
+
+
 @contextlib.contextmanager
 def sharing_cores() -> Iterator[None]:
     """Run a CPU-heavy stage (the map, the head) with OpenBLAS's threads divided among the stages running at once.
