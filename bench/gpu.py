@@ -4,6 +4,12 @@ whole job on one GPU.
     .venv/bin/python bench/gpu.py                  # on a CUDA machine; done in under 8 minutes
     .venv/bin/python bench/gpu.py --smoke          # anywhere, CPU included: tiny sizes, 64 images, end to end
 
+On a GPU machine with JAX but no TensorFlow and no package index (the device tool's), `bench/device_wheels.sh`
+here first, then there, with .whl/ carried:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && PYTHONPATH=/tmp/site:. python3 bench/gpu.py
+
 1. Kernels: one process per GPU (CUDA_VISIBLE_DEVICES pinned), all GPUs at once. For each shape (139px
    batch 256, 299px batch 32, 139px batch 64), precision (float32, float16, bfloat16) and XLA
    (jit_compile off, on), the pipeline's own extractor (`cifar_transfer.backbones.build_extractor`: uint8 32x32
@@ -17,6 +23,10 @@ whole job on one GPU.
    head, the explorer and the report) on the same archive into fresh storage: each stage's seconds and the job over
    its extraction (issue 25 goal 2), as `bench/full_run.py` records them.
 
+On a machine with JAX but no TensorFlow (the device tool's GPU machine: `--backend jax`, the default there), step 1
+runs the same backbone on Keras' JAX backend (always compiled by XLA) and steps 2-4, whose engines and heads need
+TensorFlow, are reported as skipped.
+
 Weights are seeded random (`none`) unless --weights imagenet (Keras' download or its cache): speed does
 not depend on them. Work that would not fit in --budget-seconds is skipped and reported as skipped.
 Prints a Markdown table; appends one JSON line to bench/results/gpu.jsonl (gpu-smoke.jsonl with --smoke).
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -64,6 +75,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--pipeline-seconds", type=float, default=80, help="the part of the budget kept for the pipeline run")
     parser.add_argument("--job-seconds", type=float, default=150, help="the part of the budget kept for the whole job")
     parser.add_argument("--ceiling-seconds", type=float, default=45, help="the part of the budget kept for the pipeline ceiling")
+    parser.add_argument(
+        "--backend",
+        choices=["tensorflow", "jax"],
+        default="tensorflow" if importlib.util.find_spec("tensorflow") else "jax",
+        help="Keras backend of the kernels (default: TensorFlow where it is installed, else JAX, which times the kernels only)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: the kernel plan of one GPU's process, as JSON
     arguments = parser.parse_args()
     if arguments.smoke:
@@ -79,6 +96,7 @@ def kernel_plan(arguments: argparse.Namespace, stop_at: float) -> dict:
         "seed": arguments.seed,
         "timed_seconds": arguments.timed_seconds,
         "stop_at": stop_at,
+        "backend": arguments.backend,
     }
 
 
@@ -93,7 +111,7 @@ def run_kernels(plan: dict) -> None:
         images = np.random.default_rng(plan["seed"]).integers(0, 256, size=(batch, 32, 32, 3), dtype=np.uint8)
         for precision in PRECISIONS:
             model = None
-            for xla in (False, True):
+            for xla in (False, True) if plan["backend"] == "tensorflow" else (True,):  # JAX always compiles with XLA
                 row = {"size": size, "batch": batch, "precision": precision, "xla": xla}
                 if time.time() + LONGEST_KERNEL_SECONDS > plan["stop_at"]:
                     print(json.dumps(row | {"skipped": "time budget"}), flush=True)
@@ -111,16 +129,14 @@ def run_kernels(plan: dict) -> None:
 
 def measure(model, images, xla: bool, timed_seconds: float) -> dict:
     """Compile time (first call) and images/s after warm-up, each batch fetched to host as the pipeline does."""
-    import tensorflow as tf
-
-    forward = tf.function(lambda batch_images: model(batch_images, training=False), jit_compile=xla)
+    forward = compiled(model, xla)
     started = time.perf_counter()
-    forward(images).numpy()
+    forward(images)
     compile_seconds = time.perf_counter() - started
-    forward(images).numpy()
+    forward(images)
     done, started = 0, time.perf_counter()
     while done < 3 or time.perf_counter() - started < timed_seconds:
-        forward(images).numpy()
+        forward(images)
         done += 1
     return {
         "compile_seconds": round(compile_seconds, 1),
@@ -128,11 +144,40 @@ def measure(model, images, xla: bool, timed_seconds: float) -> dict:
     }
 
 
+def compiled(model, xla: bool):
+    """The model's inference on a batch, compiled on its Keras backend, its features fetched to host memory."""
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        weights = [[variable.value for variable in variables] for variables in (model.trainable_variables, model.non_trainable_variables)]
+        call = jax.jit(lambda trainable, fixed, batch: model.stateless_call(trainable, fixed, batch, training=False)[0])
+        return lambda batch: np.asarray(call(*weights, batch))
+    import tensorflow as tf
+
+    call = tf.function(lambda batch: model(batch, training=False), jit_compile=xla)
+    return lambda batch: call(batch).numpy()
+
+
+def gpus_of(backend: str) -> list[dict]:
+    """The GPUs the kernels' backend sees: TensorFlow's (`hardware.gpus`), or JAX's in a process of their own (JAX would
+    hold on to them here, beside the kernels' processes)."""
+    if backend == "tensorflow":
+        from cifar_transfer.hardware import gpus
+
+        return gpus()
+    listed = "import jax, json; print(json.dumps([d.device_kind for d in jax.devices() if d.platform == 'gpu']))"
+    found = subprocess.run([sys.executable, "-c", listed], capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    return [{"name": name} for name in json.loads(found)]
+
+
 def kernels_on_every_gpu(devices: list[str | None], plan: dict, kill_at: float) -> list[list[dict]]:
     """One process per GPU (or one CPU process when `devices` is [None]), all at once; their rows per device."""
     processes = []
     for device in devices:
-        environment = dict(os.environ) if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+        environment = {**os.environ, "KERAS_BACKEND": plan["backend"]} | ({} if device is None else {"CUDA_VISIBLE_DEVICES": device})
         command = [sys.executable, __file__, "--child", json.dumps(plan)]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True))
     rows = []
@@ -253,6 +298,8 @@ def markdown(devices: list[dict], kernels: list[dict], pipeline: dict, ceiling: 
             + " | ".join(cells)
             + f" | {row['total'] or '-'} | {row['compile_seconds'] or '-'} | {'; '.join(row['notes'])} |"
         )
+    if "skipped" in pipeline:
+        return "\n".join([*lines, "", f"Pipeline, its ceiling and the whole job: skipped ({pipeline['skipped']})."])
     lines += [
         "",
         "| pipeline | images | precision | shard phase s | total s | img/s |",
@@ -305,23 +352,26 @@ def main() -> None:
         run_kernels(json.loads(arguments.child))
         return
     started = time.time()
-    from cifar_transfer.hardware import gpus
-    from cifar_transfer.tasks.runners import visible_gpu_ids
+    from cifar_transfer.hardware import cuda_ids
 
-    devices = gpus()
+    devices = gpus_of(arguments.backend)
     if not devices and not arguments.smoke:
-        sys.exit("bench/gpu.py: error: no GPU visible to TensorFlow: run it on a CUDA machine, or pass --smoke to check it on a CPU")
-    kernels_end = started + arguments.budget_seconds - arguments.pipeline_seconds - arguments.job_seconds - arguments.ceiling_seconds
+        where = "run it on a CUDA machine, or pass --smoke to check it on a CPU"
+        sys.exit(f"bench/gpu.py: error: no GPU visible to {arguments.backend}: {where}")
+    pipeline_parts = arguments.pipeline_seconds + arguments.job_seconds + arguments.ceiling_seconds
+    kernels_end = started + arguments.budget_seconds - (pipeline_parts if arguments.backend == "tensorflow" else 0)
     plan = kernel_plan(arguments, stop_at=kernels_end)
-    kernels = merge(kernels_on_every_gpu(visible_gpu_ids() or [None], plan, kill_at=kernels_end))
-    from cifar_transfer.flows import temporary_api
+    kernels = merge(kernels_on_every_gpu(cuda_ids(len(devices)) or [None], plan, kill_at=kernels_end))
+    pipeline = ceiling = job = {"skipped": "the pipeline's engines and heads need TensorFlow"}
+    if arguments.backend == "tensorflow":
+        from cifar_transfer.flows import temporary_api
 
-    temporary_api.start()  # one temporary Prefect API for the pipeline and the job, as a command has (none under PREFECT_API_URL)
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
-        archive = synthetic_archive(Path(scratch), arguments.images, arguments.seed)
-        pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch), archive)
-        ceiling = ceiling_run(arguments, archive)
-        job = job_run(arguments, Path(scratch), archive)
+        temporary_api.start()  # one temporary Prefect API for the pipeline and the job, as a command has (none under PREFECT_API_URL)
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
+            archive = synthetic_archive(Path(scratch), arguments.images, arguments.seed)
+            pipeline = pipeline_run(arguments, max(len(devices), 1), Path(scratch), archive)
+            ceiling = ceiling_run(arguments, archive)
+            job = job_run(arguments, Path(scratch), archive)
     print(markdown(devices, kernels, pipeline, ceiling, job))
     options = {key: value for key, value in vars(arguments).items() if key != "child"}
     record(

@@ -13,7 +13,7 @@ or a folder's files read and decoded), the write, hash and commit, and Prefect's
 runs them (thread runner, task runs sized by time).
 
 Two sources: the archive (`--source`, `--md5`) and a folder of photos (`--photos`; written first when missing, as
-`bench/collections.py --photo-width` writes them, `--images` of them). Each source and checkout runs in a fresh
+`bench/folders.py --photo-width` writes them, `--images` of them). Each source and checkout runs in a fresh
 process (`--baseline-checkout DIR`: that checkout's library first on PYTHONPATH, this checkout's Prefect layer),
 alternating, `--rounds` times each over fresh feature folders. Appends to bench/results/pipeline_ceiling.jsonl.
 """
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--source", required=True, help="the CIFAR archive")
     parser.add_argument("--md5", required=True)
     parser.add_argument("--photos", required=True, help="a folder of photos; written first when missing")
-    parser.add_argument("--photo-width", type=int, default=400, help="width of the photos written (see bench/collections.py)")
+    parser.add_argument("--photo-width", type=int, default=400, help="width of the photos written (see bench/folders.py)")
     parser.add_argument("--images", type=int, default=20_000, help="photos written when the folder is missing")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--baseline-checkout", help="also run another checkout's library (git worktree add DIR <commit>)")
@@ -114,7 +114,7 @@ def main() -> None:
 
 
 def write_photos(arguments: argparse.Namespace) -> None:
-    from bench.collections import image_names, write_folder
+    from bench.folders import image_names, write_folder
     from cifar_transfer.dataset import decode_archive
     from cifar_transfer.download import fetch_archive
 

@@ -94,6 +94,12 @@ def blas_kernels() -> list[str]:
     return sorted({str(library.get("architecture")) for library in threadpool_info() if library["internal_api"] == "openblas"})
 
 
+def cuda_ids(found: int) -> list[str]:
+    """The CUDA ids of `found` usable GPUs, as CUDA_VISIBLE_DEVICES names them (its first `found`, else 0..found-1)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[:found] if visible else [str(number) for number in range(found)]
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, which a container or `taskset` may narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

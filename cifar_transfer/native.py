@@ -66,8 +66,11 @@ def _loaded_tensorflow():
 
 
 def load_keras():
-    """`keras` on its TensorFlow backend, loaded quietly the first time."""
-    load_tensorflow()
+    """`keras` on its TensorFlow backend, loaded quietly the first time; on the backend KERAS_BACKEND names when it
+    names another (`bench/gpu.py --backend jax`: the backbones are Keras layers and ops only, so they run on a GPU
+    machine that has JAX but no TensorFlow), without loading TensorFlow."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+        load_tensorflow()
     import keras
 
     return keras

@@ -13,13 +13,11 @@ Without GPUs both are exactly the CPU setup.
 
 from __future__ import annotations
 
-import os
-
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cifar_transfer.config import RunnerSettings
 from cifar_transfer.errors import ConfigError
-from cifar_transfer.hardware import gpus
+from cifar_transfer.hardware import cuda_ids, gpus
 
 
 def shard_runner(settings: RunnerSettings):
@@ -49,9 +47,7 @@ def runs_at_once(settings: RunnerSettings) -> int:
 
 def visible_gpu_ids() -> list[str]:
     """The CUDA ids of this machine's usable GPUs, as CUDA_VISIBLE_DEVICES names them (empty without GPUs)."""
-    found = len(gpus())
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",")[:found] if visible else [str(number) for number in range(found)]
+    return cuda_ids(len(gpus()))
 
 
 def gpu_cluster_spec(devices: list[str], workers: int) -> dict:

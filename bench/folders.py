@@ -1,6 +1,6 @@
 """Benchmark: an image folder of JPEG files against the archive path, and an incremental run after it grew by 1%.
 
-    .venv/bin/python bench/collections.py --source ../shared/data/cifar-10-python.tar.gz \
+    .venv/bin/python bench/folders.py --source ../shared/data/cifar-10-python.tar.gz \
         --md5 3fa5040838d1a02829aec1f95cc5c67f --images 200000 --input-size 64 \
         [--photo-width 400] [--baseline-checkout /tmp/before]
 
