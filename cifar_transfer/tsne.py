@@ -176,8 +176,10 @@ def optimized(tsne, features: np.ndarray, affinities):
     and momentum from one part to the next, so the parts make the map one call makes, bit for bit, at the same
     thread counts."""
     embedding = tsne.prepare_initial(features, affinities)
-    phases = [(tsne.early_exaggeration_iter, tsne.early_exaggeration, tsne.initial_momentum)]
-    phases += [(tsne.n_iter, tsne.exaggeration, tsne.final_momentum)]
+    phases = [
+        (tsne.early_exaggeration_iter, tsne.early_exaggeration, tsne.initial_momentum),
+        (tsne.n_iter, tsne.exaggeration, tsne.final_momentum),
+    ]
     for iterations, exaggeration, momentum in phases:
         # An exaggerated phase in one part: openTSNE multiplies the affinities by the exaggeration for a call and
         # divides them back after it, which is not exact in floating point.
