@@ -6,9 +6,10 @@ Readers read only complete views (those with a manifest, `feature_records.split_
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from cifar_transfer.storage import Storage
 
 # Shards read at once (`read_each`) hold about this much memory at most: a reading thread per core up to it.
 READ_BYTES_IN_FLIGHT = 512 << 20
+T = TypeVar("T")
 
 
 class SplitBatch(NamedTuple):
@@ -47,33 +49,44 @@ def shard_bytes(records: Iterable[ShardRecord], width: int, views: int = 1) -> i
     return 2 * max((record.rows for record in records), default=0) * width * np.dtype(np.float32).itemsize * views
 
 
-def read_each(count: int, read: Callable[[int], None], bytes_each: int, threads: int | None = None) -> None:
-    """`read(0)`, ..., `read(count - 1)`, each reading one shard and putting its rows in place, on `threads` threads
-    (default: one per usable core, as many as `READ_BYTES_IN_FLIGHT` holds reads of `bytes_each`). pyarrow's reads and
-    numpy's copies release the GIL, so a split reads about as many times faster as there are cores: 50,000 rows of
-    4,096 features took 1.25-1.35 s on one of 2 cores and 0.76-0.83 s on both, and a head or a map on a machine of
-    many cores would otherwise wait for one. The first failure is raised once the reads under way end; reads not
-    begun are dropped."""
+def read_ahead(count: int, read: Callable[[int], T], bytes_each: int, threads: int | None = None) -> Iterator[T]:
+    """`read(0)`, ..., `read(count - 1)`, in that order, each reading one shard, on `threads` threads (default: one per
+    usable core, as many as `READ_BYTES_IN_FLIGHT` holds reads of `bytes_each`), at most that many ahead of the one
+    handed over. pyarrow's reads and numpy's copies release the GIL, so a split reads about as many times faster as
+    there are cores: 50,000 rows of 4,096 features took 1.25-1.35 s on one of 2 cores and 0.76-0.83 s on both, and a
+    head, a map or an audit on a machine of many cores would otherwise wait for one. A failure is raised in its turn,
+    once the reads under way end; reads not begun are dropped, as they are when the caller stops early."""
     threads = min(count, threads or max(1, min(usable_cores(), READ_BYTES_IN_FLIGHT // max(bytes_each, 1))))
     if threads <= 1:
-        for shard in range(count):
-            read(shard)
+        yield from (read(shard) for shard in range(count))
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="shard-read") as pool:
-        reads = [pool.submit(read, shard) for shard in range(count)]
+        pending: deque[Future[T]] = deque()
         try:
-            for done in reads:
-                done.result()
-        except BaseException:
+            for shard in range(count):
+                if len(pending) == threads:
+                    yield pending.popleft().result()
+                pending.append(pool.submit(read, shard))
+            while pending:
+                yield pending.popleft().result()
+        finally:
             pool.shutdown(cancel_futures=True)
-            raise
+
+
+def read_each(count: int, read: Callable[[int], None], bytes_each: int, threads: int | None = None) -> None:
+    """`read_ahead` for reads that put their rows in place themselves."""
+    deque(read_ahead(count, read, bytes_each, threads), maxlen=0)
 
 
 def iter_split(storage: Storage, folder: str, split: str, pooled: bool = False) -> Iterator[SplitBatch]:
-    """A complete split shard by shard, in index order: one shard in memory at a time."""
+    """A complete split shard by shard, in index order, the next ones read meanwhile (`read_ahead`): memory holds a
+    shard per reading thread besides the one handed over."""
     manifest = split_manifest(storage, folder, split)
-    for record in manifest.shards:
-        yield read_shard(storage, folder, split, record, manifest.feature_shape, pooled)
+
+    def read(shard: int) -> SplitBatch:
+        return read_shard(storage, folder, split, manifest.shards[shard], manifest.feature_shape, pooled)
+
+    yield from read_ahead(len(manifest.shards), read, shard_bytes(manifest.shards, int(np.prod(manifest.feature_shape))))
 
 
 def read_split(

@@ -27,7 +27,7 @@ from cifar_transfer.errors import FeatureSetError
 from cifar_transfer.feature_records import ShardRecord, read_manifest, split_manifest
 from cifar_transfer.shards import FLIPPED
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import read_each, read_shard, shard_bytes
+from cifar_transfer.store import read_ahead, read_each, read_shard, shard_bytes
 
 SHUFFLE_WINDOW = 4  # shards mixed together when training rows are shuffled
 HELD_BYTES = 1 << 30  # a split whose rows (both views) take at most this is kept in memory by `held`
@@ -163,7 +163,7 @@ class FeatureStream:
             if memory.mirrored is not None:
                 memory.mirrored[where] = batch.mirrored
 
-        read_each(len(self.shards), place, shard_bytes(self.shards, self.width, 2 if self.mirrored else 1), threads)
+        read_each(len(self.shards), place, self._read_bytes, threads)
         return replace(self, memory=memory)
 
     def blocks(self, max_bytes: int) -> Iterator[ViewBatch]:
@@ -182,8 +182,10 @@ class FeatureStream:
         order = np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
         window = 1 if seed is None else SHUFFLE_WINDOW
         rng = np.random.default_rng(seed)
+        # Shards in memory are views: only those read from storage are worth threads.
+        reads = read_ahead(count, lambda number: self._read(order[number]), self._read_bytes, 1 if self.memory is not None else None)
         for start in range(0, count, window):
-            batch = concatenate([self._read(shard) for shard in order[start : start + window]])
+            batch = concatenate([next(reads) for _ in order[start : start + window]])
             if batch is None:
                 continue
             if seed is not None:
@@ -214,6 +216,11 @@ class FeatureStream:
             return self.memory.rows(int(start), int(stop))
         rows = np.flatnonzero((positions >= low) & (positions < high))
         return self.memory.take(rows[np.argsort(positions[rows], kind="stable")])
+
+    @functools.cached_property
+    def _read_bytes(self) -> int:
+        """What reading one of its shards (both views) holds at most: `store.read_ahead` sizes its threads by it."""
+        return shard_bytes(self.shards, self.width, 2 if self.mirrored else 1)
 
     @functools.cached_property
     def _memory_sorted(self) -> bool:

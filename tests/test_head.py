@@ -21,7 +21,7 @@ from cifar_transfer.heads.ensemble import EnsembleDetails, ensemble_head
 from cifar_transfer.shard_files import features_folder, shard_path, shard_table, write_shard
 from cifar_transfer.shards import FLIPPED, Shard, ShardRows
 from cifar_transfer.storage import Storage
-from cifar_transfer.store import iter_split, read_each, read_split
+from cifar_transfer.store import iter_split, read_ahead, read_each, read_split
 from cifar_transfer.streams import FeatureStream, Moments, run_or_rows, validation_mask
 
 SETTINGS = HeadSettings(
@@ -132,7 +132,7 @@ def test_a_held_split_is_read_once_and_yields_what_streaming_yields(vector_set, 
     assert sorted(np.concatenate([block.index for block in held.blocks(300 * 32 * 4)])) == sorted(held.memory.index)
 
 
-def test_shards_are_read_on_several_threads_at_once_and_a_failed_read_is_raised():
+def test_shards_are_read_on_several_threads_at_once_in_order_and_a_failed_read_is_raised():
     together = threading.Barrier(3, timeout=30)  # broken, and raising, unless three reads run at the same time
     read_each(6, lambda shard: together.wait(), bytes_each=1, threads=3)
 
@@ -142,6 +142,12 @@ def test_shards_are_read_on_several_threads_at_once_and_a_failed_read_is_raised(
 
     with pytest.raises(FeatureSetError, match="shard 4 is damaged"):
         read_each(10, read, bytes_each=1, threads=2)
+    assert list(read_ahead(10, lambda shard: shard * shard, bytes_each=1, threads=3)) == [shard * shard for shard in range(10)]
+    begun: list[int] = []
+    reads = read_ahead(100, begun.append, bytes_each=1, threads=3)
+    next(reads), next(reads)
+    reads.close()  # a reader that stops early: no read begins after it, at most one a thread was ahead
+    assert len(begun) <= 2 + 3
 
 
 def test_a_split_read_on_several_threads_holds_what_one_thread_reads(vector_set):
