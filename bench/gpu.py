@@ -168,6 +168,8 @@ def gpus_of(backend: str) -> list[dict]:
         from cifar_transfer.hardware import gpus
 
         return gpus()
+    if importlib.util.find_spec("jax") is None:
+        sys.exit("bench/gpu.py: error: --backend jax needs JAX, which is not installed: install it, or use --backend tensorflow")
     listed = "import jax, json; print(json.dumps([d.device_kind for d in jax.devices() if d.platform == 'gpu']))"
     found = subprocess.run([sys.executable, "-c", listed], capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     return [{"name": name} for name in json.loads(found)]
