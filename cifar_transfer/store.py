@@ -20,7 +20,7 @@ from cifar_transfer.feature_records import ShardRecord, split_manifest
 from cifar_transfer.hardware import usable_cores
 from cifar_transfer.storage import Storage
 
-# Shards read at once (`read_each`) hold about this much memory at most: a reading thread per core up to it.
+# Shards read at once (`read_ahead`) hold about this much memory at most: a reading thread per core up to it.
 READ_BYTES_IN_FLIGHT = 512 << 20
 T = TypeVar("T")
 
