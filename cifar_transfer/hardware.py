@@ -12,9 +12,15 @@ import platform
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 from cifar_transfer.native import load_tensorflow
+
+X = TypeVar("X")
+T = TypeVar("T")
 
 
 @functools.cache
@@ -196,6 +202,27 @@ def _private_to_scipy(library_file: str) -> bool:
 
     package = os.path.dirname(os.path.realpath(scipy.__file__))
     return os.path.realpath(library_file).startswith((package + os.sep, package + ".libs" + os.sep))
+
+
+def in_order_on_threads(items: Iterable[X], work: Callable[[X], T], threads: int, ahead: int, name: str) -> Iterator[T]:
+    """`work(item)` for each of `items` on `threads` threads (named `name`), the results in the items' order, with at
+    most `ahead` items taken beyond the one handed over: for work that releases the GIL (reads, decodes), with
+    memory bounded by `ahead`. A failure is raised in its turn, once the work under way ends; items not begun are
+    dropped, as they are when the caller stops early."""
+    if threads <= 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix=name) as pool:
+        pending: deque[Future[T]] = deque()
+        try:
+            for item in items:
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+                pending.append(pool.submit(work, item))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def share_of_cores() -> int:

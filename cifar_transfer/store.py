@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 from cifar_transfer import layout
 from cifar_transfer.catalogue import find_feature_set
 from cifar_transfer.feature_records import ShardRecord, split_manifest
-from cifar_transfer.hardware import usable_cores
+from cifar_transfer.hardware import in_order_on_threads, usable_cores
 from cifar_transfer.storage import Storage
 
 # Shards read at once (`read_ahead`) hold about this much memory at most: a reading thread per core up to it.
@@ -57,20 +56,7 @@ def read_ahead(count: int, read: Callable[[int], T], bytes_each: int, threads: i
     head, a map or an audit on a machine of many cores would otherwise wait for one. A failure is raised in its turn,
     once the reads under way end; reads not begun are dropped, as they are when the caller stops early."""
     threads = min(count, threads or max(1, min(usable_cores(), READ_BYTES_IN_FLIGHT // max(bytes_each, 1))))
-    if threads <= 1:
-        yield from (read(shard) for shard in range(count))
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="shard-read") as pool:
-        pending: deque[Future[T]] = deque()
-        try:
-            for shard in range(count):
-                if len(pending) == threads:
-                    yield pending.popleft().result()
-                pending.append(pool.submit(read, shard))
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(cancel_futures=True)
+    return in_order_on_threads(range(count), read, threads, ahead=threads, name="shard-read")
 
 
 def read_each(count: int, read: Callable[[int], None], bytes_each: int, threads: int | None = None) -> None:

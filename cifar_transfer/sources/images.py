@@ -39,13 +39,12 @@ import re
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from cifar_transfer.hardware import usable_cores
+from cifar_transfer.hardware import in_order_on_threads, usable_cores
 
 MAX_DECODE_MB = 512  # a 100-megapixel colour photo decodes into 400 MB; a crafted header could ask for far more
 SMALL_DECODE_MB = 64  # decoded images up to this size (16 megapixels of colour) take the direct path
@@ -149,18 +148,15 @@ def decode_into(
             return
         pixels[row] = image[:, ::-1] if mirrored else image
 
-    threads = threads or usable_cores()
-    with _pillow_quiet, ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
-        pending: deque[Future[None]] = deque()
+    def to_decode() -> Iterator[tuple[int, bytes]]:
         for row, (data, reason) in enumerate(encoded):
             reasons.append(None if data is not None else reason or "unreadable")
-            if data is None:
-                continue
-            if len(pending) >= threads * READ_AHEAD_PER_THREAD:
-                pending.popleft().result()
-            pending.append(pool.submit(decode_row, row, data))
-        for decoding in pending:
-            decoding.result()  # raises what a decode raised beyond a refusal
+            if data is not None:
+                yield row, data
+
+    threads = threads or usable_cores()
+    with _pillow_quiet:  # raises what a decode raised beyond a refusal
+        deque(in_order_on_threads(to_decode(), lambda job: decode_row(*job), threads, threads * READ_AHEAD_PER_THREAD, "decode"), maxlen=0)
     return reasons
 
 
